@@ -1,0 +1,1 @@
+"""The KVM layer: file descriptors, memory, vCPUs and exits.  Knows nothing of VTLs."""

@@ -1,0 +1,282 @@
+"""KVM system, VM and vCPU file descriptors.
+
+Thin wrappers: every ioctl failure raises KvmIoctlError naming the ioctl and
+errno.  Hot-path users (the run loop) reach `VCpu.run` (the mmapped kvm_run)
+and `VCpu.fd` directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from vmm import uapi as u
+from vmm.errors import KvmIoctlError, KvmUnavailable, kvm_unavailable_reason
+from vmm.memory import GuestMemory
+from vmm.uapi import ffi, libc
+
+_IOCTL_NAMES = {v: k for k, v in vars(u).items()
+                if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
+
+
+def ioctl(fd: int, request: int, arg: Any = 0, name: str | None = None) -> int:
+    """ioctl(2) through cffi; returns the result or raises KvmIoctlError."""
+    if isinstance(arg, int):
+        arg = ffi.cast("unsigned long", arg)
+    ret: int = libc.ioctl(fd, request, arg)
+    if ret < 0:
+        raise KvmIoctlError(name or _IOCTL_NAMES.get(request, hex(request)), ffi.errno)
+    return ret
+
+
+class Kvm:
+    """The /dev/kvm system file descriptor."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        reason = kvm_unavailable_reason(path)
+        if reason:
+            raise KvmUnavailable(reason)
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        version = ioctl(self.fd, u.KVM_GET_API_VERSION)
+        if version != u.KVM_API_VERSION:
+            raise KvmUnavailable(f"{path} speaks KVM API {version}, this VMM needs {u.KVM_API_VERSION}")
+        self.vcpu_mmap_size = ioctl(self.fd, u.KVM_GET_VCPU_MMAP_SIZE)
+        self._cpuid: Any = None
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, u.KVM_CHECK_EXTENSION, cap)
+
+    def supported_cpuid(self) -> Any:
+        """KVM_GET_SUPPORTED_CPUID, cached (a struct kvm_cpuid2 *)."""
+        if self._cpuid is None:
+            nent = 64
+            while True:
+                cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
+                cpuid.nent = nent
+                if libc.ioctl(self.fd, u.KVM_GET_SUPPORTED_CPUID, cpuid) == 0:
+                    break
+                if ffi.errno != errno.E2BIG or nent > 4096:
+                    raise KvmIoctlError("KVM_GET_SUPPORTED_CPUID", ffi.errno)
+                nent *= 2
+            self._cpuid = cpuid
+        return self._cpuid
+
+    def create_vm(self) -> Vm:
+        return Vm(self, ioctl(self.fd, u.KVM_CREATE_VM, 0))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vm:
+    """One KVM VM.  Memslots are tracked so that they can be listed and removed."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.slots: dict[int, tuple[int, int, int]] = {}  # slot -> (gpa, size, flags)
+        self.memslot_ops = 0  # add + delete, for benchmarks
+        self.vcpus: list[VCpu] = []
+        # Intel VMX wants a TSS area; harmless elsewhere.
+        try:
+            ioctl(self.fd, u.KVM_SET_TSS_ADDR, 0xFFFBD000)
+        except KvmIoctlError:
+            pass
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, u.KVM_CHECK_EXTENSION, cap)
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        ec = ffi.new("struct kvm_enable_cap *")
+        ec.cap = cap
+        for i, a in enumerate(args):
+            ec.args[i] = a
+        ioctl(self.fd, u.KVM_ENABLE_CAP, ec, f"KVM_ENABLE_CAP({cap})")
+
+    def free_slot(self) -> int:
+        slot = 0
+        while slot in self.slots:
+            slot += 1
+        return slot
+
+    def map_memory(self, mem: GuestMemory, gpa: int, size: int, readonly: bool = False,
+                   slot: int | None = None) -> int:
+        """Map mem[gpa:gpa+size] at the same GPA in this VM; returns the slot."""
+        mem.check(gpa, size)
+        slot = self.free_slot() if slot is None else slot
+        flags = u.KVM_MEM_READONLY if readonly else 0
+        self._set_region(slot, flags, gpa, size, mem.host_addr + gpa)
+        self.slots[slot] = (gpa, size, flags)
+        return slot
+
+    def unmap_slot(self, slot: int) -> None:
+        gpa, _size, flags = self.slots.pop(slot)
+        self._set_region(slot, flags, gpa, 0, 0)
+
+    def _set_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
+        r = ffi.new("struct kvm_userspace_memory_region *")
+        r.slot, r.flags, r.guest_phys_addr, r.memory_size, r.userspace_addr = slot, flags, gpa, size, hva
+        ioctl(self.fd, u.KVM_SET_USER_MEMORY_REGION, r,
+              f"KVM_SET_USER_MEMORY_REGION(slot {slot}, gpa {gpa:#x}, size {size:#x})")
+        self.memslot_ops += 1
+
+    def set_msr_filter(self, deny_write: list[int], deny_read: list[int] | None = None) -> Any:
+        """Default-allow filter denying the listed MSRs; denied accesses exit to userspace.
+
+        Returns the cffi objects that must stay alive (KVM copies the bitmaps,
+        but keep them anyway for inspection)."""
+        f = ffi.new("struct kvm_msr_filter *")
+        f.flags = u.KVM_MSR_FILTER_DEFAULT_ALLOW
+        keep = []
+        ranges = [(m, u.KVM_MSR_FILTER_WRITE) for m in deny_write]
+        ranges += [(m, u.KVM_MSR_FILTER_READ) for m in (deny_read or [])]
+        if len(ranges) > u.KVM_MSR_FILTER_MAX_RANGES:
+            raise ValueError("too many MSR filter ranges")
+        for i, (msr, kind) in enumerate(ranges):
+            bitmap = ffi.new("uint8_t[1]", [0])  # bit 0 clear: deny
+            keep.append(bitmap)
+            f.ranges[i].flags = kind
+            f.ranges[i].nmsrs = 1
+            f.ranges[i].base = msr
+            f.ranges[i].bitmap = bitmap
+        ioctl(self.fd, u.KVM_X86_SET_MSR_FILTER, f)
+        return (f, keep)
+
+    def set_memory_attributes(self, gpa: int, size: int, attributes: int) -> None:
+        a = ffi.new("struct kvm_memory_attributes *")
+        a.address, a.size, a.attributes = gpa, size, attributes
+        ioctl(self.fd, u.KVM_SET_MEMORY_ATTRIBUTES, a)
+
+    def create_vcpu(self, index: int) -> VCpu:
+        vcpu = VCpu(self, index, ioctl(self.fd, u.KVM_CREATE_VCPU, index))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class VCpu:
+    """One vCPU and its mmapped kvm_run, with KVM_CAP_SYNC_REGS enabled for every exit."""
+
+    SYNC_ALL = u.KVM_SYNC_X86_REGS | u.KVM_SYNC_X86_SREGS | u.KVM_SYNC_X86_EVENTS
+
+    def __init__(self, vm: Vm, index: int, fd: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        size = vm.kvm.vcpu_mmap_size
+        ptr = libc.mmap(ffi.NULL, size, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, fd, 0)
+        if int(ffi.cast("uintptr_t", ptr)) == u.MAP_FAILED:
+            raise KvmIoctlError("mmap(vcpu kvm_run)", ffi.errno)
+        self._map = ptr
+        self._map_size = size
+        self.run: Any = ffi.cast("struct kvm_run *", ptr)
+        self.run_buf = ffi.buffer(ptr, size)
+        self.sync: Any = self.run.s.regs  # struct kvm_sync_regs, valid after every exit
+        self.run.kvm_valid_regs = self.SYNC_ALL
+
+    # --- state -------------------------------------------------------------
+    def get_regs(self) -> Any:
+        r = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, u.KVM_GET_REGS, r)
+        return r
+
+    def set_regs(self, r: Any) -> None:
+        ioctl(self.fd, u.KVM_SET_REGS, r)
+
+    def get_sregs(self) -> Any:
+        s = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, u.KVM_GET_SREGS, s)
+        return s
+
+    def set_sregs(self, s: Any) -> None:
+        ioctl(self.fd, u.KVM_SET_SREGS, s)
+
+    def get_events(self) -> Any:
+        e = ffi.new("struct kvm_vcpu_events *")
+        ioctl(self.fd, u.KVM_GET_VCPU_EVENTS, e)
+        return e
+
+    def set_events(self, e: Any) -> None:
+        ioctl(self.fd, u.KVM_SET_VCPU_EVENTS, e)
+
+    def get_fpu(self) -> Any:
+        f = ffi.new("struct kvm_fpu *")
+        ioctl(self.fd, u.KVM_GET_FPU, f)
+        return f
+
+    def set_fpu(self, f: Any) -> None:
+        ioctl(self.fd, u.KVM_SET_FPU, f)
+
+    def set_cpuid(self, cpuid: Any) -> None:
+        ioctl(self.fd, u.KVM_SET_CPUID2, cpuid)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        m = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        m.nmsrs = len(indices)
+        for i, idx in enumerate(indices):
+            m.entries[i].index = idx
+        n = ioctl(self.fd, u.KVM_GET_MSRS, m)
+        return {m.entries[i].index: m.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        m = ffi.new("struct kvm_msrs *", {"nmsrs": len(values), "entries": len(values)})
+        m.nmsrs = len(values)
+        for i, (idx, val) in enumerate(values.items()):
+            m.entries[i].index = idx
+            m.entries[i].data = val
+        n = ioctl(self.fd, u.KVM_SET_MSRS, m)
+        if n != len(values):
+            raise KvmIoctlError("KVM_SET_MSRS", errno.EINVAL,
+                                f"only {n} of {len(values)} MSRs accepted")
+
+    def set_single_step(self, enable: bool) -> None:
+        d = ffi.new("struct kvm_guest_debug *")
+        d.control = (u.KVM_GUESTDBG_ENABLE | u.KVM_GUESTDBG_SINGLESTEP) if enable else 0
+        ioctl(self.fd, u.KVM_SET_GUEST_DEBUG, d)
+
+    def translate(self, gva: int) -> tuple[bool, int]:
+        t = ffi.new("struct kvm_translation *")
+        t.linear_address = gva
+        ioctl(self.fd, u.KVM_TRANSLATE, t)
+        return bool(t.valid), int(t.physical_address)
+
+    def kvm_run(self) -> int:
+        """One KVM_RUN; returns 0 or -errno (EINTR/EAGAIN are normal, not errors)."""
+        if libc.ioctl(self.fd, u.KVM_RUN, ffi.NULL) < 0:
+            return -ffi.errno
+        return 0
+
+    def complete_pending_io(self) -> None:
+        """Finish an in-flight PIO/MMIO emulation without entering the guest (api.rst)."""
+        self.run.immediate_exit = 1
+        rc = self.kvm_run()
+        self.run.immediate_exit = 0
+        if rc not in (0, -errno.EINTR):
+            raise KvmIoctlError("KVM_RUN(immediate_exit)", -rc)
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Queue an exception for the next KVM_RUN through the synced events (no ioctl)."""
+        ev = self.sync.events
+        ev.exception.pending = 0
+        ev.exception.injected = 1
+        ev.exception.nr = vector
+        ev.exception.has_error_code = 1 if error_code is not None else 0
+        ev.exception.error_code = error_code or 0
+        ev.flags = 0
+        self.run.kvm_dirty_regs |= u.KVM_SYNC_X86_EVENTS
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            libc.munmap(self._map, self._map_size)
+            os.close(self.fd)
+            self.fd = -1

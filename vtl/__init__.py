@@ -1,0 +1,1 @@
+"""VTLs on KVM: partitions of one KVM VM per Virtual Trust Level over shared memory."""

@@ -1,0 +1,149 @@
+/*
+ * vtl_abi.h - the one definition of the guest <-> VMM ABI of the VTL prototype.
+ *
+ * Read by the C guests (guest_vtl0/, guest_vtl1/) with #include and by the
+ * Python VMM (vtl/abi.py), which feeds the part between the ABI-CDEF markers to
+ * cffi.  Keep that part to what cffi's cdef understands: integer #defines
+ * with literal values and structs of fixed-width types with explicit padding.
+ *
+ * Transport (DESIGN section 3): port I/O on the ports below, always from CPL0
+ * with an 8- or 32-bit OUT whose port is an immediate (`out %al, $port` or
+ * `out %eax, $port`).  Register conventions:
+ *   VTL call     (VTL0): RAX = call code, RCX = first argument; RDX, RSI, RDI,
+ *                        R8-R11 free for more.  All general registers but RSP
+ *                        are shared with VTL1; VTL1 gets VTL0's RAX/RCX also in
+ *                        vtl_control.  Result: RAX (status), others as the call
+ *                        defines.
+ *   VTL return   (VTL1): VTL_PORT_RETURN restores VTL0's RAX/RCX from
+ *                        vtl_control (VTL1 puts results there);
+ *                        VTL_PORT_RETURN_FAST leaves the shared registers as
+ *                        VTL1 left them.
+ *   hypercall   (either): RAX = code, RDI, RSI, RDX = arguments; result RAX =
+ *                        status, RDX = value where the call returns one.
+ * Refusals (the VMM never stops on bad guest input):
+ *   port access from CPL > 0 ............ #GP(0) at the OUT
+ *   VTL return from VTL0 ................. #UD at the OUT
+ *   VTL call with no VTL1 ................ RAX = VTL_E_NOT_ENABLED
+ *   hypercall of the wrong VTL ........... RAX = VTL_E_ACCESS_DENIED
+ *   unknown hypercall code ............... RAX = VTL_E_INVALID_CODE
+ *   VTL0 access to VTL1 memory ........... the access does not reach memory
+ *                                          (reads see all-ones), then #GP(0)
+ *                                          with RIP at the next instruction
+ */
+#ifndef VTL_ABI_H
+#define VTL_ABI_H
+
+#ifndef __ASSEMBLER__
+#include <stdint.h>
+#endif
+
+/* ABI-CDEF-BEGIN */
+#define VTL_ABI_VERSION            1
+
+/* ---- ports ---------------------------------------------------------- */
+#define VTL_PORT_CONSOLE           0xE9   /* OUT byte: one console character        */
+#define VTL_PORT_CALL              0xF0   /* VTL0 -> VTL1                            */
+#define VTL_PORT_RETURN            0xF1   /* VTL1 -> VTL0, restores RAX/RCX          */
+#define VTL_PORT_RETURN_FAST       0xF2   /* VTL1 -> VTL0, registers as they are     */
+#define VTL_PORT_HYPERCALL         0xF3   /* guest -> VMM                            */
+#define VTL_PORT_EXIT              0xF4   /* OUT dword: guest exit status (0 = pass) */
+
+/* ---- hypercall codes (RAX at VTL_PORT_HYPERCALL) --------------------- */
+#define VTL_HC_ENABLE_VTL1         0x0001 /* VTL0: load, measure and start VTL1      */
+#define VTL_HC_GET_VP_REGISTER     0x0101 /* VTL1: RDI = vp, RSI = VTL_REG_*; RDX = value */
+#define VTL_HC_VTL1_FIRST          0x0100 /* codes >= this are VTL1-only             */
+
+/* registers readable through VTL_HC_GET_VP_REGISTER (VTL0's private state) */
+#define VTL_REG_RIP                1
+#define VTL_REG_RSP                2
+#define VTL_REG_RFLAGS             3
+#define VTL_REG_CR0                4
+#define VTL_REG_CR3                5
+#define VTL_REG_CR4                6
+#define VTL_REG_EFER               7
+
+/* ---- VTL call codes (RAX at VTL_PORT_CALL; served by the VTL1 kernel) - */
+#define VTL_CALL_NOP               0x00   /* returns VTL_OK                           */
+#define VTL_CALL_ECHO              0x01   /* RAX = VTL_OK, RCX = RCX + 1              */
+#define VTL_CALL_REG_PROBE         0x02   /* register-isolation probe, see guest_vtl1 */
+#define VTL_CALL_GET_MEASUREMENT   0x03   /* RDI = GPA of 32 bytes in VTL0: VTL1's SHA-256 */
+
+/* ---- status codes (RAX) --------------------------------------------- */
+#define VTL_OK                     0
+#define VTL_E_INVALID_CODE         1
+#define VTL_E_ACCESS_DENIED        2
+#define VTL_E_INVALID_ARG          3
+#define VTL_E_NOT_ENABLED          4
+#define VTL_E_ALREADY_ENABLED      5
+#define VTL_E_DISABLED             6      /* VTL1 switched off for this partition    */
+#define VTL_E_MISALIGNED           7
+#define VTL_E_OUT_OF_RANGE         8
+#define VTL_E_OVERLAPS_VTL1        9
+
+/* ---- entry reasons (vtl_control.entry_reason) ------------------------ */
+#define VTL_ENTRY_NONE             0      /* first entry: initialise, then return    */
+#define VTL_ENTRY_CALL             1      /* VTL0 made a VTL call                     */
+#define VTL_ENTRY_INTERCEPT        2      /* a secure intercept (reserved)            */
+
+/* ---- guest-physical memory map -------------------------------------- */
+#define VTL_BOOT_MAGIC             0x544F4F424C54560AULL /* "\nVTLBOOT" */
+#define VTL0_BOOT_INFO_GPA         0x1000
+#define VTL0_BOOT_TABLES_GPA       0x2000 /* VMM's identity map: PML4, PDPT, PDs     */
+#define VTL0_BOOT_GDT_GPA          0x9000
+#define VTL0_IMAGE_MIN             0x100000   /* VTL0 ELF segments live in [MIN, VTL1_BASE) */
+#define VTL1_BASE                  0x1000000  /* 16 MiB: VTL1's private region        */
+#define VTL1_SIZE                  0x1000000  /* 16 MiB                                */
+#define VTL1_BOOT_INFO_OFF         0x0000
+#define VTL1_CONTROL_OFF           0x1000     /* one vtl_control page per VP          */
+#define VTL1_MAX_VPS               16
+#define VTL1_BOOT_TABLES_OFF       0x20000
+#define VTL1_BOOT_GDT_OFF          0x2F000
+#define VTL1_IMAGE_MIN_OFF         0x100000   /* VTL1 ELF segments in [BASE+this, BASE+SIZE) */
+#define VTL_MEM_MIN                0x4000000  /* 64 MiB: smallest guest memory        */
+
+/* ---- boot_info.flags ------------------------------------------------- */
+#define VTL_BOOT_F_VTL1_AVAILABLE  0x1        /* VTL0: VTL_HC_ENABLE_VTL1 may succeed  */
+
+/* Handed to each kernel in RDI at entry.  VTL0's at VTL0_BOOT_INFO_GPA,
+ * VTL1's at VTL1_BASE + VTL1_BOOT_INFO_OFF. */
+struct vtl_boot_info {
+    uint64_t magic;          /* VTL_BOOT_MAGIC                                  */
+    uint32_t abi_version;    /* VTL_ABI_VERSION                                 */
+    uint32_t vtl;            /* 0 or 1                                          */
+    uint32_t vp_index;
+    uint32_t nr_vps;
+    uint64_t mem_size;       /* guest-physical memory is [0, mem_size)          */
+    uint64_t vtl1_base;      /* VTL1's region [vtl1_base, vtl1_base + vtl1_size) */
+    uint64_t vtl1_size;
+    uint64_t image_start;    /* the loaded ELF occupies [image_start, image_end) */
+    uint64_t image_end;
+    uint64_t free_start;     /* free RAM this kernel may use                    */
+    uint64_t free_end;
+    uint64_t control_gpa;    /* VTL1: vtl_control of VP0 (VP n at + n*4096)     */
+    uint64_t flags;          /* VTL_BOOT_F_*                                    */
+    uint64_t param;          /* scenario parameter (e.g. iteration count)       */
+    char     scenario[48];   /* VTL0: scenario to run, NUL-terminated; "" = default */
+    uint8_t  measurement[32];/* VTL1: SHA-256 of its own image file             */
+    uint64_t reserved[8];
+};
+
+/* Per VP, in VTL1's memory; written by the VMM on every entry into VTL1. */
+struct vtl_control {
+    uint32_t entry_reason;   /* VTL_ENTRY_*                                     */
+    uint32_t vp_index;
+    uint64_t vtl0_rax;       /* VTL0's RAX/RCX at the VTL call; restored by     */
+    uint64_t vtl0_rcx;       /*   VTL_PORT_RETURN (VTL1 may change them)        */
+    uint64_t entry_count;    /* entries into VTL1 on this VP                     */
+    uint64_t reserved[12];
+};
+
+/* A scenario built into a VTL0 image, listed in its ELF section ".vtl_scenarios"
+ * so that the VMM can list them without running the guest. */
+struct vtl_scenario_desc {
+    char     name[32];       /* what `vtl run --scenario` takes                 */
+    char     description[96];/* one line                                        */
+    uint64_t entry;          /* the guest's function: void fn(void)             */
+};
+/* ABI-CDEF-END */
+
+#endif
