@@ -50,6 +50,8 @@
 
 /* ---- hypercall codes (RAX at VTL_PORT_HYPERCALL) --------------------- */
 #define VTL_HC_ENABLE_VTL1         0x0001 /* VTL0: load, measure and start VTL1      */
+#define VTL_HC_BENCH_REPORT        0x0002 /* VTL0: RDI = GPA of uint64 TSC stamps, RSI = count,
+                                             RDX = round trips between stamps      */
 #define VTL_HC_GET_VP_REGISTER     0x0101 /* VTL1: RDI = vp, RSI = VTL_REG_*; RDX = value */
 #define VTL_HC_VTL1_FIRST          0x0100 /* codes >= this are VTL1-only             */
 
