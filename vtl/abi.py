@@ -47,3 +47,10 @@ class _Abi:
 
 ABI = _Abi()
 abi_ffi = ABI.ffi
+
+
+def abi_struct(mem: Any, ctype: str, gpa: int) -> Any:
+    """A `struct <ctype> *` (ABI ffi) over guest memory at `gpa`, bounds-checked."""
+    size = abi_ffi.sizeof(ctype)
+    mem.check(gpa, size)
+    return abi_ffi.cast(ctype + " *", mem.host_addr + gpa)

@@ -1,0 +1,49 @@
+"""Where the built-in guest images live, and the scenario table a VTL0 image carries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from vmm.elf import ElfImage
+from vmm.errors import GuestImageError
+from vtl.abi import abi_ffi
+
+REPO = Path(__file__).resolve().parent.parent
+SCENARIO_SECTION = ".vtl_scenarios"
+
+
+def default_vtl0_image() -> Path:
+    return Path(os.environ.get("VTL_VTL0_IMAGE", REPO / "guest_vtl0" / "build" / "vtl0.elf"))
+
+
+def default_vtl1_image() -> Path:
+    return Path(os.environ.get("VTL_VTL1_IMAGE", REPO / "guest_vtl1" / "build" / "vtl1.elf"))
+
+
+class Scenario(BaseModel):
+    name: str
+    description: str
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def scenarios(image: ElfImage) -> list[Scenario]:
+    """The scenarios listed in the image's .vtl_scenarios section (empty if none)."""
+    data = image.section(SCENARIO_SECTION)
+    if not data:
+        return []
+    size = abi_ffi.sizeof("struct vtl_scenario_desc")
+    if len(data) % size:
+        raise GuestImageError(f"{image.path}: {SCENARIO_SECTION} is {len(data)} bytes, "
+                              f"not a multiple of struct vtl_scenario_desc ({size})")
+    out = []
+    for off in range(0, len(data), size):
+        d = abi_ffi.from_buffer("struct vtl_scenario_desc *", data[off:off + size])
+        out.append(Scenario(name=_cstr(bytes(abi_ffi.buffer(d.name))),
+                            description=_cstr(bytes(abi_ffi.buffer(d.description)))))
+    return out

@@ -1,0 +1,165 @@
+"""A partition: one KVM VM per enabled VTL over one shared guest memory.
+
+VTL0's VM maps every page except VTL1's region, from the start; VTL1's VM is
+created by the guest-initiated enable flow (VTL_HC_ENABLE_VTL1) and maps all
+memory.  A VirtualProcessor holds one vCPU per enabled VTL; the scheduler
+(vtl/scheduler.py) decides which of them runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from vmm import uapi as u
+from vmm.elf import ElfImage, load_image, read_image
+from vmm.errors import VmmError
+from vmm.kvm import Kvm, VCpu, Vm
+from vmm.memory import GuestMemory
+from vtl.abi import ABI, abi_struct
+from vtl.events import EventLog, VtlEnabled
+from vtl.layout import Layout, boot_vcpu, validate_mem_size, write_boot_info
+
+
+class PartitionConfig(BaseModel):
+    vtl0_image: Path
+    vtl1_image: Path | None = None          # None: VTL1 cannot be enabled
+    mem_size: int = Field(default=256 << 20, description="guest memory in bytes")
+    nr_vps: int = Field(default=1, ge=1, le=1)  # APs are not started yet
+    scenario: str = ""
+    param: int = Field(default=0, ge=0)
+
+
+@dataclass
+class VirtualProcessor:
+    index: int
+    vcpus: dict[int, VCpu] = field(default_factory=dict)
+    active_vtl: int = 0
+    control: Any = None                       # struct vtl_control * in VTL1's memory
+    # Byte pointers into each vCPU's synced kvm_regs for the shared-state copy:
+    # [rax..rdi] is at offset 0 (48 bytes), [rbp..r15] at 56 (72 bytes); RSP at 48 is private.
+    regs_lo: dict[int, Any] = field(default_factory=dict)
+    regs_hi: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def current(self) -> VCpu:
+        return self.vcpus[self.active_vtl]
+
+    def add_vcpu(self, vtl: int, vcpu: VCpu) -> None:
+        self.vcpus[vtl] = vcpu
+        base = u.ffi.cast("uint8_t *", u.ffi.addressof(vcpu.run.s.regs, "regs"))
+        self.regs_lo[vtl] = base
+        self.regs_hi[vtl] = base + 56
+
+
+class Partition:
+    def __init__(self, config: PartitionConfig, events: EventLog | None = None) -> None:
+        validate_mem_size(config.mem_size)
+        self.config = config
+        self.layout = Layout(config.mem_size)
+        self.events = events or EventLog()
+        # Parse both images before touching KVM: a bad image is a clear error, not a half-built VM.
+        self.vtl0_image: ElfImage = read_image(config.vtl0_image)
+        self.vtl1_image: ElfImage | None = read_image(config.vtl1_image) if config.vtl1_image else None
+        self.kvm = Kvm()
+        self.mem = GuestMemory(config.mem_size)
+        self.vms: dict[int, Vm] = {}
+        self.vps: list[VirtualProcessor] = []
+        self.vtl1_measurement: str | None = None
+        self._closed = False
+        try:
+            self._build_vtl0()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- construction ------------------------------------------------------------
+    def _new_vm(self, vtl: int, ranges: list[tuple[int, int]]) -> Vm:
+        vm = self.kvm.create_vm()
+        for gpa, size in ranges:
+            if size > 0:
+                vm.map_memory(self.mem, gpa, size)
+        self.vms[vtl] = vm
+        return vm
+
+    def _new_vcpu(self, vm: Vm, index: int) -> VCpu:
+        vcpu = vm.create_vcpu(index)
+        vcpu.set_cpuid(self.kvm.supported_cpuid())
+        return vcpu
+
+    def _build_vtl0(self) -> None:
+        img = self.vtl0_image
+        lo, hi = self.layout.image_window(0)
+        load_image(img, self.mem, lo, hi)
+        vm = self._new_vm(0, self.layout.vtl0_ranges())
+        flags = ABI.VTL_BOOT_F_VTL1_AVAILABLE if self.vtl1_image else 0
+        for i in range(self.config.nr_vps):
+            write_boot_info(self.mem, self.layout, 0, vp=i, nr_vps=self.config.nr_vps,
+                            image_start=img.start, image_end=img.end, flags=flags,
+                            param=self.config.param, scenario=self.config.scenario)
+            vcpu = self._new_vcpu(vm, i)
+            boot_vcpu(vcpu, self.mem, self.layout, 0, img.entry)
+            vp = VirtualProcessor(i)
+            vp.add_vcpu(0, vcpu)
+            self.vps.append(vp)
+
+    @property
+    def vtl1_enabled(self) -> bool:
+        return 1 in self.vms
+
+    def enable_vtl1(self, vp: VirtualProcessor) -> int:
+        """The enable flow: create VTL1's VM and vCPUs, load and measure the image, and
+        make VTL1 the VP's active VTL with entry reason NONE.  Returns a VTL_* status."""
+        if self.vtl1_image is None:
+            return int(ABI.VTL_E_DISABLED)
+        if self.vtl1_enabled:
+            return int(ABI.VTL_E_ALREADY_ENABLED)
+        img = self.vtl1_image
+        lo, hi = self.layout.image_window(1)
+        self.mem.fill(self.layout.vtl1_base, self.layout.vtl1_size)
+        load_image(img, self.mem, lo, hi)
+        self.vtl1_measurement = img.sha256
+        vm = self._new_vm(1, [(0, self.layout.mem_size)])
+        for p in self.vps:
+            write_boot_info(self.mem, self.layout, 1, vp=p.index, nr_vps=len(self.vps),
+                            image_start=img.start, image_end=img.end,
+                            measurement=bytes.fromhex(img.sha256))
+            vcpu = self._new_vcpu(vm, p.index)
+            boot_vcpu(vcpu, self.mem, self.layout, 1, img.entry)
+            p.add_vcpu(1, vcpu)
+            gpa = self.layout.control_gpa(p.index)
+            p.control = abi_struct(self.mem, "struct vtl_control", gpa)
+            p.control.entry_reason = ABI.VTL_ENTRY_NONE
+            p.control.vp_index = p.index
+        vp.active_vtl = 1
+        self.events.emit(VtlEnabled(ts=self.events.now(), vp=vp.index, vtl=0,
+                                    image=str(img.path), sha256=img.sha256))
+        return int(ABI.VTL_OK)
+
+    def memslot_count(self) -> dict[int, int]:
+        return {vtl: len(vm.slots) for vtl, vm in self.vms.items()}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for vm in self.vms.values():
+            vm.close()
+        self.vms.clear()
+        if hasattr(self, "mem"):
+            self.mem.close()
+        if hasattr(self, "kvm"):
+            self.kvm.close()
+
+    def __enter__(self) -> Partition:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PartitionError(VmmError):
+    pass

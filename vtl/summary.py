@@ -1,0 +1,27 @@
+"""Human-readable summaries of runs."""
+
+from __future__ import annotations
+
+from vtl.partition import PartitionConfig
+from vtl.scheduler import RunResult
+
+
+def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig) -> list[str]:
+    verdict = "PASS" if result.status == 0 else "FAIL"
+    if result.vtl1_enabled:
+        vtl1 = f"enabled, SHA-256 {result.vtl1_measurement} ({config.vtl1_image})"
+    elif config.vtl1_image is None:
+        vtl1 = "disabled (--no-vtl1)"
+    else:
+        vtl1 = "not enabled by the guest"
+    exits = ", ".join(f"{k} {v}" for k, v in sorted(result.exits.items(), key=lambda kv: -kv[1]))
+    return [
+        "",
+        "--- summary ---",
+        f"result        {verdict}: {result.message} ({result.reason})",
+        f"scenario      {scenario}",
+        f"VTL1          {vtl1}",
+        f"VTL switches  {result.vtl_switches} ({result.vtl_calls} calls, {result.vtl_returns} returns)",
+        f"exits         {exits or 'none'}",
+        f"wall time     {result.wall_s:.3f} s",
+    ]
