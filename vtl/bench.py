@@ -1,0 +1,106 @@
+"""`vtl bench`: the VTL0 -> VTL1 -> VTL0 null-call round trip against two floors
+measured in the same run (vmm/floor.py): a Python loop alternating KVM_RUN
+between two VMs doing only port-I/O exits (same binding, no VTL logic), and the
+same loop in C.  All three are timed the same way: the guest stamps RDTSC every
+BATCH round trips; the figure is the median over batches.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from vmm.errors import VmmError
+from vmm.floor import FloorResult, c_floor, python_floor
+from vtl import control
+from vtl.images import REPO, default_vtl0_image, default_vtl1_image
+from vtl.partition import Partition, PartitionConfig
+
+TARGET_RATIO = 1.3
+C_FLOOR = REPO / "bench" / "floor_c"
+
+
+class VtlRoundTrip(BaseModel):
+    median_ns: float
+    p10_ns: float
+    p90_ns: float
+    mean_ns: float
+    wall_mean_ns: float
+    calls: int
+    batch: int
+
+
+class BenchReport(BaseModel):
+    host: str
+    calls: int
+    vtl_round_trip: VtlRoundTrip
+    python_floor: FloorResult
+    c_floor: FloorResult | None
+    ratio_to_python_floor: float
+    ratio_to_c_floor: float | None
+    target_ratio_to_python_floor: float = TARGET_RATIO
+    meets_target: bool
+
+
+def _percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def measure_vtl_round_trip(calls: int, vtl0: Path | None = None, vtl1: Path | None = None) -> VtlRoundTrip:
+    config = PartitionConfig(vtl0_image=vtl0 or default_vtl0_image(),
+                             vtl1_image=vtl1 or default_vtl1_image(),
+                             scenario="bench-null-call", param=calls)
+    with Partition(config) as partition:
+        result, _ = control.run(partition, None, timeout=max(60.0, calls * 1e-3))
+    if result.status != 0 or not result.bench_stamps or not result.tsc_khz or not result.bench_batch:
+        raise VmmError(f"bench-null-call did not report timings: {result.message}")
+    stamps, batch, khz = result.bench_stamps, result.bench_batch, result.tsc_khz
+    per = [(b - a) * 1e6 / khz / batch for a, b in zip(stamps, stamps[1:], strict=False)]
+    return VtlRoundTrip(median_ns=statistics.median(per), p10_ns=_percentile(per, 0.1),
+                        p90_ns=_percentile(per, 0.9), mean_ns=statistics.fmean(per),
+                        wall_mean_ns=result.wall_s * 1e9 / max(1, result.vtl_calls),
+                        calls=result.vtl_calls, batch=batch)
+
+
+def _build_c_floor() -> Path | None:
+    if not C_FLOOR.exists():
+        subprocess.run(["make", "-s", "-C", str(C_FLOOR.parent)], check=False, capture_output=True)
+    return C_FLOOR if C_FLOOR.exists() else None
+
+
+def run_bench(calls: int) -> BenchReport:
+    pyf = python_floor(calls)
+    vtl = measure_vtl_round_trip(calls)
+    binary = _build_c_floor()
+    cf = c_floor(calls, binary) if binary else None
+    ratio = vtl.median_ns / pyf.median_ns
+    return BenchReport(host=f"{platform.node()} {os.uname().release}", calls=calls, vtl_round_trip=vtl,
+                       python_floor=pyf, c_floor=cf, ratio_to_python_floor=round(ratio, 3),
+                       ratio_to_c_floor=round(vtl.median_ns / cf.median_ns, 3) if cf else None,
+                       meets_target=ratio <= TARGET_RATIO)
+
+
+def render_bench(r: BenchReport) -> str:
+    def row(name: str, median: float, p10: float, p90: float, extra: str = "") -> str:
+        return f"  {name:<34} {median / 1000:8.2f} µs   (p10 {p10 / 1000:.2f}, p90 {p90 / 1000:.2f}){extra}"
+
+    v, p = r.vtl_round_trip, r.python_floor
+    lines = [f"VTL round trip vs floors, {r.calls} calls, median over batches of {v.batch} ({r.host})",
+             row("VTL0->VTL1->VTL0 null call", v.median_ns, v.p10_ns, v.p90_ns),
+             row("floor: Python KVM_RUN ping-pong", p.median_ns, p.p10_ns, p.p90_ns)]
+    if r.c_floor:
+        c = r.c_floor
+        lines.append(row("floor: C KVM_RUN ping-pong", c.median_ns, c.p10_ns, c.p90_ns))
+    lines.append(f"  ratio to Python floor: {r.ratio_to_python_floor:.2f}x "
+                 f"(target <= {r.target_ratio_to_python_floor}x: {'met' if r.meets_target else 'NOT met'})")
+    if r.ratio_to_c_floor is not None:
+        lines.append(f"  ratio to C floor:      {r.ratio_to_c_floor:.2f}x")
+    else:
+        lines.append("  C floor: not built (make -C bench)")
+    return "\n".join(lines)
