@@ -33,7 +33,8 @@ def ioctl(fd: int, request: int, arg: Any = 0, name: str | None = None) -> int:
 class Kvm:
     """The /dev/kvm system file descriptor."""
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or os.environ.get("VTL_KVM_DEVICE", "/dev/kvm")
         reason = kvm_unavailable_reason(path)
         if reason:
             raise KvmUnavailable(reason)
