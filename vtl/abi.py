@@ -19,6 +19,8 @@ def _cdef_text(text: str) -> str:
     if not m:
         raise RuntimeError(f"{HEADER}: ABI-CDEF markers not found")
     body = re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S)
+    # Conditionals (the __ASSEMBLER__ guard) are for C; cffi sees every declaration.
+    body = re.sub(r"^\s*#\s*(if|ifdef|ifndef|else|endif)\b.*$", "", body, flags=re.M)
     # cffi wants plain integer literals in #defines.
     return re.sub(r"(#define\s+\w+\s+0x[0-9A-Fa-f]+|#define\s+\w+\s+\d+)ULL", r"\1", body)
 

@@ -71,7 +71,8 @@ class Scheduler:
         self.console = console or (lambda line: None)
         self.console_lines: list[str] = []
         self._line: dict[int, bytearray] = {0: bytearray(), 1: bytearray()}
-        self.exit_counts: Counter[str] = Counter()
+        self.exit_counts: Counter[str] = Counter()     # non-I/O exits by name
+        self.port_counts: Counter[int] = Counter()     # I/O exits by port
         self.vtl_calls = 0
         self.vtl_returns = 0
         self.result: RunResult | None = None
@@ -96,7 +97,7 @@ class Scheduler:
         ioctl, kvm_run, null = libc.ioctl, u.KVM_RUN, ffi.NULL
         io_handlers = self._io
         exit_io = u.KVM_EXIT_IO
-        port_counts: Counter[int] = Counter()
+        port_counts = self.port_counts
         try:
             while self.result is None:
                 vcpu = vp.vcpus[vp.active_vtl]
@@ -115,8 +116,6 @@ class Scheduler:
                 else:
                     self._other_exit(vp, vcpu, run.exit_reason)
         finally:
-            for port, n in port_counts.items():
-                self.exit_counts[f"io:{PORT_NAMES.get(port, hex(port))}"] += n
             self._flush_console()
         return self.result
 
@@ -137,9 +136,15 @@ class Scheduler:
             wall_s=round(time.perf_counter() - self._t0, 6),
             vtl_calls=self.vtl_calls, vtl_returns=self.vtl_returns,
             vtl_switches=self.vtl_calls + self.vtl_returns,
-            exits=dict(self.exit_counts), vtl1_enabled=self.p.vtl1_enabled,
+            exits=self.exits_by_reason(), vtl1_enabled=self.p.vtl1_enabled,
             vtl1_measurement=self.p.vtl1_measurement,
             bench_stamps=self.bench_stamps, bench_batch=self.bench_batch, tsc_khz=tsc)
+
+    def exits_by_reason(self) -> dict[str, int]:
+        out = dict(self.exit_counts)
+        for port, n in self.port_counts.items():
+            out[f"io:{PORT_NAMES.get(port, hex(port))}"] = n
+        return out
 
     def _run_failed(self, vp: VirtualProcessor, vcpu: VCpu, err: int) -> None:
         if err in (errno.EINTR, errno.EAGAIN):

@@ -106,6 +106,7 @@
 /* ---- boot_info.flags ------------------------------------------------- */
 #define VTL_BOOT_F_VTL1_AVAILABLE  0x1        /* VTL0: VTL_HC_ENABLE_VTL1 may succeed  */
 
+#ifndef __ASSEMBLER__
 /* Handed to each kernel in RDI at entry.  VTL0's at VTL0_BOOT_INFO_GPA,
  * VTL1's at VTL1_BASE + VTL1_BOOT_INFO_OFF. */
 struct vtl_boot_info {
@@ -146,6 +147,7 @@ struct vtl_scenario_desc {
     char     description[96];/* one line                                        */
     uint64_t entry;          /* the guest's function: void fn(void)             */
 };
+#endif /* __ASSEMBLER__ */
 /* ABI-CDEF-END */
 
 #endif

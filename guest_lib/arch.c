@@ -1,0 +1,122 @@
+/* GDT (kernel + user segments, TSS), IDT for the 32 exception vectors, and the
+ * exception handler with kvm-unit-tests-style fault catching (try_run). */
+#include "lib.h"
+
+struct __attribute__((packed)) tss64 {
+	uint32_t reserved0;
+	uint64_t rsp[3];
+	uint64_t reserved1;
+	uint64_t ist[7];
+	uint64_t reserved2;
+	uint16_t reserved3;
+	uint16_t iomap_base;   /* beyond the limit: no I/O bitmap, so CPL3 port I/O faults */
+};
+
+struct __attribute__((packed)) idt_gate {
+	uint16_t off_lo, sel;
+	uint8_t ist, type;
+	uint16_t off_mid;
+	uint32_t off_hi, zero;
+};
+
+struct __attribute__((packed)) desc_ptr {
+	uint16_t limit;
+	uint64_t base;
+};
+
+static uint64_t gdt[7] __attribute__((aligned(16)));
+static struct idt_gate idt[32] __attribute__((aligned(16)));
+static struct tss64 tss __attribute__((aligned(16)));
+static uint8_t exception_stack[16384] __attribute__((aligned(16)));
+static uint8_t df_stack[8192] __attribute__((aligned(16)));
+extern uint64_t isr_table[32];
+
+/* setjmp/longjmp pair in entry_common.S */
+struct jmpbuf { uint64_t rbx, rbp, r12, r13, r14, r15, rsp, rip; };
+int guest_setjmp(struct jmpbuf *jb) __attribute__((returns_twice));
+void guest_longjmp(struct jmpbuf *jb, int val) __attribute__((noreturn));
+
+static struct jmpbuf fault_jb;
+static struct fault_info *volatile fault_out;
+static volatile int fault_armed;
+
+void arch_init(void)
+{
+	gdt[0] = 0;
+	gdt[1] = 0x00AF9B000000FFFFULL;     /* 0x08 kernel code, 64-bit */
+	gdt[2] = 0x00CF93000000FFFFULL;     /* 0x10 kernel data */
+	gdt[3] = 0x00CFF3000000FFFFULL;     /* 0x18 user data, DPL3 */
+	gdt[4] = 0x00AFFB000000FFFFULL;     /* 0x20 user code, DPL3, 64-bit */
+	uint64_t base = (uint64_t)&tss, limit = sizeof(tss) - 1;
+	gdt[5] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ULL << 40) |
+		 (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
+	gdt[6] = base >> 32;
+	tss.rsp[0] = (uint64_t)(exception_stack + sizeof(exception_stack));
+	tss.ist[0] = (uint64_t)(df_stack + sizeof(df_stack));
+	tss.iomap_base = sizeof(tss);
+
+	struct desc_ptr g = { sizeof(gdt) - 1, (uint64_t)gdt };
+	asm volatile("lgdt %0\n\t"
+		     "pushq $0x08\n\t"
+		     "leaq 1f(%%rip), %%rax\n\t"
+		     "pushq %%rax\n\t"
+		     "lretq\n"
+		     "1:\n\t"
+		     "movl $0x10, %%eax\n\t"
+		     "movl %%eax, %%ds\n\tmovl %%eax, %%es\n\tmovl %%eax, %%ss\n\t"
+		     "movl %%eax, %%fs\n\tmovl %%eax, %%gs\n\t"
+		     "movw $0x28, %%ax\n\tltr %%ax"
+		     :: "m"(g) : "rax", "memory");
+
+	for (int v = 0; v < 32; v++) {
+		uint64_t h = isr_table[v];
+		idt[v] = (struct idt_gate){
+			.off_lo = h & 0xFFFF, .sel = KERNEL_CS, .ist = v == 8 ? 1 : 0, .type = 0x8E,
+			.off_mid = (h >> 16) & 0xFFFF, .off_hi = h >> 32, .zero = 0,
+		};
+	}
+	struct desc_ptr i = { sizeof(idt) - 1, (uint64_t)idt };
+	asm volatile("lidt %0" :: "m"(i) : "memory");
+}
+
+static const char *const names[32] = {
+	"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP",
+	"#SS", "#GP", "#PF", "?15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
+};
+
+const char *vector_name(int v)
+{
+	return (v >= 0 && v < 32 && names[v]) ? names[v] : "?";
+}
+
+void exception_handler(struct regs_frame *f)
+{
+	uint64_t cr2 = read_cr2();
+	if (fault_armed) {
+		fault_armed = 0;
+		struct fault_info *fi = fault_out;
+		fi->vector = (int)f->vector;
+		fi->error_code = f->error_code;
+		fi->rip = f->rip;
+		fi->cs = f->cs;
+		fi->cr2 = cr2;
+		guest_longjmp(&fault_jb, 1);
+	}
+	printf("exception %s (%lu) err=%#lx rip=%#lx cr2=%#lx cs=%#lx\n", vector_name((int)f->vector),
+	       f->vector, f->error_code, f->rip, cr2, f->cs);
+	guest_exit(0x80 | (uint32_t)f->vector);
+}
+
+int try_run(void (*fn)(void *), void *arg, struct fault_info *fi)
+{
+	memset(fi, 0, sizeof(*fi));
+	fi->vector = -1;
+	if (guest_setjmp(&fault_jb) == 0) {
+		fault_out = fi;
+		fault_armed = 1;
+		fn(arg);
+		fault_armed = 0;
+		return 0;
+	}
+	return 1;
+}

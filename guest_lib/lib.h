@@ -1,0 +1,86 @@
+/* Freestanding support shared by the VTL0 and VTL1 kernels. */
+#ifndef GUEST_LIB_H
+#define GUEST_LIB_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "vtl_abi.h"
+
+/* ---- port I/O: always the immediate form, so no shared register is clobbered ---- */
+#define OUTB_IMM(port, val) asm volatile("outb %%al, %[p]" :: "a"((uint8_t)(val)), [p] "i"(port) : "memory")
+
+static inline uint64_t hypercall(uint64_t code, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t *rdx_out)
+{
+	register uint64_t rdx asm("rdx") = a3;
+	uint64_t rax = code;
+	asm volatile("outb %%al, %[p]"
+		     : "+a"(rax), "+r"(rdx)
+		     : [p] "i"(VTL_PORT_HYPERCALL), "D"(a1), "S"(a2)
+		     : "memory");
+	if (rdx_out)
+		*rdx_out = rdx;
+	return rax;
+}
+
+/* VTL call: RAX = code, RCX = arg, RDI = arg2.  VTL1 may change any shared register. */
+static inline uint64_t vtl_call(uint64_t code, uint64_t arg, uint64_t arg2, uint64_t *rcx_out)
+{
+	uint64_t rax = code, rcx = arg;
+	register uint64_t rdi asm("rdi") = arg2;
+	asm volatile("outb %%al, %[p]"
+		     : "+a"(rax), "+c"(rcx), "+r"(rdi)
+		     : [p] "i"(VTL_PORT_CALL)
+		     : "rdx", "rsi", "r8", "r9", "r10", "r11", "memory");
+	if (rcx_out)
+		*rcx_out = rcx;
+	return rax;
+}
+
+/* ---- console and exit ---- */
+extern const char *console_prefix;
+void console_putc(char c);
+int printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void print_hex_bytes(const uint8_t *p, size_t n);
+void __attribute__((noreturn)) guest_exit(uint32_t status);
+
+/* ---- CPU setup ---- */
+#define KERNEL_CS 0x08
+#define KERNEL_DS 0x10
+#define USER_DS   0x1B
+#define USER_CS   0x23
+#define TSS_SEL   0x28
+void arch_init(void);         /* GDT with user segments and a TSS, IDT for vectors 0-31 */
+
+struct regs_frame {           /* what the exception stubs push, lowest address first */
+	uint64_t r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	uint64_t vector, error_code;
+	uint64_t rip, cs, rflags, rsp, ss;
+};
+
+struct fault_info {
+	int vector;
+	uint64_t error_code, rip, cs, cr2;
+};
+/* Run fn(arg); if it faults, record the fault and return 1 instead (kvm-unit-tests style). */
+int try_run(void (*fn)(void *), void *arg, struct fault_info *fi);
+const char *vector_name(int vector);
+
+/* ---- paging: identity map of [0, mem_size), 4 KiB pages below 16 MiB ---- */
+void paging_init(uint64_t mem_size);
+uint64_t *pte_for(uint64_t va);   /* leaf PTE of a 4 KiB-mapped address, or NULL */
+
+/* ---- registers and helpers ---- */
+static inline uint64_t read_cr2(void) { uint64_t v; asm volatile("mov %%cr2, %0" : "=r"(v)); return v; }
+static inline uint64_t read_cr3(void) { uint64_t v; asm volatile("mov %%cr3, %0" : "=r"(v)); return v; }
+static inline void write_cr3(uint64_t v) { asm volatile("mov %0, %%cr3" :: "r"(v) : "memory"); }
+static inline uint64_t read_rflags(void) { uint64_t v; asm volatile("pushfq; popq %0" : "=r"(v)); return v; }
+static inline uint64_t rdtsc(void) { uint32_t lo, hi; asm volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((uint64_t)hi << 32) | lo; }
+static inline void invlpg(uint64_t va) { asm volatile("invlpg (%0)" :: "r"(va) : "memory"); }
+
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+int strcmp(const char *a, const char *b);
+size_t strlen(const char *s);
+
+#endif

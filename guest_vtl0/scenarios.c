@@ -1,0 +1,282 @@
+/* Scenarios built into VTL0.  Each checks its own outcome and prints PASS or FAIL. */
+#include "vtl0.h"
+
+#define VTL1_TARGET (VTL1_BASE + VTL1_IMAGE_MIN_OFF)
+#define ECHO_ARG 0x1234
+
+static const char *status_name(uint64_t s)
+{
+	static const char *const n[] = { "VTL_OK", "VTL_E_INVALID_CODE", "VTL_E_ACCESS_DENIED",
+		"VTL_E_INVALID_ARG", "VTL_E_NOT_ENABLED", "VTL_E_ALREADY_ENABLED", "VTL_E_DISABLED",
+		"VTL_E_MISALIGNED", "VTL_E_OUT_OF_RANGE", "VTL_E_OVERLAPS_VTL1" };
+	return s < sizeof(n) / sizeof(n[0]) ? n[s] : "?";
+}
+
+static uint64_t enable_vtl1(void)
+{
+	uint64_t st = hypercall(VTL_HC_ENABLE_VTL1, 0, 0, 0, NULL);
+	printf("enable VTL1: %s\n", status_name(st));
+	return st;
+}
+
+static void require_vtl1(const char *name)
+{
+	if (enable_vtl1() != VTL_OK)
+		fail(name, "VTL1 could not be enabled");
+}
+
+/* After a refusal: VTL1 and the VMM still serve VTL calls. */
+static void echo_still_works(const char *name)
+{
+	uint64_t rcx = 0;
+	uint64_t st = vtl_call(VTL_CALL_ECHO, ECHO_ARG, 0, &rcx);
+	if (st != VTL_OK || rcx != ECHO_ARG + 1)
+		fail(name, "VTL_CALL_ECHO failed after the refusal");
+	printf("VTL_CALL_ECHO still served (RCX %#x -> %#lx)\n", ECHO_ARG, rcx);
+}
+
+static void expect_status(const char *name, const char *what, uint64_t got, uint64_t want)
+{
+	printf("%s -> %s\n", what, status_name(got));
+	if (got != want)
+		fail(name, "unexpected status");
+}
+
+static void expect_fault(const char *name, const char *what, int ok, struct fault_info *fi, int vector)
+{
+	if (!ok) {
+		printf("%s: no fault\n", what);
+		fail(name, "the access was not refused");
+	}
+	printf("%s: %s (%d) err=%#lx rip=%#lx cs=%#lx\n", what, vector_name(fi->vector), fi->vector,
+	       fi->error_code, fi->rip, fi->cs);
+	if (fi->vector != vector)
+		fail(name, "unexpected fault vector");
+}
+
+SCENARIO(sc_boot, "boot", "enable VTL1, make NOP/ECHO calls, print VTL1's measurement")
+{
+	uint64_t st = enable_vtl1();
+	if (st == VTL_E_DISABLED) {
+		printf("running without VTL1\n");
+		pass("boot");
+	}
+	if (st != VTL_OK)
+		fail("boot", "enable failed");
+	expect_status("boot", "VTL_CALL_NOP", vtl_call(VTL_CALL_NOP, 0, 0, NULL), VTL_OK);
+	echo_still_works("boot");
+	static uint8_t m[32];
+	expect_status("boot", "VTL_CALL_GET_MEASUREMENT",
+		      vtl_call(VTL_CALL_GET_MEASUREMENT, 0, (uint64_t)m, NULL), VTL_OK);
+	printf("VTL1 measurement: ");
+	print_hex_bytes(m, 32);
+	printf("\n");
+	pass("boot");
+}
+
+/* --- register isolation --------------------------------------------------------- */
+void reg_probe_call(struct reg_probe_result *res);
+struct reg_probe_result probe_result;
+uint64_t probe_after[16], probe_rsp_before, probe_rflags_after, probe_cr3_before, probe_cr3_after;
+
+SCENARIO(sc_state, "vtl-call-state", "GPRs shared across a VTL call; RIP/RSP/RFLAGS/CR3 private per VTL")
+{
+	static const char *const rn[16] = { "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+		"r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15" };
+	require_vtl1("vtl-call-state");
+	memset(&probe_result, 0, sizeof(probe_result));
+	reg_probe_call(&probe_result);
+	struct reg_probe_result *r = &probe_result;
+	int bad = 0;
+
+	printf("VTL1 entered with reason %lu, vtl_control rax=%#lx rcx=%#lx\n", r->entry_reason,
+	       r->ctl_rax, r->ctl_rcx);
+	if (r->entry_reason != VTL_ENTRY_CALL || r->ctl_rax != VTL_CALL_REG_PROBE ||
+	    r->ctl_rcx != (uint64_t)&probe_result)
+		bad++, printf("  vtl_control does not hold VTL0's RAX/RCX\n");
+	printf("VTL1 saw VTL0's values in %lu mismatching shared registers\n", r->mismatches);
+	if (r->mismatches)
+		bad++;
+	for (int i = 0; i < 16; i++) {
+		if (i == 6)
+			continue;
+		if (probe_after[i] != PROBE_PAT1(i))
+			bad++, printf("  %s after return = %#lx, VTL1 set %#llx\n", rn[i], probe_after[i],
+				      PROBE_PAT1(i));
+	}
+	printf("%-8s %-20s %-20s\n", "", "VTL0", "VTL1");
+	printf("%-8s %#-20lx %#-20lx\n", "RSP", probe_rsp_before, r->vtl1_rsp);
+	printf("%-8s %#-20lx %#-20lx\n", "RFLAGS", probe_rflags_after, r->vtl1_rflags);
+	printf("%-8s %#-20lx %#-20lx\n", "CR3", probe_cr3_before, r->vtl1_cr3);
+	printf("%-8s %#-20lx %#-20lx\n", "RIP", r->vtl0_rip, r->vtl1_rip);
+	if (probe_after[6] != probe_rsp_before)
+		bad++, printf("  VTL0 RSP changed across the call\n");
+	if (!(probe_rflags_after & RFLAGS_AC) || (r->vtl1_rflags & RFLAGS_AC))
+		bad++, printf("  RFLAGS.AC leaked between VTLs\n");
+	if (probe_cr3_after != probe_cr3_before || r->vtl1_cr3 == probe_cr3_before)
+		bad++, printf("  CR3 is not private\n");
+	if (r->vtl1_rsp == probe_rsp_before)
+		bad++, printf("  RSP is not private\n");
+	if (r->vtl1_rip < VTL1_BASE || r->vtl1_rip >= VTL1_BASE + VTL1_SIZE)
+		bad++, printf("  VTL1 RIP is not in VTL1's region\n");
+	if (r->vtl0_rsp != probe_rsp_before || r->vtl0_cr3 != probe_cr3_before ||
+	    !(r->vtl0_rflags & RFLAGS_AC))
+		bad++, printf("  VTL1's view of VTL0's private registers is wrong\n");
+	if (bad)
+		fail("vtl-call-state", "register isolation violated");
+	pass("vtl-call-state");
+}
+
+/* --- VTL1 memory from VTL0 ----------------------------------------------------- */
+static volatile uint64_t sink;
+static void read_target(void *a) { (void)a; sink = *(volatile uint64_t *)VTL1_TARGET; }
+static void write_target(void *a) { (void)a; *(volatile uint64_t *)VTL1_TARGET = 0x4141414141414141ULL; }
+static void exec_target(void *a) { (void)a; ((void (*)(void))VTL1_TARGET)(); }
+
+static void vtl1_memory(const char *name, void (*fn)(void *), const char *what)
+{
+	struct fault_info fi;
+	require_vtl1(name);
+	sink = 0;
+	int f = try_run(fn, NULL, &fi);
+	expect_fault(name, what, f, &fi, 13);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_read1, "read-vtl1-memory", "VTL0 reads VTL1's memory: refused with #GP")
+{ vtl1_memory("read-vtl1-memory", read_target, "read of VTL1 memory"); }
+
+SCENARIO(sc_write1, "write-vtl1-memory", "VTL0 writes VTL1's memory: refused with #GP, memory unchanged")
+{ vtl1_memory("write-vtl1-memory", write_target, "write to VTL1 memory"); }
+
+SCENARIO(sc_exec1, "exec-vtl1-memory", "VTL0 jumps into VTL1's code: refused with #GP")
+{ vtl1_memory("exec-vtl1-memory", exec_target, "jump into VTL1 code"); }
+
+/* --- bad requests ------------------------------------------------------------------- */
+static void forged_return(void *a) { (void)a; OUTB_IMM(VTL_PORT_RETURN, 0); }
+
+SCENARIO(sc_forge, "vtl-return-from-vtl0", "VTL0 forges a VTL return: #UD")
+{
+	struct fault_info fi;
+	require_vtl1("vtl-return-from-vtl0");
+	int f = try_run(forged_return, NULL, &fi);
+	expect_fault("vtl-return-from-vtl0", "VTL return from VTL0", f, &fi, 6);
+	echo_still_works("vtl-return-from-vtl0");
+	pass("vtl-return-from-vtl0");
+}
+
+static uint8_t user_code[4096] __attribute__((aligned(4096)));
+static uint8_t user_stack[4096] __attribute__((aligned(4096)));
+
+static void enter_user(void *a)
+{
+	(void)a;
+	asm volatile("pushq %[ss]\n\t"
+		     "pushq %[sp]\n\t"
+		     "pushq $0x2\n\t"
+		     "pushq %[cs]\n\t"
+		     "pushq %[ip]\n\t"
+		     "iretq"
+		     :: [ss] "i"(USER_DS), [sp] "r"((uint64_t)user_stack + sizeof(user_stack)),
+		        [cs] "i"(USER_CS), [ip] "r"((uint64_t)user_code) : "memory");
+}
+
+SCENARIO(sc_user, "vtl-call-from-user", "a VTL call from CPL3: #GP")
+{
+	struct fault_info fi;
+	require_vtl1("vtl-call-from-user");
+	static const uint8_t code[] = { 0xE6, VTL_PORT_CALL, 0xEB, 0xFE };   /* out %al,$port; jmp . */
+	memcpy(user_code, code, sizeof(code));
+	*pte_for((uint64_t)user_code) |= 4;     /* user-accessible */
+	*pte_for((uint64_t)user_stack) |= 4;
+	invlpg((uint64_t)user_code);
+	invlpg((uint64_t)user_stack);
+	int f = try_run(enter_user, NULL, &fi);
+	expect_fault("vtl-call-from-user", "VTL call from CPL3", f, &fi, 13);
+	if ((fi.cs & 3) != 3 || fi.rip != (uint64_t)user_code)
+		fail("vtl-call-from-user", "the fault was not taken at the user-mode OUT");
+	echo_still_works("vtl-call-from-user");
+	pass("vtl-call-from-user");
+}
+
+SCENARIO(sc_unknown_call, "unknown-call-code", "a VTL call with an unknown code: VTL_E_INVALID_CODE")
+{
+	require_vtl1("unknown-call-code");
+	expect_status("unknown-call-code", "VTL call 0x7777", vtl_call(0x7777, 0, 0, NULL),
+		      VTL_E_INVALID_CODE);
+	echo_still_works("unknown-call-code");
+	pass("unknown-call-code");
+}
+
+SCENARIO(sc_vtl1_hc, "vtl1-hypercall-from-vtl0", "VTL0 issues a VTL1-only hypercall: VTL_E_ACCESS_DENIED")
+{
+	require_vtl1("vtl1-hypercall-from-vtl0");
+	expect_status("vtl1-hypercall-from-vtl0", "VTL_HC_GET_VP_REGISTER from VTL0",
+		      hypercall(VTL_HC_GET_VP_REGISTER, 0, VTL_REG_CR3, 0, NULL), VTL_E_ACCESS_DENIED);
+	echo_still_works("vtl1-hypercall-from-vtl0");
+	pass("vtl1-hypercall-from-vtl0");
+}
+
+SCENARIO(sc_unknown_hc, "unknown-hypercall", "an unknown hypercall code: VTL_E_INVALID_CODE")
+{
+	require_vtl1("unknown-hypercall");
+	expect_status("unknown-hypercall", "hypercall 0x7777", hypercall(0x7777, 0, 0, 0, NULL),
+		      VTL_E_INVALID_CODE);
+	echo_still_works("unknown-hypercall");
+	pass("unknown-hypercall");
+}
+
+SCENARIO(sc_twice, "enable-twice", "enable VTL1 twice: VTL_E_ALREADY_ENABLED")
+{
+	require_vtl1("enable-twice");
+	expect_status("enable-twice", "second VTL_HC_ENABLE_VTL1",
+		      hypercall(VTL_HC_ENABLE_VTL1, 0, 0, 0, NULL), VTL_E_ALREADY_ENABLED);
+	echo_still_works("enable-twice");
+	pass("enable-twice");
+}
+
+SCENARIO(sc_early, "call-without-vtl1", "a VTL call before VTL1 is enabled: VTL_E_NOT_ENABLED")
+{
+	expect_status("call-without-vtl1", "VTL call before enabling VTL1",
+		      vtl_call(VTL_CALL_ECHO, ECHO_ARG, 0, NULL), VTL_E_NOT_ENABLED);
+	require_vtl1("call-without-vtl1");
+	echo_still_works("call-without-vtl1");
+	pass("call-without-vtl1");
+}
+
+SCENARIO(sc_triple, "triple-fault", "load an empty IDT and fault: the VMM reports the triple fault")
+{
+	static const struct { uint16_t limit; uint64_t base; } __attribute__((packed)) empty = { 0, 0 };
+	printf("loading an empty IDT and executing ud2\n");
+	asm volatile("lidt %0; ud2" :: "m"(empty));
+	fail("triple-fault", "survived a triple fault");
+}
+
+/* --- benchmark ------------------------------------------------------------------ */
+#define BENCH_BATCH 100
+#define BENCH_MAX_STAMPS 20001
+void null_call_batch(uint64_t n);
+static uint64_t stamps[BENCH_MAX_STAMPS];
+
+SCENARIO(sc_bench, "bench-null-call", "N null VTL calls (param, default 100000), timed by RDTSC per 100")
+{
+	require_vtl1("bench-null-call");
+	uint64_t n = boot_info->param ? boot_info->param : 100000;
+	uint64_t batches = n / BENCH_BATCH;
+	if (batches < 1)
+		batches = 1;
+	if (batches > BENCH_MAX_STAMPS - 1)
+		batches = BENCH_MAX_STAMPS - 1;
+	for (uint64_t b = 0; b < batches; b++) {
+		stamps[b] = rdtsc();
+		null_call_batch(BENCH_BATCH);
+	}
+	stamps[batches] = rdtsc();
+	uint64_t st = hypercall(VTL_HC_BENCH_REPORT, (uint64_t)stamps, batches + 1, BENCH_BATCH, NULL);
+	printf("%lu null VTL calls in %lu TSC ticks (report: %s)\n", batches * BENCH_BATCH,
+	       stamps[batches] - stamps[0], status_name(st));
+	if (st != VTL_OK)
+		fail("bench-null-call", "the VMM refused the report");
+	pass("bench-null-call");
+}

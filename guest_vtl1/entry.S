@@ -1,0 +1,30 @@
+#include "vtl_abi.h"
+	.section .text.entry, "ax"
+	.globl _start
+_start:
+	leaq vtl1_stack+32768(%rip), %rsp
+	call vtl1_main          /* RDI = boot info; returns once initialised */
+	/* First VTL return: nothing of VTL1 may leak through the shared registers. */
+	xorl %eax, %eax; xorl %ebx, %ebx; xorl %ecx, %ecx; xorl %edx, %edx
+	xorl %esi, %esi; xorl %edi, %edi; xorl %ebp, %ebp
+	xorl %r8d, %r8d; xorl %r9d, %r9d; xorl %r10d, %r10d; xorl %r11d, %r11d
+	xorl %r12d, %r12d; xorl %r13d, %r13d; xorl %r14d, %r14d; xorl %r15d, %r15d
+	outb %al, $VTL_PORT_RETURN
+
+/* Every later entry resumes here with VTL0's values in all registers but RSP. */
+vtl1_loop:
+	pushq %rax; pushq %rbx; pushq %rcx; pushq %rdx; pushq %rsi; pushq %rdi; pushq %rbp
+	pushq %r8; pushq %r9; pushq %r10; pushq %r11; pushq %r12; pushq %r13; pushq %r14; pushq %r15
+	movq %rsp, %rdi
+	subq $8, %rsp           /* 15 pushes: realign for the call */
+	cld
+	call vtl1_dispatch      /* 0 = VTL return, 1 = fast VTL return */
+	addq $8, %rsp
+	testl %eax, %eax        /* the pops below keep the flags */
+	popq %r15; popq %r14; popq %r13; popq %r12; popq %r11; popq %r10; popq %r9; popq %r8
+	popq %rbp; popq %rdi; popq %rsi; popq %rdx; popq %rcx; popq %rbx; popq %rax
+	jnz 1f
+	outb %al, $VTL_PORT_RETURN
+	jmp vtl1_loop
+1:	outb %al, $VTL_PORT_RETURN_FAST
+	jmp vtl1_loop

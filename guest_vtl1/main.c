@@ -1,0 +1,112 @@
+/* VTL1: the secure kernel.  Serves VTL calls; trusts nothing VTL0 passes in. */
+#include "lib.h"
+#include "probe.h"
+
+uint8_t vtl1_stack[32768] __attribute__((aligned(16)));
+static struct vtl_boot_info *bi;
+
+/* The shared registers as VTL0 left them (pushed by entry.S, lowest address first). */
+struct frame {
+	uint64_t r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+};
+
+void vtl1_main(struct vtl_boot_info *boot)
+{
+	console_prefix = "[vtl1] ";
+	arch_init();
+	if (boot->magic != VTL_BOOT_MAGIC || boot->abi_version != VTL_ABI_VERSION || boot->vtl != 1) {
+		printf("bad boot info\n");
+		guest_exit(2);
+	}
+	bi = boot;
+	paging_init(bi->mem_size);
+	printf("secure kernel up (vp %u of %u), image %#lx-%#lx\n", bi->vp_index, bi->nr_vps,
+	       bi->image_start, bi->image_end);
+	printf("measurement ");
+	print_hex_bytes(bi->measurement, 32);
+	printf("\n");
+}
+
+/* [gpa, gpa+len) entirely in VTL0's memory?  Overflow-safe. */
+static int in_vtl0(uint64_t gpa, uint64_t len)
+{
+	if (len > bi->mem_size || gpa > bi->mem_size - len)
+		return 0;
+	return gpa + len <= bi->vtl1_base || gpa >= bi->vtl1_base + bi->vtl1_size;
+}
+
+static uint64_t vp_register(uint64_t reg)
+{
+	uint64_t v = 0;
+	if (hypercall(VTL_HC_GET_VP_REGISTER, bi->vp_index, reg, 0, &v) != VTL_OK)
+		printf("GET_VP_REGISTER %lu failed\n", reg);
+	return v;
+}
+
+static int reg_probe(struct frame *f, struct vtl_control *ctl)
+{
+	uint64_t got[16] = { f->rax, f->rbx, f->rcx, f->rdx, f->rsi, f->rdi, 0, f->rbp,
+			     f->r8, f->r9, f->r10, f->r11, f->r12, f->r13, f->r14, f->r15 };
+	if (!in_vtl0(f->rcx, sizeof(struct reg_probe_result))) {
+		ctl->vtl0_rax = VTL_E_INVALID_ARG;
+		return 0;
+	}
+	struct reg_probe_result *r = (struct reg_probe_result *)f->rcx;
+	uint64_t rsp;
+	asm volatile("mov %%rsp, %0" : "=r"(rsp));
+	got[6] = rsp;
+	memcpy(r->received, got, sizeof(got));
+	r->entry_reason = ctl->entry_reason;
+	r->ctl_rax = ctl->vtl0_rax;
+	r->ctl_rcx = ctl->vtl0_rcx;
+	r->mismatches = 0;
+	for (int i = 1; i < 16; i++)
+		if (i != 2 && i != 6 && got[i] != PROBE_PAT0(i))
+			r->mismatches++;
+	r->vtl1_rsp = rsp;
+	r->vtl1_rflags = read_rflags();
+	r->vtl1_cr3 = read_cr3();
+	asm volatile("lea 0(%%rip), %0" : "=r"(r->vtl1_rip));
+	r->vtl0_rsp = vp_register(VTL_REG_RSP);
+	r->vtl0_rflags = vp_register(VTL_REG_RFLAGS);
+	r->vtl0_cr3 = vp_register(VTL_REG_CR3);
+	r->vtl0_rip = vp_register(VTL_REG_RIP);
+	/* Hand back a second pattern in every shared register, RAX/RCX included. */
+	uint64_t *slot[16] = { &f->rax, &f->rbx, &f->rcx, &f->rdx, &f->rsi, &f->rdi, 0, &f->rbp,
+			       &f->r8, &f->r9, &f->r10, &f->r11, &f->r12, &f->r13, &f->r14, &f->r15 };
+	for (int i = 0; i < 16; i++)
+		if (slot[i])
+			*slot[i] = PROBE_PAT1(i);
+	return 1;
+}
+
+int vtl1_dispatch(struct frame *f)
+{
+	struct vtl_control *ctl = (struct vtl_control *)(bi->control_gpa + bi->vp_index * 4096ULL);
+	if (ctl->entry_reason != VTL_ENTRY_CALL) {
+		printf("unexpected entry reason %u\n", ctl->entry_reason);
+		return 0;
+	}
+	switch (ctl->vtl0_rax) {
+	case VTL_CALL_NOP:
+		ctl->vtl0_rax = VTL_OK;
+		return 0;
+	case VTL_CALL_ECHO:
+		ctl->vtl0_rcx += 1;
+		ctl->vtl0_rax = VTL_OK;
+		return 0;
+	case VTL_CALL_REG_PROBE:
+		return reg_probe(f, ctl);
+	case VTL_CALL_GET_MEASUREMENT:
+		if (!in_vtl0(f->rdi, 32)) {
+			ctl->vtl0_rax = VTL_E_INVALID_ARG;
+			return 0;
+		}
+		memcpy((void *)f->rdi, bi->measurement, 32);
+		ctl->vtl0_rax = VTL_OK;
+		return 0;
+	default:
+		ctl->vtl0_rax = VTL_E_INVALID_CODE;
+		return 0;
+	}
+}
