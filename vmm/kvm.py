@@ -245,6 +245,10 @@ class VCpu:
         d.control = (u.KVM_GUESTDBG_ENABLE | u.KVM_GUESTDBG_SINGLESTEP) if enable else 0
         ioctl(self.fd, u.KVM_SET_GUEST_DEBUG, d)
 
+    def tsc_khz(self) -> int:
+        """The guest's TSC frequency (to turn guest RDTSC deltas into time)."""
+        return ioctl(self.fd, u.KVM_GET_TSC_KHZ)
+
     def translate(self, gva: int) -> tuple[bool, int]:
         t = ffi.new("struct kvm_translation *")
         t.linear_address = gva

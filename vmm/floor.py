@@ -1,0 +1,130 @@
+"""Floors for `vtl bench`: the cheapest possible alternation of KVM_RUN between two
+VMs whose guests only do port-I/O exits, from Python (the binding the scheduler
+uses, no VTL logic) and from C (bench/floor.c, same guest bytes).
+
+Timing matches the VTL bench: guest A stamps RDTSC every BATCH round trips; a
+round trip is KVM_RUN(A) -> OUT exit -> KVM_RUN(B) -> OUT exit.  Reported: median
+over batches, with the guest TSC frequency from KVM_GET_TSC_KHZ.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from vmm import uapi as u
+from vmm import x86
+from vmm.errors import VmmError
+from vmm.kvm import Kvm, VCpu
+from vmm.memory import GuestMemory
+from vmm.uapi import ffi, libc
+
+BATCH = 100
+CODE_GPA = 0x10000
+STAMPS_GPA = 0x100000
+MEM = 4 << 20
+PORT_A, PORT_B, PORT_DONE = 0xF0, 0xF1, 0xF4
+
+# Guest A: RBX = stamp array, R12 = batches.  Stamps RDTSC, then BATCH OUTs, per batch.
+GUEST_A = bytes.fromhex(
+    "0f31"            # outer: rdtsc
+    "48c1e220"        # shl rdx, 32
+    "4809d0"          # or rax, rdx
+    "488903"          # mov [rbx], rax
+    "4883c308"        # add rbx, 8
+    "4d85e4"          # test r12, r12
+    "7412"            # jz done
+    "41bd64000000"    # mov r13d, BATCH (100)
+    "e6f0"            # inner: out 0xf0, al
+    "41ffcd"          # dec r13d
+    "75f9"            # jnz inner
+    "49ffcc"          # dec r12
+    "ebd9"            # jmp outer
+    "e7f4"            # done: out 0xf4, eax
+    "f4")             # hlt
+# Guest B: OUT forever.
+GUEST_B = bytes.fromhex("e6f1" "ebfc")   # out 0xf1, al; jmp back
+
+
+class FloorResult(BaseModel):
+    median_ns: float
+    p10_ns: float
+    p90_ns: float
+    mean_ns: float
+    wall_mean_ns: float
+    pairs: int
+    batch: int
+
+
+def stats(stamps: list[int], tsc_khz: int, pairs: int, wall_s: float, batch: int = BATCH) -> FloorResult:
+    per = sorted((b - a) * 1e6 / tsc_khz / batch for a, b in zip(stamps, stamps[1:], strict=False))
+    if not per:
+        raise VmmError("no timing batches recorded")
+    return FloorResult(median_ns=statistics.median(per), p10_ns=per[int(0.1 * len(per))],
+                       p90_ns=per[min(len(per) - 1, int(0.9 * len(per)))], mean_ns=statistics.fmean(per),
+                       wall_mean_ns=wall_s * 1e9 / max(1, pairs), pairs=pairs, batch=batch)
+
+
+def _boot(kvm: Kvm, code: bytes, regs: dict[str, int]) -> tuple[GuestMemory, VCpu]:
+    mem = GuestMemory(MEM)
+    vm = kvm.create_vm()
+    vm.map_memory(mem, 0, MEM)
+    cr3 = x86.write_identity_tables(mem, 0x2000, MEM)
+    x86.write_boot_gdt(mem, 0x9000)
+    mem.write(CODE_GPA, code)
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid(kvm.supported_cpuid())
+    s = vcpu.get_sregs()
+    x86.set_long_mode(s, cr3, 0x9000)
+    vcpu.set_sregs(s)
+    r = vcpu.get_regs()
+    r.rip, r.rsp, r.rflags = CODE_GPA, 0x9000, x86.RFLAGS_RESERVED1
+    for k, v in regs.items():
+        setattr(r, k, v)
+    vcpu.set_regs(r)
+    return mem, vcpu
+
+
+def python_floor(pairs: int) -> FloorResult:
+    batches = max(1, pairs // BATCH)
+    kvm = Kvm()
+    mem_a, a = _boot(kvm, GUEST_A, {"rbx": STAMPS_GPA, "r12": batches})
+    mem_b, b = _boot(kvm, GUEST_B, {})
+    try:
+        ioctl, kvm_run, null = libc.ioctl, u.KVM_RUN, ffi.NULL
+        fa, fb, run_a, run_b = a.fd, b.fd, a.run, b.run
+        n = 0
+        t0 = time.perf_counter()
+        while True:
+            ioctl(fa, kvm_run, null)
+            if run_a.exit_reason != u.KVM_EXIT_IO or run_a.io.port != PORT_A:
+                break
+            ioctl(fb, kvm_run, null)
+            if run_b.exit_reason != u.KVM_EXIT_IO:
+                raise VmmError(f"floor guest B stopped with exit {run_b.exit_reason}")
+            n += 1
+        wall = time.perf_counter() - t0
+        if run_a.exit_reason != u.KVM_EXIT_IO or run_a.io.port != PORT_DONE:
+            raise VmmError(f"floor guest A stopped with exit {run_a.exit_reason}")
+        raw = mem_a.read(STAMPS_GPA, (batches + 1) * 8)
+        stamps = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+        return stats(stamps, a.tsc_khz(), n, wall)
+    finally:
+        for v in (a, b):
+            v.vm.close()
+        mem_a.close()
+        mem_b.close()
+        kvm.close()
+
+
+def c_floor(pairs: int, binary: Path) -> FloorResult:
+    cp = subprocess.run([str(binary), str(pairs)], capture_output=True, text=True, timeout=600)
+    if cp.returncode != 0:
+        raise VmmError(f"{binary} failed: {cp.stderr.strip()}")
+    doc = json.loads(cp.stdout)
+    return stats(doc["stamps"], doc["tsc_khz"], doc["pairs"], doc["wall_s"], doc["batch"])
