@@ -11,8 +11,19 @@ _start:
 	xorl %r12d, %r12d; xorl %r13d, %r13d; xorl %r14d, %r14d; xorl %r15d, %r15d
 	outb %al, $VTL_PORT_RETURN
 
-/* Every later entry resumes here with VTL0's values in all registers but RSP. */
+/* Every later entry resumes here with VTL0's values in all registers but RSP.
+ * Fast path for VTL_CALL_NOP: this host emulates every guest instruction, so the
+ * null call is answered in a handful of instructions through %gs, which points at
+ * this VP's vtl_control (set in vtl1_main), without touching a shared register. */
 vtl1_loop:
+	cmpl $VTL_ENTRY_CALL, %gs:VTL_CONTROL_ENTRY_REASON_OFF
+	jne vtl1_slow
+	cmpq $VTL_CALL_NOP, %gs:VTL_CONTROL_VTL0_RAX_OFF
+	jne vtl1_slow
+	movq $VTL_OK, %gs:VTL_CONTROL_VTL0_RAX_OFF  /* the status VTL0 gets in RAX */
+	outb %al, $VTL_PORT_RETURN
+	jmp vtl1_loop
+vtl1_slow:
 	pushq %rax; pushq %rbx; pushq %rcx; pushq %rdx; pushq %rsi; pushq %rdi; pushq %rbp
 	pushq %r8; pushq %r9; pushq %r10; pushq %r11; pushq %r12; pushq %r13; pushq %r14; pushq %r15
 	movq %rsp, %rdi

@@ -20,6 +20,8 @@ void vtl1_main(struct vtl_boot_info *boot)
 	}
 	bi = boot;
 	paging_init(bi->mem_size);
+	/* %gs -> this VP's vtl_control, for the fast path in entry.S */
+	wrmsr(MSR_GS_BASE, bi->control_gpa + bi->vp_index * 4096ULL);
 	printf("secure kernel up (vp %u of %u), image %#lx-%#lx\n", bi->vp_index, bi->nr_vps,
 	       bi->image_start, bi->image_end);
 	printf("measurement ");

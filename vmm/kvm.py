@@ -183,6 +183,11 @@ class VCpu:
         self.run: Any = ffi.cast("struct kvm_run *", ptr)
         self.run_buf = ffi.buffer(ptr, size)
         self.sync: Any = self.run.s.regs  # struct kvm_sync_regs, valid after every exit
+        # Pre-resolved views for hot paths: each cffi attribute hop costs a wrapper object.
+        self.regs: Any = self.sync.regs
+        self.sregs: Any = self.sync.sregs
+        self.cs: Any = self.sregs.cs
+        self.words: Any = ffi.cast("uint32_t *", ptr)   # [2] exit_reason, [8] io dir|size|port
         self.run.kvm_valid_regs = self.SYNC_ALL
 
     # --- state -------------------------------------------------------------

@@ -35,8 +35,8 @@ class Hypercalls:
         }
 
     def handle(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
-        regs = vcpu.sync.regs
-        if vcpu.sync.sregs.cs.selector & 3:
+        regs = vcpu.regs
+        if vcpu.sregs.cs.selector & 3:
             return self.s._refuse_fault(vp, vcpu, "hypercall", "hypercall from CPL3", VEC_GP, 0)
         code = regs.rax
         entry = self.table.get(code)
@@ -62,7 +62,7 @@ class Hypercalls:
         return None if status == ABI.VTL_OK else status
 
     def bench_report(self, vp: VirtualProcessor, vcpu: VCpu) -> int:
-        regs = vcpu.sync.regs
+        regs = vcpu.regs
         gpa, count, batch = regs.rdi, regs.rsi, regs.rdx
         if not (0 < count <= MAX_BENCH_STAMPS) or not (0 < batch < 1 << 32):
             return int(ABI.VTL_E_INVALID_ARG)
@@ -74,7 +74,7 @@ class Hypercalls:
         return int(ABI.VTL_OK)
 
     def get_vp_register(self, vp: VirtualProcessor, vcpu: VCpu) -> int:
-        regs = vcpu.sync.regs
+        regs = vcpu.regs
         index, reg = regs.rdi, regs.rsi
         if index >= len(self.s.p.vps):
             return int(ABI.VTL_E_INVALID_ARG)

@@ -33,26 +33,44 @@ class PartitionConfig(BaseModel):
     param: int = Field(default=0, ge=0)
 
 
-@dataclass
+@dataclass(slots=True)
+class SwitchPath:
+    """Everything a VTL switch touches, resolved once (cffi attribute hops are not free)."""
+    v0: VCpu
+    v1: VCpu
+    ctl: Any                      # struct vtl_control * in VTL1's memory
+    # Byte pointers into each vCPU's synced kvm_regs for the shared-state copy:
+    # [rax..rdi] at offset 0 (48 bytes) and [rbp..r15] at 56 (72 bytes); RSP at 48 is private.
+    lo0: Any
+    hi0: Any
+    lo1: Any
+    hi1: Any
+
+    @classmethod
+    def build(cls, v0: VCpu, v1: VCpu, ctl: Any) -> SwitchPath:
+        def ptrs(v: VCpu) -> tuple[Any, Any]:
+            base = u.ffi.cast("uint8_t *", u.ffi.addressof(v.run.s.regs, "regs"))
+            return base, base + 56
+        lo0, hi0 = ptrs(v0)
+        lo1, hi1 = ptrs(v1)
+        return cls(v0, v1, ctl, lo0, hi0, lo1, hi1)
+
+
+@dataclass(slots=True)
 class VirtualProcessor:
     index: int
+    current: VCpu                                  # the vCPU that runs next
     vcpus: dict[int, VCpu] = field(default_factory=dict)
     active_vtl: int = 0
-    control: Any = None                       # struct vtl_control * in VTL1's memory
-    # Byte pointers into each vCPU's synced kvm_regs for the shared-state copy:
-    # [rax..rdi] is at offset 0 (48 bytes), [rbp..r15] at 56 (72 bytes); RSP at 48 is private.
-    regs_lo: dict[int, Any] = field(default_factory=dict)
-    regs_hi: dict[int, Any] = field(default_factory=dict)
+    switch: SwitchPath | None = None               # set when VTL1 is enabled
 
     @property
-    def current(self) -> VCpu:
-        return self.vcpus[self.active_vtl]
+    def control(self) -> Any:
+        return self.switch.ctl if self.switch else None
 
-    def add_vcpu(self, vtl: int, vcpu: VCpu) -> None:
-        self.vcpus[vtl] = vcpu
-        base = u.ffi.cast("uint8_t *", u.ffi.addressof(vcpu.run.s.regs, "regs"))
-        self.regs_lo[vtl] = base
-        self.regs_hi[vtl] = base + 56
+    def activate(self, vtl: int) -> None:
+        self.active_vtl = vtl
+        self.current = self.vcpus[vtl]
 
 
 class Partition:
@@ -102,9 +120,7 @@ class Partition:
                             param=self.config.param, scenario=self.config.scenario)
             vcpu = self._new_vcpu(vm, i)
             boot_vcpu(vcpu, self.mem, self.layout, 0, img.entry)
-            vp = VirtualProcessor(i)
-            vp.add_vcpu(0, vcpu)
-            self.vps.append(vp)
+            self.vps.append(VirtualProcessor(i, vcpu, {0: vcpu}))
 
     @property
     def vtl1_enabled(self) -> bool:
@@ -129,12 +145,12 @@ class Partition:
                             measurement=bytes.fromhex(img.sha256))
             vcpu = self._new_vcpu(vm, p.index)
             boot_vcpu(vcpu, self.mem, self.layout, 1, img.entry)
-            p.add_vcpu(1, vcpu)
-            gpa = self.layout.control_gpa(p.index)
-            p.control = abi_struct(self.mem, "struct vtl_control", gpa)
-            p.control.entry_reason = ABI.VTL_ENTRY_NONE
-            p.control.vp_index = p.index
-        vp.active_vtl = 1
+            p.vcpus[1] = vcpu
+            ctl = abi_struct(self.mem, "struct vtl_control", self.layout.control_gpa(p.index))
+            ctl.entry_reason = ABI.VTL_ENTRY_NONE
+            ctl.vp_index = p.index
+            p.switch = SwitchPath.build(p.vcpus[0], vcpu, ctl)
+        vp.activate(1)
         self.events.emit(VtlEnabled(ts=self.events.now(), vp=vp.index, vtl=0,
                                     image=str(img.path), sha256=img.sha256))
         return int(ABI.VTL_OK)

@@ -36,6 +36,12 @@ PORT_NAMES = {ABI.VTL_PORT_CONSOLE: "console", ABI.VTL_PORT_CALL: "vtl_call",
               ABI.VTL_PORT_RETURN: "vtl_return", ABI.VTL_PORT_RETURN_FAST: "vtl_return_fast",
               ABI.VTL_PORT_HYPERCALL: "hypercall", ABI.VTL_PORT_EXIT: "exit"}
 
+EXIT_IO = u.KVM_EXIT_IO
+SYNC_REGS, SYNC_SREGS = u.KVM_SYNC_X86_REGS, u.KVM_SYNC_X86_SREGS
+VTL_ENTRY_CALL, VTL_ENTRY_NONE = ABI.VTL_ENTRY_CALL, ABI.VTL_ENTRY_NONE
+PORT_RETURN_FAST = ABI.VTL_PORT_RETURN_FAST
+memmove = ffi._backend.memmove   # skips cffi's Python-level wrapper on the switch path
+
 # How a run ended, besides the guest's own status.
 STATUS_CRASH = 3        # triple fault, emulation failure, halt without status
 STATUS_TIMEOUT = 124
@@ -68,6 +74,7 @@ class Scheduler:
     def __init__(self, partition: Partition, console: Callable[[str], None] | None = None) -> None:
         self.p = partition
         self.events = partition.events
+        self._trace = self.events.trace
         self.console = console or (lambda line: None)
         self.console_lines: list[str] = []
         self._line: dict[int, bytearray] = {0: bytearray(), 1: bytearray()}
@@ -95,28 +102,29 @@ class Scheduler:
         self._t0 = time.perf_counter()
         vp = self.p.vps[0]
         ioctl, kvm_run, null = libc.ioctl, u.KVM_RUN, ffi.NULL
-        io_handlers = self._io
-        exit_io = u.KVM_EXIT_IO
+        handlers = self._io
         port_counts = self.port_counts
         try:
             while self.result is None:
-                vcpu = vp.vcpus[vp.active_vtl]
+                vcpu = vp.current
                 if ioctl(vcpu.fd, kvm_run, null) < 0:
                     self._run_failed(vp, vcpu, ffi.errno)
                     continue
-                run = vcpu.run
-                if run.exit_reason == exit_io:
-                    port = run.io.port
+                words = vcpu.words
+                if words[2] == EXIT_IO:
+                    io = words[8]                       # direction | size << 8 | port << 16
+                    port = io >> 16
                     port_counts[port] += 1
-                    handler = io_handlers.get(port)
-                    if handler is not None and run.io.direction == u.KVM_EXIT_IO_OUT:
+                    handler = handlers.get(port)
+                    if handler is not None and io & 0xFF == u.KVM_EXIT_IO_OUT:
                         handler(vp, vcpu)
                     else:
                         self._unknown_port(vp, vcpu)
                 else:
-                    self._other_exit(vp, vcpu, run.exit_reason)
+                    self._other_exit(vp, vcpu, words[2])
         finally:
             self._flush_console()
+        assert self.result is not None
         return self.result
 
     def stop(self, reason: str) -> None:
@@ -157,63 +165,73 @@ class Scheduler:
 
     # --- VTL switch (hot path) ----------------------------------------------------------
     def _on_vtl_call(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
-        if vp.active_vtl != 0:
-            return self._refuse_fault(vp, vcpu, "vtl_call", "VTL call from VTL1 (the highest VTL)", VEC_UD)
-        if vcpu.sync.sregs.cs.selector & 3:
-            return self._refuse_fault(vp, vcpu, "vtl_call", "VTL call from CPL3", VEC_GP, 0)
-        v1 = vp.vcpus.get(1)
-        r0 = vcpu.sync.regs
-        if v1 is None:
-            return self._refuse_status(vp, vcpu, "vtl_call", "VTL1 is not enabled", ABI.VTL_E_NOT_ENABLED)
-        ctl = vp.control
-        ctl.entry_reason = ABI.VTL_ENTRY_CALL
+        sw = vp.switch
+        if vp.active_vtl or vcpu.cs.selector & 3 or sw is None:
+            return self._refuse_vtl_call(vp, vcpu)
+        r0 = vcpu.regs
+        ctl = sw.ctl
+        ctl.entry_reason = VTL_ENTRY_CALL
         ctl.vtl0_rax = r0.rax
         ctl.vtl0_rcx = r0.rcx
         ctl.entry_count += 1
-        ffi.memmove(vp.regs_lo[1], vp.regs_lo[0], 48)
-        ffi.memmove(vp.regs_hi[1], vp.regs_hi[0], 72)
-        dirty = u.KVM_SYNC_X86_REGS
-        cr2 = vcpu.sync.sregs.cr2
-        if cr2 != v1.sync.sregs.cr2:
-            v1.sync.sregs.cr2 = cr2
-            dirty |= u.KVM_SYNC_X86_SREGS
-        v1.run.kvm_dirty_regs = dirty
+        memmove(sw.lo1, sw.lo0, 48)
+        memmove(sw.hi1, sw.hi0, 72)
+        v1 = sw.v1
+        cr2 = vcpu.sregs.cr2
+        if cr2 != v1.sregs.cr2:
+            v1.sregs.cr2 = cr2
+            v1.run.kvm_dirty_regs = SYNC_REGS | SYNC_SREGS
+        else:
+            v1.run.kvm_dirty_regs = SYNC_REGS
         vp.active_vtl = 1
+        vp.current = v1
         self.vtl_calls += 1
-        if self.events.trace:
+        if self._trace:
             self.events.emit(VtlCall(ts=self.events.now(), vp=vp.index, vtl=0,
                                      code=ctl.vtl0_rax, arg=ctl.vtl0_rcx))
 
+    def _refuse_vtl_call(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
+        if vp.active_vtl != 0:
+            return self._refuse_fault(vp, vcpu, "vtl_call", "VTL call from VTL1 (the highest VTL)", VEC_UD)
+        if vcpu.cs.selector & 3:
+            return self._refuse_fault(vp, vcpu, "vtl_call", "VTL call from CPL3", VEC_GP, 0)
+        return self._refuse_status(vp, vcpu, "vtl_call", "VTL1 is not enabled", ABI.VTL_E_NOT_ENABLED)
+
     def _on_vtl_return(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
-        if vp.active_vtl != 1:
-            return self._refuse_fault(vp, vcpu, "vtl_return", "VTL return from VTL0", VEC_UD)
-        if vcpu.sync.sregs.cs.selector & 3:
-            return self._refuse_fault(vp, vcpu, "vtl_return", "VTL return from CPL3", VEC_GP, 0)
-        v0 = vp.vcpus[0]
-        ctl = vp.control
-        fast = vcpu.run.io.port == ABI.VTL_PORT_RETURN_FAST
-        if ctl.entry_reason == ABI.VTL_ENTRY_NONE:
+        sw = vp.switch
+        if vp.active_vtl != 1 or vcpu.cs.selector & 3 or sw is None:
+            return self._refuse_vtl_return(vp, vcpu)
+        v0 = sw.v0
+        ctl = sw.ctl
+        fast = vcpu.words[8] >> 16 == PORT_RETURN_FAST
+        if ctl.entry_reason == VTL_ENTRY_NONE:
             # End of the enable flow: VTL0's registers are untouched but for the status.
-            v0.sync.regs.rax = ABI.VTL_OK
-            v0.run.kvm_dirty_regs = u.KVM_SYNC_X86_REGS
+            v0.regs.rax = ABI.VTL_OK
+            v0.run.kvm_dirty_regs = SYNC_REGS
         else:
-            ffi.memmove(vp.regs_lo[0], vp.regs_lo[1], 48)
-            ffi.memmove(vp.regs_hi[0], vp.regs_hi[1], 72)
-            r0 = v0.sync.regs
+            memmove(sw.lo0, sw.lo1, 48)
+            memmove(sw.hi0, sw.hi1, 72)
             if not fast:
+                r0 = v0.regs
                 r0.rax = ctl.vtl0_rax
                 r0.rcx = ctl.vtl0_rcx
-            dirty = u.KVM_SYNC_X86_REGS
-            cr2 = vcpu.sync.sregs.cr2
-            if cr2 != v0.sync.sregs.cr2:
-                v0.sync.sregs.cr2 = cr2
-                dirty |= u.KVM_SYNC_X86_SREGS
-            v0.run.kvm_dirty_regs = dirty
+            cr2 = vcpu.sregs.cr2
+            if cr2 != v0.sregs.cr2:
+                v0.sregs.cr2 = cr2
+                v0.run.kvm_dirty_regs = SYNC_REGS | SYNC_SREGS
+            else:
+                v0.run.kvm_dirty_regs = SYNC_REGS
         vp.active_vtl = 0
+        vp.current = v0
         self.vtl_returns += 1
-        if self.events.trace:
+        if self._trace:
             self.events.emit(VtlReturn(ts=self.events.now(), vp=vp.index, vtl=1, fast=fast,
-                                       status=v0.sync.regs.rax))
+                                       status=v0.regs.rax))
+
+    def _refuse_vtl_return(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
+        if vp.active_vtl != 1:
+            return self._refuse_fault(vp, vcpu, "vtl_return", "VTL return from VTL0", VEC_UD)
+        return self._refuse_fault(vp, vcpu, "vtl_return", "VTL return from CPL3", VEC_GP, 0)
 
     # --- other ports ----------------------------------------------------------------
     def _on_console(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
@@ -254,12 +272,12 @@ class Scheduler:
     # --- refusals -------------------------------------------------------------------
     def _refuse_status(self, vp: VirtualProcessor, vcpu: VCpu, request: str, reason: str,
                        status: int) -> None:
-        vcpu.sync.regs.rax = status
+        vcpu.regs.rax = status
         vcpu.run.kvm_dirty_regs |= u.KVM_SYNC_X86_REGS
         self.events.emit(RefusedRequest(ts=self.events.now(), vp=vp.index, vtl=vp.active_vtl,
                                         request=request, reason=reason,
                                         response=ABI.names("VTL_E_").get(status, str(status)),
-                                        rip=vcpu.sync.regs.rip))
+                                        rip=vcpu.regs.rip))
 
     def _refuse_fault(self, vp: VirtualProcessor, vcpu: VCpu, request: str, reason: str,
                       vector: int, error_code: int | None = None, *, at_port_insn: bool = True,
@@ -267,10 +285,10 @@ class Scheduler:
         """Refuse by injecting a fault.  For a port instruction the fault is reported at the
         OUT itself, as hardware would report an I/O permission fault."""
         vcpu.complete_pending_io()
-        rip = vcpu.sync.regs.rip
+        rip = vcpu.regs.rip
         if at_port_insn:
             rip -= self._port_insn_len(vcpu, rip)
-            vcpu.sync.regs.rip = rip
+            vcpu.regs.rip = rip
             vcpu.run.kvm_dirty_regs |= u.KVM_SYNC_X86_REGS
         vcpu.inject_exception(vector, error_code)
         name = VECTOR_NAMES.get(vector, str(vector)) + ("" if error_code is None else f"({error_code})")
@@ -283,7 +301,7 @@ class Scheduler:
     def _port_insn_len(self, vcpu: VCpu, rip_after: int) -> int:
         """Length of the OUT that ended at `rip_after`: E6/E7 ib (2), EE/EF (1), +0x66."""
         try:
-            b = paging.read_virt(self.p.mem, vcpu.sync.sregs.cr3, rip_after - 3, 3)
+            b = paging.read_virt(self.p.mem, vcpu.sregs.cr3, rip_after - 3, 3)
         except Exception:
             return 2
         port = vcpu.run.io.port
@@ -299,7 +317,7 @@ class Scheduler:
         self.exit_counts[name] += 1
         run = vcpu.run
         vtl = vp.active_vtl
-        rip = vcpu.sync.regs.rip
+        rip = vcpu.regs.rip
         if reason == u.KVM_EXIT_MMIO:
             return self._on_mmio(vp, vcpu)
         if reason == u.KVM_EXIT_INTERNAL_ERROR and run.internal.suberror == u.KVM_INTERNAL_ERROR_EMULATION:
@@ -347,9 +365,9 @@ class Scheduler:
 
     def _on_fetch_fault(self, vp: VirtualProcessor, vcpu: VCpu) -> bool:
         """Instruction fetch from a GPA this VTL's VM does not map: refuse with #GP."""
-        rip = vcpu.sync.regs.rip
+        rip = vcpu.regs.rip
         try:
-            gpa = paging.walk(self.p.mem, vcpu.sync.sregs.cr3, rip).gpa
+            gpa = paging.walk(self.p.mem, vcpu.sregs.cr3, rip).gpa
         except Exception:
             return False
         layout = self.p.layout

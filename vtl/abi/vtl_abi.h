@@ -87,6 +87,11 @@
 #define VTL_ENTRY_CALL             1      /* VTL0 made a VTL call                     */
 #define VTL_ENTRY_INTERCEPT        2      /* a secure intercept (reserved)            */
 
+/* byte offsets in struct vtl_control, for assembly (checked by tests/test_abi.py) */
+#define VTL_CONTROL_ENTRY_REASON_OFF 0
+#define VTL_CONTROL_VTL0_RAX_OFF     8
+#define VTL_CONTROL_VTL0_RCX_OFF     16
+
 /* ---- guest-physical memory map -------------------------------------- */
 #define VTL_BOOT_MAGIC             0x544F4F424C54560AULL /* "\nVTLBOOT" */
 #define VTL0_BOOT_INFO_GPA         0x1000
