@@ -71,8 +71,8 @@ reg_probe_call:
 null_call_batch:
 	pushq %rbx
 	movq %rdi, %rbx
-1:	xorl %eax, %eax
-	outb %al, $VTL_PORT_CALL
+	xorl %eax, %eax         /* VTL_CALL_NOP; each return leaves VTL_OK (0) in RAX */
+1:	outb %al, $VTL_PORT_CALL
 	decq %rbx
 	jnz 1b
 	popq %rbx

@@ -1,4 +1,7 @@
 #include "vtl_abi.h"
+#if VTL_CALL_NOP != VTL_OK
+#error "the NOP fast path returns vtl0_rax unchanged as the status"
+#endif
 	.section .text.entry, "ax"
 	.globl _start
 _start:
@@ -20,7 +23,7 @@ vtl1_loop:
 	jne vtl1_slow
 	cmpq $VTL_CALL_NOP, %gs:VTL_CONTROL_VTL0_RAX_OFF
 	jne vtl1_slow
-	movq $VTL_OK, %gs:VTL_CONTROL_VTL0_RAX_OFF  /* the status VTL0 gets in RAX */
+	/* vtl0_rax already holds the status: VTL_CALL_NOP == VTL_OK */
 	outb %al, $VTL_PORT_RETURN
 	jmp vtl1_loop
 vtl1_slow:

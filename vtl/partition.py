@@ -45,15 +45,26 @@ class SwitchPath:
     hi0: Any
     lo1: Any
     hi1: Any
+    # uint64_t views of kvm_dirty_regs and of the synced CR2 of each vCPU
+    dirty0: Any
+    dirty1: Any
+    cr2_0: Any
+    cr2_1: Any
+    # The entry reason VTL1 was last given.  Kept here, not read back from
+    # vtl_control, which VTL1 may scribble on.
+    reason: int = ABI.VTL_ENTRY_NONE
 
     @classmethod
     def build(cls, v0: VCpu, v1: VCpu, ctl: Any) -> SwitchPath:
-        def ptrs(v: VCpu) -> tuple[Any, Any]:
-            base = u.ffi.cast("uint8_t *", u.ffi.addressof(v.run.s.regs, "regs"))
-            return base, base + 56
-        lo0, hi0 = ptrs(v0)
-        lo1, hi1 = ptrs(v1)
-        return cls(v0, v1, ctl, lo0, hi0, lo1, hi1)
+        ffi = u.ffi
+
+        def ptrs(v: VCpu) -> tuple[Any, Any, Any, Any]:
+            base = ffi.cast("uint8_t *", ffi.addressof(v.run.s.regs, "regs"))
+            return (base, base + 56, ffi.cast("uint64_t *", ffi.addressof(v.run, "kvm_dirty_regs")),
+                    ffi.cast("uint64_t *", ffi.addressof(v.sregs, "cr2")))
+        lo0, hi0, d0, c0 = ptrs(v0)
+        lo1, hi1, d1, c1 = ptrs(v1)
+        return cls(v0, v1, ctl, lo0, hi0, lo1, hi1, d0, d1, c0, c1)
 
 
 @dataclass(slots=True)

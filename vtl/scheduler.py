@@ -79,7 +79,7 @@ class Scheduler:
         self.console_lines: list[str] = []
         self._line: dict[int, bytearray] = {0: bytearray(), 1: bytearray()}
         self.exit_counts: Counter[str] = Counter()     # non-I/O exits by name
-        self.port_counts: Counter[int] = Counter()     # I/O exits by port
+        self.port_counts = [0] * 65536                 # I/O exits by port
         self.vtl_calls = 0
         self.vtl_returns = 0
         self.result: RunResult | None = None
@@ -150,8 +150,9 @@ class Scheduler:
 
     def exits_by_reason(self) -> dict[str, int]:
         out = dict(self.exit_counts)
-        for port, n in self.port_counts.items():
-            out[f"io:{PORT_NAMES.get(port, hex(port))}"] = n
+        for port, n in enumerate(self.port_counts):
+            if n:
+                out[f"io:{PORT_NAMES.get(port, hex(port))}"] = n
         return out
 
     def _run_failed(self, vp: VirtualProcessor, vcpu: VCpu, err: int) -> None:
@@ -170,21 +171,19 @@ class Scheduler:
             return self._refuse_vtl_call(vp, vcpu)
         r0 = vcpu.regs
         ctl = sw.ctl
-        ctl.entry_reason = VTL_ENTRY_CALL
+        ctl.entry_reason = sw.reason = VTL_ENTRY_CALL
         ctl.vtl0_rax = r0.rax
         ctl.vtl0_rcx = r0.rcx
-        ctl.entry_count += 1
         memmove(sw.lo1, sw.lo0, 48)
         memmove(sw.hi1, sw.hi0, 72)
-        v1 = sw.v1
-        cr2 = vcpu.sregs.cr2
-        if cr2 != v1.sregs.cr2:
-            v1.sregs.cr2 = cr2
-            v1.run.kvm_dirty_regs = SYNC_REGS | SYNC_SREGS
+        cr2 = sw.cr2_0[0]
+        if cr2 != sw.cr2_1[0]:
+            sw.cr2_1[0] = cr2
+            sw.dirty1[0] = SYNC_REGS | SYNC_SREGS
         else:
-            v1.run.kvm_dirty_regs = SYNC_REGS
+            sw.dirty1[0] = SYNC_REGS
         vp.active_vtl = 1
-        vp.current = v1
+        vp.current = sw.v1
         self.vtl_calls += 1
         if self._trace:
             self.events.emit(VtlCall(ts=self.events.now(), vp=vp.index, vtl=0,
@@ -202,25 +201,24 @@ class Scheduler:
         if vp.active_vtl != 1 or vcpu.cs.selector & 3 or sw is None:
             return self._refuse_vtl_return(vp, vcpu)
         v0 = sw.v0
-        ctl = sw.ctl
         fast = vcpu.words[8] >> 16 == PORT_RETURN_FAST
-        if ctl.entry_reason == VTL_ENTRY_NONE:
+        if sw.reason == VTL_ENTRY_NONE:
             # End of the enable flow: VTL0's registers are untouched but for the status.
             v0.regs.rax = ABI.VTL_OK
-            v0.run.kvm_dirty_regs = SYNC_REGS
+            sw.dirty0[0] = SYNC_REGS
         else:
             memmove(sw.lo0, sw.lo1, 48)
             memmove(sw.hi0, sw.hi1, 72)
             if not fast:
-                r0 = v0.regs
+                r0, ctl = v0.regs, sw.ctl
                 r0.rax = ctl.vtl0_rax
                 r0.rcx = ctl.vtl0_rcx
-            cr2 = vcpu.sregs.cr2
-            if cr2 != v0.sregs.cr2:
-                v0.sregs.cr2 = cr2
-                v0.run.kvm_dirty_regs = SYNC_REGS | SYNC_SREGS
+            cr2 = sw.cr2_1[0]
+            if cr2 != sw.cr2_0[0]:
+                sw.cr2_0[0] = cr2
+                sw.dirty0[0] = SYNC_REGS | SYNC_SREGS
             else:
-                v0.run.kvm_dirty_regs = SYNC_REGS
+                sw.dirty0[0] = SYNC_REGS
         vp.active_vtl = 0
         vp.current = v0
         self.vtl_returns += 1

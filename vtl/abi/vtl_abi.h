@@ -141,8 +141,7 @@ struct vtl_control {
     uint32_t vp_index;
     uint64_t vtl0_rax;       /* VTL0's RAX/RCX at the VTL call; restored by     */
     uint64_t vtl0_rcx;       /*   VTL_PORT_RETURN (VTL1 may change them)        */
-    uint64_t entry_count;    /* entries into VTL1 on this VP                     */
-    uint64_t reserved[12];
+    uint64_t reserved[13];
 };
 
 /* A scenario built into a VTL0 image, listed in its ELF section ".vtl_scenarios"
