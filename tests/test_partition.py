@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from vtlrun import run_scenario, vtl_cli
 
 from vtl.abi import ABI
 from vtl.events import parse_event
-from vtlrun import run_scenario, vtl_cli
 
 pytestmark = pytest.mark.kvm
 

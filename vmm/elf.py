@@ -100,7 +100,9 @@ def read_image(path: Path | str) -> ElfImage:
         raise GuestImageError(f"{path} is not a regular file")
     size = path.stat().st_size
     if size > MAX_IMAGE:
-        raise GuestImageError(f"{name} is {size >> 20} MiB; guest images are limited to {MAX_IMAGE >> 20} MiB")
+        raise GuestImageError(
+            f"{name} is {size >> 20} MiB; guest images are limited to {MAX_IMAGE >> 20} MiB"
+        )
     data = path.read_bytes()
     return _parse(path, data)
 

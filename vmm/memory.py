@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vmm.errors import VmmError
-from vmm.uapi import (MAP_ANONYMOUS, MAP_FAILED, MAP_NORESERVE, MAP_SHARED, PROT_READ,
-                      PROT_WRITE, ffi, libc)
+from vmm.uapi import MAP_ANONYMOUS, MAP_FAILED, MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE, ffi, libc
 
 PAGE_SIZE = 4096
 
