@@ -44,7 +44,7 @@ test:
 
 check:
 	ruff check vmm vtl tests
-	mypy vmm vtl
+	mypy vmm vtl tests
 
 clean:
 	rm -rf guest_vtl0/build guest_vtl1/build

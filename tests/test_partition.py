@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from vtlrun import run_scenario, vtl_cli
 
+from tests.vtlrun import run_scenario, vtl_cli
 from vtl.abi import ABI
 from vtl.events import parse_event
 

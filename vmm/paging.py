@@ -33,7 +33,9 @@ def _canonical(gva: int) -> bool:
     return top == 0 or top == (1 << 17) - 1
 
 
-def walk(mem: GuestMemory, cr3: int, gva: int) -> Translation:
+def walk(mem: GuestMemory, cr3: int, gva: int, gbpages: bool = True) -> Translation:
+    """Translate like the CPU would; `gbpages` False makes a 1 GiB page a fault, as on a
+    vCPU whose CPUID lacks PDPE1GB (KVM under PVM offers none)."""
     if not _canonical(gva):
         raise PageFault(f"GVA {gva:#x} is not canonical")
     table = cr3 & PTE_ADDR
@@ -51,6 +53,8 @@ def walk(mem: GuestMemory, cr3: int, gva: int) -> Translation:
         writable &= bool(entry & PTE_W)
         user &= bool(entry & PTE_U)
         nx |= bool(entry & PTE_NX)
+        if level == 3 and entry & PTE_PS and not gbpages:
+            raise PageFault(f"GVA {gva:#x}: 1 GiB page at level 3, but the vCPU has no 1 GiB pages")
         if level == 1 or (level in (2, 3) and entry & PTE_PS):
             size = 1 << shift
             base = entry & PTE_ADDR & ~(size - 1)

@@ -1,0 +1,60 @@
+"""The CLI as a user and a script see it: --json outputs, errors as one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.vtlrun import cli_json, vtl_cli
+from vmm.elf import read_image
+from vtl.images import scenarios
+
+pytestmark = pytest.mark.kvm
+
+
+def test_scenarios_json_lists_what_the_image_carries(guest_images: tuple[Path, Path]) -> None:
+    listed = cli_json("scenarios")
+    names = [s["name"] for s in listed]
+    assert names == [s.name for s in scenarios(read_image(guest_images[0]))]
+    assert {"boot", "write-vtl1-memory", "triple-fault"} <= set(names)
+    assert all(s["description"] for s in listed)
+
+
+def test_caps_json_reports_each_mechanism_and_a_strategy_per_protection() -> None:
+    caps = cli_json("caps")
+    mech = {m["name"]: m for m in caps["mechanisms"]}
+    assert mech["kvm"]["present"] is True
+    for name in ("sync_regs", "readonly_memslot", "msr_filter", "vmcall_to_userspace",
+                 "rwx_memory_attributes", "cr_write_exits", "kvm_translate"):
+        assert isinstance(mech[name]["present"], bool) and mech[name]["detail"], name
+    for s in caps["strategies"]:
+        assert s["strategy"]
+        if not s["enforced"]:
+            assert s["why"], f"{s['protection']} is not enforced but does not say why"
+
+
+def test_bench_json_has_three_figures_and_ratios() -> None:
+    b = cli_json("bench", "--calls", "1000")
+    for key in ("vtl_round_trip", "python_floor", "c_floor"):
+        assert b[key]["median_ns"] > 0, key
+    assert b["ratio_to_python_floor"] == pytest.approx(
+        b["vtl_round_trip"]["median_ns"] / b["python_floor"]["median_ns"], abs=1e-3)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("run", "--scenario", "nosuch"), "scenario 'nosuch' is not in"),
+    (("run", "--mem", "1"), "guest memory must be"),
+    (("run", "--vtl0-image", "/nonexistent.elf"), "no such file"),
+])
+def test_bad_input_is_one_clear_line(args: tuple[str, ...], message: str) -> None:
+    cp = vtl_cli(*args)
+    assert cp.returncode == 1
+    assert message in cp.stderr and "Traceback" not in cp.stderr
+
+
+def test_no_kvm_device_is_one_sentence_for_every_command() -> None:
+    for cmd in (("run",), ("caps",), ("bench", "--calls", "100")):
+        cp = vtl_cli(*cmd, env={"VTL_KVM_DEVICE": "/nonexistent/kvm"})
+        assert cp.returncode == 1, cmd
+        assert "has no KVM" in cp.stderr and "Traceback" not in cp.stderr
