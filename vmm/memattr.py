@@ -43,7 +43,9 @@ def describe(attrs: int) -> str:
 
 class AttributeBackend(Protocol):
     name: str
-    ops: int                       # KVM operations issued so far (memslot add/delete or ioctls)
+
+    @property
+    def ops(self) -> int: ...      # KVM operations issued so far (memslot add/delete or ioctls)
 
     def set_range(self, gpa: int, size: int, attrs: int) -> None: ...
     def get(self, gpa: int) -> int: ...
@@ -165,7 +167,11 @@ class RwxBackend:
         self.mem_size = mem_size
         self._set = set_attributes or vm.set_memory_attributes
         self._attrs: dict[int, int] = {}   # gfn -> attrs (absent = 0)
-        self.ops = 0
+        self._ops = 0
+
+    @property
+    def ops(self) -> int:
+        return self._ops
 
     def enforceable(self, attrs: int) -> int:
         return attrs & ALL
@@ -179,7 +185,7 @@ class RwxBackend:
         if not valid_attributes(attrs):
             raise VmmError(f"invalid attribute combination {attrs:#x}")
         self._set(gpa, size, attrs)
-        self.ops += 1
+        self._ops += 1
         for gfn in range(gpa // PAGE_SIZE, (gpa + size) // PAGE_SIZE):
             if attrs:
                 self._attrs[gfn] = attrs

@@ -59,13 +59,45 @@ class RefusedRequest(_Event):
     rip: int | None = None
 
 
+class ProtectionChanged(_Event):
+    """VTL1 changed VTL0's memory attributes (VTL_HC_MODIFY_VTL_PROTECTION)."""
+    kind: Literal["protection_changed"] = "protection_changed"
+    target_vtl: int = 0
+    attributes: str       # e.g. "r-x" (what VTL0 may still do)
+    pages: int
+    ranges: int
+    memslot_ops: int
+
+
+class SecureIntercept(_Event):
+    """VTL0 violated an attribute VTL1 set; VTL1 is entered with reason intercept."""
+    kind: Literal["intercept"] = "intercept"
+    type: Literal["memory", "msr"]
+    access: str           # read | write | execute
+    gpa: int | None = None
+    gva: int | None = None
+    rip: int
+    rip_after: bool = False
+    msr: int | None = None
+    data: int | None = None
+
+
+class InterceptVerdict(_Event):
+    kind: Literal["verdict"] = "verdict"
+    verdict: Literal["inject_fault", "allow", "stop", "invalid"]
+    vector: int | None = None
+    error_code: int | None = None
+    detail: str = ""
+
+
 class GuestExit(_Event):
     kind: Literal["guest_exit"] = "guest_exit"
     status: int
     reason: str
 
 
-Event = Annotated[VtlEnabled | VtlCall | VtlReturn | GuestFault | RefusedRequest | GuestExit,
+Event = Annotated[VtlEnabled | VtlCall | VtlReturn | GuestFault | RefusedRequest | ProtectionChanged
+                  | SecureIntercept | InterceptVerdict | GuestExit,
                   Field(discriminator="kind")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 

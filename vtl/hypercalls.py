@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 from vmm import uapi as u
 from vmm.kvm import VCpu
 from vmm.x86 import VEC_GP
-from vtl.abi import ABI
+from vtl.abi import ABI, abi_struct
+from vtl.events import ProtectionChanged
+from vtl.protection import describe
 
 if TYPE_CHECKING:
     from vtl.partition import VirtualProcessor
@@ -27,11 +29,13 @@ Handler = Callable[["VirtualProcessor", VCpu], "int | None"]
 class Hypercalls:
     def __init__(self, sched: Scheduler) -> None:
         self.s = sched
+        self.detail = ""        # why the last handler refused, for the event
         # code -> (handler, VTLs allowed to call it)
         self.table: dict[int, tuple[Handler, frozenset[int]]] = {
             ABI.VTL_HC_ENABLE_VTL1: (self.enable_vtl1, frozenset({0})),
             ABI.VTL_HC_BENCH_REPORT: (self.bench_report, frozenset({0})),
             ABI.VTL_HC_GET_VP_REGISTER: (self.get_vp_register, frozenset({1})),
+            ABI.VTL_HC_MODIFY_VTL_PROTECTION: (self.modify_vtl_protection, frozenset({1})),
         }
 
     def handle(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
@@ -48,11 +52,13 @@ class Hypercalls:
             return self.s._refuse_status(vp, vcpu, f"hypercall {code:#x}",
                                          f"hypercall {code:#x} is not available to VTL{vp.active_vtl}",
                                          ABI.VTL_E_ACCESS_DENIED)
+        self.detail = ""
         status = handler(vp, vcpu)
         if status is not None:
             if status != ABI.VTL_OK:
                 return self.s._refuse_status(vp, vcpu, f"hypercall {code:#x}",
-                                             ABI.names("VTL_E_").get(status, str(status)), status)
+                                             self.detail or ABI.names("VTL_E_").get(status, str(status)),
+                                             status)
             regs.rax = status
             vcpu.run.kvm_dirty_regs |= u.KVM_SYNC_X86_REGS
 
@@ -90,3 +96,17 @@ class Hypercalls:
             return int(ABI.VTL_E_INVALID_ARG)
         regs.rdx = values[reg]
         return int(ABI.VTL_OK)
+
+    def modify_vtl_protection(self, vp: VirtualProcessor, vcpu: VCpu) -> int:
+        regs = vcpu.regs
+        out = self.s.p.protection.modify(regs.rdi, vp.active_vtl)
+        regs.rdx = out.next_index
+        if out.pages:
+            req = abi_struct(self.s.p.mem, "struct vtl_protect_request", regs.rdi)
+            self.s.events.emit(ProtectionChanged(
+                ts=self.s.events.now(), vp=vp.index, vtl=vp.active_vtl, target_vtl=0,
+                attributes=describe(req.attributes), pages=out.pages, ranges=out.ranges,
+                memslot_ops=out.ops))
+        if out.status != ABI.VTL_OK:
+            self.detail = out.reason
+        return out.status

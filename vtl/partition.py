@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -19,9 +19,11 @@ from vmm.elf import ElfImage, load_image, read_image
 from vmm.errors import VmmError
 from vmm.kvm import Kvm, VCpu, Vm
 from vmm.memory import GuestMemory
+from vmm.x86 import PINNED_MSRS
 from vtl.abi import ABI, abi_struct
 from vtl.events import EventLog, VtlEnabled
 from vtl.layout import Layout, boot_vcpu, validate_mem_size, write_boot_info
+from vtl.protection import Vtl0Protection
 
 
 class PartitionConfig(BaseModel):
@@ -31,6 +33,7 @@ class PartitionConfig(BaseModel):
     nr_vps: int = Field(default=1, ge=1, le=1)  # APs are not started yet
     scenario: str = ""
     param: int = Field(default=0, ge=0)
+    attr_backend: Literal["memslot", "rwx"] | None = None   # None: probe the host
 
 
 @dataclass(slots=True)
@@ -123,7 +126,12 @@ class Partition:
         img = self.vtl0_image
         lo, hi = self.layout.image_window(0)
         load_image(img, self.mem, lo, hi)
-        vm = self._new_vm(0, self.layout.vtl0_ranges())
+        vm = self._new_vm(0, [])
+        # VTL0's memory is mapped through the attribute backend VTL1 will steer.
+        self.protection = Vtl0Protection(vm, self.mem, self.layout, self.config.attr_backend)
+        # Writes to the pinned MSRs exit to the VMM, which asks VTL1 once it exists.
+        vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR, u.KVM_MSR_EXIT_REASON_FILTER)
+        self._msr_filter = vm.set_msr_filter(deny_write=list(PINNED_MSRS))
         flags = ABI.VTL_BOOT_F_VTL1_AVAILABLE if self.vtl1_image else 0
         for i in range(self.config.nr_vps):
             write_boot_info(self.mem, self.layout, 0, vp=i, nr_vps=self.config.nr_vps,

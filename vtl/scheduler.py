@@ -23,11 +23,13 @@ from vmm import paging
 from vmm import uapi as u
 from vmm.errors import VmmError
 from vmm.kvm import VCpu
+from vmm.memattr import NR, NW
 from vmm.uapi import ffi, libc
 from vmm.x86 import VEC_GP, VEC_UD, VECTOR_NAMES
 from vtl.abi import ABI
 from vtl.events import GuestExit, GuestFault, RefusedRequest, VtlCall, VtlReturn
 from vtl.hypercalls import Hypercalls
+from vtl.intercepts import Intercepts
 from vtl.partition import Partition, VirtualProcessor
 
 EXIT_NAMES = {v: k[len("KVM_EXIT_"):].lower() for k, v in vars(u).items()
@@ -39,6 +41,7 @@ PORT_NAMES = {ABI.VTL_PORT_CONSOLE: "console", ABI.VTL_PORT_CALL: "vtl_call",
 EXIT_IO = u.KVM_EXIT_IO
 SYNC_REGS, SYNC_SREGS = u.KVM_SYNC_X86_REGS, u.KVM_SYNC_X86_SREGS
 VTL_ENTRY_CALL, VTL_ENTRY_NONE = ABI.VTL_ENTRY_CALL, ABI.VTL_ENTRY_NONE
+VTL_ENTRY_INTERCEPT = ABI.VTL_ENTRY_INTERCEPT
 PORT_RETURN_FAST = ABI.VTL_PORT_RETURN_FAST
 memmove = ffi._backend.memmove   # skips cffi's Python-level wrapper on the switch path
 
@@ -86,6 +89,7 @@ class Scheduler:
         self._stop_reason: str | None = None
         self._t0 = 0.0
         self.hypercalls = Hypercalls(self)
+        self.intercepts = Intercepts(self)
         self._io: dict[int, Callable[[VirtualProcessor, VCpu], None]] = {
             ABI.VTL_PORT_CONSOLE: self._on_console,
             ABI.VTL_PORT_CALL: self._on_vtl_call,
@@ -202,6 +206,9 @@ class Scheduler:
             return self._refuse_vtl_return(vp, vcpu)
         v0 = sw.v0
         fast = vcpu.words[8] >> 16 == PORT_RETURN_FAST
+        if sw.reason == VTL_ENTRY_INTERCEPT:
+            self.vtl_returns += 1
+            return self.intercepts.complete(vp)
         if sw.reason == VTL_ENTRY_NONE:
             # End of the enable flow: VTL0's registers are untouched but for the status.
             v0.regs.rax = ABI.VTL_OK
@@ -318,6 +325,10 @@ class Scheduler:
         rip = vcpu.regs.rip
         if reason == u.KVM_EXIT_MMIO:
             return self._on_mmio(vp, vcpu)
+        if reason == u.KVM_EXIT_X86_WRMSR and vtl == 0:
+            return self.intercepts.msr(vp, vcpu)
+        if reason == u.KVM_EXIT_MEMORY_FAULT and vtl == 0:
+            return self._on_memory_fault(vp, vcpu)
         if reason == u.KVM_EXIT_INTERNAL_ERROR and run.internal.suberror == u.KVM_INTERNAL_ERROR_EMULATION:
             if self._on_fetch_fault(vp, vcpu):
                 return
@@ -350,6 +361,13 @@ class Scheduler:
         run = vcpu.run
         gpa, write = run.mmio.phys_addr, bool(run.mmio.is_write)
         access = "write" if write else "read"
+        if vp.active_vtl == 0 and self.p.vtl1_enabled and self.p.layout.in_vtl0(gpa):
+            attrs = self.p.protection.get(gpa)
+            if attrs & (NW if write else NR):
+                return self.intercepts.memory(
+                    vp, vcpu, gpa, ABI.VTL_ACCESS_WRITE if write else ABI.VTL_ACCESS_READ,
+                    size=run.mmio.len, data=int.from_bytes(bytes(run.mmio.data), "little"),
+                    rip_after=write)
         if vp.active_vtl == 0 and self.p.layout.in_vtl1(gpa):
             why = "VTL0 access to VTL1 memory"
         else:
@@ -369,6 +387,10 @@ class Scheduler:
         except Exception:
             return False
         layout = self.p.layout
+        if vp.active_vtl == 0 and self.p.vtl1_enabled and layout.in_vtl0(gpa) \
+                and self.p.protection.get(gpa) & NR:
+            self.intercepts.memory(vp, vcpu, gpa, ABI.VTL_ACCESS_EXECUTE)
+            return True
         if vp.active_vtl == 0 and layout.in_vtl1(gpa):
             why = "VTL0 instruction fetch from VTL1 memory"
         elif gpa >= layout.mem_size:
@@ -382,6 +404,18 @@ class Scheduler:
         self.events.emit(GuestFault(ts=ts, vp=vp.index, vtl=vp.active_vtl, vector=VEC_GP, name="#GP(0)",
                                     error_code=0, rip=rip, reason=why))
         return True
+
+
+    def _on_memory_fault(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
+        """rwx hosts: KVM_EXIT_MEMORY_FAULT carries the access type; RIP is at the access."""
+        mf = vcpu.run.memory_fault
+        flags = int(mf.flags)
+        access = (ABI.VTL_ACCESS_EXECUTE if flags & u.KVM_MEMORY_EXIT_FLAG_EXEC else
+                  ABI.VTL_ACCESS_WRITE if flags & u.KVM_MEMORY_EXIT_FLAG_WRITE else ABI.VTL_ACCESS_READ)
+        if not self.p.vtl1_enabled or not self.p.layout.in_vtl0(int(mf.gpa)):
+            return self._crash(vp, "crash", f"memory fault at GPA {int(mf.gpa):#x} with no VTL1 to ask",
+                               vcpu.regs.rip)
+        self.intercepts.memory(vp, vcpu, int(mf.gpa), access, size=int(mf.size))
 
 
 def run_partition(partition: Partition, console: Callable[[str], None] | None = None) -> RunResult:

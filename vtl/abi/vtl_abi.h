@@ -53,6 +53,13 @@
 #define VTL_HC_BENCH_REPORT        0x0002 /* VTL0: RDI = GPA of uint64 TSC stamps, RSI = count,
                                              RDX = round trips between stamps      */
 #define VTL_HC_GET_VP_REGISTER     0x0101 /* VTL1: RDI = vp, RSI = VTL_REG_*; RDX = value */
+#define VTL_HC_MODIFY_VTL_PROTECTION 0x0102 /* VTL1: RDI = GPA of struct vtl_protect_request
+                                           (in VTL1 memory).  RAX = status, RDX = index of
+                                           the next entry to process: == count when done;
+                                           < count with VTL_OK means "call again with
+                                           start_index = RDX" (rep-style partial progress);
+                                           with an error, the index of the refused entry
+                                           (entries before it were applied). */
 #define VTL_HC_VTL1_FIRST          0x0100 /* codes >= this are VTL1-only             */
 
 /* registers readable through VTL_HC_GET_VP_REGISTER (VTL0's private state) */
@@ -69,6 +76,25 @@
 #define VTL_CALL_ECHO              0x01   /* RAX = VTL_OK, RCX = RCX + 1              */
 #define VTL_CALL_REG_PROBE         0x02   /* register-isolation probe, see guest_vtl1 */
 #define VTL_CALL_GET_MEASUREMENT   0x03   /* RDI = GPA of 32 bytes in VTL0: VTL1's SHA-256 */
+#define VTL_CALL_PROTECT           0x04   /* RCX = GPA, RDI = pages, RDX = VTL_MEM_* wanted,
+                                             RSI = VTL_PROTECT_* flags.  Boot only.         */
+#define VTL_CALL_PROTECT_PAGES     0x05   /* RCX = GPA of a uint64 page-GPA list in VTL0,
+                                             RDI = count, RDX = VTL_MEM_*, RSI = flags.
+                                             All or nothing.  Boot only.                    */
+#define VTL_CALL_LOCK_PAGE_TABLES  0x06   /* VTL1 walks VTL0's CR3: tables become R, and
+                                             every executable mapping must be of a page VTL0
+                                             cannot write.  Boot only.                      */
+#define VTL_CALL_END_OF_BOOT       0x07   /* ro_after_init becomes R; boot-only calls refused */
+#define VTL_CALL_GET_PROTECTION    0x08   /* RCX = GPA: RCX = VTL_MEM_* VTL1 applied there  */
+
+/* ---- memory attributes per page per VTL (KVM_MEMORY_ATTRIBUTE_*) ------ */
+#define VTL_MEM_NR                 0x1    /* no read                                  */
+#define VTL_MEM_NW                 0x2    /* no write                                 */
+#define VTL_MEM_NX                 0x4    /* no execute; 0 = unrestricted             */
+#define VTL_PROTECT_IMMUTABLE      0x1    /* VTL1 never relaxes these pages again     */
+#define VTL_PROTECT_AFTER_BOOT     0x2    /* ro_after_init: NW added at END_OF_BOOT   */
+#define VTL_PROTECT_F_RANGES       0x1    /* request entries are vtl_gpa_range, not GPAs */
+#define VTL_PROTECT_MAX_PER_CALL   4096   /* entries the VMM processes per hypercall  */
 
 /* ---- status codes (RAX) --------------------------------------------- */
 #define VTL_OK                     0
@@ -81,11 +107,28 @@
 #define VTL_E_MISALIGNED           7
 #define VTL_E_OUT_OF_RANGE         8
 #define VTL_E_OVERLAPS_VTL1        9
+#define VTL_E_NO_RESOURCES         10     /* e.g. the host's memslots are exhausted   */
+#define VTL_E_IMMUTABLE            11     /* VTL1 policy: the page is locked for good */
+#define VTL_E_POLICY               12     /* VTL1 policy: e.g. W+X, or boot is over   */
 
 /* ---- entry reasons (vtl_control.entry_reason) ------------------------ */
 #define VTL_ENTRY_NONE             0      /* first entry: initialise, then return    */
 #define VTL_ENTRY_CALL             1      /* VTL0 made a VTL call                     */
-#define VTL_ENTRY_INTERCEPT        2      /* a secure intercept (reserved)            */
+#define VTL_ENTRY_INTERCEPT        2      /* a secure intercept: see vtl_control.intercept */
+
+/* ---- secure intercepts ---------------------------------------------- */
+#define VTL_INTERCEPT_MEMORY       1
+#define VTL_INTERCEPT_MSR          2
+#define VTL_ACCESS_READ            0x1
+#define VTL_ACCESS_WRITE           0x2
+#define VTL_ACCESS_EXECUTE         0x4
+#define VTL_ICPT_F_GVA_VALID       0x1    /* gva holds the linear address             */
+#define VTL_ICPT_F_RIP_AFTER       0x2    /* the access was reported after the
+                                             instruction retired (memslot host, writes):
+                                             rip is the next instruction, insn_len 0    */
+#define VTL_VERDICT_INJECT_FAULT   1      /* fault_vector/fault_error_code into VTL0  */
+#define VTL_VERDICT_ALLOW          2      /* the VMM completes the access             */
+#define VTL_VERDICT_STOP           3      /* stop the partition                       */
 
 /* byte offsets in struct vtl_control, for assembly (checked by tests/test_abi.py) */
 #define VTL_CONTROL_ENTRY_REASON_OFF 0
@@ -136,12 +179,54 @@ struct vtl_boot_info {
 };
 
 /* Per VP, in VTL1's memory; written by the VMM on every entry into VTL1. */
+/* Written by the VMM into vtl_control.intercept before entering VTL1 with
+ * VTL_ENTRY_INTERCEPT; VTL1 fills in the verdict and makes a VTL return.  VTL0's
+ * general registers are delivered here and restored unchanged on that return. */
+struct vtl_intercept {
+    uint32_t type;           /* VTL_INTERCEPT_*                                 */
+    uint32_t access;         /* VTL_ACCESS_*                                    */
+    uint64_t gpa;            /* memory: the page's guest-physical address       */
+    uint64_t gva;            /* memory: linear address (VTL_ICPT_F_GVA_VALID)   */
+    uint64_t rip;
+    uint32_t flags;          /* VTL_ICPT_F_*                                    */
+    uint32_t insn_len;       /* 0 when unknown                                  */
+    uint8_t  insn_bytes[16];
+    uint32_t size;           /* bytes accessed                                  */
+    uint32_t msr;            /* msr: index                                      */
+    uint64_t data;           /* memory write / wrmsr: the value being written   */
+    uint64_t gprs[16];       /* VTL0's RAX RCX RDX RBX RSP RBP RSI RDI R8-R15   */
+    uint64_t cr0, cr3, cr4, efer;
+    /* VTL1's answer */
+    uint32_t verdict;        /* VTL_VERDICT_*                                   */
+    uint32_t fault_vector;   /* exception vector 0-31 (not 2, not 15, not 22-31) */
+    uint32_t fault_has_error_code;
+    uint32_t fault_error_code;
+    uint64_t fault_cr2;      /* for #PF                                         */
+    uint64_t reserved[4];
+};
+
 struct vtl_control {
     uint32_t entry_reason;   /* VTL_ENTRY_*                                     */
     uint32_t vp_index;
     uint64_t vtl0_rax;       /* VTL0's RAX/RCX at the VTL call; restored by     */
     uint64_t vtl0_rcx;       /*   VTL_PORT_RETURN (VTL1 may change them)        */
     uint64_t reserved[13];
+    struct vtl_intercept intercept;
+};
+
+/* VTL_HC_MODIFY_VTL_PROTECTION's request, and its list, in VTL1 memory. */
+struct vtl_protect_request {
+    uint32_t target_vtl;     /* must be lower than the caller's: 0              */
+    uint32_t attributes;     /* VTL_MEM_*: 0, NW, NX, NW|NX or NR|NW|NX         */
+    uint32_t flags;          /* VTL_PROTECT_F_RANGES                            */
+    uint32_t count;          /* entries in the list                             */
+    uint64_t start_index;    /* first entry to process (rep continuation)       */
+    uint64_t list_gpa;       /* uint64 page GPAs, or struct vtl_gpa_range       */
+};
+
+struct vtl_gpa_range {
+    uint64_t gpa;            /* page aligned                                    */
+    uint64_t pages;
 };
 
 /* A scenario built into a VTL0 image, listed in its ELF section ".vtl_scenarios"

@@ -1,0 +1,199 @@
+"""Secure intercepts: a VTL0 access that VTL1's attributes forbid, or a write to a pinned
+MSR, stops VTL0 and enters VTL1 with entry reason VTL_ENTRY_INTERCEPT.  VTL1 answers
+with a verdict in vtl_control.intercept: inject a fault into VTL0, allow (the VMM
+completes the access on the backing memory or the MSR), or stop the partition.
+
+How precise the report is depends on how the violation reached the VMM:
+  read  (memslot: unmapped page -> MMIO read exit)     RIP at the instruction; a fault
+        verdict rewinds the emulated load, so the fault is precise.
+  write (memslot: read-only slot -> MMIO write exit)   KVM reports it after the
+        instruction retired: VTL_ICPT_F_RIP_AFTER, the write never reaches memory, a
+        fault is delivered with RIP at the next instruction.
+  fetch (unmapped page -> emulation failure)           RIP at the target, precise.
+  rwx hosts (KVM_EXIT_MEMORY_FAULT)                    precise for all three.
+  wrmsr (MSR filter -> KVM_EXIT_X86_WRMSR)             precise; denial is KVM's #GP(0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from vmm import paging
+from vmm import uapi as u
+from vmm.kvm import VCpu
+from vmm.x86 import PINNED_MSRS, VEC_GP, VEC_PF, VECTOR_NAMES
+from vtl.abi import ABI, abi_ffi
+from vtl.events import GuestFault, InterceptVerdict, SecureIntercept
+
+if TYPE_CHECKING:
+    from vtl.partition import VirtualProcessor
+    from vtl.scheduler import Scheduler
+
+GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+ACCESS_NAMES = {ABI.VTL_ACCESS_READ: "read", ABI.VTL_ACCESS_WRITE: "write", ABI.VTL_ACCESS_EXECUTE: "execute"}
+# Vectors VTL1 may choose, and which of them push an error code.
+INJECTABLE = {0, 1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 21}
+WITH_ERROR_CODE = {8, 10, 11, 12, 13, 14, 17, 21}
+STATUS_STOPPED = 4
+MSG_SIZE = abi_ffi.sizeof("struct vtl_intercept")
+
+
+@dataclass
+class Pending:
+    type: int
+    access: int
+    gpa: int
+    size: int
+    data: int
+    rip: int
+    rip_after: bool
+    regs: dict[str, int]        # VTL0's registers at the exit, for a precise rewind
+    msr: int = 0
+
+
+class Intercepts:
+    def __init__(self, sched: Scheduler) -> None:
+        self.s = sched
+        self.pending: dict[int, Pending] = {}
+        self.count = 0
+
+    # --- delivery -------------------------------------------------------------------
+    def memory(self, vp: VirtualProcessor, vcpu: VCpu, gpa: int, access: int, *, size: int = 0,
+               data: int = 0, rip_after: bool = False) -> None:
+        self._deliver(vp, vcpu, Pending(ABI.VTL_INTERCEPT_MEMORY, access, gpa, size, data,
+                                        vcpu.regs.rip, rip_after, self._regs(vcpu)))
+
+    def msr(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
+        run = vcpu.run
+        index, value = run.msr.index, run.msr.data
+        if not self.s.p.vtl1_enabled:
+            # No VTL1 to ask: the VMM applies the write (the filter only exists to ask VTL1).
+            vcpu.set_msrs({index: value})
+            run.msr.error = 0
+            return
+        self._deliver(vp, vcpu, Pending(ABI.VTL_INTERCEPT_MSR, ABI.VTL_ACCESS_WRITE, 0, 8, value,
+                                        vcpu.regs.rip, False, self._regs(vcpu), msr=index))
+
+    @staticmethod
+    def _regs(vcpu: VCpu) -> dict[str, int]:
+        r = vcpu.regs
+        out = {n: int(getattr(r, n)) for n in GPR_ORDER}
+        out["rip"], out["rflags"] = int(r.rip), int(r.rflags)
+        return out
+
+    def _deliver(self, vp: VirtualProcessor, vcpu: VCpu, p: Pending) -> None:
+        sw = vp.switch
+        assert sw is not None and vp.active_vtl == 0
+        s = vcpu.sregs
+        m = sw.ctl.intercept
+        abi_ffi.memmove(abi_ffi.addressof(m), bytes(MSG_SIZE), MSG_SIZE)
+        m.type, m.access, m.gpa, m.rip = p.type, p.access, p.gpa, p.rip
+        m.size, m.data, m.msr = p.size, p.data, p.msr
+        m.flags = ABI.VTL_ICPT_F_RIP_AFTER if p.rip_after else 0
+        if p.access == ABI.VTL_ACCESS_EXECUTE:
+            m.gva = p.rip
+            m.flags |= ABI.VTL_ICPT_F_GVA_VALID
+        if not p.rip_after:
+            try:
+                insn = paging.read_virt(self.s.p.mem, s.cr3, p.rip, 15)
+                m.insn_bytes[0:15] = insn
+            except Exception:
+                pass   # an unreadable RIP: no bytes; insn_len stays 0 (unknown)
+        for i, name in enumerate(GPR_ORDER):
+            m.gprs[i] = p.regs[name]
+        m.cr0, m.cr3, m.cr4, m.efer = s.cr0, s.cr3, s.cr4, s.efer
+        sw.ctl.entry_reason = sw.reason = ABI.VTL_ENTRY_INTERCEPT
+        self.pending[vp.index] = p
+        vp.activate(1)
+        self.count += 1
+        kind: Literal["memory", "msr"] = "memory" if p.type == ABI.VTL_INTERCEPT_MEMORY else "msr"
+        self.s.events.emit(SecureIntercept(
+            ts=self.s.events.now(), vp=vp.index, vtl=0, type=kind, access=ACCESS_NAMES[p.access],
+            gpa=p.gpa if kind == "memory" else None,
+            gva=p.rip if p.access == ABI.VTL_ACCESS_EXECUTE else None,
+            rip=p.rip, rip_after=p.rip_after, msr=p.msr if kind == "msr" else None,
+            data=p.data if p.access == ABI.VTL_ACCESS_WRITE else None))
+
+    # --- VTL1's answer --------------------------------------------------------------
+    def complete(self, vp: VirtualProcessor) -> None:
+        """VTL1 made its VTL return: apply the verdict to VTL0 (whose registers were never
+        handed to VTL1's vCPU, so they come back exactly as they were)."""
+        sw = vp.switch
+        assert sw is not None
+        p = self.pending.pop(vp.index)
+        m = sw.ctl.intercept
+        verdict, vector = int(m.verdict), int(m.fault_vector)
+        has_ec, ec, cr2 = bool(m.fault_has_error_code), int(m.fault_error_code), int(m.fault_cr2)
+        v0 = sw.v0
+        vp.activate(0)
+        sw.reason = ABI.VTL_ENTRY_CALL   # anything but INTERCEPT/NONE: the next entry sets it anew
+        ev = self.s.events
+        if verdict == ABI.VTL_VERDICT_STOP:
+            ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="stop"))
+            return self.s._finish(STATUS_STOPPED, "stopped_by_vtl1",
+                                  f"VTL1 stopped the partition on a {ACCESS_NAMES[p.access]} intercept "
+                                  f"at RIP {p.rip:#x}", vp.index, 1)
+        if verdict == ABI.VTL_VERDICT_ALLOW:
+            problem = self._allow(v0, p)
+            if problem is None:
+                ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="allow"))
+                return
+            verdict_name: Literal["inject_fault", "invalid"] = "invalid"
+            detail, vector, has_ec, ec = problem, VEC_GP, True, 0
+        elif verdict == ABI.VTL_VERDICT_INJECT_FAULT and vector in INJECTABLE \
+                and has_ec == (vector in WITH_ERROR_CODE) and 0 <= ec < 1 << 32:
+            verdict_name, detail = "inject_fault", ""
+        else:
+            # A malformed verdict is VTL1's bug; the safe answer is to deny.
+            verdict_name, detail = "invalid", (f"verdict {verdict}, vector {vector}, error code "
+                                               f"{'set' if has_ec else 'unset'}: denied with #GP(0)")
+            vector, has_ec, ec = VEC_GP, True, 0
+        self._inject(v0, p, vector, ec if has_ec else None, cr2)
+        name = VECTOR_NAMES.get(vector, str(vector)) + (f"({ec:#x})" if has_ec else "")
+        ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict=verdict_name, vector=vector,
+                                 error_code=ec if has_ec else None, detail=detail))
+        rip = int(v0.regs.rip)
+        ev.emit(GuestFault(ts=ev.now(), vp=vp.index, vtl=0, vector=vector, name=name,
+                           error_code=ec if has_ec else None, rip=rip,
+                           reason=f"VTL1 denied a {ACCESS_NAMES[p.access]} intercept"))
+
+    def _allow(self, v0: VCpu, p: Pending) -> str | None:
+        run = v0.run
+        if p.type == ABI.VTL_INTERCEPT_MSR:
+            v0.set_msrs({p.msr: p.data})
+            run.msr.error = 0
+            return None
+        if p.access == ABI.VTL_ACCESS_WRITE:
+            if p.rip_after:   # memslot: KVM handed us the write; do it on the backing memory
+                self.s.p.mem.write(p.gpa, p.data.to_bytes(8, "little")[:p.size])
+            return None
+        if p.access == ABI.VTL_ACCESS_READ:
+            data = self.s.p.mem.read(p.gpa, p.size)
+            for i, b in enumerate(data):
+                run.mmio.data[i] = b
+            return None
+        return "allowing an instruction fetch needs a temporary mapping, not supported yet"
+
+    def _inject(self, v0: VCpu, p: Pending, vector: int, ec: int | None, cr2: int) -> None:
+        run = v0.run
+        if p.type == ABI.VTL_INTERCEPT_MSR and vector == VEC_GP and ec == 0:
+            run.msr.error = 1         # KVM injects #GP(0) at the WRMSR itself
+            return
+        if p.type == ABI.VTL_INTERCEPT_MSR:
+            run.msr.error = 0         # finish the exit without the write, then rewind
+        v0.complete_pending_io()
+        if p.type == ABI.VTL_INTERCEPT_MSR or (p.access == ABI.VTL_ACCESS_READ and not p.rip_after):
+            r = v0.regs
+            for name, value in p.regs.items():   # undo the emulated load: a precise fault
+                setattr(r, name, value)
+            run.kvm_dirty_regs |= u.KVM_SYNC_X86_REGS
+        if vector == VEC_PF:
+            v0.sregs.cr2 = cr2
+            run.kvm_dirty_regs |= u.KVM_SYNC_X86_SREGS
+        v0.inject_exception(vector, ec)
+
+
+def pinned_msr_name(index: int) -> str:
+    return PINNED_MSRS.get(index, f"{index:#x}")
