@@ -23,9 +23,10 @@ $(VTL0): guest_vtl0/entry.S guest_vtl0/main.c guest_vtl0/scenarios.c guest_vtl0/
 	$(CC) $(CFLAGS) $(LDFLAGS) -T guest_vtl0/linker.ld -o $@ guest_vtl0/entry.S guest_vtl0/main.c \
 	    guest_vtl0/scenarios.c $(LIB_SRC)
 
-$(VTL1): guest_vtl1/entry.S guest_vtl1/main.c guest_vtl1/linker.ld $(LIB_SRC) $(HDRS)
+$(VTL1): guest_vtl1/entry.S guest_vtl1/main.c guest_vtl1/policy.c guest_vtl1/vtl1.h guest_vtl1/linker.ld $(LIB_SRC) $(HDRS)
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS) $(LDFLAGS) -T guest_vtl1/linker.ld -o $@ guest_vtl1/entry.S guest_vtl1/main.c $(LIB_SRC)
+	$(CC) $(CFLAGS) $(LDFLAGS) -T guest_vtl1/linker.ld -o $@ guest_vtl1/entry.S guest_vtl1/main.c \
+	    guest_vtl1/policy.c $(LIB_SRC)
 
 bench:
 	$(MAKE) -C bench

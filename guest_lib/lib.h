@@ -36,6 +36,23 @@ static inline uint64_t vtl_call(uint64_t code, uint64_t arg, uint64_t arg2, uint
 	return rax;
 }
 
+/* VTL call with four arguments: RCX, RDI, RDX, RSI.  RCX comes back in *rcx_out. */
+static inline uint64_t vtl_call4(uint64_t code, uint64_t rcx_in, uint64_t rdi_in, uint64_t rdx_in,
+				 uint64_t rsi_in, uint64_t *rcx_out)
+{
+	uint64_t rax = code, rcx = rcx_in;
+	register uint64_t rdi asm("rdi") = rdi_in;
+	register uint64_t rdx asm("rdx") = rdx_in;
+	register uint64_t rsi asm("rsi") = rsi_in;
+	asm volatile("outb %%al, %[p]"
+		     : "+a"(rax), "+c"(rcx), "+r"(rdi), "+r"(rdx), "+r"(rsi)
+		     : [p] "i"(VTL_PORT_CALL)
+		     : "r8", "r9", "r10", "r11", "memory");
+	if (rcx_out)
+		*rcx_out = rcx;
+	return rax;
+}
+
 /* ---- console and exit ---- */
 extern const char *console_prefix;
 void console_putc(char c);
@@ -68,6 +85,7 @@ const char *vector_name(int vector);
 /* ---- paging: identity map of [0, mem_size), 4 KiB pages below 16 MiB ---- */
 void paging_init(uint64_t mem_size);
 uint64_t *pte_for(uint64_t va);   /* leaf PTE of a 4 KiB-mapped address, or NULL */
+void paging_set_nx_except(uint64_t x_start, uint64_t x_end);
 
 /* ---- registers and helpers ---- */
 static inline uint64_t read_cr2(void) { uint64_t v; asm volatile("mov %%cr2, %0" : "=r"(v)); return v; }

@@ -49,3 +49,28 @@ uint64_t *pte_for(uint64_t va)
 		return NULL;
 	return &pt[va >> 21][(va >> 12) & 511];
 }
+
+#define NX (1ULL << 63)
+
+/* Mark every mapping but [x_start, x_end) no-execute (EFER.NXE is on from boot). */
+void paging_set_nx_except(uint64_t x_start, uint64_t x_end)
+{
+	for (uint64_t g = 0; g < MAX_GIB; g++) {
+		if (!(pdpt[g] & P))
+			continue;
+		for (uint64_t i = 0; i < 512; i++) {
+			uint64_t pa = (g << 30) | (i << 21);
+			if (pd[g][i] & PS) {
+				pd[g][i] |= NX;
+				continue;
+			}
+			uint64_t *t = pt[pa >> 21];
+			for (uint64_t j = 0; j < 512; j++) {
+				uint64_t va = pa + (j << 12);
+				if (va < x_start || va >= x_end)
+					t[j] |= NX;
+			}
+		}
+	}
+	write_cr3((uint64_t)pml4);
+}

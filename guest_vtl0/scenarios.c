@@ -8,7 +8,8 @@ static const char *status_name(uint64_t s)
 {
 	static const char *const n[] = { "VTL_OK", "VTL_E_INVALID_CODE", "VTL_E_ACCESS_DENIED",
 		"VTL_E_INVALID_ARG", "VTL_E_NOT_ENABLED", "VTL_E_ALREADY_ENABLED", "VTL_E_DISABLED",
-		"VTL_E_MISALIGNED", "VTL_E_OUT_OF_RANGE", "VTL_E_OVERLAPS_VTL1" };
+		"VTL_E_MISALIGNED", "VTL_E_OUT_OF_RANGE", "VTL_E_OVERLAPS_VTL1", "VTL_E_NO_RESOURCES",
+		"VTL_E_IMMUTABLE", "VTL_E_POLICY" };
 	return s < sizeof(n) / sizeof(n[0]) ? n[s] : "?";
 }
 
@@ -279,4 +280,230 @@ SCENARIO(sc_bench, "bench-null-call", "N null VTL calls (param, default 100000),
 	if (st != VTL_OK)
 		fail("bench-null-call", "the VMM refused the report");
 	pass("bench-null-call");
+}
+
+/* ---- memory policy (issue 3): VTL0 hardens itself with VTL1, then attacks itself with
+ * the arbitrary-write primitive of Heki's threat model.  "ATTACK target=" lines let the
+ * VMM check the target memory itself after the run. ---- */
+extern char _text_start[], _text_end[], _scenarios_page_end[], _ro_after_init_start[],
+	_ro_after_init_end[], _data_start[];
+
+static const uint64_t rodata_target __attribute__((aligned(8), used)) = 0x0123456789ABCDEFULL;
+static uint64_t ro_after_init_var __attribute__((section(".data..ro_after_init"), aligned(8))) = 0x1111;
+static uint8_t data_page[4096] __attribute__((aligned(4096)));
+static uint64_t audit_page[512] __attribute__((aligned(4096)));
+
+#define EFER_NXE (1ULL << 11)
+#define MSR_EFER 0xC0000080
+#define PAGES(a, b) (((uint64_t)(b) - (uint64_t)(a)) >> 12)
+
+static uint64_t prot(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64_t flags)
+{
+	return vtl_call4(VTL_CALL_PROTECT, gpa, pages, attrs, flags, NULL);
+}
+
+static uint64_t protection_of(uint64_t gpa)
+{
+	uint64_t rcx = 0;
+	vtl_call4(VTL_CALL_GET_PROTECTION, gpa, 0, 0, 0, &rcx);
+	return rcx;
+}
+
+static void must(const char *name, const char *what, uint64_t st)
+{
+	printf("%s -> %s\n", what, status_name(st));
+	if (st != VTL_OK)
+		fail(name, what);
+}
+
+/* Boot-time hardening: NX everywhere but text, attributes from VTL1, tables locked. */
+static void harden(const char *name, int end_of_boot)
+{
+	require_vtl1(name);
+	uint64_t ts = (uint64_t)_text_start, te = (uint64_t)_text_end;
+	uint64_t v1 = boot_info->vtl1_base, v1e = v1 + boot_info->vtl1_size, mem = boot_info->mem_size;
+	paging_set_nx_except(ts, te);
+	must(name, "text r-x, immutable", prot(ts, PAGES(ts, te), VTL_MEM_NW, VTL_PROTECT_IMMUTABLE));
+	must(name, "rodata r--, immutable", prot(te, PAGES(te, _scenarios_page_end), VTL_MEM_NW | VTL_MEM_NX,
+						  VTL_PROTECT_IMMUTABLE));
+	if ((uint64_t)_ro_after_init_end > (uint64_t)_ro_after_init_start)
+		must(name, "ro_after_init rw- until end of boot",
+		     prot((uint64_t)_ro_after_init_start, PAGES(_ro_after_init_start, _ro_after_init_end),
+			  VTL_MEM_NX, VTL_PROTECT_AFTER_BOOT));
+	must(name, "data, bss and free memory rw-", prot((uint64_t)_data_start, PAGES(_data_start, v1),
+							  VTL_MEM_NX, 0));
+	must(name, "low memory rw-", prot(0, ts >> 12, VTL_MEM_NX, 0));
+	if (mem > v1e)
+		must(name, "memory above VTL1 rw-", prot(v1e, (mem - v1e) >> 12, VTL_MEM_NX, 0));
+	must(name, "lock page tables", vtl_call(VTL_CALL_LOCK_PAGE_TABLES, 0, 0, NULL));
+	if (end_of_boot)
+		must(name, "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+}
+
+static void write_u64_fn(void *p) { *(volatile uint64_t *)p = 0xBADBADBADBADBAD0ULL; }
+
+/* The write must fault with #PF(W) and leave memory as it was. */
+static void attack_write(const char *name, const char *what, uint64_t target)
+{
+	uint64_t old = *(volatile uint64_t *)target;
+	printf("ATTACK target=%#lx old=%#lx (%s)\n", target, old, what);
+	struct fault_info fi;
+	int faulted = try_run(write_u64_fn, (void *)target, &fi);
+	uint64_t now = *(volatile uint64_t *)target;
+	if (now != old) {
+		printf("ATTACK-RESULT succeeded: %s now holds %#lx\n", what, now);
+		fail(name, "the write landed");
+	}
+	expect_fault(name, what, faulted, &fi, 14);
+	if (!(fi.error_code & 2))
+		fail(name, "#PF without the write bit");
+	printf("memory unchanged (%#lx)\n", now);
+}
+
+SCENARIO(sc_harden, "harden", "boot hardening: NX page tables, VTL1 attributes per section, tables locked")
+{
+	harden("harden", 1);
+	printf("text %#lx-%#lx r-x, rodata -%#lx r--, data %#lx- rw-\n", (uint64_t)_text_start,
+	       (uint64_t)_text_end, (uint64_t)_scenarios_page_end, (uint64_t)_data_start);
+	pass("harden");
+}
+
+SCENARIO(sc_w_text, "write-kernel-text", "attack: write kernel text after boot (VTL1: r-x, immutable)")
+{
+	harden("write-kernel-text", 1);
+	attack_write("write-kernel-text", "kernel text", (uint64_t)&write_u64_fn & ~7ULL);
+	echo_still_works("write-kernel-text");
+	pass("write-kernel-text");
+}
+
+SCENARIO(sc_w_rodata, "write-rodata", "attack: write rodata (VTL1: r--, immutable)")
+{
+	harden("write-rodata", 1);
+	attack_write("write-rodata", "rodata", (uint64_t)&rodata_target);
+	pass("write-rodata");
+}
+
+SCENARIO(sc_w_roai, "write-ro-after-init", "attack: write ro_after_init data after END_OF_BOOT")
+{
+	harden("write-ro-after-init", 0);
+	ro_after_init_var = 0x2222;     /* still boot: allowed */
+	if (*(volatile uint64_t *)&ro_after_init_var != 0x2222)
+		fail("write-ro-after-init", "boot-time write to ro_after_init did not land");
+	printf("boot-time write to ro_after_init landed (%#lx)\n", ro_after_init_var);
+	must("write-ro-after-init", "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+	attack_write("write-ro-after-init", "ro_after_init", (uint64_t)&ro_after_init_var);
+	pass("write-ro-after-init");
+}
+
+static void call_fn(void *p) { ((void (*)(void))p)(); }
+
+SCENARIO(sc_x_data, "exec-data-page", "attack: execute code written into a data page (NX in locked tables)")
+{
+	harden("exec-data-page", 1);
+	data_page[0] = 0xC3;    /* ret */
+	printf("ATTACK exec=%#lx\n", (uint64_t)data_page);
+	struct fault_info fi;
+	int faulted = try_run(call_fn, data_page, &fi);
+	if (!faulted) {
+		printf("ATTACK-RESULT succeeded: code in a data page ran\n");
+		fail("exec-data-page", "the data page executed");
+	}
+	expect_fault("exec-data-page", "execute data page", faulted, &fi, 14);
+	if (!(fi.error_code & 0x10))
+		fail("exec-data-page", "#PF without the instruction-fetch bit");
+	pass("exec-data-page");
+}
+
+SCENARIO(sc_pte, "modify-page-table", "attack: clear NX in the PTE of a data page (tables locked r--)")
+{
+	harden("modify-page-table", 1);
+	uint64_t *pte = pte_for((uint64_t)data_page);
+	attack_write("modify-page-table", "page-table entry", (uint64_t)pte);
+	if (!(*pte & (1ULL << 63)))
+		fail("modify-page-table", "NX bit gone");
+	pass("modify-page-table");
+}
+
+SCENARIO(sc_ask_text_w, "ask-text-writable", "attack: ask VTL1 to make immutable kernel text writable")
+{
+	harden("ask-text-writable", 0);
+	uint64_t text = (uint64_t)_text_start;
+	expect_status("ask-text-writable", "VTL_CALL_PROTECT(text, rw-)", prot(text, 1, VTL_MEM_NX, 0),
+		      VTL_E_IMMUTABLE);
+	attack_write("ask-text-writable", "kernel text", text);
+	pass("ask-text-writable");
+}
+
+SCENARIO(sc_ask_wx, "ask-writable-executable", "attack: ask VTL1 to make a writable data page executable")
+{
+	harden("ask-writable-executable", 0);
+	uint64_t pg = (uint64_t)data_page;
+	expect_status("ask-writable-executable", "VTL_CALL_PROTECT(data page, rwx)", prot(pg, 1, 0, 0),
+		      VTL_E_POLICY);
+	uint64_t a = protection_of(pg);
+	printf("data page attributes still %#lx\n", a);
+	if (a != VTL_MEM_NX)
+		fail("ask-writable-executable", "attributes changed");
+	pass("ask-writable-executable");
+}
+
+static uint64_t bad_list[4];
+
+SCENARIO(sc_list_end, "protect-list-past-end", "attack: a page list running past the end of guest memory")
+{
+	harden("protect-list-past-end", 0);
+	uint64_t mem = boot_info->mem_size;
+	bad_list[0] = (uint64_t)data_page;
+	bad_list[1] = mem - 4096;
+	bad_list[2] = mem;
+	bad_list[3] = mem + 4096;
+	expect_status("protect-list-past-end", "VTL_CALL_PROTECT_PAGES(4 pages, the last two past the end)",
+		      vtl_call4(VTL_CALL_PROTECT_PAGES, (uint64_t)bad_list, 4, VTL_MEM_NW | VTL_MEM_NX, 0, NULL),
+		      VTL_E_OUT_OF_RANGE);
+	if (protection_of((uint64_t)data_page) != VTL_MEM_NX || protection_of(mem - 4096) != VTL_MEM_NX)
+		fail("protect-list-past-end", "part of the list was applied");
+	printf("nothing applied: all or nothing\n");
+	echo_still_works("protect-list-past-end");
+	pass("protect-list-past-end");
+}
+
+static void clear_nxe(void *arg) { (void)arg; wrmsr(MSR_EFER, rdmsr(MSR_EFER) & ~EFER_NXE); }
+
+SCENARIO(sc_efer, "clear-efer-nxe", "attack: clear EFER.NXE to make data executable (MSR filter)")
+{
+	harden("clear-efer-nxe", 1);
+	printf("ATTACK msr=%#x\n", MSR_EFER);
+	struct fault_info fi;
+	int faulted = try_run(clear_nxe, NULL, &fi);
+	if (!(rdmsr(MSR_EFER) & EFER_NXE)) {
+		printf("ATTACK-RESULT succeeded: EFER.NXE is clear\n");
+		fail("clear-efer-nxe", "EFER.NXE cleared");
+	}
+	expect_fault("clear-efer-nxe", "wrmsr EFER", faulted, &fi, 13);
+	pass("clear-efer-nxe");
+}
+
+SCENARIO(sc_bench_icpt, "bench-intercept-allow", "N writes to an audited page, each an intercept VTL1 allows")
+{
+	harden("bench-intercept-allow", 0);
+	must("bench-intercept-allow", "audit page r-- (audit: allowed)",
+	     prot((uint64_t)audit_page, 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_AUDIT));
+	must("bench-intercept-allow", "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+	uint64_t n = boot_info->param ? boot_info->param : 2000;
+	uint64_t batches = n / BENCH_BATCH ? n / BENCH_BATCH : 1;
+	if (batches > BENCH_MAX_STAMPS - 1)
+		batches = BENCH_MAX_STAMPS - 1;
+	volatile uint64_t *w = audit_page;
+	for (uint64_t b = 0; b < batches; b++) {
+		stamps[b] = rdtsc();
+		for (int i = 0; i < BENCH_BATCH; i++)
+			*w = b * BENCH_BATCH + i + 1;
+	}
+	stamps[batches] = rdtsc();
+	if (*w != batches * BENCH_BATCH)
+		fail("bench-intercept-allow", "allowed writes did not land");
+	uint64_t st = hypercall(VTL_HC_BENCH_REPORT, (uint64_t)stamps, batches + 1, BENCH_BATCH, NULL);
+	printf("%lu allowed intercepted writes, last value %#lx (report: %s)\n", batches * BENCH_BATCH, *w,
+	       status_name(st));
+	pass("bench-intercept-allow");
 }

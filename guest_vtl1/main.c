@@ -1,9 +1,9 @@
 /* VTL1: the secure kernel.  Serves VTL calls; trusts nothing VTL0 passes in. */
-#include "lib.h"
+#include "vtl1.h"
 #include "probe.h"
 
 uint8_t vtl1_stack[32768] __attribute__((aligned(16)));
-static struct vtl_boot_info *bi;
+struct vtl_boot_info *bi;
 
 /* The shared registers as VTL0 left them (pushed by entry.S, lowest address first). */
 struct frame {
@@ -30,7 +30,7 @@ void vtl1_main(struct vtl_boot_info *boot)
 }
 
 /* [gpa, gpa+len) entirely in VTL0's memory?  Overflow-safe. */
-static int in_vtl0(uint64_t gpa, uint64_t len)
+int in_vtl0(uint64_t gpa, uint64_t len)
 {
 	if (len > bi->mem_size || gpa > bi->mem_size - len)
 		return 0;
@@ -85,6 +85,10 @@ static int reg_probe(struct frame *f, struct vtl_control *ctl)
 int vtl1_dispatch(struct frame *f)
 {
 	struct vtl_control *ctl = (struct vtl_control *)(bi->control_gpa + bi->vp_index * 4096ULL);
+	if (ctl->entry_reason == VTL_ENTRY_INTERCEPT) {
+		policy_intercept(&ctl->intercept);
+		return 0;
+	}
 	if (ctl->entry_reason != VTL_ENTRY_CALL) {
 		printf("unexpected entry reason %u\n", ctl->entry_reason);
 		return 0;
@@ -105,6 +109,22 @@ int vtl1_dispatch(struct frame *f)
 			return 0;
 		}
 		memcpy((void *)f->rdi, bi->measurement, 32);
+		ctl->vtl0_rax = VTL_OK;
+		return 0;
+	case VTL_CALL_PROTECT:
+		ctl->vtl0_rax = policy_protect(f->rcx, f->rdi, f->rdx, f->rsi);
+		return 0;
+	case VTL_CALL_PROTECT_PAGES:
+		ctl->vtl0_rax = policy_protect_pages(f->rcx, f->rdi, f->rdx, f->rsi);
+		return 0;
+	case VTL_CALL_LOCK_PAGE_TABLES:
+		ctl->vtl0_rax = policy_lock_page_tables();
+		return 0;
+	case VTL_CALL_END_OF_BOOT:
+		ctl->vtl0_rax = policy_end_of_boot();
+		return 0;
+	case VTL_CALL_GET_PROTECTION:
+		ctl->vtl0_rcx = policy_get(f->rcx);
 		ctl->vtl0_rax = VTL_OK;
 		return 0;
 	default:

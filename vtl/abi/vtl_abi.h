@@ -93,6 +93,7 @@
 #define VTL_MEM_NX                 0x4    /* no execute; 0 = unrestricted             */
 #define VTL_PROTECT_IMMUTABLE      0x1    /* VTL1 never relaxes these pages again     */
 #define VTL_PROTECT_AFTER_BOOT     0x2    /* ro_after_init: NW added at END_OF_BOOT   */
+#define VTL_PROTECT_AUDIT          0x4    /* violations are intercepted and allowed   */
 #define VTL_PROTECT_F_RANGES       0x1    /* request entries are vtl_gpa_range, not GPAs */
 #define VTL_PROTECT_MAX_PER_CALL   4096   /* entries the VMM processes per hypercall  */
 

@@ -1,0 +1,91 @@
+"""vtl/protect_bench.py: outcomes of protecting N pages read-only, never timings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vtl.protect_bench import (
+    format_costs,
+    guest_size_independence,
+    host_memslot_limit,
+    memslot_case,
+    memslots_needed,
+    protection_costs,
+    rwx_fake_case,
+)
+
+pytestmark = pytest.mark.kvm
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def costs() -> dict[str, Any]:
+    # Small sizes keep this fast; alternating 16384 alone takes ~30 s on this host.
+    return protection_costs(sizes=(256, 1024), independence_pages=256)
+
+
+def test_contiguous_ops_are_a_small_constant_independent_of_n() -> None:
+    small = memslot_case("contiguous", 1024)
+    big = memslot_case("contiguous", 16384)
+    assert small["ops"] == big["ops"] <= 4
+    assert small["memslots_in_use"] == big["memslots_in_use"] == memslots_needed("contiguous", 1024)
+
+
+def test_alternating_ops_grow_with_ranges(costs: dict[str, Any]) -> None:
+    alt = costs["memslot"]["alternating"]
+    a, b = alt[256], alt[1024]
+    assert a["ranges"] == 256 and b["ranges"] == 1024
+    assert b["ops"] > a["ops"]
+    assert b["ops"] // b["ranges"] == a["ops"] // a["ranges"]      # a constant per range
+    assert b["ops"] >= b["ranges"]
+    for n, c in alt.items():
+        assert c["memslots_in_use"] == memslots_needed("alternating", n) == 2 * n + 1
+    cont = costs["memslot"]["contiguous"]
+    assert cont[256]["ops"] == cont[1024]["ops"] < a["ops"]
+
+
+def test_ops_equal_on_256mib_and_4gib_guest() -> None:
+    gi = guest_size_independence(pages=1024, guest_sizes=(256 * MiB, 4 * GiB))
+    for layout in ("contiguous", "alternating"):
+        ops = gi[layout]["ops"]
+        assert set(ops) == {256 * MiB, 4 * GiB}
+        assert ops[256 * MiB] == ops[4 * GiB] > 0
+        assert gi[layout]["equal"]
+    assert gi["equal"]
+
+
+def test_alternating_65536_is_refused_with_the_limit_not_a_number() -> None:
+    limit = host_memslot_limit()
+    assert memslots_needed("alternating", 65536) > limit     # impossible on this host
+    # Reaching the real limit takes ~16k set_range calls (~40 s here); a lowered limit
+    # exercises the same ExhaustedError path of the real backend in well under a second.
+    low = 512
+    c = memslot_case("alternating", 65536, max_slots=low)
+    assert "refused" in c and str(low) in c["refused"]
+    assert c["memslots_needed"] == 2 * 65536 + 1 and c["memslot_limit"] == low
+    for key in ("ops", "seconds", "ns_per_page", "ns_per_range", "memslots_in_use"):
+        assert key not in c
+    assert 0 < c["applied_before_refusal"] < 65536
+    assert c["memslots_at_refusal"] <= low
+    assert "REFUSED" in format_costs({"memslot": {"alternating": {65536: c}}})
+
+
+def test_rwx_fake_issues_one_ioctl_per_range(costs: dict[str, Any]) -> None:
+    rwx = costs["rwx_fake"]
+    assert rwx["fake"] is True
+    for layout in ("contiguous", "alternating"):
+        for n, c in rwx[layout].items():
+            assert c["fake"] is True
+            assert c["ioctls"] == c["ranges"] == c["ops"]
+            assert c["ranges"] == (1 if layout == "contiguous" else n)
+    assert rwx_fake_case("alternating", 64)["ioctls"] == 64
+
+
+def test_format_costs_has_every_row(costs: dict[str, Any]) -> None:
+    text = format_costs(costs)
+    assert "memslot ops / ioctls" in text and "ns/range" in text
+    assert text.count("rwx (FAKE)") >= 4 and "guest-size independence" in text
