@@ -507,3 +507,96 @@ SCENARIO(sc_bench_icpt, "bench-intercept-allow", "N writes to an audited page, e
 	       status_name(st));
 	pass("bench-intercept-allow");
 }
+
+/* ---- a malicious VTL0: seeded random protection requests, VTL calls and hypercalls ---- */
+static uint64_t rng_state;
+static uint64_t rnd(void)
+{
+	rng_state ^= rng_state << 13;
+	rng_state ^= rng_state >> 7;
+	rng_state ^= rng_state << 17;
+	return rng_state;
+}
+
+#define SCRATCH_LO (64ULL << 20)       /* valid targets stay here: VTL0 never touches it */
+#define SCRATCH_PAGES 4096
+static uint64_t fuzz_list[64];
+
+static uint64_t fuzz_gpa(void)
+{
+	uint64_t mem = boot_info->mem_size;
+	switch (rnd() % 8) {
+	case 0: return rnd();                                         /* anything */
+	case 1: return SCRATCH_LO + (rnd() % SCRATCH_PAGES) * 4096 + 1 + rnd() % 4095; /* misaligned */
+	case 2: return boot_info->vtl1_base + (rnd() % 4096) * 4096;   /* VTL1 */
+	case 3: return mem - (rnd() % 8) * 4096;                      /* the end */
+	case 4: return boot_info->vtl1_base - (rnd() % 8) * 4096;      /* runs into VTL1 */
+	default: return SCRATCH_LO + (rnd() % SCRATCH_PAGES) * 4096;  /* valid */
+	}
+}
+
+static uint64_t fuzz_pages(void)
+{
+	switch (rnd() % 6) {
+	case 0: return 0;
+	case 1: return rnd();
+	case 2: return 1ULL << (rnd() % 40);
+	default: return 1 + rnd() % 16;
+	}
+}
+
+SCENARIO(sc_fuzz, "fuzz-protection", "malicious VTL0: N (param, default 10000) seeded random requests")
+{
+	harden("fuzz-protection", 0);
+	uint64_t n = boot_info->param ? boot_info->param : 10000;
+	rng_state = 0x9E3779B97F4A7C15ULL ^ n;
+	uint64_t ok = 0, refused = 0, bad = 0;
+	for (uint64_t i = 0; i < n; i++) {
+		if (i == n / 2)
+			must("fuzz-protection", "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+		uint64_t st, attrs = rnd() % 16, flags = rnd() % 16, op = rnd() % 10;
+		if (op < 4) {
+			st = prot(fuzz_gpa(), fuzz_pages(), attrs, flags);
+			if (st == VTL_OK && (!(attrs & 6) || i >= n / 2))
+				bad++;          /* W+X, or a change after the end of boot */
+		} else if (op < 6) {
+			uint64_t count = rnd() % 4 ? 1 + rnd() % 64 : rnd();
+			for (int k = 0; k < 64; k++)
+				fuzz_list[k] = fuzz_gpa();
+			uint64_t list = rnd() % 4 ? (uint64_t)fuzz_list : fuzz_gpa();
+			st = vtl_call4(VTL_CALL_PROTECT_PAGES, list, count, attrs, flags, NULL);
+			if (st == VTL_OK && (!(attrs & 6) || i >= n / 2))
+				bad++;
+		} else if (op < 7) {
+			uint64_t code = rnd() % 16;
+			if (code == VTL_CALL_REG_PROBE || code == VTL_CALL_GET_MEASUREMENT ||
+			    code == VTL_CALL_END_OF_BOOT)
+				code = VTL_CALL_NOP;        /* these write into VTL0 by design */
+			st = vtl_call4(code, rnd(), rnd(), rnd(), rnd(), NULL);
+		} else if (op < 8) {
+			static struct vtl_protect_request r;
+			r.target_vtl = (uint32_t)(rnd() % 3);
+			r.attributes = (uint32_t)attrs;
+			r.count = (uint32_t)rnd();
+			r.list_gpa = fuzz_gpa();
+			st = hypercall(VTL_HC_MODIFY_VTL_PROTECTION, rnd() % 2 ? (uint64_t)&r : fuzz_gpa(), 0, 0, NULL);
+			if (st != VTL_E_ACCESS_DENIED)
+				bad++;
+		} else if (op < 9) {
+			st = hypercall(VTL_HC_GET_VP_REGISTER, rnd() % 3, rnd() % 10, 0, NULL);
+			if (st != VTL_E_ACCESS_DENIED)
+				bad++;
+		} else {
+			st = hypercall(rnd() % 0x200, rnd(), rnd(), rnd(), NULL);
+		}
+		if (st == VTL_OK)
+			ok++;
+		else
+			refused++;
+	}
+	printf("fuzz: %lu requests, %lu accepted, %lu refused, %lu policy violations\n", n, ok, refused, bad);
+	if (bad)
+		fail("fuzz-protection", "a request broke the policy");
+	echo_still_works("fuzz-protection");
+	pass("fuzz-protection");
+}

@@ -10,6 +10,7 @@ from vtl.protect_bench import (
     format_costs,
     guest_size_independence,
     host_memslot_limit,
+    max_alternating_pages,
     memslot_case,
     memslots_needed,
     protection_costs,
@@ -24,7 +25,7 @@ GiB = 1 << 30
 
 @pytest.fixture(scope="module")
 def costs() -> dict[str, Any]:
-    # Small sizes keep this fast; alternating 16384 alone takes ~30 s on this host.
+    # Small sizes keep this fast: alternating 16384 runs ~30 s here before it is refused.
     return protection_costs(sizes=(256, 1024), independence_pages=256)
 
 
@@ -43,6 +44,7 @@ def test_alternating_ops_grow_with_ranges(costs: dict[str, Any]) -> None:
     assert b["ops"] // b["ranges"] == a["ops"] // a["ranges"]      # a constant per range
     assert b["ops"] >= b["ranges"]
     for n, c in alt.items():
+        assert c["progress"][-1] == (n, c["seconds"], c["ops"])
         assert c["memslots_in_use"] == memslots_needed("alternating", n) == 2 * n + 1
     cont = costs["memslot"]["contiguous"]
     assert cont[256]["ops"] == cont[1024]["ops"] < a["ops"]
@@ -69,8 +71,10 @@ def test_alternating_65536_is_refused_with_the_limit_not_a_number() -> None:
     assert c["memslots_needed"] == 2 * 65536 + 1 and c["memslot_limit"] == low
     for key in ("ops", "seconds", "ns_per_page", "ns_per_range", "memslots_in_use"):
         assert key not in c
-    assert 0 < c["applied_before_refusal"] < 65536
-    assert c["memslots_at_refusal"] <= low
+    # Refused exactly when the next range would exceed the limit: 2N + 1 memslots for N ranges.
+    assert c["applied_before_refusal"] == max_alternating_pages(low) == (low - 1) // 2
+    assert c["memslots_at_refusal"] == 2 * c["applied_before_refusal"] + 1 <= low
+    assert f"needs {low + 1} memslots" in c["refused"]
     assert "REFUSED" in format_costs({"memslot": {"alternating": {65536: c}}})
 
 

@@ -104,33 +104,31 @@ def memslot_case(layout: str, pages: int, guest_size: int | None = None,
                       "memslots_needed": needed, "memslot_limit": backend.max_slots}
         ops0 = backend.ops
         applied = 0
-        # Timestamps after the first and before the last tenth of the ranges show whether
-        # the cost per range grows as memslots accumulate (two perf_counter calls in all).
-        tenth = len(ranges) // 10
-        marks: dict[int, float] = {}
+        # (ranges applied, seconds, memslot ops) every `step` ranges: shows whether the
+        # cost per range grows as memslots accumulate (at most ~16 perf_counter calls).
+        step = max(1, len(ranges) // 16)
+        progress: list[tuple[int, float, int]] = []
         t0 = time.perf_counter()
         try:
             for gpa, length in ranges:
-                if tenth and applied in (tenth, len(ranges) - tenth):
-                    marks[applied] = time.perf_counter()
+                if applied % step == 0 and applied:
+                    progress.append((applied, time.perf_counter() - t0, backend.ops - ops0))
                 backend.set_range(gpa, length, NW)
                 applied += 1
         except ExhaustedError as e:
             elapsed = time.perf_counter() - t0
+            progress.append((applied, elapsed, backend.ops - ops0))
             case.update(refused=str(e), applied_before_refusal=applied,
                         ops_before_refusal=backend.ops - ops0,
-                        seconds_before_refusal=elapsed, memslots_at_refusal=len(vm.slots))
+                        seconds_before_refusal=elapsed, memslots_at_refusal=len(vm.slots),
+                        progress=progress)
             return case
-        t1 = time.perf_counter()
-        elapsed = t1 - t0
+        elapsed = time.perf_counter() - t0
         ops = backend.ops - ops0
+        progress.append((applied, elapsed, ops))
         case.update(ops=ops, seconds=elapsed, ns_per_page=_per(elapsed, pages),
                     ns_per_range=_per(elapsed, len(ranges)), ns_per_op=_per(elapsed, ops),
-                    memslots_in_use=len(vm.slots))
-        if tenth:
-            first, last = marks[tenth] - t0, t1 - marks[len(ranges) - tenth]
-            case.update(ns_per_range_first_tenth=_per(first, tenth),
-                        ns_per_range_last_tenth=_per(last, tenth))
+                    memslots_in_use=len(vm.slots), progress=progress)
         return case
     finally:
         if vm is not None:
@@ -194,6 +192,7 @@ def protection_costs(sizes: Iterable[int] = (1024, 16384, 65536),
     `max_slots` lowers the memslot limit the memslot backend enforces (default: the
     host's KVM_CAP_NR_MEMSLOTS)."""
     ns = list(sizes)
+    limit = host_memslot_limit()
     memslot: dict[str, dict[int, Case]] = {layout: {} for layout in LAYOUTS}
     rwx: dict[str, Any] = {"fake": True,
                            "note": "this host lacks KVM_SET_MEMORY_ATTRIBUTES with RWX bits; "
@@ -204,11 +203,29 @@ def protection_costs(sizes: Iterable[int] = (1024, 16384, 65536),
             memslot[layout][n] = memslot_case(layout, n, max_slots=max_slots)
             rwx[layout][n] = rwx_fake_case(layout, n)
     return {
-        "host": {**host_kvm_info(), "page_size": PAGE_SIZE, "memslot_limit": host_memslot_limit()},
+        "host": {**host_kvm_info(), "page_size": PAGE_SIZE, "memslot_limit": limit,
+                 "memslot_limit_used": max_slots or limit,
+                 "max_alternating_pages": max_alternating_pages(max_slots or limit)},
         "memslot": memslot,
         "rwx_fake": rwx,
         "guest_size_independence": guest_size_independence(independence_pages),
     }
+
+
+def segment_rates(progress: list[tuple[int, float, int]]) -> list[tuple[int, int, float]]:
+    """(first range, last range, ns per memslot op) for each stretch between progress marks."""
+    out: list[tuple[int, int, float]] = []
+    prev = (0, 0.0, 0)
+    for mark in progress:
+        if mark[2] > prev[2]:
+            out.append((prev[0], mark[0], _per(mark[1] - prev[1], mark[2] - prev[2])))
+        prev = mark
+    return out
+
+
+def max_alternating_pages(memslot_limit: int) -> int:
+    """The largest alternating layout the memslot backend can hold (2N + 1 memslots)."""
+    return (memslot_limit - 1) // 2
 
 
 def _fmt_ms(seconds: float) -> str:
@@ -261,14 +278,17 @@ def format_costs(d: dict[str, Any]) -> str:
                  for layout in LAYOUTS if layout in gi and "seconds" in gi[layout]]
         if times:
             lines.append(f"  same changes, total ms: {'; '.join(times)}")
-    growth = [(n, c) for n, c in d.get("memslot", {}).get("alternating", {}).items()
-              if "ns_per_range_first_tenth" in c]
-    for n, c in growth:
-        lines.append(f"memslot alternating {n}: ns/range first tenth {c['ns_per_range_first_tenth']:.0f}, "
-                     f"last tenth {c['ns_per_range_last_tenth']:.0f}; ns/memslot op {c['ns_per_op']:.0f}")
+    for n, c in d.get("memslot", {}).get("alternating", {}).items():
+        rates = segment_rates(c.get("progress", []))
+        if len(rates) >= 2:
+            (a0, a1, ns_op_a), (b0, b1, ns_op_b) = rates[0], rates[-1]
+            lines.append(f"memslot alternating {n}: ns/memslot op {ns_op_a:.0f} for ranges {a0}..{a1}, "
+                         f"{ns_op_b:.0f} for ranges {b0}..{b1}"
+                         + (" (before refusal)" if "refused" in c else ""))
     host = d.get("host")
     if host:
         lines.append(f"host: kernel {host['kernel']}, KVM modules {','.join(host.get('kvm_modules', []))}, "
-                     f"tdp_mmu {host.get('tdp_mmu')}, memslot limit {host['memslot_limit']}")
+                     f"tdp_mmu {host.get('tdp_mmu')}, memslot limit {host['memslot_limit']} "
+                     f"(alternating layouts fit up to {host.get('max_alternating_pages')} pages)")
     lines.extend(notes)
     return "\n".join(lines)
