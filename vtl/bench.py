@@ -12,6 +12,7 @@ import platform
 import statistics
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -20,6 +21,7 @@ from vmm.floor import FloorResult, c_floor, python_floor
 from vtl import control
 from vtl.images import REPO, default_vtl0_image, default_vtl1_image
 from vtl.partition import Partition, PartitionConfig
+from vtl.protect_bench import format_costs, protection_costs
 
 TARGET_RATIO = 1.3
 C_FLOOR = REPO / "bench" / "floor_c"
@@ -45,6 +47,8 @@ class BenchReport(BaseModel):
     ratio_to_c_floor: float | None
     target_ratio_to_python_floor: float = TARGET_RATIO
     meets_target: bool
+    intercept_allow_round_trip: VtlRoundTrip | None = None
+    protection: dict[str, Any] | None = None     # vtl/protect_bench.py
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -52,20 +56,23 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def measure_vtl_round_trip(calls: int, vtl0: Path | None = None, vtl1: Path | None = None) -> VtlRoundTrip:
+def measure_vtl_round_trip(calls: int, vtl0: Path | None = None, vtl1: Path | None = None,
+                           scenario: str = "bench-null-call") -> VtlRoundTrip:
+    """Per-operation cost from the guest's RDTSC batches: a null VTL call, or (scenario
+    bench-intercept-allow) a VTL0 write that becomes an intercept VTL1 allows."""
     config = PartitionConfig(vtl0_image=vtl0 or default_vtl0_image(),
                              vtl1_image=vtl1 or default_vtl1_image(),
-                             scenario="bench-null-call", param=calls)
+                             scenario=scenario, param=calls)
     with Partition(config) as partition:
         result, _ = control.run(partition, None, timeout=max(60.0, calls * 1e-3))
     if result.status != 0 or not result.bench_stamps or not result.tsc_khz or not result.bench_batch:
-        raise VmmError(f"bench-null-call did not report timings: {result.message}")
+        raise VmmError(f"{scenario} did not report timings: {result.message}")
     stamps, batch, khz = result.bench_stamps, result.bench_batch, result.tsc_khz
     per = [(b - a) * 1e6 / khz / batch for a, b in zip(stamps, stamps[1:], strict=False)]
     return VtlRoundTrip(median_ns=statistics.median(per), p10_ns=_percentile(per, 0.1),
                         p90_ns=_percentile(per, 0.9), mean_ns=statistics.fmean(per),
                         wall_mean_ns=result.wall_s * 1e9 / max(1, result.vtl_calls),
-                        calls=result.vtl_calls, batch=batch)
+                        calls=(len(stamps) - 1) * batch, batch=batch)
 
 
 def _build_c_floor() -> Path | None:
@@ -74,16 +81,19 @@ def _build_c_floor() -> Path | None:
     return C_FLOOR if C_FLOOR.exists() else None
 
 
-def run_bench(calls: int) -> BenchReport:
+def run_bench(calls: int, intercepts: int = 2000, protection: bool = True) -> BenchReport:
     pyf = python_floor(calls)
     vtl = measure_vtl_round_trip(calls)
+    icpt = measure_vtl_round_trip(intercepts, scenario="bench-intercept-allow") if intercepts else None
+    prot = protection_costs() if protection else None
     binary = _build_c_floor()
     cf = c_floor(calls, binary) if binary else None
     ratio = vtl.median_ns / pyf.median_ns
     return BenchReport(host=f"{platform.node()} {os.uname().release}", calls=calls, vtl_round_trip=vtl,
                        python_floor=pyf, c_floor=cf, ratio_to_python_floor=round(ratio, 3),
                        ratio_to_c_floor=round(vtl.median_ns / cf.median_ns, 3) if cf else None,
-                       meets_target=ratio <= TARGET_RATIO)
+                       meets_target=ratio <= TARGET_RATIO, intercept_allow_round_trip=icpt,
+                       protection=prot)
 
 
 def render_bench(r: BenchReport) -> str:
@@ -103,4 +113,12 @@ def render_bench(r: BenchReport) -> str:
         lines.append(f"  ratio to C floor:      {r.ratio_to_c_floor:.2f}x")
     else:
         lines.append("  C floor: not built (make -C bench)")
+    if r.intercept_allow_round_trip:
+        i = r.intercept_allow_round_trip
+        lines += ["", f"Secure intercept that VTL1 allows ({i.calls} writes to an audited page):",
+                  row("VTL0 write -> intercept -> VTL1 -> allow", i.median_ns, i.p10_ns, i.p90_ns,
+                      f"  = {i.median_ns / v.median_ns:.1f}x a null VTL call")]
+    if r.protection:
+        lines += ["", "Cost of VTL1 protecting VTL0 pages (VTL_HC_MODIFY_VTL_PROTECTION backends):",
+                  format_costs(r.protection)]
     return "\n".join(lines)

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="VTL round-trip cost against floors measured in the same run")
     b.add_argument("--calls", type=int, default=100_000, metavar="N",
                    help="null VTL calls to time (default: %(default)s; at least 100)")
+    b.add_argument("--intercepts", type=int, default=2000, metavar="N",
+                   help="allowed secure intercepts to time (default: %(default)s; 0 skips)")
+    b.add_argument("--no-protection", action="store_true",
+                   help="skip the cost of protecting 1k/16k/64k pages (about a minute on this host)")
     b.add_argument("--json", action="store_true")
     return p
 
@@ -164,7 +168,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.calls < 100:
         raise VmmError("--calls must be at least 100")
-    report = run_bench(args.calls)
+    report = run_bench(args.calls, args.intercepts, not args.no_protection)
     if args.json:
         _print_json(report.model_dump())
     else:
