@@ -79,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caps", help="which KVM mechanisms this host has, and what the project uses")
     c.add_argument("--json", action="store_true")
 
+    a = sub.add_parser("attack", help="run every attack scenario in a fresh partition; what was blocked, how",
+                       description="Each attack scenario of the built-in VTL0 runs in a fresh, hardened "
+                       "partition.  The outcome is observed (guest verdict, the VMM's own check of the "
+                       "target memory, intercepts/verdicts/refusals on the event stream): blocked, "
+                       "detected after the fact, not enforced on this host, or succeeded.")
+    a.add_argument("--vtl0-image", type=Path, default=default_vtl0_image(), metavar="ELF")
+    a.add_argument("--vtl1-image", type=Path, default=default_vtl1_image(), metavar="ELF")
+    a.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("memmap", help="VTL0's and VTL1's attribute map after a hardened boot",
+                       description="Boot with the `harden` scenario (VTL1 sets attributes per section, "
+                       "locks VTL0's page tables, ends boot) and show the attribute map of each VTL.")
+    m.add_argument("--vtl0-image", type=Path, default=default_vtl0_image(), metavar="ELF")
+    m.add_argument("--vtl1-image", type=Path, default=default_vtl1_image(), metavar="ELF")
+    m.add_argument("--png", type=Path, metavar="FILE",
+                   help="also draw the first 32 MiB, one 4x4 square per page, 128 pages a row")
+    m.add_argument("--json", action="store_true")
+
     b = sub.add_parser("bench", help="VTL round-trip cost against floors measured in the same run")
     b.add_argument("--calls", type=int, default=100_000, metavar="N",
                    help="null VTL calls to time (default: %(default)s; at least 100)")
@@ -176,14 +194,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "scenarios": cmd_scenarios, "caps": cmd_caps, "bench": cmd_bench}
+def cmd_attack(args: argparse.Namespace) -> int:
+    from vtl.attack import render, run_all
+
+    results = run_all(args.vtl0_image, args.vtl1_image)
+    if args.json:
+        _print_json([r.model_dump() for r in results])
+    else:
+        print(render(results))
+    return 0 if all(r.outcome == "blocked" for r in results) else 2
+
+
+def cmd_memmap(args: argparse.Namespace) -> int:
+    from vtl.memmap import build, render
+
+    mm, png = build(args.vtl0_image, args.vtl1_image)
+    if args.png:
+        args.png.write_bytes(png)
+    if args.json:
+        _print_json(mm.model_dump())
+    else:
+        print(render(mm))
+        if args.png:
+            print(f"picture: {args.png}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "scenarios": cmd_scenarios, "caps": cmd_caps, "bench": cmd_bench,
+            "attack": cmd_attack, "memmap": cmd_memmap}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (VmmError, ValueError, ValidationError, OSError) as e:
+    except (VmmError, ValueError, ValidationError, OSError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if isinstance(e, ValidationError) else str(e)
         print(f"vtl {args.command}: error: {msg}", file=sys.stderr)
         return 1
