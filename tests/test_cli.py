@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,24 @@ def test_no_kvm_device_is_one_sentence_for_every_command() -> None:
         cp = vtl_cli(*cmd, env={"VTL_KVM_DEVICE": "/nonexistent/kvm"})
         assert cp.returncode == 1, cmd
         assert "has no KVM" in cp.stderr and "Traceback" not in cp.stderr
+
+
+def test_attack_table_observes_every_attack_blocked() -> None:
+    rows = cli_json("attack")
+    assert {r["outcome"] for r in rows} == {"blocked"}, rows
+    by = {r["scenario"]: r for r in rows}
+    assert "write intercept on GPA" in by["write-kernel-text"]["mechanism"]
+    assert by["write-kernel-text"]["memory_checked"] is True
+    assert "MSR filter" in by["clear-efer-nxe"]["mechanism"]
+    assert "VTL_E_IMMUTABLE" in by["ask-text-writable"]["mechanism"]
+
+
+def test_memmap_shows_sections_and_draws_a_png(tmp_path: Path) -> None:
+    png = tmp_path / "map.png"
+    cp = vtl_cli("memmap", "--png", str(png), "--json")
+    assert cp.returncode == 0, cp.stderr
+    regions = json.loads(cp.stdout)["regions"]
+    labels = {(r["label"], r["vtl0"]) for r in regions}
+    assert {("kernel text", "r-x"), ("rodata", "r--"), ("page tables (locked)", "r--"),
+            ("VTL1 region", "none")} <= labels
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

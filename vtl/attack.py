@@ -12,7 +12,6 @@ from pydantic import BaseModel
 
 from vtl import control
 from vtl.events import EventLog
-
 from vtl.partition import Partition, PartitionConfig
 
 

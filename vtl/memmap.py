@@ -14,7 +14,6 @@ from vmm.memattr import NR, NW, NX, describe
 from vmm.memory import PAGE_SIZE
 from vtl import control
 from vtl.events import EventLog
-
 from vtl.partition import Partition, PartitionConfig
 
 
