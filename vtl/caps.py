@@ -35,7 +35,7 @@ def strategies_for(present: dict[str, bool]) -> list[Strategy]:
     ro = present.get("readonly_memslot", False)
     unmapped = present.get("unmapped_gpa_read", False) and present.get("unmapped_gpa_fetch", False)
     msr = present.get("msr_filter", False)
-    pending = "not implemented yet (issue 3: VTL1-owned memory policy)"
+    tables = ro and msr   # NX through locked page tables needs both
     return [
         Strategy(protection="VTL1 memory isolation",
                  strategy="VTL1's region has no memslot in VTL0's VM; accesses exit as MMIO / "
@@ -52,21 +52,25 @@ def strategies_for(present: dict[str, bool]) -> list[Strategy]:
         Strategy(protection="memory no-write (NW)",
                  strategy="KVM_SET_MEMORY_ATTRIBUTES NW on VTL0's VM" if rwx
                  else "read-only memslots in VTL0's VM (memslot backend)",
-                 enforced=False, why=pending if (rwx or ro) else "no read-only memslots on this host"),
+                 enforced=rwx or ro, why="" if (rwx or ro) else "no read-only memslots on this host"),
         Strategy(protection="memory no-read (NR)",
                  strategy="KVM_SET_MEMORY_ATTRIBUTES NR" if rwx else "page left unmapped in VTL0's VM",
-                 enforced=False, why=pending),
+                 enforced=rwx or unmapped,
+                 why="" if (rwx or unmapped) else "unmapped-GPA exits not observed"),
         Strategy(protection="memory no-execute (NX)",
                  strategy="KVM_SET_MEMORY_ATTRIBUTES NX" if rwx else
-                 "VTL0 page tables locked read-only by VTL1 + EFER.NXE pinned through the MSR filter",
-                 enforced=False, why=pending),
+                 "VTL0 page tables locked read-only by VTL1 + EFER.NXE pinned through the MSR filter "
+                 "(holds while CR3 stays on the locked tables: CR3 loads are not pinned on this host)",
+                 enforced=rwx or tables,
+                 why="" if (rwx or tables) else "needs read-only memslots and the MSR filter"),
         Strategy(protection="MSR pinning (LSTAR, STAR, EFER, ...)",
                  strategy="KVM_X86_SET_MSR_FILTER -> userspace WRMSR exit -> intercept to VTL1",
-                 enforced=False, why=pending if msr else "MSR filter not available"),
+                 enforced=msr, why="" if msr else "MSR filter not available"),
         Strategy(protection="CR0/CR4/CR3, GDTR/IDTR pinning",
                  strategy="no CR-write exits exist: writers live on unmapped privileged-section pages; "
                           "a fetch there is decoded and judged by VTL1",
-                 enforced=False, why="not enforced on this host yet: " + pending),
+                 enforced=False, why="not enforced on this host: no KVM uAPI reports CR/descriptor-table "
+                 "writes, and the privileged-section scheme is not implemented yet"),
     ]
 
 
