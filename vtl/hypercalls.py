@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from vmm import uapi as u
 from vmm.kvm import VCpu
+from vmm.memattr import describe
 from vmm.x86 import VEC_GP
-from vtl.abi import ABI, abi_struct
+from vtl.abi import ABI
 from vtl.events import ProtectionChanged
-from vtl.protection import describe
 
 if TYPE_CHECKING:
     from vtl.partition import VirtualProcessor
@@ -102,10 +102,9 @@ class Hypercalls:
         out = self.s.p.protection.modify(regs.rdi, vp.active_vtl)
         regs.rdx = out.next_index
         if out.pages:
-            req = abi_struct(self.s.p.mem, "struct vtl_protect_request", regs.rdi)
             self.s.events.emit(ProtectionChanged(
                 ts=self.s.events.now(), vp=vp.index, vtl=vp.active_vtl, target_vtl=0,
-                attributes=describe(req.attributes), pages=out.pages, ranges=out.ranges,
+                attributes=describe(out.attributes), pages=out.pages, ranges=out.ranges,
                 memslot_ops=out.ops))
         if out.status != ABI.VTL_OK:
             self.detail = out.reason

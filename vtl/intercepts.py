@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from vmm import paging
 from vmm import uapi as u
 from vmm.kvm import VCpu
-from vmm.x86 import PINNED_MSRS, VEC_GP, VEC_PF, VECTOR_NAMES
+from vmm.x86 import VEC_GP, VEC_PF, VECTOR_NAMES
 from vtl.abi import ABI, abi_ffi
 from vtl.events import GuestFault, InterceptVerdict, SecureIntercept
 
@@ -194,6 +194,3 @@ class Intercepts:
             run.kvm_dirty_regs |= u.KVM_SYNC_X86_SREGS
         v0.inject_exception(vector, ec)
 
-
-def pinned_msr_name(index: int) -> str:
-    return PINNED_MSRS.get(index, f"{index:#x}")

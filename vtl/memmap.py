@@ -6,7 +6,6 @@ from __future__ import annotations
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -15,10 +14,6 @@ from vmm.memory import PAGE_SIZE
 from vtl import control
 from vtl.events import EventLog
 from vtl.partition import Partition, PartitionConfig
-
-
-def _of(events: EventLog, kind: str) -> list[Any]:
-    return list(events.of_kind(kind))
 
 COLOURS = {  # attrs -> RGB; VTL1-only memory is -1
     0: (235, 235, 235), NX: (110, 190, 110), NW: (80, 120, 220), NW | NX: (240, 200, 60),
@@ -42,24 +37,22 @@ class MemMap(BaseModel):
     nx_enforced_by: str
 
 
-def _labels(syms: dict[str, int], start: int, end: int, attrs: int, tables: set[int]) -> str:
+def _labels(syms: dict[str, int], start: int, attrs: int) -> str:
     if attrs == -1:
         return "VTL1 region"
-    if any(start <= t < end for t in tables) and attrs == NW | NX:
-        return "page tables (locked)"
     for lo, hi, name in (("_text_start", "_text_end", "kernel text"),
                          ("_text_end", "_scenarios_page_end", "rodata"),
                          ("_ro_after_init_start", "_ro_after_init_end", "ro_after_init"),
                          ("_data_start", "_image_end", "data + bss")):
         if lo in syms and hi in syms and syms[lo] <= start < syms[hi]:
-            return name
+            # Read-only pages inside data+bss are the locked page tables.
+            return "page tables (locked)" if name == "data + bss" and attrs == NW | NX else name
     return "free memory" if start >= syms.get("_image_end", 0) else "low memory"
 
 
 def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20) -> tuple[MemMap, bytes]:
     cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario="harden", mem_size=mem_size)
-    events = EventLog(trace=True)
-    with Partition(cfg, events) as p:
+    with Partition(cfg, EventLog()) as p:
         result, _ = control.run(p, None, 60.0)
         if result.status != 0:
             raise RuntimeError(f"the hardened boot failed: {result.message}")
@@ -68,14 +61,8 @@ def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20) -> tuple[MemMap, by
         syms = p.vtl0_image.symbols()
         backend = p.protection.kind
         layout = p.layout
-    tables = {e.gpa for e in _of(events, "intercept")}  # none expected; tables come from attrs
-    regions = []
-    for start, end, a in runs:
-        label = _labels(syms, start, end, a, tables)
-        if a == NW | NX and label in ("data + bss",):
-            label = "page tables (locked)"
-        regions.append(Region(start=start, end=end, vtl0="none" if a == -1 else describe(a), vtl1="rwx",
-                              label=label))
+    regions = [Region(start=start, end=end, vtl0="none" if a == -1 else describe(a), vtl1="rwx",
+                      label=_labels(syms, start, a)) for start, end, a in runs]
     nx = ("KVM attributes" if backend == "rwx" else
           "VTL0's page tables (NX bits) locked r-- by VTL1, EFER.NXE pinned by the MSR filter")
     img = [(-1 if layout.in_vtl1(i * PAGE_SIZE) else a) for i, a in enumerate(attr_map)]

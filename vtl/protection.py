@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 from vmm import uapi as u
 from vmm.kvm import Vm
-from vmm.memattr import ALL, NR, NW, NX, AttributeBackend, ExhaustedError, MemslotBackend, RwxBackend
-from vmm.memattr import describe as describe  # re-export for callers
+from vmm.memattr import ALL, NR, AttributeBackend, ExhaustedError, MemslotBackend, RwxBackend
 from vmm.memory import PAGE_SIZE, GuestMemory
 from vtl.abi import ABI, abi_ffi, abi_struct
 from vtl.layout import Layout
@@ -35,6 +34,7 @@ class Outcome:
     ranges: int = 0
     ops: int = 0
     reason: str = ""
+    attributes: int = 0
 
 
 class Vtl0Protection:
@@ -63,11 +63,10 @@ class Vtl0Protection:
 
     # --- the hypercall ----------------------------------------------------------------
     def modify(self, request_gpa: int, caller_vtl: int) -> Outcome:
-        lay = self.layout
         if caller_vtl != 1:
             return Outcome(int(ABI.VTL_E_ACCESS_DENIED), 0, reason="only VTL1 sets VTL0's protections")
         # Request and list must be VTL1's own memory: VTL0 cannot change them underneath.
-        if not lay.in_vtl1(request_gpa, REQUEST_SIZE) or not self._inside_vtl1(request_gpa, REQUEST_SIZE):
+        if not self._inside_vtl1(request_gpa, REQUEST_SIZE):
             return Outcome(int(ABI.VTL_E_INVALID_ARG), 0, reason="request is not in VTL1 memory")
         req = abi_struct(self.mem, "struct vtl_protect_request", request_gpa)
         target, attrs, flags, count = req.target_vtl, req.attributes, req.flags, req.count
@@ -111,7 +110,7 @@ class Vtl0Protection:
             lo = gpa // PAGE_SIZE
             self.map[lo:lo + pages] = bytes([attrs]) * pages
             applied += pages
-        return Outcome(status, stop, applied, len(runs), self.backend.ops - ops0, reason)
+        return Outcome(status, stop, applied, len(runs), self.backend.ops - ops0, reason, attrs)
 
     def _check(self, gpa: int, pages: int) -> tuple[int, str]:
         lay = self.layout
@@ -142,5 +141,3 @@ class Vtl0Protection:
                 out.append((gpa, gpa + PAGE_SIZE, val))
         return out
 
-
-__all__ = ["NR", "NW", "NX", "Outcome", "Vtl0Protection", "describe", "rwx_supported"]
