@@ -50,8 +50,14 @@
 
 /* ---- hypercall codes (RAX at VTL_PORT_HYPERCALL) --------------------- */
 #define VTL_HC_ENABLE_VTL1         0x0001 /* VTL0: load, measure and start VTL1      */
-#define VTL_HC_BENCH_REPORT        0x0002 /* VTL0: RDI = GPA of uint64 TSC stamps, RSI = count,
-                                             RDX = round trips between stamps      */
+#define VTL_HC_BENCH_REPORT        0x0002 /* OBSOLETE: being replaced by VTL_REPORT_STAMPS */
+#define VTL_HC_REPORT              0x0003 /* either VTL: RDI = GPA of a struct vtl_report in
+                                             memory the caller may read.  RAX = VTL_OK,
+                                             VTL_E_INVALID_ARG (bad kind, name or text not
+                                             NUL-terminated, data too long),
+                                             VTL_E_OUT_OF_RANGE (report or data not readable
+                                             by the caller), VTL_E_NO_RESOURCES (the run's
+                                             report budget is spent).  See docs/abi.md. */
 #define VTL_HC_GET_VP_REGISTER     0x0101 /* VTL1: RDI = vp, RSI = VTL_REG_*; RDX = value */
 #define VTL_HC_MODIFY_VTL_PROTECTION 0x0102 /* VTL1: RDI = GPA of struct vtl_protect_request
                                            (in VTL1 memory).  RAX = status, RDX = index of
@@ -111,6 +117,29 @@
 #define VTL_E_NO_RESOURCES         10     /* e.g. the host's memslots are exhausted   */
 #define VTL_E_IMMUTABLE            11     /* VTL1 policy: the page is locked for good */
 #define VTL_E_POLICY               12     /* VTL1 policy: e.g. W+X, or boot is over   */
+
+/* ---- report channel (VTL_HC_REPORT), in the spirit of KVM selftests' ucall ----
+ * Guests tell the VMM results and measurements as records, never as console text.
+ * value[] meanings per kind: */
+#define VTL_REPORT_RESULT          1      /* the scenario's verdict: name = scenario, value[0] =
+                                             0 pass / nonzero fail, text = why it failed     */
+#define VTL_REPORT_TARGET          2      /* attack target in memory: value[0] = GPA, value[1] =
+                                             length (1..8), value[2] = its value before the
+                                             attack; the VMM reads it back itself           */
+#define VTL_REPORT_MSR             3      /* attack target MSR: value[0] = index, value[1] =
+                                             value before the attack                        */
+#define VTL_REPORT_STATUS          4      /* a status the guest was given: name = what was asked,
+                                             value[0] = call or hypercall code, value[1] = status */
+#define VTL_REPORT_FAULT           5      /* a fault the guest took: name = what it tried,
+                                             value[0] = vector, value[1] = error code,
+                                             value[2] = RIP, value[3] = CR2                  */
+#define VTL_REPORT_VALUE           6      /* a named measurement: name = key, value[0]        */
+#define VTL_REPORT_STAMPS          7      /* TSC stamps: data_count uint64s at data_gpa,
+                                             value[0] = operations between two stamps        */
+#define VTL_REPORT_EXEC            8      /* attack: code planted at GVA value[0], GPA value[1] */
+#define VTL_REPORT_BYTES           9      /* named bytes: data_count bytes at data_gpa        */
+#define VTL_REPORT_MAX_STAMPS      (1 << 21) /* STAMPS: most uint64s per report             */
+#define VTL_REPORT_MAX_BYTES       4096   /* BYTES: most bytes per report                    */
 
 /* ---- entry reasons (vtl_control.entry_reason) ------------------------ */
 #define VTL_ENTRY_NONE             0      /* first entry: initialise, then return    */
@@ -228,6 +257,17 @@ struct vtl_protect_request {
 struct vtl_gpa_range {
     uint64_t gpa;            /* page aligned                                    */
     uint64_t pages;
+};
+
+/* VTL_HC_REPORT's record (152 bytes), in memory the caller may read. */
+struct vtl_report {
+    uint32_t kind;           /* VTL_REPORT_*                                    */
+    uint32_t reserved0;      /* 0                                               */
+    char     name[32];       /* NUL-terminated                                  */
+    uint64_t value[4];       /* per kind, see VTL_REPORT_*                      */
+    uint64_t data_gpa;       /* STAMPS / BYTES: where the data is               */
+    uint64_t data_count;     /* STAMPS: uint64s; BYTES: bytes                   */
+    char     text[64];       /* NUL-terminated free text (e.g. why a FAIL)      */
 };
 
 /* A scenario built into a VTL0 image, listed in its ELF section ".vtl_scenarios"
