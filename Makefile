@@ -8,25 +8,55 @@ CFLAGS  := -std=gnu11 -O2 -Wall -Wextra -Werror -ffreestanding -fno-pic -fno-pie
            -mno-sse -mno-mmx -mno-80387 -mcmodel=small -I vtl/abi -I guest_lib
 LDFLAGS := -nostdlib -static -no-pie -Wl,--build-id=none -Wl,-z,max-page-size=0x1000 -Wl,-z,noexecstack
 
-LIB_SRC := guest_lib/console.c guest_lib/string.c guest_lib/arch.c guest_lib/paging.c guest_lib/entry_common.S
-HDRS    := vtl/abi/vtl_abi.h $(wildcard guest_lib/*.h guest_vtl0/*.h)
-VTL0    := guest_vtl0/build/vtl0.elf
-VTL1    := guest_vtl1/build/vtl1.elf
+# Guests are built reproducibly: every source is compiled to a named object under
+# guest_vtlN/build/obj/ (guest_lib objects once per image, under obj/lib/), then linked
+# in a fixed order.  Paths reach the objects only relative to the top directory
+# (-ffile-prefix-map covers anything that would expand an absolute one), there is no
+# build-id and no timestamp, so the same sources give byte-identical ELF files in any
+# directory.  tests/test_build.py checks it.
+GUEST_CFLAGS := $(CFLAGS) -ffile-prefix-map=$(CURDIR)=. -MMD -MP
+
+LIB_SRC  := guest_lib/console.c guest_lib/string.c guest_lib/arch.c guest_lib/paging.c guest_lib/entry_common.S
+VTL0_SRC := guest_vtl0/entry.S guest_vtl0/main.c guest_vtl0/scenarios.c
+VTL1_SRC := guest_vtl1/entry.S guest_vtl1/main.c guest_vtl1/policy.c
+VTL0     := guest_vtl0/build/vtl0.elf
+VTL1     := guest_vtl1/build/vtl1.elf
+
+# guest_vtlN/foo.c -> guest_vtlN/build/obj/foo.o; guest_lib/bar.c -> guest_vtlN/build/obj/lib/bar.o
+guest_objs = $(patsubst $(1)/%,$(1)/build/obj/%.o,$(basename $(2))) \
+             $(patsubst guest_lib/%,$(1)/build/obj/lib/%.o,$(basename $(LIB_SRC)))
+VTL0_OBJ := $(call guest_objs,guest_vtl0,$(VTL0_SRC))
+VTL1_OBJ := $(call guest_objs,guest_vtl1,$(VTL1_SRC))
 
 .PHONY: all guests bench setup test check clean
 all: guests bench
 
 guests: $(VTL0) $(VTL1)
 
-$(VTL0): guest_vtl0/entry.S guest_vtl0/main.c guest_vtl0/scenarios.c guest_vtl0/linker.ld $(LIB_SRC) $(HDRS)
-	@mkdir -p $(@D)
-	$(CC) $(CFLAGS) $(LDFLAGS) -T guest_vtl0/linker.ld -o $@ guest_vtl0/entry.S guest_vtl0/main.c \
-	    guest_vtl0/scenarios.c $(LIB_SRC)
+$(VTL0): $(VTL0_OBJ) guest_vtl0/linker.ld
+	$(CC) $(LDFLAGS) -T guest_vtl0/linker.ld -o $@ $(VTL0_OBJ)
 
-$(VTL1): guest_vtl1/entry.S guest_vtl1/main.c guest_vtl1/policy.c guest_vtl1/vtl1.h guest_vtl1/linker.ld $(LIB_SRC) $(HDRS)
-	@mkdir -p $(@D)
-	$(CC) $(CFLAGS) $(LDFLAGS) -T guest_vtl1/linker.ld -o $@ guest_vtl1/entry.S guest_vtl1/main.c \
-	    guest_vtl1/policy.c $(LIB_SRC)
+$(VTL1): $(VTL1_OBJ) guest_vtl1/linker.ld
+	$(CC) $(LDFLAGS) -T guest_vtl1/linker.ld -o $@ $(VTL1_OBJ)
+
+# One compile rule per (image, source directory, language).  Objects also depend on the
+# Makefile (flags) and, through the -MMD files, on every header they include.
+define guest_compile_rules
+$(1)/build/obj/%.o: $(1)/%.c Makefile
+	@mkdir -p $$(@D)
+	$$(CC) $$(GUEST_CFLAGS) -c -o $$@ $$<
+$(1)/build/obj/%.o: $(1)/%.S Makefile
+	@mkdir -p $$(@D)
+	$$(CC) $$(GUEST_CFLAGS) -c -o $$@ $$<
+$(1)/build/obj/lib/%.o: guest_lib/%.c Makefile
+	@mkdir -p $$(@D)
+	$$(CC) $$(GUEST_CFLAGS) -c -o $$@ $$<
+$(1)/build/obj/lib/%.o: guest_lib/%.S Makefile
+	@mkdir -p $$(@D)
+	$$(CC) $$(GUEST_CFLAGS) -c -o $$@ $$<
+endef
+$(foreach image,guest_vtl0 guest_vtl1,$(eval $(call guest_compile_rules,$(image))))
+-include $(VTL0_OBJ:.o=.d) $(VTL1_OBJ:.o=.d)
 
 bench:
 	$(MAKE) -C bench
