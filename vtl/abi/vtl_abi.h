@@ -81,7 +81,7 @@
 #define VTL_CALL_NOP               0x00   /* returns VTL_OK                           */
 #define VTL_CALL_ECHO              0x01   /* RAX = VTL_OK, RCX = RCX + 1              */
 #define VTL_CALL_REG_PROBE         0x02   /* register-isolation probe, see guest_vtl1 */
-#define VTL_CALL_GET_MEASUREMENT   0x03   /* RDI = GPA of 32 bytes in VTL0: VTL1's SHA-256 */
+#define VTL_CALL_GET_MEASUREMENT   0x03   /* RDI = GPA of 32 bytes in VTL0: VTL1's measurement */
 #define VTL_CALL_PROTECT           0x04   /* RCX = GPA, RDI = pages, RDX = VTL_MEM_* wanted,
                                              RSI = VTL_PROTECT_* flags.  Boot only.         */
 #define VTL_CALL_PROTECT_PAGES     0x05   /* RCX = GPA of a uint64 page-GPA list in VTL0,
@@ -205,7 +205,8 @@ struct vtl_boot_info {
     uint64_t flags;          /* VTL_BOOT_F_*                                    */
     uint64_t param;          /* scenario parameter (e.g. iteration count)       */
     char     scenario[48];   /* VTL0: scenario to run, NUL-terminated; "" = default */
-    uint8_t  measurement[32];/* VTL1: SHA-256 of its own image file             */
+    uint8_t  measurement[32];/* VTL1: SHA-256 of its image as loaded (entry point
+                                and PT_LOAD segments; docs/abi.md "Measurement") */
     uint64_t reserved[8];
 };
 
