@@ -82,6 +82,24 @@ struct fault_info {
 int try_run(void (*fn)(void *), void *arg, struct fault_info *fi);
 const char *vector_name(int vector);
 
+/* ---- report channel (guest_lib/report.c; docs/abi.md "Report channel") ----
+ * Each fills a struct vtl_report (on the stack: identity-mapped, so its address is its
+ * GPA) and issues VTL_HC_REPORT; returns the VMM's status (VTL_OK when recorded).
+ * Names are cut to 31 bytes, texts to 63. */
+uint64_t report_send(const struct vtl_report *r);
+uint64_t report(uint32_t kind, const char *name, uint64_t v0, uint64_t v1, uint64_t v2, uint64_t v3,
+		const char *text);
+uint64_t report_result(const char *name, int ok, const char *why);   /* value[0] = ok ? 0 : 1 */
+uint64_t report_target(const char *name, uint64_t gpa, uint64_t len, uint64_t old);
+uint64_t report_msr(const char *name, uint32_t index, uint64_t old);
+uint64_t report_status(const char *name, uint64_t code, uint64_t status);
+uint64_t report_fault(const char *name, const struct fault_info *fi);
+uint64_t report_value(const char *name, uint64_t value);
+uint64_t report_stamps(const char *name, const uint64_t *stamps, uint64_t count, uint64_t per_stamp);
+uint64_t report_exec(const char *name, uint64_t gva, uint64_t gpa);
+uint64_t report_bytes(const char *name, const void *p, uint64_t n);
+const char *vtl_status_name(uint64_t status);   /* "VTL_OK", "VTL_E_POLICY", ... */
+
 /* ---- paging: identity map of [0, mem_size), 4 KiB pages below 16 MiB ---- */
 void paging_init(uint64_t mem_size);
 uint64_t *pte_for(uint64_t va);   /* leaf PTE of a 4 KiB-mapped address, or NULL */
