@@ -104,6 +104,8 @@ void exception_handler(struct regs_frame *f)
 	}
 	printf("exception %s (%lu) err=%#lx rip=%#lx cr2=%#lx cs=%#lx\n", vector_name((int)f->vector),
 	       f->vector, f->error_code, f->rip, cr2, f->cs);
+	struct fault_info fi = { (int)f->vector, f->error_code, f->rip, f->cs, cr2 };
+	report_fault("unexpected_exception", &fi);
 	guest_exit(0x80 | (uint32_t)f->vector);
 }
 

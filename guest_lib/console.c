@@ -1,20 +1,10 @@
-/* Console on VTL_PORT_CONSOLE with a per-kernel line prefix, and a small printf. */
+/* Console on VTL_PORT_CONSOLE and a small printf.  The console is for people: the VMM
+ * tags each line with the VTL it came from (a guest cannot write another VTL's lines),
+ * and results go through the report channel (report.c), never through this text. */
 #include <stdarg.h>
 #include "lib.h"
 
-const char *console_prefix = "";
-static int at_line_start = 1;
-
-static void raw_putc(char c) { OUTB_IMM(VTL_PORT_CONSOLE, c); }
-
-void console_putc(char c)
-{
-	if (at_line_start && c != '\n')
-		for (const char *p = console_prefix; *p; p++)
-			raw_putc(*p);
-	raw_putc(c);
-	at_line_start = (c == '\n');
-}
+void console_putc(char c) { OUTB_IMM(VTL_PORT_CONSOLE, c); }
 
 static void put_num(uint64_t v, int base, int width, int zero, int neg, int left, int alt)
 {

@@ -53,8 +53,7 @@ static inline uint64_t vtl_call4(uint64_t code, uint64_t rcx_in, uint64_t rdi_in
 	return rax;
 }
 
-/* ---- console and exit ---- */
-extern const char *console_prefix;
+/* ---- console (for people; the VMM tags lines with their VTL) and exit ---- */
 void console_putc(char c);
 int printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void print_hex_bytes(const uint8_t *p, size_t n);

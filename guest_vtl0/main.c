@@ -6,21 +6,24 @@ struct vtl_boot_info *boot_info;
 
 extern const struct vtl_scenario_desc _scenarios_start[], _scenarios_end[];
 
+/* The verdict: a RESULT report (what tools and tests read), a line for people, then
+ * the exit status. */
 void pass(const char *name)
 {
+	report_result(name, 1, NULL);
 	printf("PASS: %s\n", name);
 	guest_exit(0);
 }
 
 void fail(const char *name, const char *why)
 {
+	report_result(name, 0, why);
 	printf("FAIL: %s: %s\n", name, why);
 	guest_exit(1);
 }
 
 void kmain(struct vtl_boot_info *bi)
 {
-	console_prefix = "[vtl0] ";
 	arch_init();
 	if (bi->magic != VTL_BOOT_MAGIC || bi->abi_version != VTL_ABI_VERSION) {
 		printf("bad boot info: magic %#lx abi %u\n", bi->magic, bi->abi_version);
@@ -41,5 +44,6 @@ void kmain(struct vtl_boot_info *bi)
 		}
 	}
 	printf("unknown scenario '%s'\n", name);
+	report_result(name, 0, "unknown scenario");
 	guest_exit(2);
 }

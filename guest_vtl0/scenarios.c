@@ -1,22 +1,21 @@
-/* Scenarios built into VTL0.  Each checks its own outcome and prints PASS or FAIL. */
+/* Scenarios built into VTL0.  Each checks its own outcome and ends with pass() or fail().
+ *
+ * Everything a tool or test needs goes through the report channel (guest_lib/report.c):
+ * the verdict (RESULT), every status a scenario checks (STATUS), every fault it observed
+ * (FAULT), attack targets (TARGET, EXEC, MSR) and measured numbers (VALUE, BYTES,
+ * STAMPS).  Observations are reported before the scenario judges them, so a failing run
+ * still shows what was seen.  The console lines are for people. */
 #include "vtl0.h"
 
 #define VTL1_TARGET (VTL1_BASE + VTL1_IMAGE_MIN_OFF)
 #define ECHO_ARG 0x1234
 
-static const char *status_name(uint64_t s)
-{
-	static const char *const n[] = { "VTL_OK", "VTL_E_INVALID_CODE", "VTL_E_ACCESS_DENIED",
-		"VTL_E_INVALID_ARG", "VTL_E_NOT_ENABLED", "VTL_E_ALREADY_ENABLED", "VTL_E_DISABLED",
-		"VTL_E_MISALIGNED", "VTL_E_OUT_OF_RANGE", "VTL_E_OVERLAPS_VTL1", "VTL_E_NO_RESOURCES",
-		"VTL_E_IMMUTABLE", "VTL_E_POLICY" };
-	return s < sizeof(n) / sizeof(n[0]) ? n[s] : "?";
-}
-
+/* STATUS "enable_vtl1": value[0] = VTL_HC_ENABLE_VTL1, value[1] = the status. */
 static uint64_t enable_vtl1(void)
 {
 	uint64_t st = hypercall(VTL_HC_ENABLE_VTL1, 0, 0, 0, NULL);
-	printf("enable VTL1: %s\n", status_name(st));
+	report_status("enable_vtl1", VTL_HC_ENABLE_VTL1, st);
+	printf("enable VTL1: %s\n", vtl_status_name(st));
 	return st;
 }
 
@@ -26,36 +25,45 @@ static void require_vtl1(const char *name)
 		fail(name, "VTL1 could not be enabled");
 }
 
-/* After a refusal: VTL1 and the VMM still serve VTL calls. */
+/* After a refusal: VTL1 and the VMM still serve VTL calls.
+ * STATUS "echo" (VTL_CALL_ECHO) and VALUE "echo_rcx" = RCX after the call (ECHO_ARG + 1). */
 static void echo_still_works(const char *name)
 {
 	uint64_t rcx = 0;
 	uint64_t st = vtl_call(VTL_CALL_ECHO, ECHO_ARG, 0, &rcx);
+	report_status("echo", VTL_CALL_ECHO, st);
+	report_value("echo_rcx", rcx);
 	if (st != VTL_OK || rcx != ECHO_ARG + 1)
 		fail(name, "VTL_CALL_ECHO failed after the refusal");
 	printf("VTL_CALL_ECHO still served (RCX %#x -> %#lx)\n", ECHO_ARG, rcx);
 }
 
-static void expect_status(const char *name, const char *what, uint64_t got, uint64_t want)
+/* STATUS `key`: value[0] = the call or hypercall code, value[1] = the status received. */
+static void expect_status(const char *name, const char *key, uint64_t code, const char *what, uint64_t got,
+			  uint64_t want)
 {
-	printf("%s -> %s\n", what, status_name(got));
+	report_status(key, code, got);
+	printf("%s -> %s\n", what, vtl_status_name(got));
 	if (got != want)
 		fail(name, "unexpected status");
 }
 
-static void expect_fault(const char *name, const char *what, int ok, struct fault_info *fi, int vector)
+/* FAULT `key` (vector, error code, RIP, CR2) when the attempt faulted. */
+static void expect_fault(const char *name, const char *key, const char *what, int ok, struct fault_info *fi,
+			 int vector)
 {
 	if (!ok) {
 		printf("%s: no fault\n", what);
 		fail(name, "the access was not refused");
 	}
+	report_fault(key, fi);
 	printf("%s: %s (%d) err=%#lx rip=%#lx cs=%#lx\n", what, vector_name(fi->vector), fi->vector,
 	       fi->error_code, fi->rip, fi->cs);
 	if (fi->vector != vector)
 		fail(name, "unexpected fault vector");
 }
 
-SCENARIO(sc_boot, "boot", "enable VTL1, make NOP/ECHO calls, print VTL1's measurement")
+SCENARIO(sc_boot, "boot", "enable VTL1, make NOP/ECHO calls, report VTL1's measurement")
 {
 	uint64_t st = enable_vtl1();
 	if (st == VTL_E_DISABLED) {
@@ -64,11 +72,12 @@ SCENARIO(sc_boot, "boot", "enable VTL1, make NOP/ECHO calls, print VTL1's measur
 	}
 	if (st != VTL_OK)
 		fail("boot", "enable failed");
-	expect_status("boot", "VTL_CALL_NOP", vtl_call(VTL_CALL_NOP, 0, 0, NULL), VTL_OK);
+	expect_status("boot", "nop", VTL_CALL_NOP, "VTL_CALL_NOP", vtl_call(VTL_CALL_NOP, 0, 0, NULL), VTL_OK);
 	echo_still_works("boot");
 	static uint8_t m[32];
-	expect_status("boot", "VTL_CALL_GET_MEASUREMENT",
+	expect_status("boot", "get_measurement", VTL_CALL_GET_MEASUREMENT, "VTL_CALL_GET_MEASUREMENT",
 		      vtl_call(VTL_CALL_GET_MEASUREMENT, 0, (uint64_t)m, NULL), VTL_OK);
+	report_bytes("vtl1_measurement", m, sizeof(m));   /* what VTL1 told VTL0 */
 	printf("VTL1 measurement: ");
 	print_hex_bytes(m, 32);
 	printf("\n");
@@ -90,6 +99,15 @@ SCENARIO(sc_state, "vtl-call-state", "GPRs shared across a VTL call; RIP/RSP/RFL
 	struct reg_probe_result *r = &probe_result;
 	int bad = 0;
 
+	report_value("vtl1_entry_reason", r->entry_reason);
+	report_value("vtl1_ctl_rax", r->ctl_rax);
+	report_value("vtl1_ctl_rcx", r->ctl_rcx);
+	report_value("shared_reg_mismatches", r->mismatches);
+	report_value("vtl0_rsp", probe_rsp_before);
+	report_value("vtl1_rsp", r->vtl1_rsp);
+	report_value("vtl0_cr3", probe_cr3_before);
+	report_value("vtl1_cr3", r->vtl1_cr3);
+	report_value("vtl1_rip", r->vtl1_rip);
 	printf("VTL1 entered with reason %lu, vtl_control rax=%#lx rcx=%#lx\n", r->entry_reason,
 	       r->ctl_rax, r->ctl_rcx);
 	if (r->entry_reason != VTL_ENTRY_CALL || r->ctl_rax != VTL_CALL_REG_PROBE ||
@@ -123,6 +141,7 @@ SCENARIO(sc_state, "vtl-call-state", "GPRs shared across a VTL call; RIP/RSP/RFL
 	if (r->vtl0_rsp != probe_rsp_before || r->vtl0_cr3 != probe_cr3_before ||
 	    !(r->vtl0_rflags & RFLAGS_AC))
 		bad++, printf("  VTL1's view of VTL0's private registers is wrong\n");
+	report_value("isolation_violations", (uint64_t)bad);
 	if (bad)
 		fail("vtl-call-state", "register isolation violated");
 	pass("vtl-call-state");
@@ -134,25 +153,25 @@ static void read_target(void *a) { (void)a; sink = *(volatile uint64_t *)VTL1_TA
 static void write_target(void *a) { (void)a; *(volatile uint64_t *)VTL1_TARGET = 0x4141414141414141ULL; }
 static void exec_target(void *a) { (void)a; ((void (*)(void))VTL1_TARGET)(); }
 
-static void vtl1_memory(const char *name, void (*fn)(void *), const char *what)
+static void vtl1_memory(const char *name, void (*fn)(void *), const char *key, const char *what)
 {
 	struct fault_info fi;
 	require_vtl1(name);
 	sink = 0;
 	int f = try_run(fn, NULL, &fi);
-	expect_fault(name, what, f, &fi, 13);
+	expect_fault(name, key, what, f, &fi, 13);
 	echo_still_works(name);
 	pass(name);
 }
 
 SCENARIO(sc_read1, "read-vtl1-memory", "VTL0 reads VTL1's memory: refused with #GP")
-{ vtl1_memory("read-vtl1-memory", read_target, "read of VTL1 memory"); }
+{ vtl1_memory("read-vtl1-memory", read_target, "read_vtl1", "read of VTL1 memory"); }
 
 SCENARIO(sc_write1, "write-vtl1-memory", "VTL0 writes VTL1's memory: refused with #GP, memory unchanged")
-{ vtl1_memory("write-vtl1-memory", write_target, "write to VTL1 memory"); }
+{ vtl1_memory("write-vtl1-memory", write_target, "write_vtl1", "write to VTL1 memory"); }
 
 SCENARIO(sc_exec1, "exec-vtl1-memory", "VTL0 jumps into VTL1's code: refused with #GP")
-{ vtl1_memory("exec-vtl1-memory", exec_target, "jump into VTL1 code"); }
+{ vtl1_memory("exec-vtl1-memory", exec_target, "exec_vtl1", "jump into VTL1 code"); }
 
 /* --- bad requests ------------------------------------------------------------------- */
 static void forged_return(void *a) { (void)a; OUTB_IMM(VTL_PORT_RETURN, 0); }
@@ -162,7 +181,7 @@ SCENARIO(sc_forge, "vtl-return-from-vtl0", "VTL0 forges a VTL return: #UD")
 	struct fault_info fi;
 	require_vtl1("vtl-return-from-vtl0");
 	int f = try_run(forged_return, NULL, &fi);
-	expect_fault("vtl-return-from-vtl0", "VTL return from VTL0", f, &fi, 6);
+	expect_fault("vtl-return-from-vtl0", "vtl_return", "VTL return from VTL0", f, &fi, 6);
 	echo_still_works("vtl-return-from-vtl0");
 	pass("vtl-return-from-vtl0");
 }
@@ -194,7 +213,11 @@ SCENARIO(sc_user, "vtl-call-from-user", "a VTL call from CPL3: #GP")
 	invlpg((uint64_t)user_code);
 	invlpg((uint64_t)user_stack);
 	int f = try_run(enter_user, NULL, &fi);
-	expect_fault("vtl-call-from-user", "VTL call from CPL3", f, &fi, 13);
+	if (f) {
+		report_value("user_code", (uint64_t)user_code);
+		report_value("fault_cs", fi.cs);
+	}
+	expect_fault("vtl-call-from-user", "vtl_call_from_user", "VTL call from CPL3", f, &fi, 13);
 	if ((fi.cs & 3) != 3 || fi.rip != (uint64_t)user_code)
 		fail("vtl-call-from-user", "the fault was not taken at the user-mode OUT");
 	echo_still_works("vtl-call-from-user");
@@ -204,7 +227,7 @@ SCENARIO(sc_user, "vtl-call-from-user", "a VTL call from CPL3: #GP")
 SCENARIO(sc_unknown_call, "unknown-call-code", "a VTL call with an unknown code: VTL_E_INVALID_CODE")
 {
 	require_vtl1("unknown-call-code");
-	expect_status("unknown-call-code", "VTL call 0x7777", vtl_call(0x7777, 0, 0, NULL),
+	expect_status("unknown-call-code", "call_0x7777", 0x7777, "VTL call 0x7777", vtl_call(0x7777, 0, 0, NULL),
 		      VTL_E_INVALID_CODE);
 	echo_still_works("unknown-call-code");
 	pass("unknown-call-code");
@@ -213,8 +236,9 @@ SCENARIO(sc_unknown_call, "unknown-call-code", "a VTL call with an unknown code:
 SCENARIO(sc_vtl1_hc, "vtl1-hypercall-from-vtl0", "VTL0 issues a VTL1-only hypercall: VTL_E_ACCESS_DENIED")
 {
 	require_vtl1("vtl1-hypercall-from-vtl0");
-	expect_status("vtl1-hypercall-from-vtl0", "VTL_HC_GET_VP_REGISTER from VTL0",
-		      hypercall(VTL_HC_GET_VP_REGISTER, 0, VTL_REG_CR3, 0, NULL), VTL_E_ACCESS_DENIED);
+	expect_status("vtl1-hypercall-from-vtl0", "get_vp_register", VTL_HC_GET_VP_REGISTER,
+		      "VTL_HC_GET_VP_REGISTER from VTL0", hypercall(VTL_HC_GET_VP_REGISTER, 0, VTL_REG_CR3, 0, NULL),
+		      VTL_E_ACCESS_DENIED);
 	echo_still_works("vtl1-hypercall-from-vtl0");
 	pass("vtl1-hypercall-from-vtl0");
 }
@@ -222,8 +246,8 @@ SCENARIO(sc_vtl1_hc, "vtl1-hypercall-from-vtl0", "VTL0 issues a VTL1-only hyperc
 SCENARIO(sc_unknown_hc, "unknown-hypercall", "an unknown hypercall code: VTL_E_INVALID_CODE")
 {
 	require_vtl1("unknown-hypercall");
-	expect_status("unknown-hypercall", "hypercall 0x7777", hypercall(0x7777, 0, 0, 0, NULL),
-		      VTL_E_INVALID_CODE);
+	expect_status("unknown-hypercall", "hypercall_0x7777", 0x7777, "hypercall 0x7777",
+		      hypercall(0x7777, 0, 0, 0, NULL), VTL_E_INVALID_CODE);
 	echo_still_works("unknown-hypercall");
 	pass("unknown-hypercall");
 }
@@ -231,7 +255,7 @@ SCENARIO(sc_unknown_hc, "unknown-hypercall", "an unknown hypercall code: VTL_E_I
 SCENARIO(sc_twice, "enable-twice", "enable VTL1 twice: VTL_E_ALREADY_ENABLED")
 {
 	require_vtl1("enable-twice");
-	expect_status("enable-twice", "second VTL_HC_ENABLE_VTL1",
+	expect_status("enable-twice", "enable_vtl1_again", VTL_HC_ENABLE_VTL1, "second VTL_HC_ENABLE_VTL1",
 		      hypercall(VTL_HC_ENABLE_VTL1, 0, 0, 0, NULL), VTL_E_ALREADY_ENABLED);
 	echo_still_works("enable-twice");
 	pass("enable-twice");
@@ -239,7 +263,7 @@ SCENARIO(sc_twice, "enable-twice", "enable VTL1 twice: VTL_E_ALREADY_ENABLED")
 
 SCENARIO(sc_early, "call-without-vtl1", "a VTL call before VTL1 is enabled: VTL_E_NOT_ENABLED")
 {
-	expect_status("call-without-vtl1", "VTL call before enabling VTL1",
+	expect_status("call-without-vtl1", "call_before_enable", VTL_CALL_ECHO, "VTL call before enabling VTL1",
 		      vtl_call(VTL_CALL_ECHO, ECHO_ARG, 0, NULL), VTL_E_NOT_ENABLED);
 	require_vtl1("call-without-vtl1");
 	echo_still_works("call-without-vtl1");
@@ -274,17 +298,19 @@ SCENARIO(sc_bench, "bench-null-call", "N null VTL calls (param, default 100000),
 		null_call_batch(BENCH_BATCH);
 	}
 	stamps[batches] = rdtsc();
-	uint64_t st = hypercall(VTL_HC_BENCH_REPORT, (uint64_t)stamps, batches + 1, BENCH_BATCH, NULL);
+	/* STAMPS "null_call": batches + 1 TSC stamps, value[0] = null calls between two */
+	uint64_t st = report_stamps("null_call", stamps, batches + 1, BENCH_BATCH);
 	printf("%lu null VTL calls in %lu TSC ticks (report: %s)\n", batches * BENCH_BATCH,
-	       stamps[batches] - stamps[0], status_name(st));
+	       stamps[batches] - stamps[0], vtl_status_name(st));
 	if (st != VTL_OK)
 		fail("bench-null-call", "the VMM refused the report");
 	pass("bench-null-call");
 }
 
 /* ---- memory policy (issue 3): VTL0 hardens itself with VTL1, then attacks itself with
- * the arbitrary-write primitive of Heki's threat model.  "ATTACK target=" lines let the
- * VMM check the target memory itself after the run. ---- */
+ * the arbitrary-write primitive of Heki's threat model.  TARGET / EXEC / MSR reports name
+ * what is attacked, so that the VMM checks the target itself after the run: the verdict
+ * is what the VMM observes, never this guest's word. ---- */
 extern char _text_start[], _text_end[], _scenarios_page_end[], _ro_after_init_start[],
 	_ro_after_init_end[], _data_start[];
 
@@ -309,9 +335,11 @@ static uint64_t protection_of(uint64_t gpa)
 	return rcx;
 }
 
-static void must(const char *name, const char *what, uint64_t st)
+/* STATUS `key` (value[0] = code), then the scenario fails unless it is VTL_OK. */
+static void must(const char *name, const char *key, uint64_t code, const char *what, uint64_t st)
 {
-	printf("%s -> %s\n", what, status_name(st));
+	report_status(key, code, st);
+	printf("%s -> %s\n", what, vtl_status_name(st));
 	if (st != VTL_OK)
 		fail(name, what);
 }
@@ -323,38 +351,50 @@ static void harden(const char *name, int end_of_boot)
 	uint64_t ts = (uint64_t)_text_start, te = (uint64_t)_text_end;
 	uint64_t v1 = boot_info->vtl1_base, v1e = v1 + boot_info->vtl1_size, mem = boot_info->mem_size;
 	paging_set_nx_except(ts, te);
-	must(name, "text r-x, immutable", prot(ts, PAGES(ts, te), VTL_MEM_NW, VTL_PROTECT_IMMUTABLE));
-	must(name, "rodata r--, immutable", prot(te, PAGES(te, _scenarios_page_end), VTL_MEM_NW | VTL_MEM_NX,
-						  VTL_PROTECT_IMMUTABLE));
+	must(name, "protect_text", VTL_CALL_PROTECT, "text r-x, immutable",
+	     prot(ts, PAGES(ts, te), VTL_MEM_NW, VTL_PROTECT_IMMUTABLE));
+	must(name, "protect_rodata", VTL_CALL_PROTECT, "rodata r--, immutable",
+	     prot(te, PAGES(te, _scenarios_page_end), VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE));
 	if ((uint64_t)_ro_after_init_end > (uint64_t)_ro_after_init_start)
-		must(name, "ro_after_init rw- until end of boot",
+		must(name, "protect_ro_after_init", VTL_CALL_PROTECT, "ro_after_init rw- until end of boot",
 		     prot((uint64_t)_ro_after_init_start, PAGES(_ro_after_init_start, _ro_after_init_end),
 			  VTL_MEM_NX, VTL_PROTECT_AFTER_BOOT));
-	must(name, "data, bss and free memory rw-", prot((uint64_t)_data_start, PAGES(_data_start, v1),
-							  VTL_MEM_NX, 0));
-	must(name, "low memory rw-", prot(0, ts >> 12, VTL_MEM_NX, 0));
+	must(name, "protect_data", VTL_CALL_PROTECT, "data, bss and free memory rw-",
+	     prot((uint64_t)_data_start, PAGES(_data_start, v1), VTL_MEM_NX, 0));
+	must(name, "protect_low", VTL_CALL_PROTECT, "low memory rw-", prot(0, ts >> 12, VTL_MEM_NX, 0));
 	if (mem > v1e)
-		must(name, "memory above VTL1 rw-", prot(v1e, (mem - v1e) >> 12, VTL_MEM_NX, 0));
-	must(name, "lock page tables", vtl_call(VTL_CALL_LOCK_PAGE_TABLES, 0, 0, NULL));
+		must(name, "protect_high", VTL_CALL_PROTECT, "memory above VTL1 rw-",
+		     prot(v1e, (mem - v1e) >> 12, VTL_MEM_NX, 0));
+	must(name, "lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, "lock page tables",
+	     vtl_call(VTL_CALL_LOCK_PAGE_TABLES, 0, 0, NULL));
 	if (end_of_boot)
-		must(name, "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+		must(name, "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
+		     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
 }
 
 static void write_u64_fn(void *p) { *(volatile uint64_t *)p = 0xBADBADBADBADBAD0ULL; }
 
-/* The write must fault with #PF(W) and leave memory as it was. */
-static void attack_write(const char *name, const char *what, uint64_t target)
+/* The guest saw its attack work: VALUE "attack_succeeded" (value[0] = what it saw). */
+static void attack_succeeded(const char *name, const char *why, uint64_t seen)
+{
+	report_value("attack_succeeded", seen);
+	printf("ATTACK-RESULT succeeded: %s (%#lx)\n", why, seen);
+	fail(name, why);
+}
+
+/* TARGET `key` (GPA, 8 bytes, old value), then the write must fault with #PF(W) (FAULT
+ * `key`) and leave memory as it was. */
+static void attack_write(const char *name, const char *key, const char *what, uint64_t target)
 {
 	uint64_t old = *(volatile uint64_t *)target;
+	report_target(key, target, 8, old);
 	printf("ATTACK target=%#lx old=%#lx (%s)\n", target, old, what);
 	struct fault_info fi;
 	int faulted = try_run(write_u64_fn, (void *)target, &fi);
 	uint64_t now = *(volatile uint64_t *)target;
-	if (now != old) {
-		printf("ATTACK-RESULT succeeded: %s now holds %#lx\n", what, now);
-		fail(name, "the write landed");
-	}
-	expect_fault(name, what, faulted, &fi, 14);
+	if (now != old)
+		attack_succeeded(name, "the write landed", now);
+	expect_fault(name, key, what, faulted, &fi, 14);
 	if (!(fi.error_code & 2))
 		fail(name, "#PF without the write bit");
 	printf("memory unchanged (%#lx)\n", now);
@@ -371,7 +411,7 @@ SCENARIO(sc_harden, "harden", "boot hardening: NX page tables, VTL1 attributes p
 SCENARIO(sc_w_text, "write-kernel-text", "attack: write kernel text after boot (VTL1: r-x, immutable)")
 {
 	harden("write-kernel-text", 1);
-	attack_write("write-kernel-text", "kernel text", (uint64_t)&write_u64_fn & ~7ULL);
+	attack_write("write-kernel-text", "kernel_text", "kernel text", (uint64_t)&write_u64_fn & ~7ULL);
 	echo_still_works("write-kernel-text");
 	pass("write-kernel-text");
 }
@@ -379,7 +419,7 @@ SCENARIO(sc_w_text, "write-kernel-text", "attack: write kernel text after boot (
 SCENARIO(sc_w_rodata, "write-rodata", "attack: write rodata (VTL1: r--, immutable)")
 {
 	harden("write-rodata", 1);
-	attack_write("write-rodata", "rodata", (uint64_t)&rodata_target);
+	attack_write("write-rodata", "rodata", "rodata", (uint64_t)&rodata_target);
 	pass("write-rodata");
 }
 
@@ -387,11 +427,14 @@ SCENARIO(sc_w_roai, "write-ro-after-init", "attack: write ro_after_init data aft
 {
 	harden("write-ro-after-init", 0);
 	ro_after_init_var = 0x2222;     /* still boot: allowed */
-	if (*(volatile uint64_t *)&ro_after_init_var != 0x2222)
+	uint64_t landed = *(volatile uint64_t *)&ro_after_init_var;
+	report_value("ro_after_init_boot_write", landed);
+	if (landed != 0x2222)
 		fail("write-ro-after-init", "boot-time write to ro_after_init did not land");
-	printf("boot-time write to ro_after_init landed (%#lx)\n", ro_after_init_var);
-	must("write-ro-after-init", "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
-	attack_write("write-ro-after-init", "ro_after_init", (uint64_t)&ro_after_init_var);
+	printf("boot-time write to ro_after_init landed (%#lx)\n", landed);
+	must("write-ro-after-init", "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
+	     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+	attack_write("write-ro-after-init", "ro_after_init", "ro_after_init", (uint64_t)&ro_after_init_var);
 	pass("write-ro-after-init");
 }
 
@@ -401,14 +444,13 @@ SCENARIO(sc_x_data, "exec-data-page", "attack: execute code written into a data 
 {
 	harden("exec-data-page", 1);
 	data_page[0] = 0xC3;    /* ret */
+	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page);   /* identity-mapped */
 	printf("ATTACK exec=%#lx\n", (uint64_t)data_page);
 	struct fault_info fi;
 	int faulted = try_run(call_fn, data_page, &fi);
-	if (!faulted) {
-		printf("ATTACK-RESULT succeeded: code in a data page ran\n");
-		fail("exec-data-page", "the data page executed");
-	}
-	expect_fault("exec-data-page", "execute data page", faulted, &fi, 14);
+	if (!faulted)
+		attack_succeeded("exec-data-page", "the data page executed", (uint64_t)data_page);
+	expect_fault("exec-data-page", "exec_data_page", "execute data page", faulted, &fi, 14);
 	if (!(fi.error_code & 0x10))
 		fail("exec-data-page", "#PF without the instruction-fetch bit");
 	pass("exec-data-page");
@@ -418,7 +460,7 @@ SCENARIO(sc_pte, "modify-page-table", "attack: clear NX in the PTE of a data pag
 {
 	harden("modify-page-table", 1);
 	uint64_t *pte = pte_for((uint64_t)data_page);
-	attack_write("modify-page-table", "page-table entry", (uint64_t)pte);
+	attack_write("modify-page-table", "page_table_entry", "page-table entry", (uint64_t)pte);
 	if (!(*pte & (1ULL << 63)))
 		fail("modify-page-table", "NX bit gone");
 	pass("modify-page-table");
@@ -428,9 +470,9 @@ SCENARIO(sc_ask_text_w, "ask-text-writable", "attack: ask VTL1 to make immutable
 {
 	harden("ask-text-writable", 0);
 	uint64_t text = (uint64_t)_text_start;
-	expect_status("ask-text-writable", "VTL_CALL_PROTECT(text, rw-)", prot(text, 1, VTL_MEM_NX, 0),
-		      VTL_E_IMMUTABLE);
-	attack_write("ask-text-writable", "kernel text", text);
+	expect_status("ask-text-writable", "protect_text_rw", VTL_CALL_PROTECT, "VTL_CALL_PROTECT(text, rw-)",
+		      prot(text, 1, VTL_MEM_NX, 0), VTL_E_IMMUTABLE);
+	attack_write("ask-text-writable", "kernel_text", "kernel text", text);
 	pass("ask-text-writable");
 }
 
@@ -438,9 +480,10 @@ SCENARIO(sc_ask_wx, "ask-writable-executable", "attack: ask VTL1 to make a writa
 {
 	harden("ask-writable-executable", 0);
 	uint64_t pg = (uint64_t)data_page;
-	expect_status("ask-writable-executable", "VTL_CALL_PROTECT(data page, rwx)", prot(pg, 1, 0, 0),
-		      VTL_E_POLICY);
+	expect_status("ask-writable-executable", "protect_data_rwx", VTL_CALL_PROTECT,
+		      "VTL_CALL_PROTECT(data page, rwx)", prot(pg, 1, 0, 0), VTL_E_POLICY);
 	uint64_t a = protection_of(pg);
+	report_value("data_page_attrs", a);     /* VTL_MEM_* per VTL1 (VTL_CALL_GET_PROTECTION) */
 	printf("data page attributes still %#lx\n", a);
 	if (a != VTL_MEM_NX)
 		fail("ask-writable-executable", "attributes changed");
@@ -457,10 +500,14 @@ SCENARIO(sc_list_end, "protect-list-past-end", "attack: a page list running past
 	bad_list[1] = mem - 4096;
 	bad_list[2] = mem;
 	bad_list[3] = mem + 4096;
-	expect_status("protect-list-past-end", "VTL_CALL_PROTECT_PAGES(4 pages, the last two past the end)",
+	expect_status("protect-list-past-end", "protect_pages_past_end", VTL_CALL_PROTECT_PAGES,
+		      "VTL_CALL_PROTECT_PAGES(4 pages, the last two past the end)",
 		      vtl_call4(VTL_CALL_PROTECT_PAGES, (uint64_t)bad_list, 4, VTL_MEM_NW | VTL_MEM_NX, 0, NULL),
 		      VTL_E_OUT_OF_RANGE);
-	if (protection_of((uint64_t)data_page) != VTL_MEM_NX || protection_of(mem - 4096) != VTL_MEM_NX)
+	uint64_t first = protection_of((uint64_t)data_page), last = protection_of(mem - 4096);
+	report_value("data_page_attrs", first);
+	report_value("last_page_attrs", last);
+	if (first != VTL_MEM_NX || last != VTL_MEM_NX)
 		fail("protect-list-past-end", "part of the list was applied");
 	printf("nothing applied: all or nothing\n");
 	echo_still_works("protect-list-past-end");
@@ -472,23 +519,25 @@ static void clear_nxe(void *arg) { (void)arg; wrmsr(MSR_EFER, rdmsr(MSR_EFER) & 
 SCENARIO(sc_efer, "clear-efer-nxe", "attack: clear EFER.NXE to make data executable (MSR filter)")
 {
 	harden("clear-efer-nxe", 1);
-	printf("ATTACK msr=%#x\n", MSR_EFER);
+	uint64_t old = rdmsr(MSR_EFER);
+	report_msr("efer", MSR_EFER, old);
+	printf("ATTACK msr=%#x old=%#lx\n", MSR_EFER, old);
 	struct fault_info fi;
 	int faulted = try_run(clear_nxe, NULL, &fi);
-	if (!(rdmsr(MSR_EFER) & EFER_NXE)) {
-		printf("ATTACK-RESULT succeeded: EFER.NXE is clear\n");
-		fail("clear-efer-nxe", "EFER.NXE cleared");
-	}
-	expect_fault("clear-efer-nxe", "wrmsr EFER", faulted, &fi, 13);
+	uint64_t now = rdmsr(MSR_EFER);
+	if (!(now & EFER_NXE))
+		attack_succeeded("clear-efer-nxe", "EFER.NXE cleared", now);
+	expect_fault("clear-efer-nxe", "wrmsr_efer", "wrmsr EFER", faulted, &fi, 13);
 	pass("clear-efer-nxe");
 }
 
 SCENARIO(sc_bench_icpt, "bench-intercept-allow", "N writes to an audited page, each an intercept VTL1 allows")
 {
 	harden("bench-intercept-allow", 0);
-	must("bench-intercept-allow", "audit page r-- (audit: allowed)",
+	must("bench-intercept-allow", "protect_audit_page", VTL_CALL_PROTECT, "audit page r-- (audit: allowed)",
 	     prot((uint64_t)audit_page, 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_AUDIT));
-	must("bench-intercept-allow", "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+	must("bench-intercept-allow", "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
+	     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
 	uint64_t n = boot_info->param ? boot_info->param : 2000;
 	uint64_t batches = n / BENCH_BATCH ? n / BENCH_BATCH : 1;
 	if (batches > BENCH_MAX_STAMPS - 1)
@@ -500,12 +549,15 @@ SCENARIO(sc_bench_icpt, "bench-intercept-allow", "N writes to an audited page, e
 			*w = b * BENCH_BATCH + i + 1;
 	}
 	stamps[batches] = rdtsc();
-	if (*w != batches * BENCH_BATCH)
+	uint64_t last = *w;
+	report_value("last_value", last);       /* batches * BENCH_BATCH when every write landed */
+	if (last != batches * BENCH_BATCH)
 		fail("bench-intercept-allow", "allowed writes did not land");
-	uint64_t st = hypercall(VTL_HC_BENCH_REPORT, (uint64_t)stamps, batches + 1, BENCH_BATCH, NULL);
-	printf("%lu allowed intercepted writes, last value %#lx (report: %s)\n", batches * BENCH_BATCH, *w,
-	       status_name(st));
-	pass("bench-intercept-allow");
+	/* STAMPS "intercept_allow": value[0] = allowed intercepted writes between two stamps */
+	uint64_t st = report_stamps("intercept_allow", stamps, batches + 1, BENCH_BATCH);
+	printf("%lu allowed intercepted writes, last value %#lx (report: %s)\n", batches * BENCH_BATCH, last,
+	       vtl_status_name(st));
+	pass("bench-intercept-allow");      /* the verdict is about the allowed writes, not the timing */
 }
 
 /* ---- a malicious VTL0: seeded random protection requests, VTL calls and hypercalls ---- */
@@ -553,7 +605,8 @@ SCENARIO(sc_fuzz, "fuzz-protection", "malicious VTL0: N (param, default 10000) s
 	uint64_t ok = 0, refused = 0, bad = 0;
 	for (uint64_t i = 0; i < n; i++) {
 		if (i == n / 2)
-			must("fuzz-protection", "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+			must("fuzz-protection", "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
+			     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
 		uint64_t st, attrs = rnd() % 16, flags = rnd() % 16, op = rnd() % 10;
 		if (op < 4) {
 			st = prot(fuzz_gpa(), fuzz_pages(), attrs, flags);
@@ -594,6 +647,10 @@ SCENARIO(sc_fuzz, "fuzz-protection", "malicious VTL0: N (param, default 10000) s
 		else
 			refused++;
 	}
+	report_value("requests", n);
+	report_value("accepted", ok);
+	report_value("refused", refused);
+	report_value("policy_violations", bad);  /* accepted W+X or after-boot changes: must be 0 */
 	printf("fuzz: %lu requests, %lu accepted, %lu refused, %lu policy violations\n", n, ok, refused, bad);
 	if (bad)
 		fail("fuzz-protection", "a request broke the policy");

@@ -12,7 +12,6 @@ struct frame {
 
 void vtl1_main(struct vtl_boot_info *boot)
 {
-	console_prefix = "[vtl1] ";
 	arch_init();
 	if (boot->magic != VTL_BOOT_MAGIC || boot->abi_version != VTL_ABI_VERSION || boot->vtl != 1) {
 		printf("bad boot info\n");
@@ -24,6 +23,8 @@ void vtl1_main(struct vtl_boot_info *boot)
 	wrmsr(MSR_GS_BASE, bi->control_gpa + bi->vp_index * 4096ULL);
 	printf("secure kernel up (vp %u of %u), image %#lx-%#lx\n", bi->vp_index, bi->nr_vps,
 	       bi->image_start, bi->image_end);
+	/* BYTES "vtl1_measurement": what the VMM wrote into boot_info (docs/abi.md, Measurement) */
+	report_bytes("vtl1_measurement", bi->measurement, sizeof(bi->measurement));
 	printf("measurement ");
 	print_hex_bytes(bi->measurement, 32);
 	printf("\n");

@@ -78,6 +78,8 @@ static uint64_t vmm_protect(uint64_t list_gpa, uint64_t count, uint64_t attrs, i
 		uint64_t next = 0;
 		uint64_t st = hypercall(VTL_HC_MODIFY_VTL_PROTECTION, (uint64_t)&req, 0, 0, &next);
 		if (st != VTL_OK) {
+			report(VTL_REPORT_STATUS, "vmm_protect", VTL_HC_MODIFY_VTL_PROTECTION, st, next, 0,
+			       vtl_status_name(st));   /* value[2] = the refused entry */
 			printf("VMM refused protection entry %lu: status %lu\n", next, st);
 			return st;
 		}
@@ -214,6 +216,7 @@ uint64_t policy_lock_page_tables(void)
 		}
 	}
 	if (wx_violations) {
+		report_value("lock_wx_violations", wx_violations);
 		printf("lock refused: %lu executable mappings of writable pages\n", wx_violations);
 		return VTL_E_POLICY;
 	}
@@ -228,6 +231,7 @@ uint64_t policy_lock_page_tables(void)
 		page[tables[i] >> 12] |= F_TABLE;
 	}
 	locked = 1;
+	report_value("locked_table_pages", ntables);
 	printf("VTL0 page tables locked: %lu table pages read-only, CR3 %#lx, EFER.NXE pinned\n",
 	       ntables, cr3);
 	return VTL_OK;
@@ -254,6 +258,7 @@ uint64_t policy_end_of_boot(void)
 		i = j;
 	}
 	boot_over = 1;
+	report_value("ro_after_init_pages", n);
 	printf("end of boot: %lu ro_after_init pages now read-only\n", n);
 	return VTL_OK;
 }
