@@ -138,7 +138,8 @@
                                              value[0] = operations between two stamps        */
 #define VTL_REPORT_EXEC            8      /* attack: code planted at GVA value[0], GPA value[1] */
 #define VTL_REPORT_BYTES           9      /* named bytes: data_count bytes at data_gpa        */
-#define VTL_REPORT_MAX_STAMPS      (1 << 21) /* STAMPS: most uint64s per report             */
+#define VTL_REPORT_MAX_STAMPS      0x200000 /* STAMPS: most uint64s per report (2^21); a
+                                             literal: cffi takes no expressions       */
 #define VTL_REPORT_MAX_BYTES       4096   /* BYTES: most bytes per report                    */
 
 /* ---- entry reasons (vtl_control.entry_reason) ------------------------ */

@@ -1,19 +1,24 @@
 """The control plane: runs a partition's scheduler in a worker thread under trio.
 
-trio owns the timeout and Ctrl-C; stopping a vCPU that sits in KVM_RUN takes
-kvm_run.immediate_exit plus a signal to its thread (api.rst, KVM_RUN).
+trio owns the timeout and the signals: SIGINT and SIGTERM stop the guest and the run
+ends as "interrupted" (130) or "terminated" (143), a timeout as "timeout" (124).
+Stopping a vCPU that sits in KVM_RUN takes kvm_run.immediate_exit plus a signal to
+its thread (api.rst, KVM_RUN).
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
-from collections.abc import Callable
 
 import trio
 
-from vtl.partition import Partition
-from vtl.scheduler import RunResult, Scheduler
+from vtl.core.partition import Partition
+from vtl.run.result import RunResult
+from vtl.run.scheduler import Scheduler
+from vtl.services.console import Console
+from vtl.services.outcomes import STATUS_INTERRUPTED, STATUS_TERMINATED, STATUS_TIMEOUT
 
 KICK_SIGNAL = signal.SIGUSR1
 
@@ -29,8 +34,8 @@ async def _supervise(sched: Scheduler, timeout: float | None) -> RunResult:
         finally:
             done.set()
 
-    async def kick(reason: str) -> None:
-        sched.stop(reason)
+    async def kick(status: int, reason: str, message: str) -> None:
+        sched.request_stop(status, reason, message)
         # Re-signal until the thread leaves KVM_RUN; immediate_exit covers the race
         # where the signal lands between two KVM_RUNs.
         while not done.is_set():
@@ -38,29 +43,34 @@ async def _supervise(sched: Scheduler, timeout: float | None) -> RunResult:
                 signal.pthread_kill(ident[0], KICK_SIGNAL)
             await trio.sleep(0.05)
 
-    async def watchdog() -> None:
-        assert timeout is not None
-        await trio.sleep(timeout)
-        await kick(f"no exit status after {timeout:g} s (timeout)")
+    async def watchdog(seconds: float) -> None:
+        await trio.sleep(seconds)
+        await kick(STATUS_TIMEOUT, "timeout", f"no exit status after {seconds:g} s (timeout)")
 
-    async def on_sigint() -> None:
+    async def on_signal() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                await kick("interrupted")
+            async for signum in signals:
+                if signum == signal.SIGINT:
+                    await kick(STATUS_INTERRUPTED, "interrupted", "interrupted (SIGINT)")
+                else:
+                    await kick(STATUS_TERMINATED, "terminated", "terminated (SIGTERM)")
                 return
 
     async with trio.open_nursery() as nursery:
-        if timeout:
-            nursery.start_soon(watchdog)
-        nursery.start_soon(on_sigint)
+        if timeout is not None:
+            nursery.start_soon(watchdog, timeout)
+        nursery.start_soon(on_signal)
         result = await trio.to_thread.run_sync(worker)
         nursery.cancel_scope.cancel()
     return result
 
 
-def run(partition: Partition, console: Callable[[str], None] | None = None,
+def run(partition: Partition, console: Console | None = None,
         timeout: float | None = 30.0) -> tuple[RunResult, Scheduler]:
-    """Run `partition` until the guest reports an exit status, crashes or times out."""
+    """Run `partition` until the guest reports an exit status, crashes, times out or is
+    stopped by a signal.  Errors inside the run end it with reason "vmm_error"."""
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     sched = Scheduler(partition, console)
     old = signal.signal(KICK_SIGNAL, lambda *_: None)  # only to interrupt KVM_RUN (EINTR)
     try:

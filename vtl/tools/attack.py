@@ -1,22 +1,28 @@
-"""`vtl attack`: every attack scenario in a fresh partition, classified by what was
-observed (guest verdict, the VMM's own check of the target memory, the intercepts,
-verdicts and refusals on the event stream), never by a stored expectation."""
+"""`vtl attack`: every attack scenario in a fresh partition, classified by what the VMM
+observed, never by a stored expectation nor by the attacking guest's console.
+
+Observed: the memory targets the guest named through the report channel, read back by
+the VMM after the run; the MSR targets, read from KVM after the run; the intercepts,
+verdicts and refusals on the event stream; the statuses VTL1 gave (reports).  What
+only the guest can see (a #PF inside VTL0) is labelled as guest-reported.
+"""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from vtl import control
-from vtl.events import EventLog
-from vtl.partition import Partition, PartitionConfig
-
-
-def _of(events: EventLog, kind: str) -> list[Any]:
-    return list(events.of_kind(kind))
+from vmm.elf import read_image
+from vtl.abi import ABI
+from vtl.core.config import Backend, PartitionConfig
+from vtl.core.events import EventLog
+from vtl.core.images import scenarios
+from vtl.core.partition import Partition
+from vtl.core.vtl import Vtl
+from vtl.run import control
+from vtl.services.reports import Report
 
 # (scenario, what a hardened partition should do) -- the expectation column only.
 ATTACKS = [
@@ -35,75 +41,102 @@ ATTACKS = [
     ("vtl-return-from-vtl0", "refused: #UD"),
     ("vtl1-hypercall-from-vtl0", "refused: VTL_E_ACCESS_DENIED"),
 ]
-TARGET_RE = re.compile(r"ATTACK target=(0x[0-9a-f]+) old=(0x[0-9a-f]+)")
-STATUS_RE = re.compile(r"-> (VTL_E_[A-Z0-9_]+)")
+STATUS_NAMES = ABI.names("VTL_E_")
 
 
 class AttackResult(BaseModel):
     scenario: str
     expected: str
-    # blocked | detected after the fact | not enforced on this host | succeeded | error
+    # blocked | detected after the fact | not enforced on this host | succeeded | not run | error
     outcome: str
     mechanism: str
     guest_status: int
-    memory_checked: bool    # the VMM compared the target memory itself
+    vmm_checked: list[str]      # what the VMM read back itself (memory targets, MSRs)
 
 
-def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, timeout: float = 30.0) -> AttackResult:
+def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Backend | None = None,
+               timeout: float = 30.0) -> AttackResult:
     events = EventLog(trace=True)
-    with Partition(PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario=scenario), events) as p:
+    cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario=scenario, attr_backend=backend)
+    with Partition(cfg, events) as p:
         result, sched = control.run(p, None, timeout)
-        changed = []
-        for line in sched.console_lines:
-            m = TARGET_RE.search(line)
-            if m and p.mem.read(int(m.group(1), 16), 8) != int(m.group(2), 16).to_bytes(8, "little"):
-                changed.append(m.group(1))
-        backend = p.protection.kind
-    console = sched.console_lines
-    checked = any(TARGET_RE.search(line) for line in console)
-    mechanism = _mechanism(events, console, backend)
-    succeeded = bool(changed) or any("ATTACK-RESULT succeeded" in line for line in console)
-    if succeeded:
-        outcome = "succeeded"
-        mechanism = f"target changed at {', '.join(changed)}" if changed else "the guest saw the attack work"
-    elif result.status == 0:
-        outcome = "blocked"
+        reports = sched.reports.records
+        changed, checked = _read_back(p, reports)
+        backend_name = p.backend_name
+    mechanism = _mechanism(events, reports, backend_name)
+    if changed:
+        outcome, mechanism = "succeeded", "changed: " + ", ".join(changed)
+    elif result.reason != "guest_exit" or result.status != 0:
+        outcome, mechanism = "error", result.message
     else:
-        outcome = "error"
-        mechanism = result.message
+        outcome = "blocked"
     return AttackResult(scenario=scenario, expected=expected, outcome=outcome, mechanism=mechanism,
-                        guest_status=result.status, memory_checked=checked)
+                        guest_status=result.status, vmm_checked=checked)
 
 
-def _mechanism(events: EventLog, console: list[str], backend: str) -> str:
-    statuses = [m.group(1) for line in console if (m := STATUS_RE.search(line))]
+def _read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str]]:
+    """Compare every target the guest named with what the VMM reads now."""
+    changed, checked = [], []
+    for r in reports:
+        if r.kind == "target":
+            gpa, length, old = r.value[0], r.value[1], r.value[2]
+            if not (1 <= length <= 8 and p.layout.in_memory(gpa, length)):
+                continue
+            now = int.from_bytes(p.mem.read(gpa, length), "little")
+            checked.append(f"memory {gpa:#x}")
+            if now != old & ((1 << 8 * length) - 1):
+                changed.append(f"memory at {gpa:#x} now {now:#x} (was {old:#x})")
+        elif r.kind == "msr":
+            vcpu = p.vps[r.vp].vcpus[Vtl.VTL0] if r.vp < len(p.vps) else None
+            if vcpu is None:
+                continue
+            now = vcpu.get_msrs([r.value[0]]).get(r.value[0])
+            checked.append(f"MSR {r.value[0]:#x}")
+            if now is not None and now != r.value[1]:
+                changed.append(f"MSR {r.value[0]:#x} now {now:#x} (was {r.value[1]:#x})")
+    return changed, checked
+
+
+def _mechanism(events: EventLog, reports: list[Report], backend: str) -> str:
+    statuses = [STATUS_NAMES.get(r.value[1], str(r.value[1])) for r in reports
+                if r.kind == "status" and r.value[1] != 0]
     policy = f"VTL1 policy: {statuses[0]}" if statuses else ""
-    rest = _enforcement(events, console, backend)
-    return "; then ".join(x for x in (policy, rest) if x) or "none observed"
+    return "; then ".join(x for x in (policy, _enforcement(events, reports, backend)) if x) or "none observed"
 
 
-def _enforcement(events: EventLog, console: list[str], backend: str) -> str:
-    icpt = _of(events, "intercept")
-    verdicts = _of(events, "verdict")
+def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
+    icpt: list[Any] = events.of_kind("intercept")
+    verdicts: list[Any] = events.of_kind("verdict")
     if icpt:
         i, v = icpt[-1], verdicts[-1] if verdicts else None
         what = f"MSR {i.msr:#x}" if i.type == "msr" else f"GPA {i.gpa:#x}"
-        slot = "read-only memslot" if i.access == "write" else "unmapped"
-        via = "MSR filter" if i.type == "msr" else f"{backend} backend ({slot})"
-        answer = f"{v.verdict} {v.vector if v.vector is not None else ''}".strip() if v else "no verdict"
-        return f"{via}: {i.access} intercept on {what} -> VTL1 {answer}".replace("inject_fault 14", "#PF") \
-            .replace("inject_fault 13", "#GP")
-    refused = _of(events, "refused")
+        via = "MSR filter" if i.type == "msr" else f"{backend} backend"
+        answer = "no verdict" if v is None else (
+            {14: "#PF", 13: "#GP"}.get(v.vector, f"vector {v.vector}") if v.verdict == "inject_fault"
+            else v.verdict)
+        return f"{via}: {i.access} intercept on {what} -> VTL1 {answer}"
+    refused: list[Any] = events.of_kind("refused")
     if refused:
         r = refused[-1]
         return f"VMM refusal: {r.reason} -> {r.response}"
-    if any("#PF (14)" in line and "err=0x11" in line for line in console):
-        return "CPU #PF(fetch): NX in VTL0 page tables locked r-- by VTL1, EFER.NXE pinned"
+    faults = [r for r in reports if r.kind == "fault" and r.value[0] == 14 and r.value[1] & 0x10]
+    if faults:
+        return ("CPU #PF(fetch) inside VTL0 (guest-reported): NX in VTL0 page tables locked r-- by VTL1, "
+                "EFER.NXE pinned")
     return ""
 
 
-def run_all(vtl0: Path, vtl1: Path) -> list[AttackResult]:
-    return [run_attack(s, e, vtl0, vtl1) for s, e in ATTACKS]
+def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None) -> list[AttackResult]:
+    known = {s.name for s in scenarios(read_image(vtl0))}
+    out = []
+    for name, expected in ATTACKS:
+        if name not in known:
+            out.append(AttackResult(scenario=name, expected=expected, outcome="not run",
+                                    mechanism=f"{vtl0} has no scenario {name!r}", guest_status=0,
+                                    vmm_checked=[]))
+            continue
+        out.append(run_attack(name, expected, vtl0, vtl1, backend))
+    return out
 
 
 def render(results: list[AttackResult]) -> str:
@@ -113,6 +146,6 @@ def render(results: list[AttackResult]) -> str:
     for r in results:
         lines.append(f"{r.scenario:<{w}}  {r.expected:<{we}}  {r.outcome:<9}  {r.mechanism}")
     blocked = sum(r.outcome == "blocked" for r in results)
-    lines.append(f"\n{blocked}/{len(results)} blocked; outcomes are observed in fresh partitions "
-                 "(guest verdict, VMM memory check, events)")
+    lines.append(f"\n{blocked}/{len(results)} blocked; outcomes observed by the VMM in fresh partitions "
+                 "(targets read back, events, reports)")
     return "\n".join(lines)

@@ -3,23 +3,22 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from vmm.memattr import NR, NW, NX, describe
+from vmm.memattr import NW, NX, describe
 from vmm.memory import PAGE_SIZE
-from vtl import control
-from vtl.events import EventLog
-from vtl.partition import Partition, PartitionConfig
+from vtl.core.config import Backend, PartitionConfig
+from vtl.core.events import EventLog
+from vtl.core.partition import Partition
+from vtl.run import control
 
-COLOURS = {  # attrs -> RGB; VTL1-only memory is -1
-    0: (235, 235, 235), NX: (110, 190, 110), NW: (80, 120, 220), NW | NX: (240, 200, 60),
-    NR | NW | NX: (40, 40, 40), -1: (200, 60, 60)}
+# What a VTL may do in a region -> colour, and what it means.
+COLOURS_BY_NAME = {"rwx": "#e6e6e6", "rw-": "#6ebe6e", "r-x": "#5078dc", "r--": "#f0c83c",
+                   "---": "#282828", "none": "#c83c3c"}
 LEGEND = {"rwx": "no restriction", "rw-": "data (NX)", "r-x": "text", "r--": "read-only",
-          "---": "no access", "VTL1": "VTL1's region: not mapped in VTL0's VM"}
+          "---": "no access", "none": "not mapped (VTL1's region)"}
 
 
 class Region(BaseModel):
@@ -35,6 +34,8 @@ class MemMap(BaseModel):
     backend: str
     regions: list[Region]
     nx_enforced_by: str
+    vtl1_base: int
+    vtl1_end: int
 
 
 def _labels(syms: dict[str, int], start: int, attrs: int) -> str:
@@ -50,46 +51,67 @@ def _labels(syms: dict[str, int], start: int, attrs: int) -> str:
     return "free memory" if start >= syms.get("_image_end", 0) else "low memory"
 
 
-def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20) -> tuple[MemMap, bytes]:
-    cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario="harden", mem_size=mem_size)
+def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20, backend: Backend | None = None) -> MemMap:
+    cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario="harden", mem_size=mem_size,
+                          attr_backend=backend)
     with Partition(cfg, EventLog()) as p:
         result, _ = control.run(p, None, 60.0)
         if result.status != 0:
             raise RuntimeError(f"the hardened boot failed: {result.message}")
-        runs = p.protection.runs()
-        attr_map = bytes(p.protection.map)
+        runs = p.vtl0_runs()
         syms = p.vtl0_image.symbols()
-        backend = p.protection.kind
+        backend_name = p.backend_name
         layout = p.layout
     regions = [Region(start=start, end=end, vtl0="none" if a == -1 else describe(a), vtl1="rwx",
                       label=_labels(syms, start, a)) for start, end, a in runs]
-    nx = ("KVM attributes" if backend == "rwx" else
+    nx = ("KVM attributes" if backend_name == "rwx" else
           "VTL0's page tables (NX bits) locked r-- by VTL1, EFER.NXE pinned by the MSR filter")
-    img = [(-1 if layout.in_vtl1(i * PAGE_SIZE) else a) for i, a in enumerate(attr_map)]
-    return MemMap(mem_size=mem_size, backend=backend, regions=regions, nx_enforced_by=nx), \
-        png(img, cols=128, limit=(32 << 20) // PAGE_SIZE)
+    return MemMap(mem_size=mem_size, backend=backend_name, regions=regions, nx_enforced_by=nx,
+                  vtl1_base=layout.vtl1_base, vtl1_end=layout.vtl1_end)
 
 
-def png(attrs: list[int], cols: int, limit: int, scale: int = 4) -> bytes:
-    """One square per 4 KiB page, `cols` pages a row, the first `limit` pages."""
-    pages = attrs[:limit]
-    rows = -(-len(pages) // cols)
-    w, h = cols * scale, rows * scale
-    raw = bytearray()
-    for r in range(rows):
-        line = bytearray()
-        for c in range(cols):
-            i = r * cols + c
-            rgb = COLOURS.get(pages[i], (255, 0, 255)) if i < len(pages) else (255, 255, 255)
-            px = bytes(rgb) if (c * scale) % (scale * 32) else bytes(int(v * 0.8) for v in rgb)
-            line += px + bytes(rgb) * (scale - 1)
-        for _ in range(scale):
-            raw += b"\x00" + line
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(bytes(raw), 9)) + chunk(b"IEND", b""))
+def draw_png(m: MemMap, path: Path, limit: int = 32 << 20) -> None:
+    """Draw the first `limit` bytes of guest-physical memory as one bar per VTL: an address
+    axis, each region coloured by what that VTL may do and labelled, a legend of the
+    attributes, VTL1's region marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise RuntimeError("--png needs matplotlib (pip install '.[plot]'; `make setup` installs it)") from None
+    MiB = 1 << 20
+    fig, ax = plt.subplots(figsize=(13, 4.8), dpi=110)
+    shown = [r for r in m.regions if r.start < limit]
+    for row, vtl in ((1, "vtl0"), (0, "vtl1")):
+        for r in shown:
+            attrs = getattr(r, vtl)
+            end = min(r.end, limit)
+            ax.barh(row, (end - r.start) / MiB, left=r.start / MiB, height=0.6,
+                    color=COLOURS_BY_NAME.get(attrs, "#ff00ff"), edgecolor="white", linewidth=0.4)
+    # Label each VTL0 region wide enough to carry text, alternating above and below.
+    for i, r in enumerate(x for x in shown if (min(x.end, limit) - x.start) >= limit / 64):
+        mid = (r.start + min(r.end, limit)) / 2 / MiB
+        y = 1.42 if i % 2 == 0 else 0.58
+        ax.annotate(f"{r.label}\n{r.vtl0 if r.vtl0 != 'none' else 'unmapped'}", (mid, 1.3 if y > 1 else 0.7),
+                    xytext=(mid, y), ha="center", va="center", fontsize=7,
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "#555555"})
+    ax.axvspan(m.vtl1_base / MiB, min(m.vtl1_end, limit) / MiB, ymin=0, ymax=1, fill=False, hatch="//",
+               edgecolor="#b03030", linewidth=0)
+    ax.text((m.vtl1_base + min(m.vtl1_end, limit)) / 2 / MiB, -0.55, "VTL1's region (never mapped in VTL0's VM)",
+            ha="center", fontsize=8, color="#b03030")
+    ax.set_yticks([0, 1], ["VTL1's VM", "VTL0's VM"])
+    ax.set_ylim(-0.8, 1.8)
+    ax.set_xlim(0, limit / MiB)
+    ax.set_xlabel("guest-physical address (MiB)")
+    ax.set_title(f"Memory attributes after a hardened boot ({m.backend} backend; NX: {m.nx_enforced_by})",
+                 fontsize=9)
+    ax.legend(handles=[Patch(color=c, label=f"{k}: {LEGEND[k]}") for k, c in COLOURS_BY_NAME.items()],
+              loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def render(m: MemMap) -> str:
