@@ -69,7 +69,7 @@ setup:
 	$(PYTHON) -m pip install -q -e '.[test]'
 	$(MAKE) guests
 	-$(MAKE) bench
-	$(PYTHON) -m vtl.cli run
+	$(PYTHON) -m vtl run
 
 test:
 	$(PYTHON) -m pytest -q

@@ -9,7 +9,7 @@ import pytest
 
 from tests.vtlrun import cli_json, vtl_cli
 from vmm.elf import read_image
-from vtl.images import scenarios
+from vtl.core.images import scenarios
 
 pytestmark = pytest.mark.kvm
 

@@ -11,12 +11,14 @@ import pytest
 
 from tests.vtlrun import run_scenario
 from vmm.elf import read_image
-from vmm.kvm import Kvm
 from vmm.memattr import NR, NW, NX
 from vmm.memory import PAGE_SIZE, GuestMemory
 from vtl.abi import ABI, abi_struct
-from vtl.layout import Layout
-from vtl.protection import Vtl0Protection
+from vtl.core.config import PartitionConfig
+from vtl.core.layout import Layout
+from vtl.core.partition import Partition
+from vtl.core.vtl import Vtl
+from vtl.services.protection import Vtl0Protection
 
 pytestmark = pytest.mark.kvm
 MEM = 128 << 20
@@ -49,17 +51,10 @@ def test_malicious_vtl0_10000_requests(guest_images: tuple[Path, Path]) -> None:
 
 
 @pytest.fixture
-def protection() -> Iterator[tuple[Vtl0Protection, GuestMemory, Layout]]:
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    mem = GuestMemory(MEM)
-    lay = Layout(MEM)
-    try:
-        yield Vtl0Protection(vm, mem, lay, "memslot"), mem, lay
-    finally:
-        vm.close()
-        mem.close()
-        kvm.close()
+def protection(guest_images: tuple[Path, Path]) -> Iterator[tuple[Partition, GuestMemory, Layout]]:
+    cfg = PartitionConfig(vtl0_image=guest_images[0], mem_size=MEM, attr_backend="memslot")
+    with Partition(cfg) as p:
+        yield p, p.mem, p.layout
 
 
 def _expect(lay: Layout, target: int, caller: int, attrs: int, flags: int, count: int, start: int,
@@ -87,8 +82,9 @@ def _expect(lay: Layout, target: int, caller: int, attrs: int, flags: int, count
 
 
 def test_10000_seeded_random_requests_match_the_contract(
-        protection: tuple[Vtl0Protection, GuestMemory, Layout]) -> None:
-    prot, mem, lay = protection
+        protection: tuple[Partition, GuestMemory, Layout]) -> None:
+    part, mem, lay = protection
+    prot = Vtl0Protection(part)
     rng = random.Random(20261124)
     req_gpa, list_gpa = lay.vtl1_base + 0x200000, lay.vtl1_base + 0x201000
     model = bytearray(MEM // PAGE_SIZE)
@@ -136,11 +132,11 @@ def test_10000_seeded_random_requests_match_the_contract(
             exp_entries = []
         want = _expect(lay, int(r.target_vtl), caller, int(r.attributes), int(r.flags), count,
                        int(r.start_index), exp_entries, list_ok, model)
-        out = prot.modify(req_gpa, caller)
+        out = prot.modify(req_gpa, Vtl(caller))
         assert (out.status, out.next_index) == want
         statuses[out.status] = statuses.get(out.status, 0) + 1
-    assert prot.map == model
-    for start, end, a in prot.backend.runs():     # type: ignore[attr-defined]
+    assert part.vtl0_attrs == model
+    for start, end, a in part.backend.runs():     # type: ignore[attr-defined]
         assert set(model[start // PAGE_SIZE:end // PAGE_SIZE]) == {a}
     # Every refusal kind was exercised, and some requests went through.
     for code in ("VTL_OK", "VTL_E_ACCESS_DENIED", "VTL_E_INVALID_ARG", "VTL_E_MISALIGNED",

@@ -10,7 +10,7 @@ import pytest
 
 from tests.vtlrun import run_scenario, vtl_cli
 from vtl.abi import ABI
-from vtl.events import parse_event
+from vtl.core.events import parse_event
 
 pytestmark = pytest.mark.kvm
 

@@ -104,4 +104,4 @@ def test_protection_changes_are_events_with_memslot_costs(guest_images: tuple[Pa
     changes = _kinds(run, "protection_changed")
     assert changes and all(c.vtl == 1 and c.target_vtl == 0 for c in changes)
     text = changes[0]
-    assert text.attributes == "r-x" and text.ranges == 1 and 1 <= text.memslot_ops <= 4
+    assert text.attributes == "r-x" and text.ranges == 1 and 1 <= text.backend_ops <= 4

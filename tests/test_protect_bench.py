@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from vtl.protect_bench import (
+from vtl.tools.protect_bench import (
     format_costs,
     guest_size_independence,
     host_memslot_limit,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from vmm.memattr import MemslotBackend
-from vtl import control
-from vtl.events import EventLog
-from vtl.partition import Partition, PartitionConfig
-from vtl.scheduler import RunResult
+from vtl.core.config import Backend, PartitionConfig
+from vtl.core.events import EventLog
+from vtl.core.partition import Partition
+from vtl.run import control
+from vtl.run.result import RunResult
+from vtl.services.console import Console
+from vtl.services.reports import Report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass
 class Run:
     result: RunResult
-    console: list[str]
+    console: list[str]                             # for people (and failure messages), not verdicts
+    reports: list[Report]                          # what the guests reported (VTL_HC_REPORT)
     events: EventLog
     partition: Partition      # closed: only config/layout/images remain usable
     memory: dict[tuple[int, int], bytes]
@@ -31,35 +34,47 @@ class Run:
     attr_map: bytes                                # VTL0 attributes per page at the end
     memslot_runs: list[tuple[int, int, int]]       # (start, end, attrs) in VTL0's VM at the end
 
+    def of_kind(self, kind: str) -> list[Report]:
+        return [r for r in self.reports if r.kind == kind]
 
-ATTACK_RE = re.compile(r"ATTACK target=(0x[0-9a-f]+) old=(0x[0-9a-f]+)")
+    def report(self, kind: str, name: str) -> Report:
+        found = [r for r in self.reports if r.kind == kind and r.name == name]
+        assert found, f"no {kind} report named {name!r}: {[(r.kind, r.name) for r in self.reports]}"
+        return found[-1]
+
+    def passed(self) -> bool:
+        """The run ended with the guest's exit status 0 and its own PASS report."""
+        results = self.of_kind("result")
+        return (self.result.reason == "guest_exit" and self.result.status == 0
+                and bool(results) and results[-1].value[0] == 0)
 
 
 def run_scenario(images: tuple[Path, Path], scenario: str = "", *, vtl1: bool = True, param: int = 0,
-                 timeout: float = 30.0, snapshot: list[tuple[int, int]] | None = None) -> Run:
+                 timeout: float = 30.0, snapshot: list[tuple[int, int]] | None = None,
+                 backend: Backend | None = None) -> Run:
     """Run a scenario in a fresh partition; `snapshot` ranges of guest memory are copied
     before the partition is closed."""
     cfg = PartitionConfig(vtl0_image=images[0], vtl1_image=images[1] if vtl1 else None,
-                          scenario=scenario, param=param)
-    events = EventLog(trace=True)
+                          scenario=scenario, param=param, attr_backend=backend)
+    events = EventLog(trace=True, keep=100_000)
+    console = Console(cfg.nr_vps, keep=10_000)
     with Partition(cfg, events) as p:
-        result, sched = control.run(p, None, timeout)
+        result, sched = control.run(p, console, timeout)
         mem = {(gpa, n): p.mem.read(gpa, n) for gpa, n in (snapshot or [])}
+        reports = list(sched.reports.records)
         targets = {}
-        for line in sched.console_lines:
-            m = ATTACK_RE.search(line)
-            if m:
-                gpa = int(m.group(1), 16)
-                targets[gpa] = (int(m.group(2), 16), p.mem.read(gpa, 8))
-        attr_map = bytes(p.protection.map)
-        backend = p.protection.backend
-        runs = backend.runs() if isinstance(backend, MemslotBackend) else []
-    return Run(result, sched.console_lines, events, p, mem, targets, attr_map, runs)
+        for r in reports:
+            if r.kind == "target" and p.layout.in_memory(r.value[0], 8):
+                targets[r.value[0]] = (r.value[2], p.mem.read(r.value[0], 8))
+        attr_map = bytes(p.vtl0_attrs)
+        backend_obj = p.backend
+        runs = backend_obj.runs() if isinstance(backend_obj, MemslotBackend) else []
+    return Run(result, list(console.tail), reports, events, p, mem, targets, attr_map, runs)
 
 
 def vtl_cli(*args: str, env: dict[str, str] | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vtl.cli", *args], cwd=REPO, text=True,
+    return subprocess.run([sys.executable, "-m", "vtl", *args], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 

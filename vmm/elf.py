@@ -173,13 +173,18 @@ def _parse_sections(img: ElfImage, shoff: int, shentsize: int, shnum: int, shstr
         img.sections.append(Section(name, off, size, sh_type, link))
 
 
-def load_image(image: ElfImage, mem: GuestMemory, lo: int, hi: int) -> None:
-    """Copy the image's segments into guest memory; all must lie in [lo, hi)."""
+def check_window(image: ElfImage, lo: int, hi: int) -> None:
+    """Every segment of the image must lie in [lo, hi)."""
     for s in image.segments:
         if s.gpa < lo or s.gpa + s.memsz > hi:
             raise GuestImageError(
                 f"{image.path.name}: segment {s.perms} at {s.gpa:#x}..{s.gpa + s.memsz:#x} is outside "
                 f"the window this image may occupy ({lo:#x}..{hi:#x})")
+
+
+def load_image(image: ElfImage, mem: GuestMemory, lo: int, hi: int) -> None:
+    """Copy the image's segments into guest memory; all must lie in [lo, hi)."""
+    check_window(image, lo, hi)
     for s in image.segments:
         mem.write(s.gpa, image.data[s.offset:s.offset + s.filesz])
         mem.fill(s.gpa + s.filesz, s.memsz - s.filesz)

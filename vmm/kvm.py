@@ -11,6 +11,7 @@ import errno
 import os
 from typing import Any
 
+from vmm import exits
 from vmm import uapi as u
 from vmm.errors import KvmIoctlError, KvmUnavailable, kvm_unavailable_reason
 from vmm.memory import GuestMemory
@@ -261,10 +262,20 @@ class VCpu:
         return bool(t.valid), int(t.physical_address)
 
     def kvm_run(self) -> int:
-        """One KVM_RUN; returns 0 or -errno (EINTR/EAGAIN are normal, not errors)."""
+        """One KVM_RUN; returns 0 or -errno (EINTR/EAGAIN are normal, not errors).
+        The raw form for hot paths: the exit is read from `words` / `run`."""
         if libc.ioctl(self.fd, u.KVM_RUN, ffi.NULL) < 0:
             return -ffi.errno
         return 0
+
+    def run_once(self) -> exits.VcpuExit:
+        """One KVM_RUN, decoded into a typed exit (see vmm.exits); never raises for a
+        KVM_RUN error, which becomes `RunError` (or `Interrupted`, `MemoryFault`).
+
+        exit_reason is cleared first: KVM only writes it on -EFAULT when the fault
+        is a KVM_EXIT_MEMORY_FAULT, so a stale value must not be mistaken for one."""
+        self.run.exit_reason = u.KVM_EXIT_UNKNOWN
+        return exits.from_result(self, self.kvm_run())
 
     def complete_pending_io(self) -> None:
         """Finish an in-flight PIO/MMIO emulation without entering the guest (api.rst)."""

@@ -168,17 +168,21 @@
 
 /* ---- guest-physical memory map -------------------------------------- */
 #define VTL_BOOT_MAGIC             0x544F4F424C54560AULL /* "\nVTLBOOT" */
-#define VTL0_BOOT_INFO_GPA         0x1000
+#define VTL0_BOOT_INFO_GPA         0x1000     /* VP n's boot info at + n * VTL_BOOT_INFO_STRIDE */
+#define VTL_BOOT_INFO_STRIDE       0x100
+#define VTL0_BOOT_STACKS_GPA       0x10000    /* VP n's boot stack: the page at + n * 4096;
+                                                 RSP at entry = the page's end              */
 #define VTL0_BOOT_TABLES_GPA       0x2000 /* VMM's identity map: PML4, PDPT, PDs     */
 #define VTL0_BOOT_GDT_GPA          0x9000
 #define VTL0_IMAGE_MIN             0x100000   /* VTL0 ELF segments live in [MIN, VTL1_BASE) */
 #define VTL1_BASE                  0x1000000  /* 16 MiB: VTL1's private region        */
 #define VTL1_SIZE                  0x1000000  /* 16 MiB                                */
-#define VTL1_BOOT_INFO_OFF         0x0000
+#define VTL1_BOOT_INFO_OFF         0x0000     /* VP n's at + n * VTL_BOOT_INFO_STRIDE    */
 #define VTL1_CONTROL_OFF           0x1000     /* one vtl_control page per VP          */
-#define VTL1_MAX_VPS               16
+#define VTL1_MAX_VPS               16         /* VPs a partition may have (boot infos, stacks, control pages) */
 #define VTL1_BOOT_TABLES_OFF       0x20000
 #define VTL1_BOOT_GDT_OFF          0x2F000
+#define VTL1_BOOT_STACKS_OFF       0x30000    /* VP n's boot stack page at + n * 4096      */
 #define VTL1_IMAGE_MIN_OFF         0x100000   /* VTL1 ELF segments in [BASE+this, BASE+SIZE) */
 #define VTL_MEM_MIN                0x4000000  /* 64 MiB: smallest guest memory        */
 

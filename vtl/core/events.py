@@ -3,13 +3,20 @@
 Every event has a timestamp (seconds since the partition was created), the VP
 and the VTL it concerns.  Per-call events (vtl_call/vtl_return) are produced
 only when someone listens (`EventLog.trace`), so the switch path stays cheap.
+
+A guest decides how many events a run produces, so the log keeps only a bounded
+tail in memory (`keep`) and counts per kind; the file gets every event.
 """
 
 from __future__ import annotations
 
+import collections
 import time
+from collections import Counter
 from pathlib import Path
 from typing import IO, Annotated, Literal
+
+from vmm.errors import VmmError
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -59,6 +66,15 @@ class RefusedRequest(_Event):
     rip: int | None = None
 
 
+class GuestReport(_Event):
+    """A record a guest sent through the report channel (VTL_HC_REPORT)."""
+    kind: Literal["report"] = "report"
+    report: str           # result | target | msr | status | fault | value | stamps | exec | bytes
+    name: str
+    value: list[int]
+    text: str = ""
+
+
 class ProtectionChanged(_Event):
     """VTL1 changed VTL0's memory attributes (VTL_HC_MODIFY_VTL_PROTECTION)."""
     kind: Literal["protection_changed"] = "protection_changed"
@@ -66,7 +82,7 @@ class ProtectionChanged(_Event):
     attributes: str       # e.g. "r-x" (what VTL0 may still do)
     pages: int
     ranges: int
-    memslot_ops: int
+    backend_ops: int      # memslot changes, mprotect calls or attribute ioctls
 
 
 class SecureIntercept(_Event):
@@ -96,7 +112,8 @@ class GuestExit(_Event):
     reason: str
 
 
-Event = Annotated[VtlEnabled | VtlCall | VtlReturn | GuestFault | RefusedRequest | ProtectionChanged
+Event = Annotated[VtlEnabled | VtlCall | VtlReturn | GuestFault | RefusedRequest | GuestReport
+                  | ProtectionChanged
                   | SecureIntercept | InterceptVerdict | GuestExit,
                   Field(discriminator="kind")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
@@ -106,28 +123,55 @@ def parse_event(line: str) -> Event:
     return EVENT_ADAPTER.validate_json(line)
 
 
-class EventLog:
-    """Collects events in memory and optionally writes them as JSON lines."""
+class EventSinkError(VmmError):
+    """The events file could not be written (disk full, closed pipe, ...)."""
 
-    def __init__(self, path: Path | None = None, trace: bool = False) -> None:
+
+class EventLog:
+    """Counts events per kind, keeps the last `keep` in memory and writes every event
+    as a JSON line to the file given to `open_file`."""
+
+    def __init__(self, trace: bool = False, keep: int = 10_000) -> None:
         self.t0 = time.monotonic()
-        self.events: list[Event] = []
-        self._file: IO[str] | None = open(path, "w") if path else None  # noqa: SIM115
+        self.recent: collections.deque[Event] = collections.deque(maxlen=keep)
+        self.counts: Counter[str] = Counter()
+        self._file: IO[str] | None = None
         # Per-call events only when a file listens or a caller asks for them.
-        self.trace = trace or path is not None
+        self.trace = trace
+
+    def open_file(self, path: Path) -> None:
+        """Start writing JSON lines to `path` (opened now, truncating it)."""
+        try:
+            self._file = open(path, "w")  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise EventSinkError(f"cannot write events to {path}: {e.strerror}") from None
+        self.trace = True
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 6)
 
     def emit(self, event: Event) -> None:
-        self.events.append(event)
-        if self._file:
-            self._file.write(event.model_dump_json() + "\n")
+        self.counts[event.kind] += 1
+        self.recent.append(event)
+        if self._file is not None:
+            try:
+                self._file.write(event.model_dump_json() + "\n")
+            except OSError as e:
+                self._file = None      # do not try again: the error is reported once
+                raise EventSinkError(f"cannot write events: {e.strerror}") from None
+
+    @property
+    def events(self) -> list[Event]:
+        """The events still held in memory (the last `keep`)."""
+        return list(self.recent)
 
     def of_kind(self, kind: str) -> list[Event]:
-        return [e for e in self.events if e.kind == kind]
+        return [e for e in self.recent if e.kind == kind]
 
     def close(self) -> None:
-        if self._file:
-            self._file.close()
-            self._file = None
+        if self._file is not None:
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError as e:
+                raise EventSinkError(f"cannot write events: {e.strerror}") from None

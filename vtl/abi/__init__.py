@@ -11,7 +11,7 @@ from typing import Any
 
 import cffi
 
-HEADER = Path(__file__).parent / "abi" / "vtl_abi.h"
+HEADER = Path(__file__).parent / "vtl_abi.h"
 
 
 def _cdef_text(text: str) -> str:

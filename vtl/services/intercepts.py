@@ -16,19 +16,22 @@ How precise the report is depends on how the violation reached the VMM:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from vmm import paging
 from vmm import uapi as u
+from vmm.errors import KvmIoctlError, VmmError
 from vmm.kvm import VCpu
-from vmm.x86 import VEC_GP, VEC_PF, VECTOR_NAMES
+from vmm.memattr import NR
+from vmm.memory import PAGE_SIZE
+from vmm.x86 import VEC_GP, VEC_PF
 from vtl.abi import ABI, abi_ffi
-from vtl.events import GuestFault, InterceptVerdict, SecureIntercept
-
-if TYPE_CHECKING:
-    from vtl.partition import VirtualProcessor
-    from vtl.scheduler import Scheduler
+from vtl.core.events import EventLog, InterceptVerdict, SecureIntercept
+from vtl.core.partition import Partition
+from vtl.core.vp import PendingIntercept, VirtualProcessor, in_vtl1_intercept
+from vtl.core.vtl import Vtl
+from vtl.services.outcomes import STATUS_STOPPED_BY_VTL1, Enter, Outcome, Stop
+from vtl.services.refusals import Refusals
 
 GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -36,58 +39,48 @@ ACCESS_NAMES = {ABI.VTL_ACCESS_READ: "read", ABI.VTL_ACCESS_WRITE: "write", ABI.
 # Vectors VTL1 may choose, and which of them push an error code.
 INJECTABLE = {0, 1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 21}
 WITH_ERROR_CODE = {8, 10, 11, 12, 13, 14, 17, 21}
-STATUS_STOPPED = 4
 MSG_SIZE = abi_ffi.sizeof("struct vtl_intercept")
 
 
-@dataclass
-class Pending:
-    type: int
-    access: int
-    gpa: int
-    size: int
-    data: int
-    rip: int
-    rip_after: bool
-    regs: dict[str, int]        # VTL0's registers at the exit, for a precise rewind
-    msr: int = 0
+def _regs(vcpu: VCpu) -> tuple[tuple[str, int], ...]:
+    r = vcpu.regs
+    return tuple((n, int(getattr(r, n))) for n in (*GPR_ORDER, "rip", "rflags"))
 
 
 class Intercepts:
-    def __init__(self, sched: Scheduler) -> None:
-        self.s = sched
-        self.pending: dict[int, Pending] = {}
+    def __init__(self, partition: Partition, events: EventLog, refusals: Refusals) -> None:
+        self.p, self.events, self.refuse = partition, events, refusals
         self.count = 0
 
     # --- delivery -------------------------------------------------------------------
     def memory(self, vp: VirtualProcessor, vcpu: VCpu, gpa: int, access: int, *, size: int = 0,
-               data: int = 0, rip_after: bool = False) -> None:
-        self._deliver(vp, vcpu, Pending(ABI.VTL_INTERCEPT_MEMORY, access, gpa, size, data,
-                                        vcpu.regs.rip, rip_after, self._regs(vcpu)))
+               data: int = 0, rip_after: bool = False) -> Outcome:
+        return self._deliver(vp, vcpu, PendingIntercept(ABI.VTL_INTERCEPT_MEMORY, access, gpa, size, data,
+                                                        vcpu.regs.rip, rip_after, _regs(vcpu)))
 
-    def msr(self, vp: VirtualProcessor, vcpu: VCpu) -> None:
-        run = vcpu.run
-        index, value = run.msr.index, run.msr.data
-        if not self.s.p.vtl1_enabled:
+    def msr(self, vp: VirtualProcessor, vcpu: VCpu, index: int, value: int) -> Outcome:
+        if not self.p.vtl1_enabled:
             # No VTL1 to ask: the VMM applies the write (the filter only exists to ask VTL1).
-            vcpu.set_msrs({index: value})
-            run.msr.error = 0
-            return
-        self._deliver(vp, vcpu, Pending(ABI.VTL_INTERCEPT_MSR, ABI.VTL_ACCESS_WRITE, 0, 8, value,
-                                        vcpu.regs.rip, False, self._regs(vcpu), msr=index))
+            self._write_msr(vcpu, index, value)
+            return None
+        return self._deliver(vp, vcpu, PendingIntercept(ABI.VTL_INTERCEPT_MSR, ABI.VTL_ACCESS_WRITE, 0, 8,
+                                                        value, vcpu.regs.rip, False, _regs(vcpu), msr=index))
 
     @staticmethod
-    def _regs(vcpu: VCpu) -> dict[str, int]:
-        r = vcpu.regs
-        out = {n: int(getattr(r, n)) for n in GPR_ORDER}
-        out["rip"], out["rflags"] = int(r.rip), int(r.rflags)
-        return out
+    def _write_msr(vcpu: VCpu, index: int, value: int) -> None:
+        """Complete a filtered WRMSR; a value KVM refuses (non-canonical, reserved bits)
+        becomes the #GP hardware would raise, never a VMM error."""
+        try:
+            vcpu.set_msrs({index: value})
+            vcpu.run.msr.error = 0
+        except KvmIoctlError:
+            vcpu.run.msr.error = 1
 
-    def _deliver(self, vp: VirtualProcessor, vcpu: VCpu, p: Pending) -> None:
-        sw = vp.switch
-        assert sw is not None and vp.active_vtl == 0
+    def _deliver(self, vp: VirtualProcessor, vcpu: VCpu, p: PendingIntercept) -> Outcome:
+        ctl = vp.ctl
+        assert ctl is not None and vp.active_vtl == Vtl.VTL0
         s = vcpu.sregs
-        m = sw.ctl.intercept
+        m = ctl.intercept
         abi_ffi.memmove(abi_ffi.addressof(m), bytes(MSG_SIZE), MSG_SIZE)
         m.type, m.access, m.gpa, m.rip = p.type, p.access, p.gpa, p.rip
         m.size, m.data, m.msr = p.size, p.data, p.msr
@@ -96,50 +89,59 @@ class Intercepts:
             m.gva = p.rip
             m.flags |= ABI.VTL_ICPT_F_GVA_VALID
         if not p.rip_after:
-            try:
-                insn = paging.read_virt(self.s.p.mem, s.cr3, p.rip, 15)
-                m.insn_bytes[0:15] = insn
-            except Exception:
-                pass   # an unreadable RIP: no bytes; insn_len stays 0 (unknown)
+            insn = self._vtl0_bytes(s.cr3, p.rip, 15)
+            m.insn_bytes[0:len(insn)] = insn
+        regs = dict(p.regs)
         for i, name in enumerate(GPR_ORDER):
-            m.gprs[i] = p.regs[name]
+            m.gprs[i] = regs[name]
         m.cr0, m.cr3, m.cr4, m.efer = s.cr0, s.cr3, s.cr4, s.efer
-        sw.ctl.entry_reason = sw.reason = ABI.VTL_ENTRY_INTERCEPT
-        self.pending[vp.index] = p
-        vp.activate(1)
+        ctl.entry_reason = ABI.VTL_ENTRY_INTERCEPT
         self.count += 1
         kind: Literal["memory", "msr"] = "memory" if p.type == ABI.VTL_INTERCEPT_MEMORY else "msr"
-        self.s.events.emit(SecureIntercept(
-            ts=self.s.events.now(), vp=vp.index, vtl=0, type=kind, access=ACCESS_NAMES[p.access],
+        self.events.emit(SecureIntercept(
+            ts=self.events.now(), vp=vp.index, vtl=0, type=kind, access=ACCESS_NAMES[p.access],
             gpa=p.gpa if kind == "memory" else None,
             gva=p.rip if p.access == ABI.VTL_ACCESS_EXECUTE else None,
             rip=p.rip, rip_after=p.rip_after, msr=p.msr if kind == "msr" else None,
             data=p.data if p.access == ABI.VTL_ACCESS_WRITE else None))
+        return Enter(in_vtl1_intercept(p))
+
+    def _vtl0_bytes(self, cr3: int, gva: int, length: int) -> bytes:
+        """Up to `length` instruction bytes at `gva`, stopping at the first byte VTL0 itself
+        may not read (VTL1's memory, NR pages, unmapped): the VMM reads nothing for VTL0
+        that VTL0 could not."""
+        out = bytearray()
+        while len(out) < length:
+            addr = gva + len(out)
+            try:
+                gpa = paging.walk(self.p.mem, cr3, addr).gpa
+            except VmmError:
+                break
+            chunk = min(length - len(out), PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
+            if not self.p.layout.in_vtl0(gpa, chunk) or self.p.vtl0_attr(gpa) & NR:
+                break
+            out += self.p.mem.read(gpa, chunk)
+        return bytes(out)
 
     # --- VTL1's answer --------------------------------------------------------------
-    def complete(self, vp: VirtualProcessor) -> None:
+    def complete(self, vp: VirtualProcessor, p: PendingIntercept) -> Outcome:
         """VTL1 made its VTL return: apply the verdict to VTL0 (whose registers were never
         handed to VTL1's vCPU, so they come back exactly as they were)."""
-        sw = vp.switch
-        assert sw is not None
-        p = self.pending.pop(vp.index)
-        m = sw.ctl.intercept
+        m = vp.ctl.intercept
         verdict, vector = int(m.verdict), int(m.fault_vector)
         has_ec, ec, cr2 = bool(m.fault_has_error_code), int(m.fault_error_code), int(m.fault_cr2)
-        v0 = sw.v0
-        vp.activate(0)
-        sw.reason = ABI.VTL_ENTRY_CALL   # anything but INTERCEPT/NONE: the next entry sets it anew
-        ev = self.s.events
+        v0 = vp.vcpus[Vtl.VTL0]
+        assert v0 is not None
+        ev = self.events
         if verdict == ABI.VTL_VERDICT_STOP:
             ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="stop"))
-            return self.s._finish(STATUS_STOPPED, "stopped_by_vtl1",
-                                  f"VTL1 stopped the partition on a {ACCESS_NAMES[p.access]} intercept "
-                                  f"at RIP {p.rip:#x}", vp.index, 1)
+            return Stop(STATUS_STOPPED_BY_VTL1, "stopped_by_vtl1",
+                        f"VTL1 stopped the partition on a {ACCESS_NAMES[p.access]} intercept at RIP {p.rip:#x}")
         if verdict == ABI.VTL_VERDICT_ALLOW:
             problem = self._allow(v0, p)
             if problem is None:
                 ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="allow"))
-                return
+                return None
             verdict_name: Literal["inject_fault", "invalid"] = "invalid"
             detail, vector, has_ec, ec = problem, VEC_GP, True, 0
         elif verdict == ABI.VTL_VERDICT_INJECT_FAULT and vector in INJECTABLE \
@@ -151,32 +153,29 @@ class Intercepts:
                                                f"{'set' if has_ec else 'unset'}: denied with #GP(0)")
             vector, has_ec, ec = VEC_GP, True, 0
         self._inject(v0, p, vector, ec if has_ec else None, cr2)
-        name = VECTOR_NAMES.get(vector, str(vector)) + (f"({ec:#x})" if has_ec else "")
         ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict=verdict_name, vector=vector,
                                  error_code=ec if has_ec else None, detail=detail))
-        rip = int(v0.regs.rip)
-        ev.emit(GuestFault(ts=ev.now(), vp=vp.index, vtl=0, vector=vector, name=name,
-                           error_code=ec if has_ec else None, rip=rip,
-                           reason=f"VTL1 denied a {ACCESS_NAMES[p.access]} intercept"))
+        self.refuse.injected(vp, vector, ec if has_ec else None, int(v0.regs.rip),
+                             f"VTL1 denied a {ACCESS_NAMES[p.access]} intercept")
+        return None
 
-    def _allow(self, v0: VCpu, p: Pending) -> str | None:
+    def _allow(self, v0: VCpu, p: PendingIntercept) -> str | None:
         run = v0.run
         if p.type == ABI.VTL_INTERCEPT_MSR:
-            v0.set_msrs({p.msr: p.data})
-            run.msr.error = 0
+            self._write_msr(v0, p.msr, p.data)
             return None
         if p.access == ABI.VTL_ACCESS_WRITE:
             if p.rip_after:   # memslot: KVM handed us the write; do it on the backing memory
-                self.s.p.mem.write(p.gpa, p.data.to_bytes(8, "little")[:p.size])
+                self.p.mem.write(p.gpa, p.data.to_bytes(8, "little")[:p.size])
             return None
         if p.access == ABI.VTL_ACCESS_READ:
-            data = self.s.p.mem.read(p.gpa, p.size)
+            data = self.p.mem.read(p.gpa, p.size)
             for i, b in enumerate(data):
                 run.mmio.data[i] = b
             return None
         return "allowing an instruction fetch needs a temporary mapping, not supported yet"
 
-    def _inject(self, v0: VCpu, p: Pending, vector: int, ec: int | None, cr2: int) -> None:
+    def _inject(self, v0: VCpu, p: PendingIntercept, vector: int, ec: int | None, cr2: int) -> None:
         run = v0.run
         if p.type == ABI.VTL_INTERCEPT_MSR and vector == VEC_GP and ec == 0:
             run.msr.error = 1         # KVM injects #GP(0) at the WRMSR itself
@@ -186,11 +185,10 @@ class Intercepts:
         v0.complete_pending_io()
         if p.type == ABI.VTL_INTERCEPT_MSR or (p.access == ABI.VTL_ACCESS_READ and not p.rip_after):
             r = v0.regs
-            for name, value in p.regs.items():   # undo the emulated load: a precise fault
+            for name, value in p.regs:   # undo the emulated load: a precise fault
                 setattr(r, name, value)
             run.kvm_dirty_regs |= u.KVM_SYNC_X86_REGS
         if vector == VEC_PF:
             v0.sregs.cr2 = cr2
             run.kvm_dirty_regs |= u.KVM_SYNC_X86_SREGS
         v0.inject_exception(vector, ec)
-

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from vtl.partition import PartitionConfig
-from vtl.scheduler import RunResult
+from vtl.core.config import PartitionConfig
+from vtl.run.result import RunResult
 
 
 def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig) -> list[str]:

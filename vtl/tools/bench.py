@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,11 @@ from pydantic import BaseModel
 
 from vmm.errors import VmmError
 from vmm.floor import FloorResult, c_floor, python_floor
-from vtl import control
-from vtl.images import REPO, default_vtl0_image, default_vtl1_image
-from vtl.partition import Partition, PartitionConfig
-from vtl.protect_bench import format_costs, protection_costs
+from vtl.core.config import PartitionConfig
+from vtl.core.images import REPO, default_vtl0_image, default_vtl1_image
+from vtl.core.partition import Partition
+from vtl.run import control
+from vtl.tools.protect_bench import format_costs, protection_costs
 
 TARGET_RATIO = 1.3
 C_FLOOR = REPO / "bench" / "floor_c"
@@ -64,10 +64,15 @@ def measure_vtl_round_trip(calls: int, vtl0: Path | None = None, vtl1: Path | No
                              vtl1_image=vtl1 or default_vtl1_image(),
                              scenario=scenario, param=calls)
     with Partition(config) as partition:
-        result, _ = control.run(partition, None, timeout=max(60.0, calls * 1e-3))
-    if result.status != 0 or not result.bench_stamps or not result.tsc_khz or not result.bench_batch:
+        result, sched = control.run(partition, None, timeout=max(60.0, calls * 1e-3))
+        vcpu = partition.vps[0].vcpus[0]
+        khz = vcpu.tsc_khz() if vcpu is not None else 0
+    stamped = sched.reports.of_kind("stamps")
+    if result.status != 0 or not stamped or not khz:
         raise VmmError(f"{scenario} did not report timings: {result.message}")
-    stamps, batch, khz = result.bench_stamps, result.bench_batch, result.tsc_khz
+    stamps, batch = stamped[-1].u64s(), stamped[-1].value[0]
+    if len(stamps) < 2 or batch <= 0:
+        raise VmmError(f"{scenario} reported {len(stamps)} stamps of {batch} operations")
     per = [(b - a) * 1e6 / khz / batch for a, b in zip(stamps, stamps[1:], strict=False)]
     return VtlRoundTrip(median_ns=statistics.median(per), p10_ns=_percentile(per, 0.1),
                         p90_ns=_percentile(per, 0.9), mean_ns=statistics.fmean(per),
@@ -75,19 +80,13 @@ def measure_vtl_round_trip(calls: int, vtl0: Path | None = None, vtl1: Path | No
                         calls=(len(stamps) - 1) * batch, batch=batch)
 
 
-def _build_c_floor() -> Path | None:
-    if not C_FLOOR.exists():
-        subprocess.run(["make", "-s", "-C", str(C_FLOOR.parent)], check=False, capture_output=True)
-    return C_FLOOR if C_FLOOR.exists() else None
-
-
 def run_bench(calls: int, intercepts: int = 2000, protection: bool = True) -> BenchReport:
     pyf = python_floor(calls)
     vtl = measure_vtl_round_trip(calls)
     icpt = measure_vtl_round_trip(intercepts, scenario="bench-intercept-allow") if intercepts else None
     prot = protection_costs() if protection else None
-    binary = _build_c_floor()
-    cf = c_floor(calls, binary) if binary else None
+    # Built by the set-up command (`make bench`); never built behind the user's back.
+    cf = c_floor(calls, C_FLOOR) if C_FLOOR.exists() else None
     ratio = vtl.median_ns / pyf.median_ns
     return BenchReport(host=f"{platform.node()} {os.uname().release}", calls=calls, vtl_round_trip=vtl,
                        python_floor=pyf, c_floor=cf, ratio_to_python_floor=round(ratio, 3),

@@ -11,7 +11,7 @@ from vmm.elf import ElfImage
 from vmm.errors import GuestImageError
 from vtl.abi import abi_ffi
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCENARIO_SECTION = ".vtl_scenarios"
 
 

@@ -1,0 +1,137 @@
+"""Guest-physical layout of a partition and the boot state of each VTL's kernel.
+
+The numbers come from vtl_abi.h; this module turns them into memory contents
+(boot info, the VMM's identity page tables, a boot GDT) and vCPU registers.
+Everything a VP boots with (boot info, stack) is per VP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmm import x86
+from vmm.errors import VmmError
+from vmm.kvm import VCpu
+from vmm.memory import PAGE_SIZE, GuestMemory
+from vtl.abi import ABI, abi_ffi, abi_struct
+from vtl.core.vtl import Vtl
+
+# The boot page tables live in fixed ABI areas: PML4 + PDPT + one PD per GiB.
+_VTL0_TABLE_PAGES = (ABI.VTL0_BOOT_GDT_GPA - ABI.VTL0_BOOT_TABLES_GPA) // PAGE_SIZE
+_VTL1_TABLE_PAGES = (ABI.VTL1_BOOT_GDT_OFF - ABI.VTL1_BOOT_TABLES_OFF) // PAGE_SIZE
+MEM_MAX = (min(_VTL0_TABLE_PAGES, _VTL1_TABLE_PAGES) - 2) << 30
+
+
+class LayoutError(VmmError):
+    """A partition configuration the guest-physical layout cannot hold."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    mem_size: int
+    vtl1_base: int = ABI.VTL1_BASE
+    vtl1_size: int = ABI.VTL1_SIZE
+
+    @property
+    def vtl1_end(self) -> int:
+        return self.vtl1_base + self.vtl1_size
+
+    def vtl0_ranges(self) -> list[tuple[int, int]]:
+        """(gpa, size) of the memory VTL0's VM maps: everything but VTL1's region."""
+        return [(0, self.vtl1_base), (self.vtl1_end, self.mem_size - self.vtl1_end)]
+
+    def in_vtl1(self, gpa: int, length: int = 1) -> bool:
+        return gpa < self.vtl1_end and gpa + length > self.vtl1_base
+
+    def in_vtl0(self, gpa: int, length: int = 1) -> bool:
+        """[gpa, gpa+length) lies entirely in memory VTL0 may use."""
+        return 0 <= gpa and length >= 0 and gpa + length <= self.mem_size and not self.in_vtl1(gpa, length)
+
+    def in_memory(self, gpa: int, length: int = 1) -> bool:
+        return 0 <= gpa and length >= 0 and gpa + length <= self.mem_size
+
+    # Per-VTL, per-VP addresses
+    def boot_info_gpa(self, vtl: Vtl, vp: int) -> int:
+        base = ABI.VTL0_BOOT_INFO_GPA if vtl == Vtl.VTL0 else self.vtl1_base + ABI.VTL1_BOOT_INFO_OFF
+        return base + vp * ABI.VTL_BOOT_INFO_STRIDE
+
+    def boot_stack_top(self, vtl: Vtl, vp: int) -> int:
+        base = ABI.VTL0_BOOT_STACKS_GPA if vtl == Vtl.VTL0 else self.vtl1_base + ABI.VTL1_BOOT_STACKS_OFF
+        return base + (vp + 1) * PAGE_SIZE
+
+    def boot_tables_gpa(self, vtl: Vtl) -> int:
+        return ABI.VTL0_BOOT_TABLES_GPA if vtl == Vtl.VTL0 else self.vtl1_base + ABI.VTL1_BOOT_TABLES_OFF
+
+    def boot_gdt_gpa(self, vtl: Vtl) -> int:
+        return ABI.VTL0_BOOT_GDT_GPA if vtl == Vtl.VTL0 else self.vtl1_base + ABI.VTL1_BOOT_GDT_OFF
+
+    def image_window(self, vtl: Vtl) -> tuple[int, int]:
+        if vtl == Vtl.VTL0:
+            return ABI.VTL0_IMAGE_MIN, self.vtl1_base
+        return self.vtl1_base + ABI.VTL1_IMAGE_MIN_OFF, self.vtl1_end
+
+    def control_gpa(self, vp: int) -> int:
+        return self.vtl1_base + ABI.VTL1_CONTROL_OFF + vp * PAGE_SIZE
+
+
+def validate(mem_size: int, nr_vps: int) -> None:
+    """Refuse a configuration the fixed ABI areas cannot hold (with the reason)."""
+    if mem_size < ABI.VTL_MEM_MIN or mem_size % (2 << 20):
+        raise LayoutError(f"guest memory must be a multiple of 2 MiB and at least "
+                          f"{ABI.VTL_MEM_MIN >> 20} MiB (got {mem_size >> 20} MiB)")
+    if mem_size > MEM_MAX:
+        raise LayoutError(f"guest memory of {mem_size >> 20} MiB is more than the {MEM_MAX >> 20} MiB "
+                          f"the boot page tables at {ABI.VTL0_BOOT_TABLES_GPA:#x}-"
+                          f"{ABI.VTL0_BOOT_GDT_GPA:#x} can identity-map")
+    if not 1 <= nr_vps <= ABI.VTL1_MAX_VPS:
+        raise LayoutError(f"{nr_vps} VPs: a partition has 1 to {ABI.VTL1_MAX_VPS}")
+
+
+def write_boot_info(mem: GuestMemory, layout: Layout, vtl: Vtl, *, vp: int, nr_vps: int,
+                    image_start: int, image_end: int, flags: int = 0, param: int = 0,
+                    scenario: str = "", measurement: bytes = b"") -> int:
+    """Fill VP `vp`'s struct vtl_boot_info for `vtl`; returns its GPA."""
+    gpa = layout.boot_info_gpa(vtl, vp)
+    size = abi_ffi.sizeof("struct vtl_boot_info")
+    mem.fill(gpa, size)
+    bi = abi_struct(mem, "struct vtl_boot_info", gpa)
+    bi.magic = ABI.VTL_BOOT_MAGIC
+    bi.abi_version = ABI.VTL_ABI_VERSION
+    bi.vtl, bi.vp_index, bi.nr_vps = int(vtl), vp, nr_vps
+    bi.mem_size = layout.mem_size
+    bi.vtl1_base, bi.vtl1_size = layout.vtl1_base, layout.vtl1_size
+    bi.image_start, bi.image_end = image_start, image_end
+    lo, hi = layout.image_window(vtl)
+    bi.free_start = max(image_end, lo)
+    bi.free_end = hi if vtl == Vtl.VTL1 else layout.vtl1_base
+    bi.control_gpa = layout.control_gpa(0) if vtl == Vtl.VTL1 else 0
+    bi.flags, bi.param = flags, param
+    name = scenario.encode()
+    if len(name) >= 48:
+        raise LayoutError(f"scenario name {scenario!r} is longer than 47 bytes")
+    abi_ffi.memmove(bi.scenario, name, len(name))
+    abi_ffi.memmove(bi.measurement, measurement[:32], len(measurement[:32]))
+    return gpa
+
+
+def write_boot_tables(mem: GuestMemory, layout: Layout, vtl: Vtl) -> int:
+    """The VMM's identity map and boot GDT for `vtl` (shared by its VPs); returns CR3."""
+    cr3 = x86.write_identity_tables(mem, layout.boot_tables_gpa(vtl), layout.mem_size)
+    x86.write_boot_gdt(mem, layout.boot_gdt_gpa(vtl))
+    return cr3
+
+
+def boot_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, vp: int, cr3: int, entry: int) -> None:
+    """Put `vcpu` in the documented boot state: long mode, identity map, RDI = boot info."""
+    sregs = vcpu.get_sregs()
+    x86.set_long_mode(sregs, cr3, layout.boot_gdt_gpa(vtl))
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rbp", "r8", "r9", "r10", "r11",
+                 "r12", "r13", "r14", "r15"):
+        setattr(regs, name, 0)
+    regs.rip = entry
+    regs.rdi = layout.boot_info_gpa(vtl, vp)
+    regs.rsp = layout.boot_stack_top(vtl, vp)
+    regs.rflags = x86.RFLAGS_RESERVED1
+    vcpu.set_regs(regs)

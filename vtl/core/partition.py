@@ -1,0 +1,146 @@
+"""A partition: one KVM VM per enabled VTL over one shared guest memory.
+
+VTL0's VM maps every page except VTL1's region, from the start, through the
+attribute backend VTL1 steers (vmm/memattr.py); VTL1's VM is created by the enable
+flow (vtl/lifecycle/enable.py) and maps all memory.  Each VirtualProcessor holds one
+vCPU per enabled VTL; the scheduler (vtl/run/scheduler.py) decides which of them runs.
+"""
+
+from __future__ import annotations
+
+from vmm import uapi as u
+from vmm.elf import ElfImage, check_window, load_image, read_image
+from vmm.errors import VmmError
+from vmm.kvm import Kvm, VCpu, Vm
+from vmm.memattr import ALL, AttributeBackend, MemslotBackend, RwxBackend
+from vmm.memory import PAGE_SIZE, GuestMemory
+from vmm.x86 import PINNED_MSRS
+from vtl.abi import ABI
+from vtl.core import layout as lay
+from vtl.core.config import PartitionConfig
+from vtl.core.events import EventLog
+from vtl.core.vp import VirtualProcessor
+from vtl.core.vtl import Vtl, VtlArray
+
+
+def _make_backend(kind: str | None, vm: Vm, mem: GuestMemory, ranges: list[tuple[int, int]]) \
+        -> AttributeBackend:
+    rwx = (vm.check_extension(u.KVM_CAP_MEMORY_ATTRIBUTES) & ALL) == ALL
+    kind = kind or ("rwx" if rwx else "memslot")
+    if kind == "rwx":
+        if not rwx:
+            raise VmmError("the rwx backend needs KVM_CAP_MEMORY_ATTRIBUTES with the RWX bits, "
+                           "which this host's KVM does not have (see `vtl caps`)")
+        for gpa, size in ranges:
+            vm.map_memory(mem, gpa, size)
+        return RwxBackend(vm, mem.size)
+    if kind == "memslot":
+        return MemslotBackend(vm, mem, ranges)
+    raise VmmError(f"unknown attribute backend {kind!r}")
+
+
+class Partition:
+    def __init__(self, config: PartitionConfig, events: EventLog | None = None) -> None:
+        lay.validate(config.mem_size, config.nr_vps)
+        self.config = config
+        self.layout = lay.Layout(config.mem_size)
+        self.events = events or EventLog()
+        # Parse and place both images before touching KVM: a bad image is a clear error
+        # now, not a half-built VM (or a failure at VTL1's enable, deep in a run).
+        self.vtl0_image: ElfImage = read_image(config.vtl0_image)
+        check_window(self.vtl0_image, *self.layout.image_window(Vtl.VTL0))
+        self.vtl1_image: ElfImage | None = None
+        if config.vtl1_image is not None:
+            self.vtl1_image = read_image(config.vtl1_image)
+            check_window(self.vtl1_image, *self.layout.image_window(Vtl.VTL1))
+        self.kvm = Kvm()
+        self.mem = GuestMemory(config.mem_size)
+        self.vms: VtlArray[Vm | None] = VtlArray(lambda _: None)
+        self.vps = [VirtualProcessor(i) for i in range(config.nr_vps)]
+        self.vtl1_measurement: str | None = None
+        # VTL0's attributes as VTL1 set them, one byte per page (NR/NW/NX bits).
+        self.vtl0_attrs = bytearray(config.mem_size // PAGE_SIZE)
+        self._closed = False
+        try:
+            self._build_vtl0()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- construction ------------------------------------------------------------
+    def new_vm(self, vtl: Vtl) -> Vm:
+        vm = self.kvm.create_vm()
+        self.vms[vtl] = vm
+        return vm
+
+    def new_vcpu(self, vm: Vm, index: int) -> VCpu:
+        vcpu = vm.create_vcpu(index)
+        vcpu.set_cpuid(self.kvm.supported_cpuid())
+        return vcpu
+
+    def _build_vtl0(self) -> None:
+        img = self.vtl0_image
+        load_image(img, self.mem, *self.layout.image_window(Vtl.VTL0))
+        vm = self.new_vm(Vtl.VTL0)
+        # VTL0's memory is mapped through the attribute backend VTL1 will steer.
+        self.backend = _make_backend(self.config.attr_backend, vm, self.mem, self.layout.vtl0_ranges())
+        # Writes to the pinned MSRs exit to the VMM, which asks VTL1 once it exists.
+        vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR, u.KVM_MSR_EXIT_REASON_FILTER)
+        self._msr_filter = vm.set_msr_filter(deny_write=list(PINNED_MSRS))
+        flags = ABI.VTL_BOOT_F_VTL1_AVAILABLE if self.vtl1_image else 0
+        cr3 = lay.write_boot_tables(self.mem, self.layout, Vtl.VTL0)
+        for vp in self.vps:
+            lay.write_boot_info(self.mem, self.layout, Vtl.VTL0, vp=vp.index, nr_vps=len(self.vps),
+                                image_start=img.start, image_end=img.end, flags=flags,
+                                param=self.config.param, scenario=self.config.scenario)
+            vcpu = self.new_vcpu(vm, vp.index)
+            lay.boot_vcpu(vcpu, self.layout, Vtl.VTL0, vp.index, cr3, img.entry)
+            vp.add_vcpu(Vtl.VTL0, vcpu)
+
+    # --- views ----------------------------------------------------------------------
+    @property
+    def vtl1_enabled(self) -> bool:
+        return self.vms[Vtl.VTL1] is not None
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def vtl0_attr(self, gpa: int) -> int:
+        """The attributes VTL1 set on VTL0's page at `gpa` (0 outside memory)."""
+        return self.vtl0_attrs[gpa // PAGE_SIZE] if 0 <= gpa < self.layout.mem_size else 0
+
+    def vtl0_runs(self) -> list[tuple[int, int, int]]:
+        """(start, end, attrs) runs of the whole guest-physical space, VTL1's region as
+        attrs -1 (never mapped in VTL0's VM)."""
+        out: list[tuple[int, int, int]] = []
+        lo, hi = self.layout.vtl1_base // PAGE_SIZE, self.layout.vtl1_end // PAGE_SIZE
+        attrs = self.vtl0_attrs
+        n = len(attrs)
+        i = 0
+        while i < n:
+            val = -1 if lo <= i < hi else attrs[i]
+            j = i + 1
+            while j < n and (-1 if lo <= j < hi else attrs[j]) == val:
+                j += 1
+            out.append((i * PAGE_SIZE, j * PAGE_SIZE, val))
+            i = j
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for vm in self.vms:
+            if vm is not None:
+                vm.close()
+        if hasattr(self, "mem"):
+            self.mem.close()
+        if hasattr(self, "kvm"):
+            self.kvm.close()
+
+    def __enter__(self) -> Partition:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

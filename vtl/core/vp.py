@@ -1,0 +1,117 @@
+"""A virtual processor: one vCPU per enabled VTL, and the one state that says which runs.
+
+A VP's state (DESIGN section 10, as Firecracker's vCPU state machine) is exactly one of:
+
+  running VTL0                        VTL0's vCPU runs
+  in VTL1 (entry: enable)             VTL1 initialises; its first VTL return completes
+                                      VTL0's VTL_HC_ENABLE_VTL1
+  in VTL1 (entry: call)               VTL0 made a VTL call
+  in VTL1 (entry: intercept, pending) VTL1 judges `pending`; its VTL return applies the verdict
+  stopped (status, reason, message)   the run is over
+
+The scheduler (vtl/run/scheduler.py) is the only code that changes it, through one
+transition function; everything else reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from vmm import uapi as u
+from vmm.kvm import VCpu
+from vtl.abi import ABI
+from vtl.core.vtl import Vtl, VtlArray
+
+
+class Entry(IntEnum):
+    """Why VTL1 was entered (written to vtl_control.entry_reason)."""
+    ENABLE = ABI.VTL_ENTRY_NONE
+    CALL = ABI.VTL_ENTRY_CALL
+    INTERCEPT = ABI.VTL_ENTRY_INTERCEPT
+
+
+@dataclass(frozen=True, slots=True)
+class PendingIntercept:
+    """A secure intercept delivered to VTL1 and not answered yet."""
+    type: int                   # VTL_INTERCEPT_*
+    access: int                 # VTL_ACCESS_*
+    gpa: int
+    size: int
+    data: int
+    rip: int
+    rip_after: bool             # reported after the instruction retired
+    regs: tuple[tuple[str, int], ...]   # VTL0's registers at the exit, for a precise rewind
+    msr: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VpState:
+    name: str                   # running_vtl0 | in_vtl1 | stopped
+    vtl: Vtl | None             # whose vCPU runs; None once stopped
+    entry: Entry | None = None
+    pending: PendingIntercept | None = None
+    # stopped only
+    status: int = 0
+    reason: str = ""
+    message: str = ""
+
+    def __str__(self) -> str:
+        if self.name == "in_vtl1":
+            return f"in VTL1 ({self.entry.name.lower() if self.entry is not None else '?'})"
+        return self.name.replace("_", " ")
+
+
+# The states the switch path uses are singletons: the hot path compares identities.
+RUNNING_VTL0 = VpState("running_vtl0", Vtl.VTL0)
+IN_VTL1_ENABLE = VpState("in_vtl1", Vtl.VTL1, Entry.ENABLE)
+IN_VTL1_CALL = VpState("in_vtl1", Vtl.VTL1, Entry.CALL)
+
+
+def in_vtl1_intercept(pending: PendingIntercept) -> VpState:
+    return VpState("in_vtl1", Vtl.VTL1, Entry.INTERCEPT, pending)
+
+
+def stopped(status: int, reason: str, message: str) -> VpState:
+    return VpState("stopped", None, status=status, reason=reason, message=message)
+
+
+@dataclass(slots=True)
+class SyncView:
+    """One vCPU's registers as KVM syncs them into kvm_run, resolved once: each cffi
+    attribute hop costs a wrapper object, and the VTL switch copies through these."""
+    vcpu: VCpu
+    # [rax..rdi] at offset 0 (48 bytes) and [rbp..r15] at 56 (72 bytes); RSP at 48 is private.
+    lo: Any
+    hi: Any
+    dirty: Any                  # uint64_t * to kvm_run.kvm_dirty_regs
+    cr2: Any                    # uint64_t * to the synced CR2
+
+    @classmethod
+    def of(cls, vcpu: VCpu) -> SyncView:
+        ffi = u.ffi
+        base = ffi.cast("uint8_t *", ffi.addressof(vcpu.run.s.regs, "regs"))
+        return cls(vcpu, base, base + 56, ffi.cast("uint64_t *", ffi.addressof(vcpu.run, "kvm_dirty_regs")),
+                   ffi.cast("uint64_t *", ffi.addressof(vcpu.sregs, "cr2")))
+
+
+@dataclass(slots=True)
+class VirtualProcessor:
+    index: int
+    state: VpState = RUNNING_VTL0
+    vcpus: VtlArray[VCpu | None] = field(default_factory=lambda: VtlArray(lambda _: None))
+    sync: VtlArray[SyncView | None] = field(default_factory=lambda: VtlArray(lambda _: None))
+    ctl: Any = None                     # struct vtl_control * in VTL1's memory, once enabled
+    current: VCpu | None = None         # the vCPU of state.vtl (None once stopped)
+
+    def add_vcpu(self, vtl: Vtl, vcpu: VCpu) -> None:
+        self.vcpus[vtl] = vcpu
+        self.sync[vtl] = SyncView.of(vcpu)
+        if self.current is None and vtl == self.state.vtl:
+            self.current = vcpu
+
+    @property
+    def active_vtl(self) -> Vtl:
+        """The VTL whose vCPU ran last (VTL0 once stopped from VTL0, ...)."""
+        return self.state.vtl if self.state.vtl is not None else Vtl.VTL0

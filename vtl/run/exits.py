@@ -1,0 +1,130 @@
+"""Every exit that is not the switch path's port I/O, decoded into a typed exit
+(vmm.exits) and handed to the service that owns it.  A new exit kind goes here.
+
+Memory exits from VTL0 are secure intercepts when VTL1 restricted the page, and
+refusals (#GP) when VTL0 touched VTL1's region or memory that does not exist.
+"""
+
+from __future__ import annotations
+
+from vmm import exits as ex
+from vmm import paging
+from vmm import uapi as u
+from vmm.errors import VmmError
+from vmm.kvm import VCpu
+from vmm.memattr import NR, NW
+from vmm.memory import PAGE_SIZE
+from vmm.x86 import VEC_GP
+from vtl.abi import ABI
+from vtl.core.events import GuestFault
+from vtl.core.partition import Partition
+from vtl.core.vp import VirtualProcessor
+from vtl.core.vtl import Vtl
+from vtl.services.intercepts import Intercepts
+from vtl.services.outcomes import STATUS_CRASH, Outcome, Stop
+from vtl.services.refusals import Refusals
+
+
+class ExitDispatcher:
+    def __init__(self, partition: Partition, refusals: Refusals, intercepts: Intercepts) -> None:
+        self.p, self.refuse, self.intercepts = partition, refusals, intercepts
+        self.events = partition.events
+
+    def dispatch(self, vp: VirtualProcessor, vcpu: VCpu, exit: ex.VcpuExit) -> Outcome:
+        vtl = vp.active_vtl
+        rip = int(vcpu.regs.rip)
+        match exit:
+            case ex.Mmio():
+                return self._mmio(vp, vcpu, exit)
+            case ex.MsrWrite() if vtl == Vtl.VTL0:
+                return self.intercepts.msr(vp, vcpu, exit.index, exit.data)
+            case ex.MemoryFault() if vtl == Vtl.VTL0:
+                return self._memory_fault(vp, vcpu, exit)
+            case ex.EmulationFailure():
+                handled = self._fetch_fault(vp, vcpu)
+                if handled is not False:
+                    return handled
+                return self._crash(vp, "crash", f"VTL{int(vtl)} instruction at RIP {rip:#x} could not be "
+                                   f"emulated (bytes {exit.insn.hex() or 'unavailable'})", rip)
+            case ex.Shutdown():
+                return self._crash(vp, "triple_fault", f"VTL{int(vtl)} triple-faulted (KVM_EXIT_SHUTDOWN) "
+                                   f"near RIP {rip:#x}", rip)
+            case ex.Hlt():
+                return self._crash(vp, "halted", f"VTL{int(vtl)} halted at RIP {rip:#x} without reporting "
+                                   "an exit status", rip)
+            case ex.FailEntry():
+                detail = f" (hardware reason {exit.reason:#x})"
+            case ex.InternalError():
+                detail = f" (suberror {exit.suberror})"
+            case ex.RunError():
+                raise VmmError(f"{exit} on VP{vp.index} VTL{int(vtl)}")
+            case _:
+                detail = ""
+        return self._crash(vp, "crash", f"VTL{int(vtl)} stopped with unexpected exit {exit.name}{detail} "
+                           f"at RIP {rip:#x}", rip)
+
+    def _crash(self, vp: VirtualProcessor, reason: str, message: str, rip: int) -> Stop:
+        self.events.emit(GuestFault(ts=self.events.now(), vp=vp.index, vtl=vp.active_vtl,
+                                    name=reason.replace("_", " "), rip=rip, reason=message))
+        return Stop(STATUS_CRASH, reason, message)
+
+    def _mmio(self, vp: VirtualProcessor, vcpu: VCpu, m: ex.Mmio) -> Outcome:
+        access = "write" if m.is_write else "read"
+        vtl = vp.active_vtl
+        if vtl == Vtl.VTL0 and self.p.vtl1_enabled and self.p.layout.in_vtl0(m.gpa):
+            if self.p.vtl0_attr(m.gpa) & (NW if m.is_write else NR):
+                return self.intercepts.memory(
+                    vp, vcpu, m.gpa, ABI.VTL_ACCESS_WRITE if m.is_write else ABI.VTL_ACCESS_READ,
+                    size=m.length, data=int.from_bytes(m.data, "little"), rip_after=m.is_write)
+        if vtl == Vtl.VTL0 and self.p.layout.in_vtl1(m.gpa):
+            why = "VTL0 access to VTL1 memory"
+        else:
+            why = f"VTL{int(vtl)} access to unbacked guest-physical address"
+        if not m.is_write:
+            ex.complete_mmio_read(vcpu, b"\xff" * vcpu.run.mmio.len)
+        # The access never reaches memory; the fault follows the instruction (see vtl_abi.h).
+        self.refuse.fault(vp, vcpu, f"memory {access}", why, VEC_GP, 0, at_port_insn=False,
+                          gpa=m.gpa, access=access)
+        return None
+
+    def _fetch_fault(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome | bool:
+        """Instruction fetch from a GPA this VTL's VM does not map: an intercept when VTL1
+        made the page NR, else #GP.  False: not a fetch fault (a real emulation failure)."""
+        rip = int(vcpu.regs.rip)
+        try:
+            gpa = paging.walk(self.p.mem, vcpu.sregs.cr3, rip).gpa
+        except VmmError:
+            return False
+        layout, vtl = self.p.layout, vp.active_vtl
+        if vtl == Vtl.VTL0 and self.p.vtl1_enabled and layout.in_vtl0(gpa) and self.p.vtl0_attr(gpa) & NR:
+            return self.intercepts.memory(vp, vcpu, gpa, ABI.VTL_ACCESS_EXECUTE)
+        if vtl == Vtl.VTL0 and layout.in_vtl1(gpa):
+            why = "VTL0 instruction fetch from VTL1 memory"
+        elif gpa >= layout.mem_size:
+            why = f"VTL{int(vtl)} instruction fetch from unbacked guest-physical address"
+        else:
+            return False
+        vcpu.inject_exception(VEC_GP, 0)
+        self.refuse.injected(vp, VEC_GP, 0, rip, why, request="instruction fetch", gpa=gpa, access="execute")
+        return None
+
+    def _memory_fault(self, vp: VirtualProcessor, vcpu: VCpu, mf: ex.MemoryFault) -> Outcome:
+        """KVM_EXIT_MEMORY_FAULT: the rwx backend (flags say the access), or a host-mapping
+        protection on an EPT host (KVM_RUN -EFAULT, flags without the access type: it is
+        derived from the page's attributes and RIP).  RIP is at the access, not after."""
+        vcpu.run.exit_reason = u.KVM_EXIT_UNKNOWN    # never mistake it for a later -EFAULT's
+        if not self.p.vtl1_enabled or not self.p.layout.in_vtl0(mf.gpa):
+            return self._crash(vp, "crash", f"memory fault at GPA {mf.gpa:#x} with no VTL1 to ask",
+                               int(vcpu.regs.rip))
+        if mf.exec or mf.write or mf.read:
+            access = (ABI.VTL_ACCESS_EXECUTE if mf.exec else
+                      ABI.VTL_ACCESS_WRITE if mf.write else ABI.VTL_ACCESS_READ)
+        else:
+            try:
+                fetch = paging.walk(self.p.mem, vcpu.sregs.cr3, int(vcpu.regs.rip)).gpa // PAGE_SIZE \
+                    == mf.gpa // PAGE_SIZE
+            except VmmError:
+                fetch = False
+            access = (ABI.VTL_ACCESS_EXECUTE if fetch else ABI.VTL_ACCESS_READ
+                      if self.p.vtl0_attr(mf.gpa) & NR else ABI.VTL_ACCESS_WRITE)
+        return self.intercepts.memory(vp, vcpu, mf.gpa, access, size=mf.size)

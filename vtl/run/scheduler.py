@@ -1,0 +1,298 @@
+"""The VP scheduler: runs the current vCPU of each VP and switches VTLs.
+
+This is the only place that changes a VP's state (`_transition`) and so decides which
+vCPU of a VP runs next.  Services handle exits and return outcomes; the scheduler
+applies them.  A switch moves the shared state of DESIGN section 4 through the synced
+registers in kvm_run (KVM_CAP_SYNC_REGS), so it adds no ioctl:
+
+  shared:  RAX RBX RCX RDX RSI RDI RBP R8-R15, CR2
+  private: RSP RIP RFLAGS, CR0/CR3/CR4, EFER, segments, GDTR/IDTR (each vCPU's own)
+  not moved: FPU/XMM (the guests are built without them; see docs/abi.md)
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from vmm import exits as ex
+from vmm import uapi as u
+from vmm.errors import VmmError
+from vmm.kvm import VCpu
+from vmm.uapi import ffi, libc
+from vmm.x86 import VEC_GP, VEC_UD
+from vtl.abi import ABI
+from vtl.core.events import GuestExit, VtlCall, VtlReturn
+from vtl.core.partition import Partition
+from vtl.core.vp import (
+    IN_VTL1_CALL,
+    IN_VTL1_ENABLE,
+    RUNNING_VTL0,
+    Entry,
+    VirtualProcessor,
+    VpState,
+    stopped,
+)
+from vtl.core.vtl import Vtl
+from vtl.lifecycle.enable import enable_vtl1
+from vtl.run.exits import ExitDispatcher
+from vtl.run.result import RunResult
+from vtl.services.console import Console
+from vtl.services.hypercalls import Hypercalls
+from vtl.services.intercepts import Intercepts
+from vtl.services.outcomes import STATUS_VMM_ERROR, EnableVtl1, Enter, Outcome, Stop
+from vtl.services.protection import Vtl0Protection
+from vtl.services.refusals import Refusals
+from vtl.services.reports import Reports
+
+PORT_NAMES = {ABI.VTL_PORT_CONSOLE: "console", ABI.VTL_PORT_CALL: "vtl_call",
+              ABI.VTL_PORT_RETURN: "vtl_return", ABI.VTL_PORT_RETURN_FAST: "vtl_return_fast",
+              ABI.VTL_PORT_HYPERCALL: "hypercall", ABI.VTL_PORT_EXIT: "exit"}
+
+EXIT_IO, IO_OUT = u.KVM_EXIT_IO, u.KVM_EXIT_IO_OUT
+SYNC_REGS, SYNC_SREGS = u.KVM_SYNC_X86_REGS, u.KVM_SYNC_X86_SREGS
+VTL_ENTRY_CALL = ABI.VTL_ENTRY_CALL
+PORT_RETURN_FAST = ABI.VTL_PORT_RETURN_FAST
+VTL0, VTL1 = Vtl.VTL0, Vtl.VTL1
+memmove = ffi._backend.memmove   # skips cffi's Python-level wrapper on the switch path
+
+IoHandler = Callable[[VirtualProcessor, VCpu], Outcome]
+
+
+class Scheduler:
+    def __init__(self, partition: Partition, console: Console | None = None) -> None:
+        self.p = partition
+        self.events = partition.events
+        self.console = console or Console(len(partition.vps))
+        self.refusals = Refusals(partition.mem, partition.layout, self.events)
+        self.reports = Reports(partition, self.events)
+        self.protection = Vtl0Protection(partition)
+        self.intercepts = Intercepts(partition, self.events, self.refusals)
+        self.hypercalls = Hypercalls(partition, self.events, self.refusals, self.reports, self.protection)
+        self.exits = ExitDispatcher(partition, self.refusals, self.intercepts)
+        self.exit_counts: Counter[str] = Counter()     # non-I/O exits by name
+        self.port_counts = [0] * 65536                 # I/O exits by port
+        self.vtl_calls = 0
+        self.vtl_returns = 0
+        self._stop_request: Stop | None = None
+        self._lock = threading.Lock()                  # stop requests vs. vCPU creation
+        self._t0 = 0.0
+        self._io: dict[int, IoHandler] = {
+            ABI.VTL_PORT_CONSOLE: self._on_console,
+            ABI.VTL_PORT_CALL: self._on_vtl_call,
+            ABI.VTL_PORT_RETURN: self._on_vtl_return,
+            ABI.VTL_PORT_RETURN_FAST: self._on_vtl_return,
+            ABI.VTL_PORT_HYPERCALL: self.hypercalls.handle,
+            ABI.VTL_PORT_EXIT: self._on_exit_port,
+        }
+
+    # --- the one transition ------------------------------------------------------------
+    def _transition(self, vp: VirtualProcessor, state: VpState) -> None:
+        vp.state = state
+        vtl = state.vtl
+        vp.current = vp.vcpus[vtl] if vtl is not None else None
+
+    # --- the loop ------------------------------------------------------------------
+    def run(self) -> RunResult:
+        """Run VP0 until it stops (one VP runs today; see PartitionConfig.nr_vps)."""
+        self._t0 = time.perf_counter()
+        vp = self.p.vps[0]
+        self._transition(vp, vp.state)
+        ioctl, kvm_run, null = libc.ioctl, u.KVM_RUN, ffi.NULL
+        handlers = self._io
+        port_counts = self.port_counts
+        try:
+            while (vcpu := vp.current) is not None:
+                if ioctl(vcpu.fd, kvm_run, null) < 0:
+                    outcome = self._run_failed(vp, vcpu, ffi.errno)
+                else:
+                    words = vcpu.words
+                    if words[2] == EXIT_IO:
+                        io = words[8]                       # direction | size << 8 | port << 16
+                        port = io >> 16
+                        port_counts[port] += 1
+                        handler = handlers.get(port)
+                        if handler is not None and io & 0xFF == IO_OUT:
+                            outcome = handler(vp, vcpu)
+                        else:
+                            outcome = self._unknown_port(vp, vcpu)
+                    else:
+                        outcome = self._other_exit(vp, vcpu)
+                if outcome is not None:
+                    self._apply(vp, outcome)
+        except Exception as e:    # a VMM bug or host failure ends the run, never the process
+            self._finish(vp, Stop(STATUS_VMM_ERROR, "vmm_error", _describe(e)))
+        finally:
+            self.console.flush()
+        return self._result(vp)
+
+    def request_stop(self, status: int, reason: str, message: str) -> None:
+        """Ask the loop to stop (any thread): every vCPU's next KVM_RUN returns at once.
+        The caller also signals the loop's thread to interrupt a KVM_RUN in progress."""
+        with self._lock:
+            self._stop_request = Stop(status, reason, message)
+            for vp in self.p.vps:
+                for vcpu in vp.vcpus:
+                    if vcpu is not None:
+                        vcpu.run.immediate_exit = 1
+
+    def _apply(self, vp: VirtualProcessor, outcome: Outcome) -> None:
+        match outcome:
+            case Enter(state):
+                self._transition(vp, state)
+            case EnableVtl1():
+                with self._lock:
+                    enable_vtl1(self.p, vp)
+                    if self._stop_request is not None:   # a stop raced with the enable
+                        for vcpu in vp.vcpus:
+                            if vcpu is not None:
+                                vcpu.run.immediate_exit = 1
+                self._transition(vp, IN_VTL1_ENABLE)
+            case Stop():
+                self._finish(vp, outcome)
+
+    def _finish(self, vp: VirtualProcessor, stop: Stop) -> None:
+        if vp.state.name == "stopped":
+            return
+        vtl = vp.active_vtl
+        self._transition(vp, stopped(stop.status, stop.reason, stop.message))
+        self.events.emit(GuestExit(ts=self.events.now(), vp=vp.index, vtl=vtl, status=stop.status,
+                                   reason=stop.reason))
+
+    def _result(self, vp: VirtualProcessor) -> RunResult:
+        st = vp.state
+        return RunResult(
+            status=st.status, reason=st.reason, message=st.message,
+            wall_s=round(time.perf_counter() - self._t0, 6),
+            vtl_calls=self.vtl_calls, vtl_returns=self.vtl_returns,
+            vtl_switches=self.vtl_calls + self.vtl_returns,
+            exits=self.exits_by_reason(), vtl1_enabled=self.p.vtl1_enabled,
+            vtl1_measurement=self.p.vtl1_measurement, backend=self.p.backend_name)
+
+    def exits_by_reason(self) -> dict[str, int]:
+        out = dict(self.exit_counts)
+        for port, n in enumerate(self.port_counts):
+            if n:
+                out[f"io:{PORT_NAMES.get(port, hex(port))}"] = n
+        return out
+
+    def _run_failed(self, vp: VirtualProcessor, vcpu: VCpu, err: int) -> Outcome:
+        if err in (errno.EINTR, errno.EAGAIN):
+            vcpu.run.immediate_exit = 0
+            return self._stop_request
+        # -EFAULT with KVM_EXIT_MEMORY_FAULT is an exit (host-mapping protections on EPT hosts).
+        exit = ex.from_result(vcpu, -err)
+        self.exit_counts[exit.name] += 1
+        return self.exits.dispatch(vp, vcpu, exit)
+
+    def _other_exit(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
+        exit = ex.decode(vcpu)
+        self.exit_counts[exit.name] += 1
+        if isinstance(exit, ex.Interrupted):
+            return self._stop_request
+        return self.exits.dispatch(vp, vcpu, exit)
+
+    # --- VTL switch (hot path) ----------------------------------------------------------
+    def _on_vtl_call(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
+        ctl = vp.ctl
+        if vp.state is not RUNNING_VTL0 or vcpu.cs.selector & 3 or ctl is None:
+            return self._refuse_vtl_call(vp, vcpu)
+        sync = vp.sync
+        src, dst = sync[0], sync[1]
+        r0 = vcpu.regs
+        ctl.entry_reason = VTL_ENTRY_CALL
+        ctl.vtl0_rax = r0.rax
+        ctl.vtl0_rcx = r0.rcx
+        memmove(dst.lo, src.lo, 48)
+        memmove(dst.hi, src.hi, 72)
+        cr2 = src.cr2[0]
+        if cr2 != dst.cr2[0]:
+            dst.cr2[0] = cr2
+            dst.dirty[0] = SYNC_REGS | SYNC_SREGS
+        else:
+            dst.dirty[0] = SYNC_REGS
+        self._transition(vp, IN_VTL1_CALL)
+        self.vtl_calls += 1
+        if self.events.trace:
+            self.events.emit(VtlCall(ts=self.events.now(), vp=vp.index, vtl=0,
+                                     code=ctl.vtl0_rax, arg=ctl.vtl0_rcx))
+        return None
+
+    def _refuse_vtl_call(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
+        if vp.active_vtl != VTL0:
+            self.refusals.fault(vp, vcpu, "vtl_call", "VTL call from VTL1 (the highest VTL)", VEC_UD)
+        elif vcpu.cs.selector & 3:
+            self.refusals.fault(vp, vcpu, "vtl_call", "VTL call from CPL3", VEC_GP, 0)
+        else:
+            self.refusals.status(vp, vcpu, "vtl_call", "VTL1 is not enabled", ABI.VTL_E_NOT_ENABLED)
+        return None
+
+    def _on_vtl_return(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
+        state = vp.state
+        if state.vtl is not VTL1 or vcpu.cs.selector & 3:
+            return self._refuse_vtl_return(vp, vcpu)
+        sync = vp.sync
+        src, dst = sync[1], sync[0]
+        v0 = dst.vcpu
+        fast = vcpu.words[8] >> 16 == PORT_RETURN_FAST
+        self.vtl_returns += 1
+        if state is IN_VTL1_CALL:
+            memmove(dst.lo, src.lo, 48)
+            memmove(dst.hi, src.hi, 72)
+            if not fast:
+                r0, ctl = v0.regs, vp.ctl
+                r0.rax = ctl.vtl0_rax
+                r0.rcx = ctl.vtl0_rcx
+            cr2 = src.cr2[0]
+            if cr2 != dst.cr2[0]:
+                dst.cr2[0] = cr2
+                dst.dirty[0] = SYNC_REGS | SYNC_SREGS
+            else:
+                dst.dirty[0] = SYNC_REGS
+            outcome: Outcome = None
+        elif state.entry is Entry.ENABLE:
+            # End of the enable flow: VTL0's registers are untouched but for the status.
+            v0.regs.rax = ABI.VTL_OK
+            dst.dirty[0] = SYNC_REGS
+            outcome = None
+        else:
+            # An intercept: VTL0's registers were never handed to VTL1; apply the verdict.
+            assert state.pending is not None
+            outcome = self.intercepts.complete(vp, state.pending)
+        self._transition(vp, RUNNING_VTL0)
+        if self.events.trace:
+            self.events.emit(VtlReturn(ts=self.events.now(), vp=vp.index, vtl=1, fast=fast,
+                                       status=v0.regs.rax))
+        return outcome
+
+    def _refuse_vtl_return(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
+        if vp.active_vtl != VTL1:
+            self.refusals.fault(vp, vcpu, "vtl_return", "VTL return from VTL0", VEC_UD)
+        else:
+            self.refusals.fault(vp, vcpu, "vtl_return", "VTL return from CPL3", VEC_GP, 0)
+        return None
+
+    # --- other ports ----------------------------------------------------------------
+    def _on_console(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
+        self.console.byte(vp.index, vp.active_vtl, vcpu.run_buf[vcpu.run.io.data_offset][0])
+        return None
+
+    def _on_exit_port(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
+        exit = ex.decode(vcpu)
+        assert isinstance(exit, ex.IoOut)
+        status = exit.value
+        return Stop(status, "guest_exit", f"VTL{int(vp.active_vtl)} reported exit status {status:#x}")
+
+    def _unknown_port(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
+        exit = ex.decode(vcpu)
+        if isinstance(exit, ex.IoIn):
+            # No device here: reads float high, as on an empty ISA bus.
+            ex.complete_io_in(vcpu, b"\xff" * (exit.size * exit.count))
+        return None
+
+
+def _describe(e: Exception) -> str:
+    return str(e) if isinstance(e, VmmError) else f"internal error: {type(e).__name__}: {e}"

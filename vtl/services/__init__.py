@@ -1,0 +1,7 @@
+"""What the VMM does for a guest request: hypercalls, the report channel, VTL0's memory
+protections, secure intercepts, the console, refusals.
+
+A service reads and writes the partition (vtl.core) and the exiting vCPU, emits
+events, and *returns* what should happen next (vtl.services.outcomes); it never
+changes a VP's state or picks the next vCPU: that is the scheduler's (vtl.run).
+"""

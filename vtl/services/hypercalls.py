@@ -1,0 +1,123 @@
+"""Hypercalls from guests to the VMM (VTL_PORT_HYPERCALL).
+
+RAX = code; RDI, RSI, RDX = arguments; result RAX = status, RDX = value.  The
+source VTL is the VM the exit came from, so it cannot be forged.  Every argument
+is untrusted: bad input gets a status code, never an exception.
+
+A handler returns a `Reply` (status, and the reason when it refuses) or an outcome
+for the scheduler (`EnableVtl1`).  A new hypercall is one handler and one table row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmm import uapi as u
+from vmm.kvm import VCpu
+from vmm.memattr import describe
+from vmm.x86 import VEC_GP
+from vtl.abi import ABI
+from vtl.core.events import EventLog, ProtectionChanged
+from vtl.core.partition import Partition
+from vtl.core.vp import VirtualProcessor
+from vtl.core.vtl import Vtl
+from vtl.services.outcomes import EnableVtl1, Outcome
+from vtl.services.protection import Vtl0Protection
+from vtl.services.refusals import STATUS_NAMES, Refusals
+from vtl.services.reports import Reports
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    reason: str = ""         # why, when status is an error
+
+
+Handler = Callable[[VirtualProcessor, VCpu], "Reply | EnableVtl1"]
+VTL0_ONLY, VTL1_ONLY, ANY_VTL = frozenset({Vtl.VTL0}), frozenset({Vtl.VTL1}), frozenset(Vtl)
+
+
+class Hypercalls:
+    def __init__(self, partition: Partition, events: EventLog, refusals: Refusals, reports: Reports,
+                 protection: Vtl0Protection) -> None:
+        self.p, self.events, self.refuse = partition, events, refusals
+        self.reports, self.protection = reports, protection
+        # code -> (handler, VTLs allowed to call it)
+        self.table: dict[int, tuple[Handler, frozenset[Vtl]]] = {
+            ABI.VTL_HC_ENABLE_VTL1: (self.enable_vtl1, VTL0_ONLY),
+            ABI.VTL_HC_REPORT: (self.report, ANY_VTL),
+            ABI.VTL_HC_GET_VP_REGISTER: (self.get_vp_register, VTL1_ONLY),
+            ABI.VTL_HC_MODIFY_VTL_PROTECTION: (self.modify_vtl_protection, VTL1_ONLY),
+        }
+
+    def handle(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
+        regs = vcpu.regs
+        vtl = vp.active_vtl
+        if vcpu.sregs.cs.selector & 3:
+            self.refuse.fault(vp, vcpu, "hypercall", "hypercall from CPL3", VEC_GP, 0)
+            return None
+        code = regs.rax
+        entry = self.table.get(code)
+        if entry is None:
+            self.refuse.status(vp, vcpu, f"hypercall {code:#x}", "unknown hypercall code",
+                               ABI.VTL_E_INVALID_CODE)
+            return None
+        handler, allowed = entry
+        if vtl not in allowed:
+            self.refuse.status(vp, vcpu, f"hypercall {code:#x}",
+                               f"hypercall {code:#x} is not available to VTL{int(vtl)}", ABI.VTL_E_ACCESS_DENIED)
+            return None
+        reply = handler(vp, vcpu)
+        if isinstance(reply, EnableVtl1):
+            return reply
+        if reply.status != ABI.VTL_OK:
+            self.refuse.status(vp, vcpu, f"hypercall {code:#x}",
+                               reply.reason or STATUS_NAMES.get(reply.status, str(reply.status)), reply.status)
+            return None
+        regs.rax = reply.status
+        vcpu.run.kvm_dirty_regs |= u.KVM_SYNC_X86_REGS
+        return None
+
+    def enable_vtl1(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply | EnableVtl1:
+        if self.p.vtl1_image is None:
+            return Reply(int(ABI.VTL_E_DISABLED), "VTL1 is disabled for this partition (--no-vtl1)")
+        if self.p.vtl1_enabled:
+            return Reply(int(ABI.VTL_E_ALREADY_ENABLED), "VTL1 is already enabled")
+        # On success VTL1 runs next; VTL0's RAX is set when VTL1 first returns.
+        return EnableVtl1()
+
+    def report(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
+        status = self.reports.receive(vp.index, vp.active_vtl, vcpu.regs.rdi)
+        return Reply(status, self.reports.last_error if status != ABI.VTL_OK else "")
+
+    def get_vp_register(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
+        regs = vcpu.regs
+        index, reg = regs.rdi, regs.rsi
+        if index >= len(self.p.vps):
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"no VP {index}")
+        # VTL0's vCPU is stopped while VTL1 runs, so its synced state is current.
+        target = self.p.vps[index].vcpus[Vtl.VTL0]
+        assert target is not None
+        sync = target.sync
+        values = {
+            ABI.VTL_REG_RIP: sync.regs.rip, ABI.VTL_REG_RSP: sync.regs.rsp,
+            ABI.VTL_REG_RFLAGS: sync.regs.rflags, ABI.VTL_REG_CR0: sync.sregs.cr0,
+            ABI.VTL_REG_CR3: sync.sregs.cr3, ABI.VTL_REG_CR4: sync.sregs.cr4,
+            ABI.VTL_REG_EFER: sync.sregs.efer,
+        }
+        if reg not in values:
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"unknown register {reg}")
+        regs.rdx = values[reg]
+        return Reply(int(ABI.VTL_OK))
+
+    def modify_vtl_protection(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
+        regs = vcpu.regs
+        out = self.protection.modify(regs.rdi, vp.active_vtl)
+        regs.rdx = out.next_index
+        if out.pages:
+            self.events.emit(ProtectionChanged(
+                ts=self.events.now(), vp=vp.index, vtl=vp.active_vtl, target_vtl=0,
+                attributes=describe(out.attributes), pages=out.pages, ranges=out.ranges,
+                backend_ops=out.ops))
+        return Reply(out.status, out.reason)

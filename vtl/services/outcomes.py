@@ -1,0 +1,40 @@
+"""What a service asks the scheduler to do after handling an exit.
+
+`None` means: resume the vCPU that exited.  Anything else is one of these, and the
+scheduler alone turns it into a VP state transition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vtl.core.vp import VpState
+
+
+@dataclass(frozen=True, slots=True)
+class Enter:
+    """Switch the VP to `state` (e.g. into VTL1 for an intercept)."""
+    state: VpState
+
+
+@dataclass(frozen=True, slots=True)
+class EnableVtl1:
+    """VTL0 asked for VTL1 (VTL_HC_ENABLE_VTL1): run the enable flow."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """End the run."""
+    status: int
+    reason: str
+    message: str
+
+
+Outcome = Enter | EnableVtl1 | Stop | None
+
+# How a run ended, besides the guest's own status (documented in `vtl run --help`).
+STATUS_VMM_ERROR = 1
+STATUS_CRASH = 3        # triple fault, emulation failure, halt without status
+STATUS_STOPPED_BY_VTL1 = 4
+STATUS_TIMEOUT = 124
+STATUS_INTERRUPTED = 130   # SIGINT
+STATUS_TERMINATED = 143    # SIGTERM

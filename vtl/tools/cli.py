@@ -1,0 +1,342 @@
+"""`vtl`: launch dual-VTL guests on KVM, list scenarios, probe the host, benchmark, attack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from vmm.errors import VmmError
+from vtl.core.images import default_vtl0_image, default_vtl1_image
+
+EPILOG = """\
+exit status: 0 = the guest passed; otherwise the guest's own status, or
+  1 VMM or configuration error (bad image or option, no /dev/kvm, a run the VMM could not continue)
+  2 usage error; for `vtl attack`, an attack that was not blocked
+  3 a guest crashed (triple fault, emulation failure, halt)
+  4 VTL1 stopped the partition
+  124 timeout, 130 interrupted (Ctrl-C), 141 output closed (e.g. `| head`), 143 terminated (SIGTERM)
+Docs: README.md, docs/abi.md, docs/architecture.md."""
+
+MAX_PARAM = (1 << 64) - 1
+MAX_CALLS = 10_000_000
+STATUS_PIPE_CLOSED = 141
+
+
+class Terminated(Exception):
+    """SIGTERM outside a run (during start-up, image loading, a bench floor)."""
+
+
+def _int_in(lo: int, hi: int, what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{what} must be between {lo} and {hi}, not {value}")
+        return value
+    return parse
+
+
+def _mib(text: str) -> int:
+    return int(_int_in(1, 1 << 20, "memory size in MiB")(text)) << 20
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"timeout must be a positive, finite number of seconds, not {text}")
+    return value
+
+
+def _images(p: argparse.ArgumentParser, vtl1: bool = True) -> None:
+    p.add_argument("--vtl0-image", type=Path, default=default_vtl0_image(), metavar="ELF",
+                   help="VTL0 kernel (default: %(default)s)")
+    if vtl1:
+        p.add_argument("--vtl1-image", type=Path, default=default_vtl1_image(), metavar="ELF",
+                       help="VTL1 secure kernel (default: %(default)s)")
+
+
+def _backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("memslot", "host_mapping", "rwx"), default=None,
+                   help="how VTL1's protections of VTL0 memory are applied (default: the best one "
+                        "`vtl caps` finds working: rwx, else host_mapping, else memslot)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="vtl", description="Run a partition with one KVM VM per Virtual Trust Level (VTL0: "
+        "the ordinary kernel; VTL1: a secure kernel that owns the policy) over one shared memory.",
+        epilog=EPILOG, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="boot VTL0 (which enables VTL1) and stream its console",
+                       description="Boot the VTL0 image; it asks the VMM to enable VTL1, which is loaded, "
+                       "measured (SHA-256 of what is loaded, docs/abi.md) and started in its own KVM VM.  "
+                       "The console is streamed live, each line tagged with the VTL it came from; a "
+                       "summary follows.", epilog=EPILOG, formatter_class=fmt)
+    _images(r)
+    r.add_argument("--no-vtl1", action="store_true",
+                   help="run without VTL1: the guest's enable request gets VTL_E_DISABLED")
+    r.add_argument("--scenario", default="", metavar="NAME",
+                   help="scenario built into the VTL0 image (see `vtl scenarios`; default: boot)")
+    r.add_argument("--param", type=_int_in(0, MAX_PARAM, "--param"), default=0, metavar="N",
+                   help="scenario parameter (0..2^64-1), e.g. iterations for bench-null-call")
+    r.add_argument("--events", type=Path, metavar="FILE",
+                   help="write every event (VTL calls/returns, reports, refusals, intercepts, faults, exit) "
+                        "as JSON lines; opened only once the images are loaded")
+    r.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object on stdout (console goes to stderr)")
+    r.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
+                   help="stop the guest after S seconds (default: %(default)s)")
+    r.add_argument("--mem", type=_mib, default=256 << 20, metavar="MiB",
+                   help="guest memory in MiB (default: 256; 64 to 5120)")
+    _backend(r)
+    r.add_argument("--quiet", action="store_true", help="do not show or keep the guest console")
+
+    s = sub.add_parser("scenarios", help="list the scenarios built into a VTL0 image")
+    _images(s, vtl1=False)
+    s.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("caps", help="which KVM mechanisms this host has, and what the project uses")
+    c.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("attack", help="run every attack scenario in a fresh partition; what was blocked, how",
+                       description="Each attack scenario of the VTL0 image runs in a fresh, hardened "
+                       "partition.  The outcome is observed by the VMM (target memory and MSRs read back "
+                       "after the run, intercepts/verdicts/refusals on the event stream, what the guest "
+                       "reported through the report channel): blocked, detected after the fact, not "
+                       "enforced on this host, or succeeded.  Exit 2 if any attack was not blocked.",
+                       formatter_class=fmt)
+    _images(a)
+    _backend(a)
+    a.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("memmap", help="VTL0's and VTL1's attribute map after a hardened boot",
+                       description="Boot with the `harden` scenario (VTL1 sets attributes per section, "
+                       "locks VTL0's page tables, ends boot) and show the attribute map of each VTL.")
+    _images(m)
+    _backend(m)
+    m.add_argument("--png", type=Path, metavar="FILE",
+                   help="also draw the map (needs matplotlib: pip install '.[plot]')")
+    m.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="VTL round-trip cost against floors measured in the same run")
+    b.add_argument("--calls", type=_int_in(100, MAX_CALLS, "--calls"), default=100_000, metavar="N",
+                   help="null VTL calls to time (default: %(default)s; 100 to 10^7)")
+    b.add_argument("--intercepts", type=_int_in(0, MAX_CALLS, "--intercepts"), default=2000, metavar="N",
+                   help="allowed secure intercepts to time (default: %(default)s; 0 skips)")
+    b.add_argument("--no-protection", action="store_true",
+                   help="skip the cost of protecting 1k/16k/64k pages per backend")
+    b.add_argument("--json", action="store_true")
+    return p
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=None, sort_keys=False) + "\n")
+
+
+class _ConsoleWriter:
+    """Writes console lines; a closed or full output stops the run instead of crashing it."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.failed: OSError | None = None
+
+    def __call__(self, line: str) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self.out.write(line + "\n")
+            self.out.flush()
+        except OSError as e:
+            self.failed = e
+            raise VmmError(f"cannot write the console: {e.strerror or e}") from None
+
+
+def _same_file(a: Path, b: Path | None) -> bool:
+    try:
+        return b is not None and a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vtl.core.config import PartitionConfig
+    from vtl.core.events import EventLog
+    from vtl.core.partition import Partition
+    from vtl.run import control
+    from vtl.services.console import Console
+    from vtl.tools.summary import run_summary_lines
+
+    out = sys.stderr if args.json else sys.stdout
+    writer = _ConsoleWriter(out)
+    config = PartitionConfig(vtl0_image=args.vtl0_image,
+                             vtl1_image=None if args.no_vtl1 else args.vtl1_image,
+                             mem_size=args.mem, scenario=args.scenario, param=args.param,
+                             attr_backend=args.backend)
+    if args.events is not None and any(_same_file(args.events, img) for img in (args.vtl0_image,
+                                                                               config.vtl1_image)):
+        raise VmmError(f"--events {args.events} is one of the guest images; refusing to overwrite it")
+    # A guest decides how many events and lines there are: keep none of them in memory
+    # beyond a short tail for --json.
+    events = EventLog(keep=0)
+    console = Console(config.nr_vps, None if args.quiet else writer, keep=0 if args.quiet else 200)
+    try:
+        with Partition(config, events) as partition:
+            _check_scenario(partition, args.scenario)
+            if args.events is not None:
+                events.open_file(args.events)
+            result, sched = control.run(partition, console, args.timeout)
+    finally:
+        events.close()
+    if isinstance(writer.failed, BrokenPipeError):
+        _silence_stdout()
+        return STATUS_PIPE_CLOSED     # the reader went away (`| head`): stop quietly, as tools do
+    if writer.failed is not None:
+        print(f"vtl run: error: {result.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        doc = result.model_dump()
+        doc.update(scenario=args.scenario or "boot", console_tail=list(console.tail),
+                   console_lines=console.lines, events=dict(events.counts),
+                   reports=[r.model_dump(exclude={"data"}) for r in sched.reports.records])
+        _print_json(doc)
+    else:
+        out.write("\n".join(run_summary_lines(result, args.scenario or "boot", config)) + "\n")
+    if result.reason == "vmm_error":
+        print(f"vtl run: error: {result.message}", file=sys.stderr)
+        return 1
+    return result.status & 0xFF
+
+
+def _check_scenario(partition: Any, name: str) -> None:
+    from vtl.core.images import scenarios
+
+    known = scenarios(partition.vtl0_image)
+    if name and known and name not in {s.name for s in known}:
+        raise VmmError(f"scenario {name!r} is not in {partition.vtl0_image.path}; "
+                       f"it has: {', '.join(s.name for s in known)}")
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from vmm.elf import read_image
+    from vtl.core.images import scenarios
+
+    found = scenarios(read_image(args.vtl0_image))
+    if args.json:
+        _print_json([s.model_dump() for s in found])
+    elif not found:
+        print(f"{args.vtl0_image} has no .vtl_scenarios section")
+    else:
+        width = max(len(s.name) for s in found)
+        for s in found:
+            print(f"{s.name:<{width}}  {s.description}")
+    return 0
+
+
+def cmd_caps(args: argparse.Namespace) -> int:
+    from vtl.tools.caps import probe_caps, render_caps
+
+    caps = probe_caps()
+    if args.json:
+        _print_json(caps.model_dump())
+    else:
+        print(render_caps(caps))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vtl.tools.bench import render_bench, run_bench
+
+    report = run_bench(args.calls, args.intercepts, not args.no_protection)
+    if args.json:
+        _print_json(report.model_dump())
+    else:
+        print(render_bench(report))
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from vtl.tools.attack import render, run_all
+
+    results = run_all(args.vtl0_image, args.vtl1_image, args.backend)
+    if args.json:
+        _print_json([r.model_dump() for r in results])
+    else:
+        print(render(results))
+    return 0 if all(r.outcome == "blocked" for r in results) else 2
+
+
+def cmd_memmap(args: argparse.Namespace) -> int:
+    from vtl.tools.memmap import build, render
+
+    mm = build(args.vtl0_image, args.vtl1_image, backend=args.backend)
+    if args.png:
+        from vtl.tools.memmap import draw_png
+        draw_png(mm, args.png)
+    if args.json:
+        _print_json(mm.model_dump())
+    else:
+        print(render(mm))
+        if args.png:
+            print(f"picture: {args.png}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "scenarios": cmd_scenarios, "caps": cmd_caps, "bench": cmd_bench,
+            "attack": cmd_attack, "memmap": cmd_memmap}
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"vtl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"vtl {args.command}: terminated", file=sys.stderr)
+        return 143
+    except BrokenPipeError:
+        # stdout went away (`vtl ... | head`): nothing more to say, and nowhere to say it.
+        _silence_stdout()
+        return STATUS_PIPE_CLOSED
+    except (VmmError, ValueError, ValidationError, OSError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if isinstance(e, ValidationError) else str(e)
+        print(f"vtl {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
