@@ -50,7 +50,7 @@
 
 /* ---- hypercall codes (RAX at VTL_PORT_HYPERCALL) --------------------- */
 #define VTL_HC_ENABLE_VTL1         0x0001 /* VTL0: load, measure and start VTL1      */
-#define VTL_HC_BENCH_REPORT        0x0002 /* OBSOLETE: being replaced by VTL_REPORT_STAMPS */
+                                       /* 0x0002: retired (was BENCH_REPORT; use VTL_REPORT_STAMPS) */
 #define VTL_HC_REPORT              0x0003 /* either VTL: RDI = GPA of a struct vtl_report in
                                              memory the caller may read.  RAX = VTL_OK,
                                              VTL_E_INVALID_ARG (bad kind, name or text not
