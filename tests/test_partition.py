@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vtlrun import run_scenario, vtl_cli
+from tests.vtlrun import Run, run_scenario, vtl_cli
 from vtl.abi import ABI
 from vtl.core.events import parse_event
 
@@ -17,10 +17,27 @@ pytestmark = pytest.mark.kvm
 VTL1_TARGET = ABI.VTL1_BASE + ABI.VTL1_IMAGE_MIN_OFF
 
 
-def _passed(run, name: str) -> None:  # type: ignore[no-untyped-def]
+ECHO_RCX = 0x1234 + 1    # VTL_CALL_ECHO's answer to the guests' argument
+
+
+def _passed(run: Run, name: str) -> None:
     assert run.result.reason == "guest_exit", run.result.message
-    assert f"PASS: {name}" in "\n".join(run.console), "\n".join(run.console)
-    assert run.result.status == 0
+    result = run.report("result", name)
+    assert result.vtl == 0 and result.value[0] == 0, (result, "\n".join(run.console[-15:]))
+    assert run.passed() and run.result.status == 0
+
+
+def _status(run: Run, name: str) -> int:
+    """The status a VTL0 STATUS report says the guest received."""
+    r = run.report("status", name)
+    assert r.vtl == 0
+    return r.value[1]
+
+
+def _echo_served(run: Run) -> None:
+    """After a refusal the guest's VTL_CALL_ECHO was still served (VTL0's reports)."""
+    assert _status(run, "echo") == ABI.VTL_OK
+    assert run.report("value", "echo_rcx").value[0] == ECHO_RCX
 
 
 def test_boot_enables_vtl1_and_reports_its_measurement(guest_images: tuple[Path, Path]) -> None:
@@ -30,10 +47,18 @@ def test_boot_enables_vtl1_and_reports_its_measurement(guest_images: tuple[Path,
     assert run.result.vtl1_enabled and run.result.vtl1_measurement == want
     enabled = run.events.of_kind("vtl_enabled")
     assert len(enabled) == 1 and enabled[0].sha256 == want  # type: ignore[union-attr]
-    # The guest sees the same measurement through VTL1 (VTL_CALL_GET_MEASUREMENT).
-    assert any(line.endswith(f"VTL1 measurement: {want}") for line in run.console)
-    assert any(line.startswith("[vtl0]") for line in run.console)
-    assert any(line.startswith("[vtl1]") for line in run.console)
+    # VTL1 got the measurement in its boot info, and VTL0 the same through VTL1
+    # (VTL_CALL_GET_MEASUREMENT): one BYTES report from each VTL.
+    measured = [r for r in run.of_kind("bytes") if r.name == "vtl1_measurement"]
+    assert sorted(r.vtl for r in measured) == [0, 1]
+    assert all(r.data == bytes.fromhex(want) for r in measured)
+    assert _status(run, "enable_vtl1") == ABI.VTL_OK and _status(run, "nop") == ABI.VTL_OK
+    assert _status(run, "get_measurement") == ABI.VTL_OK
+    _echo_served(run)
+    # The VMM tags console lines with their VTL; the guests do not tag them themselves.
+    assert any(line.startswith("[vtl0] ") for line in run.console)
+    assert any(line.startswith("[vtl1] ") for line in run.console)
+    assert not any(line.startswith(("[vtl0] [vtl", "[vtl1] [vtl")) for line in run.console)
     assert run.result.vtl_calls >= 3 and run.result.vtl_returns == run.result.vtl_calls + 1
 
 
@@ -41,6 +66,12 @@ def test_vtl_call_shares_gprs_and_keeps_private_state(guest_images: tuple[Path, 
     run = run_scenario(guest_images, "vtl-call-state",
                        snapshot=[(ABI.VTL1_BASE + ABI.VTL1_CONTROL_OFF, 32)])
     _passed(run, "vtl-call-state")
+    value = {r.name: r.value[0] for r in run.of_kind("value") if r.vtl == 0}
+    assert value["isolation_violations"] == 0 and value["shared_reg_mismatches"] == 0
+    assert value["vtl1_entry_reason"] == ABI.VTL_ENTRY_CALL
+    assert value["vtl1_ctl_rax"] == ABI.VTL_CALL_REG_PROBE
+    assert value["vtl0_cr3"] != value["vtl1_cr3"] and value["vtl0_rsp"] != value["vtl1_rsp"]
+    assert ABI.VTL1_BASE <= value["vtl1_rip"] < ABI.VTL1_BASE + ABI.VTL1_SIZE
     calls = [e for e in run.events.of_kind("vtl_call") if e.code == ABI.VTL_CALL_REG_PROBE]  # type: ignore[union-attr]
     assert len(calls) == 1
     # The VMM entered VTL1 with reason "call" and VTL0's RAX/RCX in vtl_control.
@@ -49,17 +80,20 @@ def test_vtl_call_shares_gprs_and_keeps_private_state(guest_images: tuple[Path, 
     rax, rcx = int.from_bytes(ctl[8:16], "little"), int.from_bytes(ctl[16:24], "little")
     assert reason == ABI.VTL_ENTRY_CALL
     assert (rax, rcx) == (calls[0].code, calls[0].arg)  # type: ignore[union-attr]
+    assert value["vtl1_ctl_rcx"] == rcx
     returns = run.events.of_kind("vtl_return")
     assert any(r.fast for r in returns)  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("scenario,access", [("read-vtl1-memory", "read"),
-                                             ("write-vtl1-memory", "write"),
-                                             ("exec-vtl1-memory", "execute")])
+@pytest.mark.parametrize("scenario,access,key", [("read-vtl1-memory", "read", "read_vtl1"),
+                                                 ("write-vtl1-memory", "write", "write_vtl1"),
+                                                 ("exec-vtl1-memory", "execute", "exec_vtl1")])
 def test_vtl0_access_to_vtl1_memory_is_refused(guest_images: tuple[Path, Path], scenario: str,
-                                               access: str) -> None:
+                                               access: str, key: str) -> None:
     run = run_scenario(guest_images, scenario, snapshot=[(VTL1_TARGET, 64)])
     _passed(run, scenario)
+    assert run.report("fault", key).value[:2] == [13, 0]      # the guest saw #GP(0)
+    _echo_served(run)
     # Memory unchanged: still the VTL1 image's first bytes.
     from vmm.elf import read_image
     img = read_image(guest_images[1])
@@ -72,18 +106,33 @@ def test_vtl0_access_to_vtl1_memory_is_refused(guest_images: tuple[Path, Path], 
     assert any(f.vector == 13 for f in faults)  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("scenario,response", [
-    ("vtl-return-from-vtl0", "#UD"),
-    ("vtl-call-from-user", "#GP(0)"),
-    ("unknown-hypercall", "VTL_E_INVALID_CODE"),
-    ("vtl1-hypercall-from-vtl0", "VTL_E_ACCESS_DENIED"),
-    ("enable-twice", "VTL_E_ALREADY_ENABLED"),
-    ("call-without-vtl1", "VTL_E_NOT_ENABLED"),
-])
+# scenario: the VMM's response (refusal event), then what the guest reported (kind, name, value[:2])
+BAD_REQUESTS = {
+    "vtl-return-from-vtl0": ("#UD", "fault", "vtl_return", [6, 0]),
+    "vtl-call-from-user": ("#GP(0)", "fault", "vtl_call_from_user", [13, 0]),
+    "unknown-hypercall": ("VTL_E_INVALID_CODE", "status", "hypercall_0x7777",
+                          [0x7777, ABI.VTL_E_INVALID_CODE]),
+    "vtl1-hypercall-from-vtl0": ("VTL_E_ACCESS_DENIED", "status", "get_vp_register",
+                                 [ABI.VTL_HC_GET_VP_REGISTER, ABI.VTL_E_ACCESS_DENIED]),
+    "enable-twice": ("VTL_E_ALREADY_ENABLED", "status", "enable_vtl1_again",
+                     [ABI.VTL_HC_ENABLE_VTL1, ABI.VTL_E_ALREADY_ENABLED]),
+    "call-without-vtl1": ("VTL_E_NOT_ENABLED", "status", "call_before_enable",
+                          [ABI.VTL_CALL_ECHO, ABI.VTL_E_NOT_ENABLED]),
+}
+
+
+@pytest.mark.parametrize("scenario", list(BAD_REQUESTS))
 def test_bad_requests_get_a_defined_refusal_and_service_continues(
-        guest_images: tuple[Path, Path], scenario: str, response: str) -> None:
+        guest_images: tuple[Path, Path], scenario: str) -> None:
+    response, kind, name, seen = BAD_REQUESTS[scenario]
     run = run_scenario(guest_images, scenario)
     _passed(run, scenario)
+    assert run.report(kind, name).value[:2] == seen
+    _echo_served(run)
+    if scenario == "vtl-call-from-user":
+        # The fault was taken at the user-mode OUT (CPL3 code segment, RIP at the user code).
+        assert run.report("value", "fault_cs").value[0] & 3 == 3
+        assert run.report("fault", name).value[2] == run.report("value", "user_code").value[0]
     kinds = [e.kind for e in run.events.events]
     refused = [e for e in run.events.of_kind("refused") if e.response == response]  # type: ignore[union-attr]
     if scenario == "vtl-call-from-user" and not refused:
@@ -100,6 +149,8 @@ def test_bad_requests_get_a_defined_refusal_and_service_continues(
 def test_unknown_vtl_call_code_is_refused_by_vtl1(guest_images: tuple[Path, Path]) -> None:
     run = run_scenario(guest_images, "unknown-call-code")
     _passed(run, "unknown-call-code")
+    assert run.report("status", "call_0x7777").value[:2] == [0x7777, ABI.VTL_E_INVALID_CODE]
+    _echo_served(run)
     rets = run.events.of_kind("vtl_return")
     assert any(r.status == ABI.VTL_E_INVALID_CODE for r in rets)  # type: ignore[union-attr]
 
@@ -107,6 +158,8 @@ def test_unknown_vtl_call_code_is_refused_by_vtl1(guest_images: tuple[Path, Path
 def test_no_vtl1_refuses_enable(guest_images: tuple[Path, Path]) -> None:
     run = run_scenario(guest_images, vtl1=False)
     _passed(run, "boot")
+    assert _status(run, "enable_vtl1") == ABI.VTL_E_DISABLED
+    assert not [r for r in run.reports if r.vtl == 1]
     assert not run.result.vtl1_enabled and run.result.vtl_switches == 0
     assert any(e.response == "VTL_E_DISABLED" for e in run.events.of_kind("refused"))  # type: ignore[union-attr]
 
