@@ -657,3 +657,65 @@ SCENARIO(sc_fuzz, "fuzz-protection", "malicious VTL0: N (param, default 10000) s
 	echo_still_works("fuzz-protection");
 	pass("fuzz-protection");
 }
+
+/* ---- the report channel itself: what the helpers cut, what the VMM refuses ---- */
+static uint8_t report_buf[VTL_REPORT_MAX_BYTES + 8];
+static uint8_t no_read_page[4096] __attribute__((aligned(4096)));
+static struct vtl_report raw;
+
+static void raw_report(uint32_t kind, uint64_t data_gpa, uint64_t count)
+{
+	memset(&raw, 0, sizeof(raw));
+	raw.kind = kind;
+	memcpy(raw.name, "must-not-be-recorded", 21);
+	raw.data_gpa = data_gpa;
+	raw.data_count = count;
+}
+
+/* STATUS `key` (code VTL_HC_REPORT) for a report sent from `gpa`; fails unless `want`. */
+static void expect_report_status(const char *key, uint64_t gpa, uint64_t want)
+{
+	uint64_t st = hypercall(VTL_HC_REPORT, gpa, 0, 0, NULL);
+	expect_status("report-limits", key, VTL_HC_REPORT, key, st, want);
+}
+
+SCENARIO(sc_reports, "report-limits", "the report channel: long names and texts cut, bad records refused")
+{
+	const char *name = "report-limits";
+	require_vtl1(name);     /* for a no-read page */
+	/* The helpers cut a 40-byte name to 31 and a 100-byte text to 63, NUL-terminated. */
+	uint64_t st = report(VTL_REPORT_VALUE, "long-name-0123456789abcdefghijklmnopqrstuvwxyz", 7, 1, 2, 3,
+			     "long-text-0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz");
+	expect_status(name, "long_report", VTL_HC_REPORT, "report with a long name and text", st, VTL_OK);
+	/* The VMM copies the data during the call: changing it afterwards changes nothing. */
+	memset(report_buf, 0xA5, VTL_REPORT_MAX_BYTES);
+	st = report_bytes("bytes_max", report_buf, VTL_REPORT_MAX_BYTES);
+	memset(report_buf, 0x5A, VTL_REPORT_MAX_BYTES);
+	expect_status(name, "bytes_max", VTL_HC_REPORT, "BYTES of VTL_REPORT_MAX_BYTES", st, VTL_OK);
+	/* Records the helpers never send. */
+	raw_report(0, 0, 0);
+	expect_report_status("kind_0", (uint64_t)&raw, VTL_E_INVALID_ARG);
+	raw_report(VTL_REPORT_BYTES + 100, 0, 0);
+	expect_report_status("kind_unknown", (uint64_t)&raw, VTL_E_INVALID_ARG);
+	raw_report(VTL_REPORT_VALUE, 0, 0);
+	memset(raw.name, 'n', sizeof(raw.name));
+	expect_report_status("name_unterminated", (uint64_t)&raw, VTL_E_INVALID_ARG);
+	raw_report(VTL_REPORT_VALUE, 0, 0);
+	memset(raw.text, 't', sizeof(raw.text));
+	expect_report_status("text_unterminated", (uint64_t)&raw, VTL_E_INVALID_ARG);
+	raw_report(VTL_REPORT_BYTES, (uint64_t)report_buf, VTL_REPORT_MAX_BYTES + 1);
+	expect_report_status("bytes_too_many", (uint64_t)&raw, VTL_E_INVALID_ARG);
+	raw_report(VTL_REPORT_STAMPS, (uint64_t)report_buf, VTL_REPORT_MAX_STAMPS + 1);
+	expect_report_status("stamps_too_many", (uint64_t)&raw, VTL_E_INVALID_ARG);
+	/* Memory VTL0 may not read: VTL1's region, beyond guest memory, a no-read page. */
+	raw_report(VTL_REPORT_BYTES, VTL1_BASE + VTL1_IMAGE_MIN_OFF, 16);
+	expect_report_status("data_in_vtl1", (uint64_t)&raw, VTL_E_OUT_OF_RANGE);
+	expect_report_status("record_in_vtl1", VTL1_BASE + VTL1_IMAGE_MIN_OFF, VTL_E_OUT_OF_RANGE);
+	expect_report_status("record_past_memory", boot_info->mem_size - 64, VTL_E_OUT_OF_RANGE);
+	must(name, "protect_no_read", VTL_CALL_PROTECT, "a page no-read for VTL0",
+	     prot((uint64_t)no_read_page, 1, VTL_MEM_NR | VTL_MEM_NW | VTL_MEM_NX, 0));
+	raw_report(VTL_REPORT_BYTES, (uint64_t)no_read_page, 16);
+	expect_report_status("data_no_read", (uint64_t)&raw, VTL_E_OUT_OF_RANGE);
+	expect_report_status("record_no_read", (uint64_t)no_read_page, VTL_E_OUT_OF_RANGE);
+	pass(name);
+}
