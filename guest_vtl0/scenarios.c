@@ -683,7 +683,7 @@ SCENARIO(sc_reports, "report-limits", "the report channel: long names and texts 
 {
 	const char *name = "report-limits";
 	require_vtl1(name);     /* for a no-read page */
-	/* The helpers cut a 40-byte name to 31 and a 100-byte text to 63, NUL-terminated. */
+	/* The helpers cut a 46-byte name to 31 bytes and an 82-byte text to 63, NUL-terminated. */
 	uint64_t st = report(VTL_REPORT_VALUE, "long-name-0123456789abcdefghijklmnopqrstuvwxyz", 7, 1, 2, 3,
 			     "long-text-0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz");
 	expect_status(name, "long_report", VTL_HC_REPORT, "report with a long name and text", st, VTL_OK);
