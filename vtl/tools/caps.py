@@ -45,8 +45,8 @@ def strategies_for(present: dict[str, bool]) -> list[Strategy]:
     unmapped = present.get("unmapped_gpa_read", False) and present.get("unmapped_gpa_fetch", False)
     msr = present.get("msr_filter", False)
     nw_how = {"rwx": "KVM_SET_MEMORY_ATTRIBUTES NW on VTL0's VM (rwx backend)",
-              "host_mapping": "mprotect(PROT_READ) on VTL0's own alias of guest memory (host_mapping backend; "
-                              "a write exits as MMIO, memory unchanged)",
+              "host_mapping": "mprotect(PROT_READ) on VTL0's own alias of guest memory "
+                              "(host_mapping backend; a write exits as MMIO, memory unchanged)",
               "memslot": "read-only memslots in VTL0's VM (memslot backend)"}[backend]
     nr_how = {"rwx": "KVM_SET_MEMORY_ATTRIBUTES NR",
               "host_mapping": "mprotect(PROT_NONE) on VTL0's alias (host_mapping backend)",
