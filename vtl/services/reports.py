@@ -112,7 +112,7 @@ class Reports:
                 raise ReportError(int(ABI.VTL_E_NO_RESOURCES), f"more than {MAX_DATA_BYTES} report bytes")
             if not self.readable(vtl, data_gpa, count * unit):
                 raise ReportError(int(ABI.VTL_E_OUT_OF_RANGE),
-                                  f"report data at {data_gpa:#x} is not memory VTL{vtl} may read")
+                                  f"report data at {data_gpa:#x} is not memory VTL{int(vtl)} may read")
             data = self.p.mem.read(data_gpa, count * unit)
             self.data_bytes += len(data)
         return Report(vp=vp, vtl=int(vtl), kind=kind, name=name, value=value, text=text, data=data)
