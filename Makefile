@@ -66,7 +66,7 @@ bench:
 # its test tools), builds the guests and runs the main job on them.
 setup:
 	bash scripts/install-deps.sh
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e '.[test,plot]'
 	$(MAKE) guests
 	-$(MAKE) bench
 	$(PYTHON) -m vtl run

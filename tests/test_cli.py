@@ -67,8 +67,10 @@ def test_attack_table_observes_every_attack_blocked() -> None:
     assert {r["outcome"] for r in rows} == {"blocked"}, rows
     by = {r["scenario"]: r for r in rows}
     assert "write intercept on GPA" in by["write-kernel-text"]["mechanism"]
-    assert by["write-kernel-text"]["memory_checked"] is True
+    checked = by["write-kernel-text"]["vmm_checked"]
+    assert checked and checked[0].startswith("memory")
     assert "MSR filter" in by["clear-efer-nxe"]["mechanism"]
+    assert by["clear-efer-nxe"]["vmm_checked"] == ["MSR 0xc0000080"]
     assert "VTL_E_IMMUTABLE" in by["ask-text-writable"]["mechanism"]
 
 

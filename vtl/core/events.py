@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Annotated, Literal
 
-from vmm.errors import VmmError
-
 from pydantic import BaseModel, Field, TypeAdapter
+
+from vmm.errors import VmmError
 
 
 class _Event(BaseModel):

@@ -7,13 +7,13 @@ asked then runs VTL1 with entry reason NONE (the scheduler's transition)."""
 
 from __future__ import annotations
 
+from vmm.elf import load_image
 from vtl.abi import ABI, abi_struct
 from vtl.core import layout as lay
 from vtl.core.events import VtlEnabled
 from vtl.core.partition import Partition
 from vtl.core.vp import VirtualProcessor
 from vtl.core.vtl import Vtl
-from vmm.elf import load_image
 
 
 def enable_vtl1(p: Partition, asking: VirtualProcessor) -> None:

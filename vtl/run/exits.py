@@ -41,9 +41,9 @@ class ExitDispatcher:
             case ex.MemoryFault() if vtl == Vtl.VTL0:
                 return self._memory_fault(vp, vcpu, exit)
             case ex.EmulationFailure():
-                handled = self._fetch_fault(vp, vcpu)
-                if handled is not False:
-                    return handled
+                is_fetch, outcome = self._fetch_fault(vp, vcpu)
+                if is_fetch:
+                    return outcome
                 return self._crash(vp, "crash", f"VTL{int(vtl)} instruction at RIP {rip:#x} could not be "
                                    f"emulated (bytes {exit.insn.hex() or 'unavailable'})", rip)
             case ex.Shutdown():
@@ -87,26 +87,27 @@ class ExitDispatcher:
                           gpa=m.gpa, access=access)
         return None
 
-    def _fetch_fault(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome | bool:
+    def _fetch_fault(self, vp: VirtualProcessor, vcpu: VCpu) -> tuple[bool, Outcome]:
         """Instruction fetch from a GPA this VTL's VM does not map: an intercept when VTL1
-        made the page NR, else #GP.  False: not a fetch fault (a real emulation failure)."""
+        made the page NR, else #GP.  (False, None): not a fetch fault but a real emulation
+        failure."""
         rip = int(vcpu.regs.rip)
         try:
             gpa = paging.walk(self.p.mem, vcpu.sregs.cr3, rip).gpa
         except VmmError:
-            return False
+            return False, None
         layout, vtl = self.p.layout, vp.active_vtl
         if vtl == Vtl.VTL0 and self.p.vtl1_enabled and layout.in_vtl0(gpa) and self.p.vtl0_attr(gpa) & NR:
-            return self.intercepts.memory(vp, vcpu, gpa, ABI.VTL_ACCESS_EXECUTE)
+            return True, self.intercepts.memory(vp, vcpu, gpa, ABI.VTL_ACCESS_EXECUTE)
         if vtl == Vtl.VTL0 and layout.in_vtl1(gpa):
             why = "VTL0 instruction fetch from VTL1 memory"
         elif gpa >= layout.mem_size:
             why = f"VTL{int(vtl)} instruction fetch from unbacked guest-physical address"
         else:
-            return False
+            return False, None
         vcpu.inject_exception(VEC_GP, 0)
         self.refuse.injected(vp, VEC_GP, 0, rip, why, request="instruction fetch", gpa=gpa, access="execute")
-        return None
+        return True, None
 
     def _memory_fault(self, vp: VirtualProcessor, vcpu: VCpu, mf: ex.MemoryFault) -> Outcome:
         """KVM_EXIT_MEMORY_FAULT: the rwx backend (flags say the access), or a host-mapping

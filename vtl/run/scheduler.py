@@ -32,6 +32,7 @@ from vtl.core.vp import (
     IN_VTL1_ENABLE,
     RUNNING_VTL0,
     Entry,
+    SyncView,
     VirtualProcessor,
     VpState,
     stopped,
@@ -200,8 +201,9 @@ class Scheduler:
         ctl = vp.ctl
         if vp.state is not RUNNING_VTL0 or vcpu.cs.selector & 3 or ctl is None:
             return self._refuse_vtl_call(vp, vcpu)
-        sync = vp.sync
-        src, dst = sync[0], sync[1]
+        # Both views exist once ctl does (the enable flow sets them together).
+        src: SyncView = vp.sync[0]  # type: ignore[assignment]
+        dst: SyncView = vp.sync[1]  # type: ignore[assignment]
         r0 = vcpu.regs
         ctl.entry_reason = VTL_ENTRY_CALL
         ctl.vtl0_rax = r0.rax
@@ -234,8 +236,8 @@ class Scheduler:
         state = vp.state
         if state.vtl is not VTL1 or vcpu.cs.selector & 3:
             return self._refuse_vtl_return(vp, vcpu)
-        sync = vp.sync
-        src, dst = sync[1], sync[0]
+        src: SyncView = vp.sync[1]  # type: ignore[assignment]
+        dst: SyncView = vp.sync[0]  # type: ignore[assignment]
         v0 = dst.vcpu
         fast = vcpu.words[8] >> 16 == PORT_RETURN_FAST
         self.vtl_returns += 1

@@ -66,14 +66,15 @@ class Hypercalls:
         handler, allowed = entry
         if vtl not in allowed:
             self.refuse.status(vp, vcpu, f"hypercall {code:#x}",
-                               f"hypercall {code:#x} is not available to VTL{int(vtl)}", ABI.VTL_E_ACCESS_DENIED)
+                               f"hypercall {code:#x} is not available to VTL{int(vtl)}",
+                               ABI.VTL_E_ACCESS_DENIED)
             return None
         reply = handler(vp, vcpu)
         if isinstance(reply, EnableVtl1):
             return reply
         if reply.status != ABI.VTL_OK:
-            self.refuse.status(vp, vcpu, f"hypercall {code:#x}",
-                               reply.reason or STATUS_NAMES.get(reply.status, str(reply.status)), reply.status)
+            why = reply.reason or STATUS_NAMES.get(reply.status, str(reply.status))
+            self.refuse.status(vp, vcpu, f"hypercall {code:#x}", why, reply.status)
             return None
         regs.rax = reply.status
         vcpu.run.kvm_dirty_regs |= u.KVM_SYNC_X86_REGS

@@ -135,8 +135,8 @@ class Intercepts:
         ev = self.events
         if verdict == ABI.VTL_VERDICT_STOP:
             ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="stop"))
-            return Stop(STATUS_STOPPED_BY_VTL1, "stopped_by_vtl1",
-                        f"VTL1 stopped the partition on a {ACCESS_NAMES[p.access]} intercept at RIP {p.rip:#x}")
+            return Stop(STATUS_STOPPED_BY_VTL1, "stopped_by_vtl1", f"VTL1 stopped the partition on a "
+                        f"{ACCESS_NAMES[p.access]} intercept at RIP {p.rip:#x}")
         if verdict == ABI.VTL_VERDICT_ALLOW:
             problem = self._allow(v0, p)
             if problem is None:

@@ -14,8 +14,8 @@ import struct
 
 from pydantic import BaseModel
 
-from vmm.memory import PAGE_SIZE
 from vmm.memattr import NR
+from vmm.memory import PAGE_SIZE
 from vtl.abi import ABI, abi_ffi
 from vtl.core.events import EventLog, GuestReport
 from vtl.core.partition import Partition
@@ -73,8 +73,8 @@ class Reports:
             return lay.in_memory(gpa, length)
         if not lay.in_vtl0(gpa, length):
             return False
-        attrs = self.p.vtl0_attrs
-        return not any(attrs[i] & NR for i in range(gpa // PAGE_SIZE, (gpa + max(length, 1) - 1) // PAGE_SIZE + 1))
+        first, last = gpa // PAGE_SIZE, (gpa + max(length, 1) - 1) // PAGE_SIZE
+        return not any(a & NR for a in self.p.vtl0_attrs[first:last + 1])
 
     def receive(self, vp: int, vtl: Vtl, gpa: int) -> int:
         """VTL_HC_REPORT from `vtl` with RDI = `gpa`; returns the status for RAX."""
@@ -92,7 +92,8 @@ class Reports:
         if len(self.records) >= MAX_REPORTS:
             raise ReportError(int(ABI.VTL_E_NO_RESOURCES), f"more than {MAX_REPORTS} reports in one run")
         if not self.readable(vtl, gpa, RECORD_SIZE):
-            raise ReportError(int(ABI.VTL_E_OUT_OF_RANGE), f"report at {gpa:#x} is not memory VTL{vtl} may read")
+            raise ReportError(int(ABI.VTL_E_OUT_OF_RANGE),
+                              f"report at {gpa:#x} is not memory VTL{int(vtl)} may read")
         raw = self.p.mem.read(gpa, RECORD_SIZE)        # one copy: the guest cannot change it under us
         kind_code = int.from_bytes(raw[0:4], "little")
         kind = KINDS.get(kind_code)
@@ -103,14 +104,15 @@ class Reports:
         data_gpa, count = struct.unpack("<2Q", raw[_DATA])
         data = b""
         if kind in ("stamps", "bytes"):
-            limit, unit = ((ABI.VTL_REPORT_MAX_STAMPS, 8) if kind == "stamps" else (ABI.VTL_REPORT_MAX_BYTES, 1))
+            limit, unit = ((ABI.VTL_REPORT_MAX_STAMPS, 8) if kind == "stamps"
+                           else (ABI.VTL_REPORT_MAX_BYTES, 1))
             if count > limit:
                 raise ReportError(int(ABI.VTL_E_INVALID_ARG), f"{count} {kind} items, at most {limit}")
             if self.data_bytes + count * unit > MAX_DATA_BYTES:
                 raise ReportError(int(ABI.VTL_E_NO_RESOURCES), f"more than {MAX_DATA_BYTES} report bytes")
             if not self.readable(vtl, data_gpa, count * unit):
                 raise ReportError(int(ABI.VTL_E_OUT_OF_RANGE),
-                                  f"report data at {data_gpa:#x} is not memory VTL{vtl} may read")
+                                  f"report data at {data_gpa:#x} is not memory VTL{int(vtl)} may read")
             data = self.p.mem.read(data_gpa, count * unit)
             self.data_bytes += len(data)
         return Report(vp=vp, vtl=int(vtl), kind=kind, name=name, value=value, text=text, data=data)

@@ -90,10 +90,10 @@ def _read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str
             vcpu = p.vps[r.vp].vcpus[Vtl.VTL0] if r.vp < len(p.vps) else None
             if vcpu is None:
                 continue
-            now = vcpu.get_msrs([r.value[0]]).get(r.value[0])
+            msr = vcpu.get_msrs([r.value[0]]).get(r.value[0])
             checked.append(f"MSR {r.value[0]:#x}")
-            if now is not None and now != r.value[1]:
-                changed.append(f"MSR {r.value[0]:#x} now {now:#x} (was {r.value[1]:#x})")
+            if msr is not None and msr != r.value[1]:
+                changed.append(f"MSR {r.value[0]:#x} now {msr:#x} (was {r.value[1]:#x})")
     return changed, checked
 
 

@@ -30,12 +30,30 @@ class Caps(BaseModel):
     strategies: list[Strategy]
 
 
+def default_backend(present: dict[str, bool]) -> str:
+    """The attribute backend a partition uses when none is asked for (vmm.memattr's rule)."""
+    if present.get("rwx_memory_attributes"):
+        return "rwx"
+    if present.get("host_mapping_protection"):
+        return "host_mapping"
+    return "memslot"
+
+
 def strategies_for(present: dict[str, bool]) -> list[Strategy]:
-    rwx = present.get("rwx_memory_attributes", False)
+    backend = default_backend(present)
     ro = present.get("readonly_memslot", False)
     unmapped = present.get("unmapped_gpa_read", False) and present.get("unmapped_gpa_fetch", False)
     msr = present.get("msr_filter", False)
-    tables = ro and msr   # NX through locked page tables needs both
+    nw_how = {"rwx": "KVM_SET_MEMORY_ATTRIBUTES NW on VTL0's VM (rwx backend)",
+              "host_mapping": "mprotect(PROT_READ) on VTL0's own alias of guest memory "
+                              "(host_mapping backend; a write exits as MMIO, memory unchanged)",
+              "memslot": "read-only memslots in VTL0's VM (memslot backend)"}[backend]
+    nr_how = {"rwx": "KVM_SET_MEMORY_ATTRIBUTES NR",
+              "host_mapping": "mprotect(PROT_NONE) on VTL0's alias (host_mapping backend)",
+              "memslot": "page left unmapped in VTL0's VM (memslot backend)"}[backend]
+    nw_ok = backend != "memslot" or ro
+    nr_ok = backend != "memslot" or unmapped
+    tables = nw_ok and msr   # NX through locked page tables needs NW and the MSR filter
     return [
         Strategy(protection="VTL1 memory isolation",
                  strategy="VTL1's region has no memslot in VTL0's VM; accesses exit as MMIO / "
@@ -45,29 +63,23 @@ def strategies_for(present: dict[str, bool]) -> list[Strategy]:
                  strategy="port I/O synthetic device (VMCALL does not reach userspace here)"
                           if not present.get("vmcall_to_userspace") else "port I/O synthetic device",
                  enforced=present.get("long_mode_pio_exit", False), why=""),
-        Strategy(protection="guest address translation",
-                 strategy="software walk of the guest's page tables (vmm/paging.py)"
-                          + ("" if present.get("kvm_translate") else "; KVM_TRANSLATE returns invalid"),
-                 enforced=True, why=""),
-        Strategy(protection="memory no-write (NW)",
-                 strategy="KVM_SET_MEMORY_ATTRIBUTES NW on VTL0's VM" if rwx
-                 else "read-only memslots in VTL0's VM (memslot backend)",
-                 enforced=rwx or ro, why="" if (rwx or ro) else "no read-only memslots on this host"),
-        Strategy(protection="memory no-read (NR)",
-                 strategy="KVM_SET_MEMORY_ATTRIBUTES NR" if rwx else "page left unmapped in VTL0's VM",
-                 enforced=rwx or unmapped,
-                 why="" if (rwx or unmapped) else "unmapped-GPA exits not observed"),
+        Strategy(protection="memory no-write (NW)", strategy=nw_how, enforced=nw_ok,
+                 why="" if nw_ok else "no read-only memslots on this host"),
+        Strategy(protection="memory no-read (NR)", strategy=nr_how, enforced=nr_ok,
+                 why="" if nr_ok else "unmapped-GPA exits not observed"),
         Strategy(protection="memory no-execute (NX)",
-                 strategy="KVM_SET_MEMORY_ATTRIBUTES NX" if rwx else
-                 "VTL0 page tables locked read-only by VTL1 + EFER.NXE pinned through the MSR filter "
-                 "(holds while CR3 stays on the locked tables: CR3 loads are not pinned on this host)",
-                 enforced=rwx or tables,
-                 why="" if (rwx or tables) else "needs read-only memslots and the MSR filter"),
+                 strategy="KVM_SET_MEMORY_ATTRIBUTES NX" if backend == "rwx" else
+                 "VTL0 page tables locked read-only by VTL1 + EFER.NXE pinned through the MSR filter",
+                 enforced=backend == "rwx",
+                 why="" if backend == "rwx" else
+                 ("not enforced on this host: NX holds only while VTL0's CR3 stays on the locked tables, "
+                  "and CR3 loads are not pinned yet (issue 9)" if tables else
+                  "needs NW protections and the MSR filter")),
         Strategy(protection="MSR pinning (LSTAR, STAR, EFER, ...)",
                  strategy="KVM_X86_SET_MSR_FILTER -> userspace WRMSR exit -> intercept to VTL1",
                  enforced=msr, why="" if msr else "MSR filter not available"),
         Strategy(protection="CR0/CR4/CR3, GDTR/IDTR pinning",
-                 strategy="no CR-write exits exist: writers live on unmapped privileged-section pages; "
+                 strategy="no CR-write exits exist: writers live on NR privileged-section pages; "
                           "a fetch there is decoded and judged by VTL1",
                  enforced=False, why="not enforced on this host: no KVM uAPI reports CR/descriptor-table "
                  "writes, and the privileged-section scheme is not implemented yet"),

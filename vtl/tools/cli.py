@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -213,7 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         doc = result.model_dump()
         doc.update(scenario=args.scenario or "boot", console_tail=list(console.tail),
                    console_lines=console.lines, events=dict(events.counts),
-                   reports=[r.model_dump(exclude={"data"}) for r in sched.reports.records])
+                   reports=[r.model_dump(exclude={"data"}) for r in sched.reports.records],
+                   max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         _print_json(doc)
     else:
         out.write("\n".join(run_summary_lines(result, args.scenario or "boot", config)) + "\n")

@@ -80,7 +80,8 @@ def draw_png(m: MemMap, path: Path, limit: int = 32 << 20) -> None:
         import matplotlib.pyplot as plt
         from matplotlib.patches import Patch
     except ImportError:
-        raise RuntimeError("--png needs matplotlib (pip install '.[plot]'; `make setup` installs it)") from None
+        raise RuntimeError("--png needs matplotlib (pip install '.[plot]'; `make setup` installs it)") \
+            from None
     MiB = 1 << 20
     fig, ax = plt.subplots(figsize=(13, 4.8), dpi=110)
     shown = [r for r in m.regions if r.start < limit]
@@ -99,8 +100,8 @@ def draw_png(m: MemMap, path: Path, limit: int = 32 << 20) -> None:
                     arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "#555555"})
     ax.axvspan(m.vtl1_base / MiB, min(m.vtl1_end, limit) / MiB, ymin=0, ymax=1, fill=False, hatch="//",
                edgecolor="#b03030", linewidth=0)
-    ax.text((m.vtl1_base + min(m.vtl1_end, limit)) / 2 / MiB, -0.55, "VTL1's region (never mapped in VTL0's VM)",
-            ha="center", fontsize=8, color="#b03030")
+    ax.text((m.vtl1_base + min(m.vtl1_end, limit)) / 2 / MiB, -0.55,
+            "VTL1's region (never mapped in VTL0's VM)", ha="center", fontsize=8, color="#b03030")
     ax.set_yticks([0, 1], ["VTL1's VM", "VTL0's VM"])
     ax.set_ylim(-0.8, 1.8)
     ax.set_xlim(0, limit / MiB)
