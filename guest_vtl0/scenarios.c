@@ -307,6 +307,20 @@ SCENARIO(sc_bench, "bench-null-call", "N null VTL calls (param, default 100000),
 	pass("bench-null-call");
 }
 
+SCENARIO(sc_storm, "hypercall-storm", "N (param, default 100000) unknown hypercalls: each VTL_E_INVALID_CODE")
+{
+	uint64_t n = boot_info->param ? boot_info->param : 100000, wrong = 0;
+	for (uint64_t i = 0; i < n; i++)
+		if (hypercall(0x7777, i, 0, 0, NULL) != VTL_E_INVALID_CODE)
+			wrong++;
+	report_value("hypercalls", n);
+	report_value("unexpected_statuses", wrong);
+	printf("%lu unknown hypercalls, %lu answered other than VTL_E_INVALID_CODE\n", n, wrong);
+	if (wrong)
+		fail("hypercall-storm", "an unknown hypercall was not refused");
+	pass("hypercall-storm");
+}
+
 /* ---- memory policy (issue 3): VTL0 hardens itself with VTL1, then attacks itself with
  * the arbitrary-write primitive of Heki's threat model.  TARGET / EXEC / MSR reports name
  * what is attacked, so that the VMM checks the target itself after the run: the verdict
