@@ -389,7 +389,7 @@ static void harden(const char *name, int end_of_boot)
 static void write_u64_fn(void *p) { *(volatile uint64_t *)p = 0xBADBADBADBADBAD0ULL; }
 
 /* The guest saw its attack work: VALUE "attack_succeeded" (value[0] = what it saw). */
-static void attack_succeeded(const char *name, const char *why, uint64_t seen)
+static void __attribute__((noreturn)) attack_succeeded(const char *name, const char *why, uint64_t seen)
 {
 	report_value("attack_succeeded", seen);
 	printf("ATTACK-RESULT succeeded: %s (%#lx)\n", why, seen);
