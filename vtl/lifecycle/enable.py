@@ -8,6 +8,7 @@ asked then runs VTL1 with entry reason NONE (the scheduler's transition)."""
 from __future__ import annotations
 
 from vmm.elf import load_image
+from vmm.measure import loaded_image_sha256
 from vtl.abi import ABI, abi_struct
 from vtl.core import layout as lay
 from vtl.core.events import VtlEnabled
@@ -23,7 +24,8 @@ def enable_vtl1(p: Partition, asking: VirtualProcessor) -> None:
     layout = p.layout
     p.mem.fill(layout.vtl1_base, layout.vtl1_size)
     load_image(img, p.mem, *layout.image_window(Vtl.VTL1))
-    p.vtl1_measurement = img.sha256
+    # What is loaded (entry, each PT_LOAD's placement, flags and bytes; docs/abi.md), not the file.
+    p.vtl1_measurement = loaded_image_sha256(img)
     vm = p.new_vm(Vtl.VTL1)
     vm.map_memory(p.mem, 0, layout.mem_size)
     cr3 = lay.write_boot_tables(p.mem, layout, Vtl.VTL1)

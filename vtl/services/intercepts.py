@@ -156,7 +156,7 @@ class Intercepts:
         ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict=verdict_name, vector=vector,
                                  error_code=ec if has_ec else None, detail=detail))
         self.refuse.injected(vp, vector, ec if has_ec else None, int(v0.regs.rip),
-                             f"VTL1 denied a {ACCESS_NAMES[p.access]} intercept")
+                             f"VTL1 denied a {ACCESS_NAMES[p.access]} intercept", vtl=Vtl.VTL0)
         return None
 
     def _allow(self, v0: VCpu, p: PendingIntercept) -> str | None:

@@ -50,14 +50,17 @@ class Refusals:
         self.injected(vp, vector, error_code, rip, reason, request=request, gpa=gpa, access=access)
 
     def injected(self, vp: VirtualProcessor, vector: int, error_code: int | None, rip: int, reason: str,
-                 *, request: str | None = None, gpa: int | None = None, access: str | None = None) -> None:
-        """The events of a fault already queued on the vCPU."""
+                 *, request: str | None = None, gpa: int | None = None, access: str | None = None,
+                 vtl: Vtl | None = None) -> None:
+        """The events of a fault already queued on VP `vp`'s vCPU of `vtl` (default: the
+        VTL that made the request; a verdict from VTL1 names VTL0)."""
         name = fault_name(vector, error_code)
         ts = self.events.now()
+        vtl = vp.active_vtl if vtl is None else vtl
         if request is not None:
-            self.events.emit(RefusedRequest(ts=ts, vp=vp.index, vtl=vp.active_vtl, request=request,
+            self.events.emit(RefusedRequest(ts=ts, vp=vp.index, vtl=vtl, request=request,
                                             reason=reason, response=name, gpa=gpa, access=access, rip=rip))
-        self.events.emit(GuestFault(ts=ts, vp=vp.index, vtl=vp.active_vtl, vector=vector, name=name,
+        self.events.emit(GuestFault(ts=ts, vp=vp.index, vtl=vtl, vector=vector, name=name,
                                     error_code=error_code, rip=rip, reason=reason))
 
     def _port_insn_len(self, vtl: Vtl, vcpu: VCpu, rip_after: int) -> int:

@@ -96,6 +96,8 @@ class Reports:
                               f"report at {gpa:#x} is not memory VTL{int(vtl)} may read")
         raw = self.p.mem.read(gpa, RECORD_SIZE)        # one copy: the guest cannot change it under us
         kind_code = int.from_bytes(raw[0:4], "little")
+        if int.from_bytes(raw[4:8], "little"):
+            raise ReportError(int(ABI.VTL_E_INVALID_ARG), "report reserved0 is not 0")
         kind = KINDS.get(kind_code)
         if kind is None:
             raise ReportError(int(ABI.VTL_E_INVALID_ARG), f"unknown report kind {kind_code}")

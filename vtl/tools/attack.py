@@ -98,8 +98,11 @@ def _read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str
 
 
 def _mechanism(events: EventLog, reports: list[Report], backend: str) -> str:
+    # A refused status is VTL1's policy unless the VMM itself refused (a `refused` event).
+    by_vmm = {r.response for r in events.of_kind("refused")}  # type: ignore[union-attr]
     statuses = [STATUS_NAMES.get(r.value[1], str(r.value[1])) for r in reports
                 if r.kind == "status" and r.value[1] != 0]
+    statuses = [s for s in statuses if s not in by_vmm]
     policy = f"VTL1 policy: {statuses[0]}" if statuses else ""
     return "; then ".join(x for x in (policy, _enforcement(events, reports, backend)) if x) or "none observed"
 
