@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmm import uapi as u
+from vmm.exits import Mmio
 from vmm.kvm import Kvm, Vm
 from vmm.memattr import NR, NW, NX, ExhaustedError, MemslotBackend, RwxBackend, valid_attributes
 from vmm.memory import GuestMemory
-from vmm.probe import run_once, scratch_vm
+from vmm.scratch import scratch_vm
 
 MiB = 1 << 20
 P = 4096
@@ -89,12 +89,12 @@ def test_memslot_refuses_changes_beyond_the_slot_limit(vm_mem: tuple[Vm, GuestMe
 def test_nw_page_blocks_a_guest_write() -> None:
     # mov rax, 0xdeadbeef; mov [0x200000], rax
     code = bytes.fromhex("48b8efbeadde00000000" "48890425") + (0x200000).to_bytes(4, "little")
-    with scratch_vm(code) as s:
+    with scratch_vm(code, unmapped=[(0x200000, 0x200000)]) as s:
         b = MemslotBackend(s.vm, s.mem, [(0x200000, 0x200000)])
         s.mem.write_u64(0x200000, 0x1111)
         b.set_range(0x200000, P, NW)
-        assert run_once(s.vcpu) == u.KVM_EXIT_MMIO
-        assert s.vcpu.run.mmio.is_write == 1 and s.vcpu.run.mmio.phys_addr == 0x200000
+        e = s.run()
+        assert isinstance(e, Mmio) and e.is_write and e.gpa == 0x200000
         assert s.mem.read_u64(0x200000) == 0x1111
 
 
