@@ -1,4 +1,5 @@
-"""Per-page attributes on a real VM (memslot backend) and on a fake RWX ioctl layer."""
+"""Per-page attributes on a real VM (memslot and host-mapping backends) and on a fake RWX
+ioctl layer."""
 
 from __future__ import annotations
 
@@ -7,11 +8,25 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmm.exits import Mmio
+from vmm.errors import VmmError
+from vmm.exits import EmulationFailure, Hlt, IoOut, Mmio, complete_mmio_read
 from vmm.kvm import Kvm, Vm
-from vmm.memattr import NR, NW, NX, ExhaustedError, MemslotBackend, RwxBackend, valid_attributes
-from vmm.memory import GuestMemory
-from vmm.scratch import scratch_vm
+from vmm.memattr import (
+    NR,
+    NW,
+    NX,
+    VMA_LEDGER,
+    ExhaustedError,
+    HostMappingBackend,
+    MemslotBackend,
+    RwxBackend,
+    default_backend_kind,
+    make_backend,
+    valid_attributes,
+)
+from vmm.memory import GuestMemory, MemoryAlias
+from vmm.scratch import CODE_GPA, scratch_vm
+from vmm.uapi import ffi
 
 MiB = 1 << 20
 P = 4096
@@ -52,10 +67,42 @@ def test_memslot_runs_coalesce_and_cost_follows_ranges(vm_mem: tuple[Vm, GuestMe
     assert b.get(2 * MiB) == 0 and b.enforceable(NW | NX) == NW
 
 
+def alias_vmas(alias: MemoryAlias) -> list[tuple[int, int, str]]:
+    """(start, end, "rw-"-style protection) of the VMAs covering `alias`, from the kernel."""
+    lo, hi = alias.host_addr, alias.host_addr + alias.size
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            addr, perms = line.split()[:2]
+            a, b = (int(x, 16) for x in addr.split("-"))
+            if lo <= a and b <= hi:
+                out.append((a - lo, b - lo, perms[:3]))
+    return out
+
+
+def expected_vmas(runs: list[tuple[int, int, int]], size: int) -> list[tuple[int, int, str]]:
+    """The VMAs the alias should have: protections per run, read-write outside runs, equal
+    neighbours merged (as the kernel merges them)."""
+    segs: list[tuple[int, int, str]] = []
+    pos = 0
+    for s, e, a in [*runs, (size, size, 0)]:
+        for seg in ((pos, s, "rw-"), (s, e, "---" if a & NR else "r--" if a & NW else "rw-")):
+            if seg[1] <= seg[0]:
+                continue
+            if segs and segs[-1][1] == seg[0] and segs[-1][2] == seg[2]:
+                segs[-1] = (segs[-1][0], seg[1], seg[2])
+            else:
+                segs.append(seg)
+        pos = e
+    return segs
+
+
 @pytest.mark.kvm
-def test_memslot_random_changes_match_a_page_model(vm_mem: tuple[Vm, GuestMemory]) -> None:
+@pytest.mark.parametrize("kind", ["memslot", "host_mapping"])
+def test_random_changes_match_a_page_model(vm_mem: tuple[Vm, GuestMemory], kind: str) -> None:
     vm, mem = vm_mem
-    b = MemslotBackend(vm, mem, [(0, 16 * MiB)])
+    b: MemslotBackend | HostMappingBackend = (MemslotBackend if kind == "memslot" else HostMappingBackend)(
+        vm, mem, [(0, 16 * MiB)])
     model = [0] * (16 * MiB // P)
     rng = random.Random(7)
     for _ in range(300):
@@ -69,8 +116,12 @@ def test_memslot_random_changes_match_a_page_model(vm_mem: tuple[Vm, GuestMemory
         assert all(model[g] == a for g in range(s // P, e // P))
     for (_, e1, a1), (s2, _, a2) in zip(runs, runs[1:], strict=False):
         assert not (e1 == s2 and a1 == a2), "adjacent equal runs must be merged"
-    mapped = sum(1 for _, _, a in runs if not a & NR)
-    assert len(vm.slots) == mapped
+    if isinstance(b, MemslotBackend):
+        assert len(vm.slots) == sum(1 for _, _, a in runs if not a & NR)
+    else:
+        assert len(vm.slots) == 1                       # one memslot on the alias, whatever happens
+        vmas = alias_vmas(b.alias)
+        assert vmas == expected_vmas(runs, mem.size) and len(vmas) == b.vmas
 
 
 @pytest.mark.kvm
@@ -105,3 +156,140 @@ def test_rwx_backend_issues_one_ioctl_per_change() -> None:
     b.set_range(MiB, 16 * MiB, NW | NX)
     assert calls == [(MiB, 16 * MiB, NW | NX)] and b.ops == 1
     assert b.get(MiB) == NW | NX and b.get(17 * MiB) == 0 and b.enforceable(NX) == NX
+
+
+# --- host-mapping backend ----------------------------------------------------------------
+PROT = 0x200000            # the scratch VM's second 2 MiB: mapped through the backend's alias
+NWP, NRP, NXP = PROT, PROT + P, PROT + 2 * P
+
+
+def _store(addr: int) -> bytes:               # mov [addr32], rax
+    return bytes.fromhex("48890425") + addr.to_bytes(4, "little")
+
+
+def _load(addr: int) -> bytes:                # mov rax, [addr32]
+    return bytes.fromhex("488b0425") + addr.to_bytes(4, "little")
+
+
+@pytest.mark.kvm
+def test_alias_is_the_same_memory_with_its_own_mapping() -> None:
+    mem = GuestMemory(4 * MiB)
+    try:
+        a = mem.alias()
+        assert a.host_addr != mem.host_addr and a.size == mem.size and mem.aliases == [a]
+        mem.write(0x1234, b"shared")
+        assert ffi.buffer(ffi.cast("char *", a.host_addr + 0x1234), 6)[:] == b"shared"
+        assert a.mprotect(0, P, 1) == 0 and a.mprotect(1, P, 1) != 0   # EINVAL: unaligned
+        with pytest.raises(VmmError, match="outside guest memory"):
+            a.mprotect(4 * MiB, P, 1)
+    finally:
+        mem.close()
+    assert a.closed and mem.fd == -1
+    with pytest.raises(VmmError, match="closed"):
+        mem.alias()
+    with pytest.raises(VmmError, match="multiple of 4 KiB"):
+        GuestMemory(4097)
+
+
+@pytest.mark.kvm
+def test_host_mapping_violations_exit_like_readonly_and_unmapped_memslots() -> None:
+    # mov rax, 0xdeadbeef; mov [NWP], rax; out 0xf0; mov rax, [NRP]; out 0xf1; mov rax, NXP; jmp rax
+    code = (bytes.fromhex("48b8efbeadde00000000") + _store(NWP) + bytes.fromhex("e6f0") + _load(NRP)
+            + bytes.fromhex("e6f1" "48b8") + NXP.to_bytes(8, "little") + bytes.fromhex("ffe0"))
+    after_store = CODE_GPA + 10 + 8
+    with scratch_vm(code, unmapped=[(PROT, 2 * MiB)]) as s:
+        b = HostMappingBackend(s.vm, s.mem, [(PROT, 2 * MiB)])
+        assert s.vm.slots[b.slots[0]] == (PROT, 2 * MiB, 0)       # writable memslot, on the alias
+        s.mem.write_u64(NWP, 0x1111)
+        s.mem.write_u64(NRP, 0x2222)
+        s.mem.write(NXP, b"\xf4")
+        b.set_range(NWP, P, NW)
+        b.set_range(NRP, 2 * P, NR | NW | NX)
+        assert b.runs() == [(PROT, NWP + P, NW), (NRP, NRP + 2 * P, NR | NW | NX),
+                            (NRP + 2 * P, PROT + 2 * MiB, 0)]
+        e = s.run()
+        assert e == Mmio(NWP, 8, True, (0xDEADBEEF).to_bytes(8, "little"))
+        assert s.vcpu.sync.regs.rip == after_store and s.mem.read_u64(NWP) == 0x1111
+        assert isinstance(s.run(), IoOut)
+        e = s.run()
+        assert e == Mmio(NRP, 8, False, b"")
+        complete_mmio_read(s.vcpu, bytes(8))
+        assert isinstance(s.run(), IoOut)
+        assert isinstance(s.run(), EmulationFailure) and s.vcpu.sync.regs.rip == NXP
+        # The VMM's mapping is unaffected; lifting the protection lets the guest in again.
+        s.mem.write_u64(NWP, 0x3333)
+        assert s.mem.read_u64(NRP) == 0x2222
+        b.set_range(NRP, 2 * P, 0)
+        assert isinstance(s.run(), Hlt)                       # the fetch at NXP now runs its HLT
+
+
+@pytest.mark.kvm
+def test_the_other_mapping_is_unaffected() -> None:
+    """A second VM on the main mapping (VTL1's place) writes and reads the pages that the
+    protected VM may not touch."""
+    attack = bytes.fromhex("48b8efbeadde00000000") + _store(NWP) + bytes.fromhex("f4")
+    # mov rax, 0x4444; mov [NWP], rax; mov rax, [NRP]; out 0xf2, al
+    other = bytes.fromhex("48c7c044440000") + _store(NWP) + _load(NRP) + bytes.fromhex("e6f2")
+    with scratch_vm(attack, unmapped=[(PROT, 2 * MiB)]) as s0:
+        b = HostMappingBackend(s0.vm, s0.mem, [(PROT, 2 * MiB)])
+        with scratch_vm(other, kvm=s0.kvm, mem=s0.mem, code_gpa=CODE_GPA + P) as s1:
+            s0.mem.write_u64(NRP, 0x55)
+            b.set_range(NWP, P, NW)
+            b.set_range(NRP, P, NR | NW | NX)
+            e0 = s0.run()
+            assert isinstance(e0, Mmio) and e0.is_write and s0.mem.read_u64(NWP) == 0
+            assert s1.run() == IoOut(0xF2, 1, b"\x55")
+            assert s0.mem.read_u64(NWP) == 0x4444
+
+
+@pytest.mark.kvm
+def test_host_mapping_refuses_past_its_vma_budget_and_changes_nothing(
+        vm_mem: tuple[Vm, GuestMemory]) -> None:
+    vm, mem = vm_mem
+    b = HostMappingBackend(vm, mem, [(0, 16 * MiB)], vma_budget=6)
+    for i in range(3):                                   # 3 islands: 6 extra VMAs
+        b.set_range((2 * i + 1) * P, P, NW)
+    b.set_range(6 * P, P, NW | NX)                       # same protection as its NW neighbour: no new VMA
+    assert b.vmas == 7 == len(alias_vmas(b.alias))
+    runs, vmas, held = b.runs(), alias_vmas(b.alias), VMA_LEDGER.held
+    with pytest.raises(ExhaustedError, match="may add 6"):
+        b.set_range(9 * P, P, NW)
+    assert b.runs() == runs and alias_vmas(b.alias) == vmas and VMA_LEDGER.held == held
+    b.set_range(P, 7 * P, 0)                             # fewer VMAs is always possible
+    assert b.vmas == 1 and VMA_LEDGER.held == held - 6
+    mem.close()                                          # the alias goes: its VMAs leave the ledger
+    assert VMA_LEDGER.held == held - 6 and b.vmas == 0
+    with pytest.raises(VmmError, match="closed"):
+        b.set_range(P, P, NW)
+
+
+@pytest.mark.kvm
+def test_bad_requests_raise_vmm_errors(vm_mem: tuple[Vm, GuestMemory]) -> None:
+    vm, mem = vm_mem
+    with pytest.raises(VmmError, match="overlap"):
+        HostMappingBackend(vm, mem, [(0, 2 * P), (P, P)])
+    with pytest.raises(VmmError, match="outside guest memory"):
+        MemslotBackend(vm, mem, [(0, 128 * MiB)])
+    b = HostMappingBackend(vm, mem, [(0, MiB), (2 * MiB, MiB)])
+    for args, match in [((1, P, NW), "aligned"), ((0, 0, NW), "aligned"), ((0, P, NR), "invalid"),
+                        ((MiB - P, 2 * P, NW), "not memory"), ((0, 3 * MiB, NW), "may not map"),
+                        ((0, P, 1 << 7), "invalid")]:
+        with pytest.raises(VmmError, match=match):
+            b.set_range(*args)
+    assert b.runs() == [(0, MiB, 0), (2 * MiB, 3 * MiB, 0)] and b.ops == 2
+
+
+@pytest.mark.kvm
+def test_make_backend_chooses_by_probing_and_honours_explicit_kinds(vm_mem: tuple[Vm, GuestMemory]) -> None:
+    vm, mem = vm_mem
+    # This host: no RWX attributes, host mapping probes working (DESIGN section 2).
+    assert default_backend_kind(vm) == "host_mapping"
+    b = make_backend(None, vm, mem, [(0, 4 * MiB)])
+    assert isinstance(b, HostMappingBackend) and b.name == "host_mapping"
+    assert b.enforceable(NR | NW | NX) == NR | NW
+    with pytest.raises(VmmError, match="KVM_CAP_MEMORY_ATTRIBUTES"):
+        make_backend("rwx", vm, mem, [(8 * MiB, MiB)])
+    with pytest.raises(VmmError, match="unknown attribute backend"):
+        make_backend("mprotect", vm, mem, [(8 * MiB, MiB)])
+    m = make_backend("memslot", vm, mem, [(8 * MiB, MiB)])
+    assert isinstance(m, MemslotBackend) and m.runs() == [(8 * MiB, 9 * MiB, 0)]

@@ -14,7 +14,7 @@ from typing import Any
 from vmm import exits
 from vmm import uapi as u
 from vmm.errors import KvmIoctlError, KvmUnavailable, kvm_unavailable_reason
-from vmm.memory import GuestMemory
+from vmm.memory import HostMapping
 from vmm.uapi import ffi, libc
 
 _IOCTL_NAMES = {v: k for k, v in vars(u).items()
@@ -104,9 +104,10 @@ class Vm:
             slot += 1
         return slot
 
-    def map_memory(self, mem: GuestMemory, gpa: int, size: int, readonly: bool = False,
+    def map_memory(self, mem: HostMapping, gpa: int, size: int, readonly: bool = False,
                    slot: int | None = None) -> int:
-        """Map mem[gpa:gpa+size] at the same GPA in this VM; returns the slot."""
+        """Map mem[gpa:gpa+size] at the same GPA in this VM; returns the slot.  `mem` is a
+        GuestMemory or one of its aliases (GuestMemory.alias())."""
         mem.check(gpa, size)
         slot = self.free_slot() if slot is None else slot
         flags = u.KVM_MEM_READONLY if readonly else 0

@@ -11,10 +11,20 @@ from dataclasses import dataclass
 from vmm import uapi as u
 from vmm import x86
 from vmm.errors import KvmIoctlError, VmmError, kvm_unavailable_reason
-from vmm.exits import Debug, EmulationFailure, IoOut, Mmio, MsrWrite, Unknown, VcpuExit
+from vmm.exits import (
+    Debug,
+    EmulationFailure,
+    IoOut,
+    MemoryFault,
+    Mmio,
+    MsrWrite,
+    Unknown,
+    VcpuExit,
+    complete_mmio_read,
+)
 from vmm.kvm import Kvm
 from vmm.memory import PAGE_SIZE as PAGE
-from vmm.scratch import ScratchVm, run_with_watchdog
+from vmm.scratch import ScratchVm, run_with_watchdog, watchdog_available
 
 CODE = 0x10000
 DATA = 0x20000
@@ -161,6 +171,79 @@ def probe_translate() -> ProbeResult:
                        else "KVM_TRANSLATE returns invalid: the VMM walks guest page tables itself")
 
 
+def _skip_to(s: ScratchVm, rip: int) -> None:
+    regs = s.vcpu.get_regs()
+    regs.rip = rip
+    s.vcpu.set_regs(regs)
+
+
+def probe_host_mapping() -> ProbeResult:
+    """Protections through mprotect on the VM's own alias of guest memory (DESIGN section 2):
+    a write to a PROT_READ page, a read of a PROT_NONE page and a fetch from one must all
+    come back to userspace with memory unchanged.  Accepted forms: MMIO exits and emulation
+    failure (this host), or KVM_RUN -EFAULT with KVM_EXIT_MEMORY_FAULT (mainline EPT)."""
+    from vmm.memattr import NR, NW, NX, HostMappingBackend  # memattr uses this module lazily
+
+    name = "host_mapping_protection"
+    nw_page, nr_page, nx_page = RO_PAGE, RO_PAGE + PAGE, RO_PAGE + 2 * PAGE
+    store = _mov_store_abs(nw_page)
+    load = _mov_load_abs(nr_page)
+    code = bytes.fromhex("48b8efbeadde00000000") + store + OUT_F0 + load + bytes.fromhex("e6f1") \
+        + _jmp_abs(nx_page)
+    at_store, after_store = CODE + 10, CODE + 10 + len(store)
+    at_load = after_store + 2
+    after_load = at_load + len(load)
+    timeout = 1.0 if watchdog_available() else None
+    forms: set[str] = set()
+    with ScratchVm(code, mem_size=MEM, code_gpa=CODE, unmapped=[(RO_PAGE, MEM - RO_PAGE)]) as s:
+        backend = HostMappingBackend(s.vm, s.mem, [(RO_PAGE, MEM - RO_PAGE)])
+        s.mem.write_u64(nw_page, 0x1111)
+        s.mem.write(nx_page, HLT)
+        backend.set_range(nw_page, PAGE, NW)
+        backend.set_range(nr_page, 2 * PAGE, NR | NW | NX)
+        # 1: write to the PROT_READ page
+        e = run_with_watchdog(s.vcpu, timeout)
+        if isinstance(e, Mmio) and e.is_write and e.gpa == nw_page and s.vcpu.sync.regs.rip == after_store:
+            forms.add("MMIO")
+        elif isinstance(e, MemoryFault) and e.write and e.gpa == nw_page and s.vcpu.sync.regs.rip == at_store:
+            forms.add("memory fault")
+            _skip_to(s, after_store)
+        else:
+            return ProbeResult(name, False, f"write to a PROT_READ alias page gave {_describe(e)}")
+        if s.mem.read_u64(nw_page) != 0x1111:
+            return ProbeResult(name, False, "a write to a PROT_READ alias page reached memory")
+        if not isinstance(e := run_with_watchdog(s.vcpu, timeout), IoOut):
+            return ProbeResult(name, False, f"guest did not continue after the write: {_describe(e)}")
+        # 2: read of the PROT_NONE page
+        e = run_with_watchdog(s.vcpu, timeout)
+        if isinstance(e, Mmio) and not e.is_write and e.gpa == nr_page:
+            forms.add("MMIO")
+            complete_mmio_read(s.vcpu, bytes(e.length))
+        elif isinstance(e, MemoryFault) and e.gpa == nr_page and not e.write \
+                and s.vcpu.sync.regs.rip == at_load:
+            forms.add("memory fault")
+            _skip_to(s, after_load)
+        else:
+            return ProbeResult(name, False, f"read of a PROT_NONE alias page gave {_describe(e)}")
+        if not isinstance(e := run_with_watchdog(s.vcpu, timeout), IoOut):
+            return ProbeResult(name, False, f"guest did not continue after the read: {_describe(e)}")
+        # 3: fetch from a PROT_NONE page
+        e = run_with_watchdog(s.vcpu, timeout)
+        if isinstance(e, EmulationFailure) and s.vcpu.sync.regs.rip == nx_page:
+            forms.add("emulation failure")
+        elif isinstance(e, MemoryFault) and e.gpa == nx_page:
+            forms.add("memory fault")
+        else:
+            return ProbeResult(name, False, f"fetch from a PROT_NONE alias page gave {_describe(e)}")
+        # The VMM's own mapping is unaffected.
+        s.mem.write_u64(nw_page, 0x2222)
+        if s.mem.read_u64(nw_page) != 0x2222:
+            return ProbeResult(name, False, "the VMM's mapping lost access to a protected page")
+    return ProbeResult(name, True, "mprotect on the VM's own alias of guest memory: NW (PROT_READ) and "
+                       f"NR (PROT_NONE) violations exit as {', '.join(sorted(forms))}; memory unchanged, "
+                       "the VMM's mapping unaffected")
+
+
 def probe_memory_attributes(kvm: Kvm) -> ProbeResult:
     v = kvm.check_extension(u.KVM_CAP_MEMORY_ATTRIBUTES)
     rwx = u.KVM_MEMORY_ATTRIBUTE_NR | u.KVM_MEMORY_ATTRIBUTE_NW | u.KVM_MEMORY_ATTRIBUTE_NX
@@ -190,6 +273,7 @@ def probe_all() -> list[ProbeResult]:
             probe_vmcall(),
             probe_translate(),
             probe_memory_attributes(kvm),
+            probe_host_mapping(),
             ProbeResult("hyperv", bool(kvm.check_extension(u.KVM_CAP_HYPERV)),
                         f"KVM_CAP_HYPERV = {kvm.check_extension(u.KVM_CAP_HYPERV)}"),
             ProbeResult("cr_write_exits", False,

@@ -110,6 +110,7 @@ struct kvm_run {
 int ioctl(int fd, unsigned long request, ...);
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
 int munmap(void *addr, size_t length);
+int mprotect(void *addr, size_t len, int prot);
 int madvise(void *addr, size_t length, int advice);
 """
 
@@ -253,8 +254,8 @@ KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 KVM_SYSTEM_EVENT_CRASH = 3
 
-# mmap / madvise
-PROT_READ, PROT_WRITE = 1, 2
+# mmap / mprotect / madvise
+PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x20, 0x4000
 MADV_DONTNEED = 4
 MAP_FAILED = 2**64 - 1
