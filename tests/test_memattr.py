@@ -3,12 +3,13 @@ ioctl layer."""
 
 from __future__ import annotations
 
+import errno
 import random
 from collections.abc import Iterator
 
 import pytest
 
-from vmm.errors import VmmError
+from vmm.errors import KvmIoctlError, VmmError
 from vmm.exits import EmulationFailure, Hlt, IoOut, Mmio, complete_mmio_read
 from vmm.kvm import Kvm, Vm
 from vmm.memattr import (
@@ -293,3 +294,98 @@ def test_make_backend_chooses_by_probing_and_honours_explicit_kinds(vm_mem: tupl
         make_backend("mprotect", vm, mem, [(8 * MiB, MiB)])
     m = make_backend("memslot", vm, mem, [(8 * MiB, MiB)])
     assert isinstance(m, MemslotBackend) and m.runs() == [(8 * MiB, 9 * MiB, 0)]
+
+
+# --- all or nothing ------------------------------------------------------------------------
+class _FailOnCall:
+    """Wraps Vm._set_region (the one memslot ioctl) to fail from its `n`-th call on, for
+    `times` calls: KVM itself never fails on demand."""
+
+    def __init__(self, vm: Vm, n: int, times: int = 1) -> None:
+        self.real, self.n, self.times, self.calls = vm._set_region, n, times, 0
+
+    def __call__(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
+        self.calls += 1
+        if self.n <= self.calls < self.n + self.times:
+            raise KvmIoctlError("KVM_SET_USER_MEMORY_REGION", errno.ENOSPC, "injected")
+        self.real(slot, flags, gpa, size, hva)
+
+
+@pytest.mark.kvm
+def test_memslot_change_failing_at_any_step_changes_nothing(
+        vm_mem: tuple[Vm, GuestMemory], monkeypatch: pytest.MonkeyPatch) -> None:
+    vm, mem = vm_mem
+    b = MemslotBackend(vm, mem, [(0, 16 * MiB)])
+    for i in range(4):
+        b.set_range((2 * i + 1) * P, P, NW if i % 2 else NR | NW | NX)
+    runs, slots = b.runs(), dict(vm.slots)
+    # Clearing pages 1..7 deletes every mapped run from 0 to the tail and adds one memslot:
+    # fail each of those ioctls in turn.
+    steps = sum(1 for _, _, a in runs if not a & NR) + 1
+    for n in range(1, steps + 1):
+        inject = _FailOnCall(vm, n)
+        monkeypatch.setattr(vm, "_set_region", inject)
+        ops = b.ops
+        with pytest.raises(KvmIoctlError, match="injected"):
+            b.set_range(P, 7 * P, 0)
+        monkeypatch.undo()
+        assert b.runs() == runs and vm.slots == slots, f"failure at call {n}"
+        assert b.ops > ops                              # the undo's ioctls are counted too
+    b.set_range(P, 7 * P, 0)                            # KVM agrees with the bookkeeping
+    assert b.runs() == [(0, 16 * MiB, 0)] and len(vm.slots) == 1
+
+
+@pytest.mark.kvm
+def test_memslot_failed_undo_is_reported(vm_mem: tuple[Vm, GuestMemory],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    vm, mem = vm_mem
+    b = MemslotBackend(vm, mem, [(0, 16 * MiB)])
+    monkeypatch.setattr(vm, "_set_region", _FailOnCall(vm, 2, times=100))
+    with pytest.raises(VmmError, match="so did undoing it"):
+        b.set_range(P, P, NW)
+
+
+@pytest.mark.kvm
+def test_a_failed_change_leaves_protection_enforced() -> None:
+    code = bytes.fromhex("48b8efbeadde00000000") + _store(NWP) + bytes.fromhex("f4")
+    with scratch_vm(code, unmapped=[(PROT, 2 * MiB)]) as s:
+        b = MemslotBackend(s.vm, s.mem, [(PROT, 2 * MiB)])
+        b.set_range(NWP, P, NW)
+        real = s.vm._set_region
+        s.vm._set_region = _FailOnCall(s.vm, 3)          # type: ignore[method-assign]
+        with pytest.raises(KvmIoctlError):
+            b.set_range(NWP, 2 * P, 0)                   # delete NW, delete rest, add (fails)
+        s.vm._set_region = real                          # type: ignore[method-assign]
+        e = s.run()
+        assert isinstance(e, Mmio) and e.is_write and e.gpa == NWP and s.mem.read_u64(NWP) == 0
+
+
+@pytest.mark.kvm
+def test_host_mapping_partial_mprotect_failure_is_undone(vm_mem: tuple[Vm, GuestMemory],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    vm, mem = vm_mem
+    b = HostMappingBackend(vm, mem, [(0, 16 * MiB)])
+    for i in range(4):
+        b.set_range((2 * i + 1) * P, P, NW if i % 2 else NR | NW | NX)
+    runs, vmas, held, ops = b.runs(), alias_vmas(b.alias), VMA_LEDGER.held, b.ops
+    real = b.alias.mprotect
+    failed: list[int] = []
+
+    def partial(gpa: int, size: int, prot: int) -> int:
+        # As the kernel may: protect the first pages, then fail (ENOMEM: VMA limit).
+        if not failed:
+            failed.append(gpa)
+            assert real(gpa, size // 2, prot) == 0
+            return errno.ENOMEM
+        return real(gpa, size, prot)
+
+    monkeypatch.setattr(b.alias, "mprotect", partial)
+    with pytest.raises(ExhaustedError, match="Nothing was changed"):
+        b.set_range(0, 10 * P, NR | NW | NX)
+    monkeypatch.undo()
+    assert failed == [0]
+    assert b.runs() == runs and alias_vmas(b.alias) == vmas and VMA_LEDGER.held == held
+    assert b.ops > ops + 1                              # the mprotect and its undo
+    monkeypatch.setattr(b.alias, "mprotect", lambda gpa, size, prot: errno.EACCES)
+    with pytest.raises(VmmError, match="so did undoing it"):
+        b.set_range(0, 10 * P, NR | NW | NX)

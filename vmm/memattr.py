@@ -183,19 +183,27 @@ class MemslotBackend:
 
     def __init__(self, vm: Vm, mem: GuestMemory, ranges: list[Range],
                  max_slots: int | None = None) -> None:
-        """`ranges`: the (gpa, size) the VM may ever map; they are mapped unrestricted now."""
+        """`ranges`: the (gpa, size) the VM may ever map; they are mapped unrestricted now
+        (those memslot ioctls count in `ops`)."""
         self.vm, self.mem = vm, mem
         self.max_slots = max_slots or vm.check_extension(KVM_CAP_NR_MEMSLOTS) or 32764
         self.timing = False
         self.syscall_ns = 0
-        self.ops_base = vm.memslot_ops
+        self._ops = 0
         self._map = _RunMap(ranges, mem.size)
-        for r in self._map.runs:
-            r.slot = vm.map_memory(mem, r.start, r.end - r.start)
+        try:
+            for r in self._map.runs:
+                r.slot = self._add(r.start, r.end, r.attrs)
+        except BaseException:
+            for r in self._map.runs:
+                if r.slot is not None:
+                    vm.unmap_slot(r.slot)
+            raise
 
     @property
     def ops(self) -> int:
-        return self.vm.memslot_ops - self.ops_base
+        """Memslot ioctls issued (adds and deletes, including any undo after a failure)."""
+        return self._ops
 
     def enforceable(self, attrs: int) -> int:
         """The subset of `attrs` this backend enforces: NX needs page tables or RWX."""
@@ -207,26 +215,73 @@ class MemslotBackend:
     def get(self, gpa: int) -> int:
         return self._map.get(gpa)
 
+    def _add(self, start: int, end: int, attrs: int, slot: int | None = None) -> int:
+        self._ops += 1
+        if self.timing:
+            t = time.perf_counter_ns()
+            try:
+                return self.vm.map_memory(self.mem, start, end - start, readonly=bool(attrs & NW), slot=slot)
+            finally:
+                self.syscall_ns += time.perf_counter_ns() - t
+        return self.vm.map_memory(self.mem, start, end - start, readonly=bool(attrs & NW), slot=slot)
+
+    def _delete(self, slot: int) -> None:
+        self._ops += 1
+        if self.timing:
+            t = time.perf_counter_ns()
+            try:
+                self.vm.unmap_slot(slot)
+            finally:
+                self.syscall_ns += time.perf_counter_ns() - t
+        else:
+            self.vm.unmap_slot(slot)
+
     def set_range(self, gpa: int, size: int, attrs: int) -> None:
+        """Apply `attrs` to [gpa, gpa+size): all or nothing.  If KVM refuses a memslot
+        change half-way, the changes made so far are undone (the removed memslots come
+        back with their old ids) before the error is raised."""
         ch = self._map.plan(gpa, size, attrs)
         removed, added = ch.removed, ch.added
+        if not added:
+            return
         slots_after = len(self.vm.slots) - sum(1 for r in removed if r.slot is not None) + \
             sum(1 for m in added if not m[2] & NR)
         if slots_after > self.max_slots:
             raise ExhaustedError(f"the change needs {slots_after} memslots; this host allows "
                                  f"{self.max_slots}")
-        for r in removed:
-            if r.slot is not None:
-                self.vm.unmap_slot(r.slot)
+        deleted: list[_Run] = []
+        created: list[int] = []
         new_runs: list[_Run] = []
-        for s, e, a in ch.merged:
-            kept = ch.kept.get((s, e, a))
-            if kept is not None:
-                new_runs.append(kept)
-                continue
-            slot = None if a & NR else self.vm.map_memory(self.mem, s, e - s, readonly=bool(a & NW))
-            new_runs.append(_Run(s, e, a, slot))
+        try:
+            # KVM memslots may not overlap: delete the old runs before adding the new ones.
+            for r in removed:
+                if r.slot is not None:
+                    self._delete(r.slot)
+                    deleted.append(r)
+            for s, e, a in ch.merged:
+                kept = ch.kept.get((s, e, a))
+                if kept is not None:
+                    new_runs.append(kept)
+                    continue
+                slot = None if a & NR else self._add(s, e, a)
+                if slot is not None:
+                    created.append(slot)
+                new_runs.append(_Run(s, e, a, slot))
+        except BaseException as err:
+            self._undo(created, deleted, err)
+            raise
         self._map.commit(ch, new_runs)
+
+    def _undo(self, created: list[int], deleted: list[_Run], err: BaseException) -> None:
+        try:
+            for slot in reversed(created):
+                self._delete(slot)
+            for r in reversed(deleted):
+                assert r.slot is not None
+                self._add(r.start, r.end, r.attrs, slot=r.slot)
+        except Exception as undo_err:
+            raise VmmError(f"a memslot change failed ({err}) and so did undoing it ({undo_err}): the "
+                           "VM's memslots no longer match its attribute map") from undo_err
 
 
 # --- host-mapping protections ---------------------------------------------------------------
