@@ -30,7 +30,6 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from vmm.errors import VmmError
@@ -81,38 +80,35 @@ class ExhaustedError(VmmError):
 
 
 # --- the run map shared by the memslot and host-mapping backends -------------------------
-@dataclass(slots=True)
-class _Run:
-    start: int        # gpa, page aligned
-    end: int          # exclusive
-    attrs: int
-    slot: int | None = None   # memslot backend: memslot id, None when unmapped (NR)
-
-
-@dataclass(slots=True)
 class _Change:
     """A planned set_range: runs[lo:hi+1] (`old`) become `merged`."""
-    lo: int
-    hi: int
-    old: list[_Run]
-    merged: list[RunTuple]
-    kept: dict[RunTuple, _Run] = field(default_factory=dict)   # runs that survive unchanged
+
+    __slots__ = ("lo", "hi", "old", "merged")
+
+    def __init__(self, lo: int, hi: int, old: list[RunTuple], merged: list[RunTuple]) -> None:
+        self.lo, self.hi, self.old, self.merged = lo, hi, old, merged
 
     @property
-    def removed(self) -> list[_Run]:
-        return [r for r in self.old if (r.start, r.end, r.attrs) not in self.kept]
+    def removed(self) -> list[RunTuple]:
+        """Old runs that do not survive unchanged."""
+        keep = set(self.merged)
+        return [r for r in self.old if r not in keep]
 
     @property
     def added(self) -> list[RunTuple]:
-        return [m for m in self.merged if m not in self.kept]
+        """New runs that did not exist before."""
+        had = set(self.old)
+        return [m for m in self.merged if m not in had]
 
 
 class _RunMap:
-    """Sorted, coalesced runs of equal attributes over the ranges a VM may map.
+    """Sorted, coalesced (start, end, attrs) runs over the ranges a VM may map.
 
-    Lookups bisect `_starts`; a change replaces only its window of runs (slice
-    assignment on both lists), so bookkeeping per change does not grow with the
-    number of runs (beyond the list memmove of the tail, which is C-fast)."""
+    Lookups bisect `starts`; a change replaces only its window of runs (slice assignment
+    on both lists), so bookkeeping per change does not grow with the number of runs
+    (beyond the list memmove of the tail, which is C-fast).  Runs are plain int tuples:
+    the garbage collector stops tracking those, so tens of thousands of runs do not make
+    its full collections (and the cost per change) grow."""
 
     def __init__(self, ranges: Iterable[Range], mem_size: int) -> None:
         rs = sorted((g, s) for g, s in ranges if s != 0)
@@ -123,59 +119,52 @@ class _RunMap:
         for (g1, s1), (g2, _) in zip(rs, rs[1:], strict=False):
             if g1 + s1 > g2:
                 raise VmmError(f"ranges overlap at {g2:#x}")
-        self.runs: list[_Run] = [_Run(g, g + s, 0) for g, s in rs]
-        self.starts: list[int] = [r.start for r in self.runs]
+        self.runs: list[RunTuple] = [(g, g + s, 0) for g, s in rs]
+        self.starts: list[int] = [g for g, _ in rs]
 
     def index(self, gpa: int) -> int:
         i = bisect.bisect_right(self.starts, gpa) - 1
-        if i < 0 or gpa >= self.runs[i].end:
+        if i < 0 or gpa >= self.runs[i][1]:
             raise VmmError(f"GPA {gpa:#x} is not memory this VM may map")
         return i
 
     def get(self, gpa: int) -> int:
-        return self.runs[self.index(gpa)].attrs
-
-    def tuples(self) -> list[RunTuple]:
-        return [(r.start, r.end, r.attrs) for r in self.runs]
+        return self.runs[self.index(gpa)][2]
 
     def plan(self, gpa: int, size: int, attrs: int) -> _Change:
-        if not isinstance(gpa, int) or not isinstance(size, int) or gpa % PAGE_SIZE or size % PAGE_SIZE \
+        if type(gpa) is not int or type(size) is not int or gpa % PAGE_SIZE or size % PAGE_SIZE \
                 or size <= 0:
-            raise VmmError(f"range {gpa:#x}+{size:#x} is not page aligned")
+            raise VmmError(f"range {gpa!r}+{size!r} is not page aligned")
         if not valid_attributes(attrs):
             raise VmmError(f"invalid attribute combination {attrs:#x}")
         runs = self.runs
         end = gpa + size
-        first, last = self.index(gpa), self.index(end - 1)
+        first = self.index(gpa)
+        last = first if end <= runs[first][1] else self.index(end - 1)
         # Every page of [gpa, end) must be mappable memory: no gaps between runs.
         for i in range(first, last):
-            if runs[i].end != runs[i + 1].start:
+            if runs[i][1] != runs[i + 1][0]:
                 raise VmmError(f"range {gpa:#x}+{size:#x} crosses memory this VM may not map")
         # Widen the window to neighbours we may merge with.
-        lo = first - 1 if first > 0 and runs[first - 1].end == runs[first].start else first
-        hi = last + 1 if last + 1 < len(runs) and runs[last].end == runs[last + 1].start else last
+        lo = first - 1 if first > 0 and runs[first - 1][1] == runs[first][0] else first
+        hi = last + 1 if last + 1 < len(runs) and runs[last][1] == runs[last + 1][0] else last
         old = runs[lo:hi + 1]
-        pieces: list[RunTuple] = []
-        for r in old:
-            if r.start < gpa:
-                pieces.append((r.start, min(r.end, gpa), r.attrs))
-            if r.end > end:
-                pieces.append((max(r.start, end), r.end, r.attrs))
+        # In address order: what stays before the range, the range, what stays after it.
+        pieces = [(s, e if e < gpa else gpa, a) for s, e, a in old if s < gpa]
         pieces.append((gpa, end, attrs))
-        pieces.sort()
-        merged: list[RunTuple] = []
-        for s, e, a in pieces:
-            if merged and merged[-1][1] == s and merged[-1][2] == a:
-                merged[-1] = (merged[-1][0], e, a)
+        pieces += [(s if s > end else end, e, a) for s, e, a in old if e > end]
+        merged = [pieces[0]]
+        for p in pieces[1:]:
+            m = merged[-1]
+            if m[1] == p[0] and m[2] == p[2]:
+                merged[-1] = (m[0], p[1], p[2])
             else:
-                merged.append((s, e, a))
-        want = set(merged)
-        kept = {(r.start, r.end, r.attrs): r for r in old if (r.start, r.end, r.attrs) in want}
-        return _Change(lo, hi, old, merged, kept)
+                merged.append(p)
+        return _Change(lo, hi, old, merged)
 
-    def commit(self, ch: _Change, new_runs: list[_Run]) -> None:
-        self.runs[ch.lo:ch.hi + 1] = new_runs
-        self.starts[ch.lo:ch.hi + 1] = [r.start for r in new_runs]
+    def commit(self, ch: _Change) -> None:
+        self.runs[ch.lo:ch.hi + 1] = ch.merged
+        self.starts[ch.lo:ch.hi + 1] = [m[0] for m in ch.merged]
 
 
 class MemslotBackend:
@@ -191,13 +180,13 @@ class MemslotBackend:
         self.syscall_ns = 0
         self._ops = 0
         self._map = _RunMap(ranges, mem.size)
+        self._slot: dict[int, int] = {}      # run start -> memslot id (NR runs have none)
         try:
             for r in self._map.runs:
-                r.slot = self._add(r.start, r.end, r.attrs)
+                self._slot[r[0]] = self._add(r)
         except BaseException:
-            for r in self._map.runs:
-                if r.slot is not None:
-                    vm.unmap_slot(r.slot)
+            for slot in self._slot.values():
+                vm.unmap_slot(slot)
             raise
 
     @property
@@ -210,12 +199,17 @@ class MemslotBackend:
         return attrs & (NR | NW)
 
     def runs(self) -> list[RunTuple]:
-        return self._map.tuples()
+        return list(self._map.runs)
 
     def get(self, gpa: int) -> int:
         return self._map.get(gpa)
 
-    def _add(self, start: int, end: int, attrs: int, slot: int | None = None) -> int:
+    def slot_of(self, gpa: int) -> int | None:
+        """The memslot holding `gpa` (None: not mapped, NR)."""
+        return self._slot.get(self._map.runs[self._map.index(gpa)][0])
+
+    def _add(self, run: RunTuple, slot: int | None = None) -> int:
+        start, end, attrs = run
         self._ops += 1
         if self.timing:
             t = time.perf_counter_ns()
@@ -244,57 +238,48 @@ class MemslotBackend:
         removed, added = ch.removed, ch.added
         if not added:
             return
-        slots_after = len(self.vm.slots) - sum(1 for r in removed if r.slot is not None) + \
+        slots_after = len(self.vm.slots) - sum(1 for r in removed if not r[2] & NR) + \
             sum(1 for m in added if not m[2] & NR)
         if slots_after > self.max_slots:
             raise ExhaustedError(f"the change needs {slots_after} memslots; this host allows "
                                  f"{self.max_slots}")
-        deleted: list[_Run] = []
-        created: list[int] = []
-        new_runs: list[_Run] = []
+        deleted: list[tuple[RunTuple, int]] = []
+        created: list[tuple[RunTuple, int]] = []
         try:
             # KVM memslots may not overlap: delete the old runs before adding the new ones.
             for r in removed:
-                if r.slot is not None:
-                    self._delete(r.slot)
-                    deleted.append(r)
-            for s, e, a in ch.merged:
-                kept = ch.kept.get((s, e, a))
-                if kept is not None:
-                    new_runs.append(kept)
-                    continue
-                slot = None if a & NR else self._add(s, e, a)
-                if slot is not None:
-                    created.append(slot)
-                new_runs.append(_Run(s, e, a, slot))
+                if not r[2] & NR:
+                    slot = self._slot[r[0]]
+                    self._delete(slot)
+                    deleted.append((r, slot))
+            for m in added:
+                if not m[2] & NR:
+                    created.append((m, self._add(m)))
         except BaseException as err:
             self._undo(created, deleted, err)
             raise
-        self._map.commit(ch, new_runs)
+        for r, _ in deleted:
+            del self._slot[r[0]]
+        for m, slot in created:
+            self._slot[m[0]] = slot
+        self._map.commit(ch)
 
-    def _undo(self, created: list[int], deleted: list[_Run], err: BaseException) -> None:
+    def _undo(self, created: list[tuple[RunTuple, int]], deleted: list[tuple[RunTuple, int]],
+              err: BaseException) -> None:
         try:
-            for slot in reversed(created):
+            for _, slot in reversed(created):
                 self._delete(slot)
-            for r in reversed(deleted):
-                assert r.slot is not None
-                self._add(r.start, r.end, r.attrs, slot=r.slot)
+            for r, slot in reversed(deleted):
+                self._add(r, slot=slot)
         except Exception as undo_err:
             raise VmmError(f"a memslot change failed ({err}) and so did undoing it ({undo_err}): the "
                            "VM's memslots no longer match its attribute map") from undo_err
 
 
 # --- host-mapping protections ---------------------------------------------------------------
-def _prot(attrs: int) -> int:
-    """The alias protection for `attrs`: NX has no host-mapping equivalent."""
-    if attrs & NR:
-        return PROT_NONE
-    if attrs & NW:
-        return PROT_READ
-    return PROT_READ | PROT_WRITE
-
-
 _RW = PROT_READ | PROT_WRITE
+# Alias protection per attribute value: NX has no host-mapping equivalent.
+_PROT = {a: PROT_NONE if a & NR else PROT_READ if a & NW else _RW for a in range(ALL + 1)}
 
 
 def _count_vmas() -> int:
@@ -337,6 +322,18 @@ class _VmaLedger:
 VMA_LEDGER = _VmaLedger()
 
 
+def _splits(prots: list[int]) -> int:
+    """VMA boundaries along `prots` (-1 = the alias ends): the kernel merges neighbours of
+    equal protection into one VMA."""
+    n = 0
+    prev = prots[0]
+    for p in prots[1:]:
+        if p != prev and p >= 0 and prev >= 0:
+            n += 1
+        prev = p
+    return n
+
+
 class HostMappingBackend:
     """NW/NR through mprotect on this VM's own alias of the guest memory (see module doc).
 
@@ -357,8 +354,8 @@ class HostMappingBackend:
         self.slots: list[int] = []
         self._extra_vmas = 0        # VMAs beyond the alias's first, held in VMA_LEDGER
         try:
-            for r in self._map.runs:
-                self.slots.append(vm.map_memory(self.alias, r.start, r.end - r.start))
+            for start, end, _ in self._map.runs:
+                self.slots.append(vm.map_memory(self.alias, start, end - start))
                 self._ops += 1
         except BaseException:
             for slot in self.slots:
@@ -370,6 +367,8 @@ class HostMappingBackend:
 
     @property
     def ops(self) -> int:
+        """Kernel operations: the memslot ioctls at construction, then one mprotect per change
+        (plus any undo)."""
         return self._ops
 
     @property
@@ -382,7 +381,7 @@ class HostMappingBackend:
         return attrs & (NR | NW)
 
     def runs(self) -> list[RunTuple]:
-        return self._map.tuples()
+        return list(self._map.runs)
 
     def get(self, gpa: int) -> int:
         return self._map.get(gpa)
@@ -391,30 +390,22 @@ class HostMappingBackend:
         VMA_LEDGER.held -= self._extra_vmas
         self._extra_vmas = 0
 
-    def _outer_prots(self, ch: _Change) -> tuple[int | None, int | None]:
-        """Protections just outside the window (None: the alias ends there).  Alias pages
+    def _outer_prots(self, ch: _Change) -> tuple[int, int]:
+        """Protections just outside the window (-1: the alias ends there).  Alias pages
         outside every range are never protected (read-write)."""
         runs = self._map.runs
-        ws, we = ch.old[0].start, ch.old[-1].end
-        if ch.lo > 0 and runs[ch.lo - 1].end == ws:
-            left: int | None = _prot(runs[ch.lo - 1].attrs)
+        ws, we = ch.old[0][0], ch.old[-1][1]
+        if ch.lo > 0 and runs[ch.lo - 1][1] == ws:
+            left = _PROT[runs[ch.lo - 1][2]]
         else:
-            left = _RW if ws > 0 else None
-        if ch.hi + 1 < len(runs) and runs[ch.hi + 1].start == we:
-            right: int | None = _prot(runs[ch.hi + 1].attrs)
+            left = _RW if ws > 0 else -1
+        if ch.hi + 1 < len(runs) and runs[ch.hi + 1][0] == we:
+            right = _PROT[runs[ch.hi + 1][2]]
         else:
-            right = _RW if we < self.alias.size else None
+            right = _RW if we < self.alias.size else -1
         return left, right
 
-    @staticmethod
-    def _splits(seq: list[int | None]) -> int:
-        """VMA boundaries along `seq`: the kernel merges neighbours of equal protection."""
-        vals = [p for p in seq if p is not None]
-        return sum(1 for a, b in zip(vals, vals[1:], strict=False) if a != b)
-
     def _reserve(self, delta: int) -> None:
-        if delta <= 0:
-            return
         if self.vma_budget is not None and self._extra_vmas + delta > self.vma_budget:
             raise ExhaustedError(f"the change needs {self._extra_vmas + delta} extra host mappings; "
                                  f"this backend may add {self.vma_budget}")
@@ -437,26 +428,31 @@ class HostMappingBackend:
         return self.alias.mprotect(gpa, size, prot)
 
     def set_range(self, gpa: int, size: int, attrs: int) -> None:
+        """Apply `attrs` to [gpa, gpa+size) with one mprotect: all or nothing (a failed
+        mprotect is undone page range by page range before the error is raised)."""
         if self.alias.closed:
             raise VmmError("the host-mapping backend's memory is closed")
         ch = self._map.plan(gpa, size, attrs)
-        if not ch.added:
+        old, merged = ch.old, ch.merged
+        if old == merged:
             return                       # already so: nothing to do
         end = gpa + size
-        prot = _prot(attrs)
-        old_pieces = [(max(r.start, gpa), min(r.end, end), _prot(r.attrs)) for r in ch.old
-                      if r.start < end and r.end > gpa]
+        prot = _PROT[attrs]
         left, right = self._outer_prots(ch)
-        delta = (self._splits([left, *(_prot(a) for _, _, a in ch.merged), right])
-                 - self._splits([left, *(_prot(r.attrs) for r in ch.old), right]))
-        self._reserve(delta)
+        delta = (_splits([left] + [_PROT[m[2]] for m in merged] + [right])
+                 - _splits([left] + [_PROT[r[2]] for r in old] + [right]))
+        if delta > 0:
+            self._reserve(delta)
+        # Only pages whose protection changes need the syscall (NX alone changes none).
+        old_pieces = [(s if s > gpa else gpa, e if e < end else end, _PROT[a]) for s, e, a in old
+                      if s < end and e > gpa]
         if any(p != prot for _, _, p in old_pieces):
             err = self._mprotect(gpa, size, prot)
             if err:
                 self._undo(old_pieces, err)
         VMA_LEDGER.held += delta
         self._extra_vmas += delta
-        self._map.commit(ch, [ch.kept.get(m) or _Run(*m) for m in ch.merged])
+        self._map.commit(ch)
 
     def _undo(self, old_pieces: list[tuple[int, int, int]], err: int) -> None:
         """mprotect may fail after changing part of the range: put every page back, raise."""
