@@ -368,24 +368,30 @@ def test_host_mapping_partial_mprotect_failure_is_undone(vm_mem: tuple[Vm, Guest
     for i in range(4):
         b.set_range((2 * i + 1) * P, P, NW if i % 2 else NR | NW | NX)
     runs, vmas, held, ops = b.runs(), alias_vmas(b.alias), VMA_LEDGER.held, b.ops
-    real = b.alias.mprotect
+    real = b._sys_mprotect
     failed: list[int] = []
 
-    def partial(gpa: int, size: int, prot: int) -> int:
+    def partial(addr: int, size: int, prot: int) -> int:
         # As the kernel may: protect the first pages, then fail (ENOMEM: VMA limit).
         if not failed:
-            failed.append(gpa)
-            assert real(gpa, size // 2, prot) == 0
-            return errno.ENOMEM
-        return real(gpa, size, prot)
+            failed.append(addr - b.alias.host_addr)
+            assert real(addr, size // 2, prot) == 0
+            ffi.errno = errno.ENOMEM
+            return -1
+        return int(real(addr, size, prot))
 
-    monkeypatch.setattr(b.alias, "mprotect", partial)
+    monkeypatch.setattr(b, "_sys_mprotect", partial)
     with pytest.raises(ExhaustedError, match="Nothing was changed"):
         b.set_range(0, 10 * P, NR | NW | NX)
     monkeypatch.undo()
     assert failed == [0]
     assert b.runs() == runs and alias_vmas(b.alias) == vmas and VMA_LEDGER.held == held
     assert b.ops > ops + 1                              # the mprotect and its undo
-    monkeypatch.setattr(b.alias, "mprotect", lambda gpa, size, prot: errno.EACCES)
+
+    def refuse(addr: int, size: int, prot: int) -> int:
+        ffi.errno = errno.EACCES
+        return -1
+
+    monkeypatch.setattr(b, "_sys_mprotect", refuse)
     with pytest.raises(VmmError, match="so did undoing it"):
         b.set_range(0, 10 * P, NR | NW | NX)

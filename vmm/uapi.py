@@ -118,6 +118,12 @@ ffi = cffi.FFI()
 ffi.cdef(CDEF)
 libc: Any = ffi.dlopen(None)
 
+# Hot-path bindings that take addresses as integers, so that a caller holding a host
+# address skips building a pointer object per call (x86-64: same registers as void *).
+_hot = cffi.FFI()
+_hot.cdef("int mprotect(uintptr_t addr, size_t len, int prot);")
+hotlib: Any = _hot.dlopen(None)
+
 # --- ioctl number encoding (asm-generic/ioctl.h) --------------------------------
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
 KVMIO = 0xAE
