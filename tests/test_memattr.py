@@ -258,6 +258,15 @@ def test_host_mapping_refuses_past_its_vma_budget_and_changes_nothing(
     assert b.runs() == runs and alias_vmas(b.alias) == vmas and VMA_LEDGER.held == held
     b.set_range(P, 7 * P, 0)                             # fewer VMAs is always possible
     assert b.vmas == 1 and VMA_LEDGER.held == held - 6
+    b.set_range(P, P, NW)
+    b2 = HostMappingBackend(vm, mem, [(16 * MiB, 16 * MiB)])
+    b2.set_range(16 * MiB, P, NW)
+    assert VMA_LEDGER.held == held - 6 + 4
+    b2.close()                                           # its memslot and alias go, its VMAs too
+    assert b2.alias.closed and b2.alias not in mem.aliases and VMA_LEDGER.held == held - 6 + 2
+    assert [v[0] for v in vm.slots.values()] == [0]
+    b2.close()
+    b.set_range(P, P, 0)
     mem.close()                                          # the alias goes: its VMAs leave the ledger
     assert VMA_LEDGER.held == held - 6 and b.vmas == 0
     with pytest.raises(VmmError, match="closed"):
@@ -395,3 +404,24 @@ def test_host_mapping_partial_mprotect_failure_is_undone(vm_mem: tuple[Vm, Guest
     monkeypatch.setattr(b, "_sys_mprotect", refuse)
     with pytest.raises(VmmError, match="so did undoing it"):
         b.set_range(0, 10 * P, NR | NW | NX)
+
+
+@pytest.mark.kvm
+def test_code_and_page_tables_on_nw_pages_still_run() -> None:
+    """NW is r-x: kernel text and locked page tables live on such pages.  The guest runs
+    code from a PROT_READ alias page, through page tables that are PROT_READ too."""
+    tables = PROT + 16 * P
+    jump = bytes.fromhex("48b8") + (PROT + 5 * P).to_bytes(8, "little") + bytes.fromhex("ffe0")
+    with scratch_vm(jump, unmapped=[(PROT, 2 * MiB)]) as s:
+        b = HostMappingBackend(s.vm, s.mem, [(PROT, 2 * MiB)])
+        s.mem.write(PROT + 5 * P, bytes.fromhex("b07be6f5f4"))        # mov al, 0x7b; out 0xf5; hlt
+        # Copy the identity tables into the protected area (A/D already set) and switch CR3.
+        s.mem.write(tables, s.mem.read(0x2000, 3 * P))
+        s.mem.write_u64(tables, (tables + P) | 0x23)
+        s.mem.write_u64(tables + P, (tables + 2 * P) | 0x23)
+        sregs = s.vcpu.get_sregs()
+        sregs.cr3 = tables
+        s.vcpu.set_sregs(sregs)
+        b.set_range(PROT, 32 * P, NW)
+        assert s.run() == IoOut(0xF5, 1, b"\x7b")
+        assert isinstance(s.run(), Hlt)

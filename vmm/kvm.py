@@ -1,8 +1,9 @@
 """KVM system, VM and vCPU file descriptors.
 
 Thin wrappers: every ioctl failure raises KvmIoctlError naming the ioctl and
-errno.  Hot-path users (the run loop) reach `VCpu.run` (the mmapped kvm_run)
-and `VCpu.fd` directly.
+errno.  Hot-path users (the run loop) reach `VCpu.run` (the mmapped kvm_run),
+`VCpu.words` and `VCpu.fd` directly; everything else runs a vCPU with
+`VCpu.run_once()`, which returns a typed exit (vmm.exits).
 """
 
 from __future__ import annotations

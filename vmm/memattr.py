@@ -398,6 +398,19 @@ class HostMappingBackend:
     def get(self, gpa: int) -> int:
         return self._map.get(gpa)
 
+    def close(self) -> None:
+        """Give the alias back (its VMAs leave the ledger), deleting this backend's memslots
+        first if the VM is still open.  For a VM torn down while the memory lives on (a
+        reset); closing the memory closes the alias too.  Idempotent."""
+        if self.alias.closed:
+            return
+        if self.vm.fd >= 0:
+            for slot in self.slots:
+                if slot in self.vm.slots:
+                    self.vm.unmap_slot(slot)
+        self.slots = []
+        self.mem.drop_alias(self.alias)
+
     def _release_vmas(self) -> None:
         VMA_LEDGER.held -= self._extra_vmas
         self._extra_vmas = 0

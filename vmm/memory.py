@@ -118,6 +118,12 @@ class GuestMemory:
         self.aliases.append(a)
         return a
 
+    def drop_alias(self, alias: MemoryAlias) -> None:
+        """Unmap one alias before the memory itself is closed."""
+        alias.close()
+        if alias in self.aliases:
+            self.aliases.remove(alias)
+
     def check(self, gpa: int, length: int) -> None:
         _check_range(gpa, length, self.size)
 
