@@ -157,6 +157,10 @@ def test_rwx_backend_issues_one_ioctl_per_change() -> None:
     b.set_range(MiB, 16 * MiB, NW | NX)
     assert calls == [(MiB, 16 * MiB, NW | NX)] and b.ops == 1
     assert b.get(MiB) == NW | NX and b.get(17 * MiB) == 0 and b.enforceable(NX) == NX
+    assert b.runs() == [(0, MiB, 0), (MiB, 17 * MiB, NW | NX), (17 * MiB, 64 * MiB, 0)]
+    with pytest.raises(VmmError, match="invalid"):
+        b.set_range(0, P, NR)
+    assert b.ops == 1                                    # refused before any ioctl
 
 
 # --- host-mapping backend ----------------------------------------------------------------
