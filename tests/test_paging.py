@@ -7,10 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmm import x86
-from vmm.kvm import Kvm
 from vmm.memory import GuestMemory
 from vmm.paging import PageFault, read_virt, walk
+from vmm.scratch import ScratchVm
 from vmm.x86 import PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W
 
 PML4, PDPT, PD, PT = 0x10000, 0x11000, 0x12000, 0x13000
@@ -77,25 +76,15 @@ def test_tables_pointing_outside_memory_are_a_fault_not_a_crash(tables: GuestMem
 
 @pytest.mark.kvm
 def test_walker_agrees_with_kvm_translate(tables: GuestMemory) -> None:
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    try:
-        vm.map_memory(tables, 0, tables.size)
-        vcpu = vm.create_vcpu(0)
-        vcpu.set_cpuid(kvm.supported_cpuid())
-        sregs = vcpu.get_sregs()
-        x86.set_long_mode(sregs, PML4, 0)
-        vcpu.set_sregs(sregs)
-        cpuid = kvm.supported_cpuid()
+    # A long-mode vCPU booted on the fixture's own tables (not the scratch identity map).
+    with ScratchVm(mem=tables, cr3=PML4) as s:
+        cpuid = s.kvm.supported_cpuid()
         gbpages = any(cpuid.entries[i].function == 0x80000001 and cpuid.entries[i].edx >> 26 & 1
                       for i in range(cpuid.nent))
         for gva in (0x5123, 0x6FF0, 0x234567, 0x40001234, 0xFFFFFF8000006010, 0x7000, 0x800000):
-            valid, gpa = vcpu.translate(gva)
+            valid, gpa = s.vcpu.translate(gva)
             try:
                 mine: int | None = walk(tables, PML4, gva, gbpages).gpa
             except PageFault:
                 mine = None
             assert (gpa if valid else None) == mine, hex(gva)
-    finally:
-        vm.close()
-        kvm.close()

@@ -18,10 +18,9 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from vmm import uapi as u
-from vmm import x86
 from vmm.errors import VmmError
-from vmm.kvm import Kvm, VCpu
-from vmm.memory import GuestMemory
+from vmm.kvm import Kvm
+from vmm.scratch import ScratchVm
 from vmm.uapi import ffi, libc
 
 BATCH = 100
@@ -70,55 +69,33 @@ def stats(stamps: list[int], tsc_khz: int, pairs: int, wall_s: float, batch: int
                        wall_mean_ns=wall_s * 1e9 / max(1, pairs), pairs=pairs, batch=batch)
 
 
-def _boot(kvm: Kvm, code: bytes, regs: dict[str, int]) -> tuple[GuestMemory, VCpu]:
-    mem = GuestMemory(MEM)
-    vm = kvm.create_vm()
-    vm.map_memory(mem, 0, MEM)
-    cr3 = x86.write_identity_tables(mem, 0x2000, MEM)
-    x86.write_boot_gdt(mem, 0x9000)
-    mem.write(CODE_GPA, code)
-    vcpu = vm.create_vcpu(0)
-    vcpu.set_cpuid(kvm.supported_cpuid())
-    s = vcpu.get_sregs()
-    x86.set_long_mode(s, cr3, 0x9000)
-    vcpu.set_sregs(s)
-    r = vcpu.get_regs()
-    r.rip, r.rsp, r.rflags = CODE_GPA, 0x9000, x86.RFLAGS_RESERVED1
-    for k, v in regs.items():
-        setattr(r, k, v)
-    vcpu.set_regs(r)
-    return mem, vcpu
-
-
 def python_floor(pairs: int) -> FloorResult:
     batches = max(1, pairs // BATCH)
     kvm = Kvm()
-    mem_a, a = _boot(kvm, GUEST_A, {"rbx": STAMPS_GPA, "r12": batches})
-    mem_b, b = _boot(kvm, GUEST_B, {})
     try:
-        ioctl, kvm_run, null = libc.ioctl, u.KVM_RUN, ffi.NULL
-        fa, fb, run_a, run_b = a.fd, b.fd, a.run, b.run
-        n = 0
-        t0 = time.perf_counter()
-        while True:
-            ioctl(fa, kvm_run, null)
-            if run_a.exit_reason != u.KVM_EXIT_IO or run_a.io.port != PORT_A:
-                break
-            ioctl(fb, kvm_run, null)
-            if run_b.exit_reason != u.KVM_EXIT_IO:
-                raise VmmError(f"floor guest B stopped with exit {run_b.exit_reason}")
-            n += 1
-        wall = time.perf_counter() - t0
-        if run_a.exit_reason != u.KVM_EXIT_IO or run_a.io.port != PORT_DONE:
-            raise VmmError(f"floor guest A stopped with exit {run_a.exit_reason}")
-        raw = mem_a.read(STAMPS_GPA, (batches + 1) * 8)
-        stamps = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
-        return stats(stamps, a.tsc_khz(), n, wall)
+        with (ScratchVm(GUEST_A, mem_size=MEM, code_gpa=CODE_GPA, kvm=kvm,
+                        regs={"rbx": STAMPS_GPA, "r12": batches}) as sa,
+              ScratchVm(GUEST_B, mem_size=MEM, code_gpa=CODE_GPA, kvm=kvm) as sb):
+            a, b, mem_a = sa.vcpu, sb.vcpu, sa.mem
+            ioctl, kvm_run, null = libc.ioctl, u.KVM_RUN, ffi.NULL
+            fa, fb, run_a, run_b = a.fd, b.fd, a.run, b.run
+            n = 0
+            t0 = time.perf_counter()
+            while True:
+                ioctl(fa, kvm_run, null)
+                if run_a.exit_reason != u.KVM_EXIT_IO or run_a.io.port != PORT_A:
+                    break
+                ioctl(fb, kvm_run, null)
+                if run_b.exit_reason != u.KVM_EXIT_IO:
+                    raise VmmError(f"floor guest B stopped with exit {run_b.exit_reason}")
+                n += 1
+            wall = time.perf_counter() - t0
+            if run_a.exit_reason != u.KVM_EXIT_IO or run_a.io.port != PORT_DONE:
+                raise VmmError(f"floor guest A stopped with exit {run_a.exit_reason}")
+            raw = mem_a.read(STAMPS_GPA, (batches + 1) * 8)
+            stamps = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+            return stats(stamps, a.tsc_khz(), n, wall)
     finally:
-        for v in (a, b):
-            v.vm.close()
-        mem_a.close()
-        mem_b.close()
         kvm.close()
 
 

@@ -1,20 +1,22 @@
 """KVM system, VM and vCPU file descriptors.
 
 Thin wrappers: every ioctl failure raises KvmIoctlError naming the ioctl and
-errno.  Hot-path users (the run loop) reach `VCpu.run` (the mmapped kvm_run)
-and `VCpu.fd` directly.
+errno.  Hot-path users (the run loop) reach `VCpu.run` (the mmapped kvm_run),
+`VCpu.words` and `VCpu.fd` directly; everything else runs a vCPU with
+`VCpu.run_once()`, which returns a typed exit (vmm.exits).
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
 import os
 from typing import Any
 
 from vmm import exits
 from vmm import uapi as u
-from vmm.errors import KvmIoctlError, KvmUnavailable, kvm_unavailable_reason
-from vmm.memory import GuestMemory
+from vmm.errors import KvmIoctlError, KvmUnavailable, VmmError, kvm_unavailable_reason
+from vmm.memory import HostMapping
 from vmm.uapi import ffi, libc
 
 _IOCTL_NAMES = {v: k for k, v in vars(u).items()
@@ -80,7 +82,11 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self.slots: dict[int, tuple[int, int, int]] = {}  # slot -> (gpa, size, flags)
-        self.memslot_ops = 0  # add + delete, for benchmarks
+        # Slot ids: the lowest freed id first (a heap), else the next never-used one, so
+        # that allocation is O(log n) however many slots are in use.  Ids stay dense
+        # because KVM bounds them (KVM_CAP_NR_MEMSLOTS).
+        self._free_slots: list[int] = []
+        self._next_slot = 0
         self.vcpus: list[VCpu] = []
         # Intel VMX wants a TSS area; harmless elsewhere.
         try:
@@ -98,32 +104,60 @@ class Vm:
             ec.args[i] = a
         ioctl(self.fd, u.KVM_ENABLE_CAP, ec, f"KVM_ENABLE_CAP({cap})")
 
-    def free_slot(self) -> int:
-        slot = 0
-        while slot in self.slots:
-            slot += 1
-        return slot
+    def _take_slot(self) -> int:
+        free = self._free_slots
+        while free:
+            slot = heapq.heappop(free)
+            if slot not in self.slots:      # else stale: reused explicitly via map_memory(slot=)
+                return slot
+        while self._next_slot in self.slots:
+            self._next_slot += 1
+        self._next_slot += 1
+        return self._next_slot - 1
 
-    def map_memory(self, mem: GuestMemory, gpa: int, size: int, readonly: bool = False,
+    def _give_back_slot(self, slot: int) -> None:
+        # Ids at or past the counter are handed out by the counter itself.
+        if slot < self._next_slot:
+            heapq.heappush(self._free_slots, slot)
+
+    def map_memory(self, mem: HostMapping, gpa: int, size: int, readonly: bool = False,
                    slot: int | None = None) -> int:
-        """Map mem[gpa:gpa+size] at the same GPA in this VM; returns the slot."""
+        """Map mem[gpa:gpa+size] at the same GPA in this VM; returns the slot.  `mem` is a
+        GuestMemory or one of its aliases (GuestMemory.alias()).  `slot` picks the id (it
+        must be free); by default the lowest free id is used."""
         mem.check(gpa, size)
-        slot = self.free_slot() if slot is None else slot
+        if size <= 0 or gpa % 4096 or size % 4096:
+            raise VmmError(f"memslot {gpa:#x}+{size:#x} is not a positive, page-aligned range")
         flags = u.KVM_MEM_READONLY if readonly else 0
-        self._set_region(slot, flags, gpa, size, mem.host_addr + gpa)
+        if slot is not None:
+            if slot in self.slots or slot < 0:
+                raise VmmError(f"memslot {slot} is in use or invalid")
+            self._set_region(slot, flags, gpa, size, mem.host_addr + gpa)
+        else:
+            slot = self._take_slot()
+            try:
+                self._set_region(slot, flags, gpa, size, mem.host_addr + gpa)
+            except BaseException:
+                self._give_back_slot(slot)
+                raise
         self.slots[slot] = (gpa, size, flags)
         return slot
 
     def unmap_slot(self, slot: int) -> None:
-        gpa, _size, flags = self.slots.pop(slot)
+        """Delete a memslot.  If KVM refuses, the slot stays mapped and recorded."""
+        if slot not in self.slots:
+            raise VmmError(f"memslot {slot} is not mapped")
+        gpa, _size, flags = self.slots[slot]
         self._set_region(slot, flags, gpa, 0, 0)
+        del self.slots[slot]
+        self._give_back_slot(slot)
 
     def _set_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
+        """The one place memslots change (KVM_SET_USER_MEMORY_REGION; size 0 deletes)."""
         r = ffi.new("struct kvm_userspace_memory_region *")
         r.slot, r.flags, r.guest_phys_addr, r.memory_size, r.userspace_addr = slot, flags, gpa, size, hva
         ioctl(self.fd, u.KVM_SET_USER_MEMORY_REGION, r,
               f"KVM_SET_USER_MEMORY_REGION(slot {slot}, gpa {gpa:#x}, size {size:#x})")
-        self.memslot_ops += 1
 
     def set_msr_filter(self, deny_write: list[int], deny_read: list[int] | None = None) -> Any:
         """Default-allow filter denying the listed MSRs; denied accesses exit to userspace.

@@ -110,12 +110,19 @@ struct kvm_run {
 int ioctl(int fd, unsigned long request, ...);
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
 int munmap(void *addr, size_t length);
+int mprotect(void *addr, size_t len, int prot);
 int madvise(void *addr, size_t length, int advice);
 """
 
 ffi = cffi.FFI()
 ffi.cdef(CDEF)
 libc: Any = ffi.dlopen(None)
+
+# Hot-path bindings that take addresses as integers, so that a caller holding a host
+# address skips building a pointer object per call (x86-64: same registers as void *).
+_hot = cffi.FFI()
+_hot.cdef("int mprotect(uintptr_t addr, size_t len, int prot);")
+hotlib: Any = _hot.dlopen(None)
 
 # --- ioctl number encoding (asm-generic/ioctl.h) --------------------------------
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
@@ -253,8 +260,8 @@ KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 KVM_SYSTEM_EVENT_CRASH = 3
 
-# mmap / madvise
-PROT_READ, PROT_WRITE = 1, 2
+# mmap / mprotect / madvise
+PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x20, 0x4000
 MADV_DONTNEED = 4
 MAP_FAILED = 2**64 - 1
