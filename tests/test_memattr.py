@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from vmm.backends import default_backend_kind, make_backend
 from vmm.errors import KvmIoctlError, VmmError
 from vmm.exits import EmulationFailure, Hlt, IoOut, Mmio, complete_mmio_read
 from vmm.kvm import Kvm, Vm
@@ -21,8 +22,6 @@ from vmm.memattr import (
     HostMappingBackend,
     MemslotBackend,
     RwxBackend,
-    default_backend_kind,
-    make_backend,
     valid_attributes,
 )
 from vmm.memory import GuestMemory, MemoryAlias

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmm.memattr import MemslotBackend
 from vtl.core.config import Backend, PartitionConfig
 from vtl.core.events import EventLog
 from vtl.core.partition import Partition
@@ -32,7 +31,7 @@ class Run:
     memory: dict[tuple[int, int], bytes]
     attack_targets: dict[int, tuple[int, bytes]]   # target GPA -> (old value, memory after the run)
     attr_map: bytes                                # VTL0 attributes per page at the end
-    memslot_runs: list[tuple[int, int, int]]       # (start, end, attrs) in VTL0's VM at the end
+    memslot_runs: list[tuple[int, int, int]]       # (start, end, attrs) the backend applied, at the end
 
     def of_kind(self, kind: str) -> list[Report]:
         return [r for r in self.reports if r.kind == kind]
@@ -67,8 +66,7 @@ def run_scenario(images: tuple[Path, Path], scenario: str = "", *, vtl1: bool = 
             if r.kind == "target" and p.layout.in_memory(r.value[0], 8):
                 targets[r.value[0]] = (r.value[2], p.mem.read(r.value[0], 8))
         attr_map = bytes(p.vtl0_attrs)
-        backend_obj = p.backend
-        runs = backend_obj.runs() if isinstance(backend_obj, MemslotBackend) else []
+        runs = p.backend.runs()
     return Run(result, list(console.tail), reports, events, p, mem, targets, attr_map, runs)
 
 

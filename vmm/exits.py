@@ -20,13 +20,17 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 from vmm import uapi as u
 from vmm.errors import VmmError
 
-if TYPE_CHECKING:
-    from vmm.kvm import VCpu
+
+class VCpu(Protocol):
+    """What decoding needs of a vCPU: its mmapped kvm_run (a Protocol, so that this module
+    does not import vmm.kvm, which imports it)."""
+    run: Any
+    run_buf: Any
 
 # Linux's EHWPOISON (asm-generic/errno.h); Python's errno module does not export it.
 EHWPOISON = getattr(errno, "EHWPOISON", 133)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -36,7 +35,6 @@ from vmm.errors import VmmError
 from vmm.kvm import Vm
 from vmm.memory import PAGE_SIZE, GuestMemory, MemoryAlias
 from vmm.uapi import (
-    KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_CAP_NR_MEMSLOTS,
     PROT_NONE,
     PROT_READ,
@@ -109,7 +107,7 @@ class _Change:
         return [m for m in self.merged if m not in had]
 
 
-class _RunMap:
+class RunMap:
     """Sorted, coalesced (start, end, attrs) runs over the ranges a VM may map.
 
     Lookups bisect `starts`; a change replaces only its window of runs (slice assignment
@@ -187,7 +185,7 @@ class MemslotBackend:
         self.timing = False
         self.syscall_ns = 0
         self._ops = 0
-        self._map = _RunMap(ranges, mem.size)
+        self._map = RunMap(ranges, mem.size)
         self._slot: dict[int, int] = {}      # run start -> memslot id (NR runs have none)
         try:
             for r in self._map.runs:
@@ -357,7 +355,7 @@ class HostMappingBackend:
         self.syscall_ns = 0
         self._ops = 0
         self.vma_budget = vma_budget
-        self._map = _RunMap(ranges, mem.size)
+        self._map = RunMap(ranges, mem.size)
         self.alias: MemoryAlias = mem.alias()
         # The mprotect entry point and the alias base, resolved once for the hot path
         # (tests replace _sys_mprotect to inject failures).
@@ -558,48 +556,3 @@ class RwxBackend:
                 self._attrs[gfn] = attrs
             else:
                 self._attrs.pop(gfn, None)
-
-
-# --- choosing a backend ------------------------------------------------------------------------
-def rwx_supported(vm: Vm) -> bool:
-    """KVM_CAP_MEMORY_ATTRIBUTES advertises the VSM series' NR/NW/NX bits."""
-    return (vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) & ALL) == ALL
-
-
-@functools.cache
-def host_mapping_works() -> bool:
-    """Whether host-mapping protections are enforced here (probed once per process)."""
-    from vmm.probe import probe_host_mapping  # probe builds on this module
-    try:
-        return probe_host_mapping().present
-    except VmmError:
-        return False
-
-
-def default_backend_kind(vm: Vm) -> str:
-    """rwx where KVM has RWX attributes, else host_mapping if it probes working, else memslot."""
-    if rwx_supported(vm):
-        return "rwx"
-    return "host_mapping" if host_mapping_works() else "memslot"
-
-
-def make_backend(kind: str | None, vm: Vm, mem: GuestMemory, ranges: list[Range]) -> AttributeBackend:
-    """The attribute backend for `vm`, which must not map `ranges` yet: the backend maps
-    them (unrestricted) itself, on the main mapping (rwx, memslot) or on a new alias of
-    `mem` (host_mapping).  `kind` None picks `default_backend_kind(vm)`."""
-    chosen = default_backend_kind(vm) if kind is None else kind
-    if chosen not in BACKEND_KINDS:
-        raise VmmError(f"unknown attribute backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
-    if chosen == "memslot":
-        return MemslotBackend(vm, mem, ranges)
-    if chosen == "host_mapping":
-        return HostMappingBackend(vm, mem, ranges)
-    if not rwx_supported(vm):
-        raise VmmError("the rwx backend needs KVM_SET_MEMORY_ATTRIBUTES with NR/NW/NX "
-                       f"(KVM_CAP_MEMORY_ATTRIBUTES = {vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES):#x} "
-                       "here); use host_mapping or memslot")
-    _RunMap(ranges, mem.size)            # the same validation as the other backends
-    for gpa, size in ranges:
-        if size:
-            vm.map_memory(mem, gpa, size)
-    return RwxBackend(vm, mem.size, ranges=[(g, s) for g, s in ranges if s])

@@ -9,10 +9,9 @@ vCPU per enabled VTL; the scheduler (vtl/run/scheduler.py) decides which of them
 from __future__ import annotations
 
 from vmm import uapi as u
+from vmm.backends import make_backend
 from vmm.elf import ElfImage, check_window, load_image, read_image
-from vmm.errors import VmmError
 from vmm.kvm import Kvm, VCpu, Vm
-from vmm.memattr import ALL, AttributeBackend, MemslotBackend, RwxBackend
 from vmm.memory import PAGE_SIZE, GuestMemory
 from vmm.x86 import PINNED_MSRS
 from vtl.abi import ABI
@@ -21,22 +20,6 @@ from vtl.core.config import PartitionConfig
 from vtl.core.events import EventLog
 from vtl.core.vp import VirtualProcessor
 from vtl.core.vtl import Vtl, VtlArray
-
-
-def _make_backend(kind: str | None, vm: Vm, mem: GuestMemory, ranges: list[tuple[int, int]]) \
-        -> AttributeBackend:
-    rwx = (vm.check_extension(u.KVM_CAP_MEMORY_ATTRIBUTES) & ALL) == ALL
-    kind = kind or ("rwx" if rwx else "memslot")
-    if kind == "rwx":
-        if not rwx:
-            raise VmmError("the rwx backend needs KVM_CAP_MEMORY_ATTRIBUTES with the RWX bits, "
-                           "which this host's KVM does not have (see `vtl caps`)")
-        for gpa, size in ranges:
-            vm.map_memory(mem, gpa, size)
-        return RwxBackend(vm, mem.size)
-    if kind == "memslot":
-        return MemslotBackend(vm, mem, ranges)
-    raise VmmError(f"unknown attribute backend {kind!r}")
 
 
 class Partition:
@@ -83,7 +66,7 @@ class Partition:
         load_image(img, self.mem, *self.layout.image_window(Vtl.VTL0))
         vm = self.new_vm(Vtl.VTL0)
         # VTL0's memory is mapped through the attribute backend VTL1 will steer.
-        self.backend = _make_backend(self.config.attr_backend, vm, self.mem, self.layout.vtl0_ranges())
+        self.backend = make_backend(self.config.attr_backend, vm, self.mem, self.layout.vtl0_ranges())
         # Writes to the pinned MSRs exit to the VMM, which asks VTL1 once it exists.
         vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR, u.KVM_MSR_EXIT_REASON_FILTER)
         self._msr_filter = vm.set_msr_filter(deny_write=list(PINNED_MSRS))
