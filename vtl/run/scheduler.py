@@ -81,6 +81,7 @@ class Scheduler:
         self._stop_request: Stop | None = None
         self._lock = threading.Lock()                  # stop requests vs. vCPU creation
         self._t0 = 0.0
+        self._trace = self.events.trace                # per-call events only when someone listens
         self._io: dict[int, IoHandler] = {
             ABI.VTL_PORT_CONSOLE: self._on_console,
             ABI.VTL_PORT_CALL: self._on_vtl_call,
@@ -218,7 +219,7 @@ class Scheduler:
             dst.dirty[0] = SYNC_REGS
         self._transition(vp, IN_VTL1_CALL)
         self.vtl_calls += 1
-        if self.events.trace:
+        if self._trace:
             self.events.emit(VtlCall(ts=self.events.now(), vp=vp.index, vtl=0,
                                      code=ctl.vtl0_rax, arg=ctl.vtl0_rcx))
         return None
@@ -265,7 +266,7 @@ class Scheduler:
             assert state.pending is not None
             outcome = self.intercepts.complete(vp, state.pending)
         self._transition(vp, RUNNING_VTL0)
-        if self.events.trace:
+        if self._trace:
             self.events.emit(VtlReturn(ts=self.events.now(), vp=vp.index, vtl=1, fast=fast,
                                        status=v0.regs.rax))
         return outcome
