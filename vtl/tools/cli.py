@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import signal
 import sys
 from pathlib import Path
@@ -215,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         doc.update(scenario=args.scenario or "boot", console_tail=list(console.tail),
                    console_lines=console.lines, events=dict(events.counts),
                    reports=[r.model_dump(exclude={"data"}) for r in sched.reports.records],
-                   max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                   max_rss_mib=_peak_rss_mib())
         _print_json(doc)
     else:
         out.write("\n".join(run_summary_lines(result, args.scenario or "boot", config)) + "\n")
@@ -223,6 +222,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"vtl run: error: {result.message}", file=sys.stderr)
         return 1
     return result.status & 0xFF
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident memory (VmHWM: unlike getrusage's ru_maxrss, it is not
+    inherited across exec from whoever started us)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _check_scenario(partition: Any, name: str) -> None:
