@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -70,10 +71,14 @@ def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20, backend: Backend | 
                   vtl1_base=layout.vtl1_base, vtl1_end=layout.vtl1_end)
 
 
+IMAGE_LABELS = ("kernel text", "rodata", "ro_after_init", "data + bss", "page tables (locked)")
+
+
 def draw_png(m: MemMap, path: Path, limit: int = 32 << 20) -> None:
-    """Draw the first `limit` bytes of guest-physical memory as one bar per VTL: an address
-    axis, each region coloured by what that VTL may do and labelled, a legend of the
-    attributes, VTL1's region marked."""
+    """Draw the map: above, the first `limit` bytes of guest-physical memory, one bar per
+    VTL's VM; below, VTL0's kernel image up close.  An address axis, each region coloured
+    by what the VTL may do there and labelled, a legend of the attributes, VTL1's region
+    marked."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -83,34 +88,52 @@ def draw_png(m: MemMap, path: Path, limit: int = 32 << 20) -> None:
         raise RuntimeError("--png needs matplotlib (pip install '.[plot]'; `make setup` installs it)") \
             from None
     MiB = 1 << 20
-    fig, ax = plt.subplots(figsize=(13, 4.8), dpi=110)
-    shown = [r for r in m.regions if r.start < limit]
-    for row, vtl in ((1, "vtl0"), (0, "vtl1")):
-        for r in shown:
-            attrs = getattr(r, vtl)
-            end = min(r.end, limit)
-            ax.barh(row, (end - r.start) / MiB, left=r.start / MiB, height=0.6,
-                    color=COLOURS_BY_NAME.get(attrs, "#ff00ff"), edgecolor="white", linewidth=0.4)
-    # Label each VTL0 region wide enough to carry text, alternating above and below.
-    for i, r in enumerate(x for x in shown if (min(x.end, limit) - x.start) >= limit / 64):
-        mid = (r.start + min(r.end, limit)) / 2 / MiB
-        y = 1.42 if i % 2 == 0 else 0.58
-        ax.annotate(f"{r.label}\n{r.vtl0 if r.vtl0 != 'none' else 'unmapped'}", (mid, 1.3 if y > 1 else 0.7),
-                    xytext=(mid, y), ha="center", va="center", fontsize=7,
-                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "#555555"})
-    ax.axvspan(m.vtl1_base / MiB, min(m.vtl1_end, limit) / MiB, ymin=0, ymax=1, fill=False, hatch="//",
-               edgecolor="#b03030", linewidth=0)
-    ax.text((m.vtl1_base + min(m.vtl1_end, limit)) / 2 / MiB, -0.55,
-            "VTL1's region (never mapped in VTL0's VM)", ha="center", fontsize=8, color="#b03030")
-    ax.set_yticks([0, 1], ["VTL1's VM", "VTL0's VM"])
-    ax.set_ylim(-0.8, 1.8)
-    ax.set_xlim(0, limit / MiB)
-    ax.set_xlabel("guest-physical address (MiB)")
-    ax.set_title(f"Memory attributes after a hardened boot ({m.backend} backend; NX: {m.nx_enforced_by})",
-                 fontsize=9)
-    ax.legend(handles=[Patch(color=c, label=f"{k}: {LEGEND[k]}") for k, c in COLOURS_BY_NAME.items()],
-              loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize=7, frameon=False)
-    fig.tight_layout()
+    image = [r for r in m.regions if r.label in IMAGE_LABELS]
+    fig, (top, zoom) = plt.subplots(2, 1, figsize=(13, 7.5), dpi=110, height_ratios=[1.3, 1])
+
+    def bars(ax: Any, lo: int, hi: int, rows: tuple[tuple[int, str], ...], unit: int,
+             min_label: float) -> None:
+        shown = [r for r in m.regions if r.end > lo and r.start < hi]
+        for row, vtl in rows:
+            for r in shown:
+                start, end = max(r.start, lo), min(r.end, hi)
+                ax.barh(row, (end - start) / unit, left=start / unit, height=0.6,
+                        color=COLOURS_BY_NAME.get(getattr(r, vtl), "#ff00ff"), edgecolor="white",
+                        linewidth=0.4)
+        top_row = max(row for row, _ in rows)
+        labelled = [r for r in shown if (min(r.end, hi) - max(r.start, lo)) >= (hi - lo) * min_label]
+        for i, r in enumerate(labelled):
+            mid = (max(r.start, lo) + min(r.end, hi)) / 2 / unit
+            above = i % 2 == 0
+            y, y_text = (0.3, 0.62) if above else (-0.3, -0.62)
+            ax.annotate(f"{r.label}\n{'unmapped' if r.vtl0 == 'none' else r.vtl0}",
+                        (mid, top_row + y), xytext=(mid, top_row + y_text),
+                        ha="center", va="center", fontsize=7,
+                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "#555555"})
+        ax.set_xlim(lo / unit, hi / unit)
+
+    bars(top, 0, limit, ((1, "vtl0"), (0, "vtl1")), MiB, 1 / 40)
+    top.axvspan(m.vtl1_base / MiB, min(m.vtl1_end, limit) / MiB, fill=False, hatch="//",
+                edgecolor="#b03030", linewidth=0)
+    top.text((m.vtl1_base + min(m.vtl1_end, limit)) / 2 / MiB, -0.62,
+             "VTL1's region: VTL1's own memory, never mapped in VTL0's VM", ha="center", fontsize=8,
+             color="#b03030")
+    top.set_yticks([0, 1], ["VTL1's VM", "VTL0's VM"])
+    top.set_ylim(-0.9, 1.9)
+    top.set_xlabel("guest-physical address (MiB)")
+    top.set_title(f"Memory attributes after a hardened boot ({m.backend} backend)", fontsize=10)
+    if image:
+        lo, hi = min(r.start for r in image), max(r.end for r in image)
+        bars(zoom, lo, hi, ((0, "vtl0"),), 1024, 0.0)
+        zoom.set_yticks([0], ["VTL0's VM"])
+        zoom.set_ylim(-1.0, 1.0)
+        zoom.set_xlabel("guest-physical address (KiB): VTL0's kernel image")
+        zoom.set_title(f"VTL0's image up close; NX: {m.nx_enforced_by}", fontsize=9)
+    else:
+        zoom.set_axis_off()
+    fig.legend(handles=[Patch(color=c, label=f"{k}: {LEGEND[k]}") for k, c in COLOURS_BY_NAME.items()],
+               loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
