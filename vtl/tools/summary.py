@@ -21,7 +21,7 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
         f"result        {verdict}: {result.message} ({result.reason})",
         f"scenario      {scenario}",
         f"VTL1          {vtl1}",
-        f"protections  {result.backend} backend (VTL0's memory as VTL1 sets it; `vtl caps`)",
+        f"protections   {result.backend} backend (VTL0's memory as VTL1 sets it; `vtl caps`)",
         f"VTL switches  {result.vtl_switches} ({result.vtl_calls} calls, {result.vtl_returns} returns)",
         f"exits         {exits or 'none'}",
         f"wall time     {result.wall_s:.3f} s",
