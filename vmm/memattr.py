@@ -173,7 +173,22 @@ class RunMap:
         self.starts[ch.lo:ch.hi + 1] = [m[0] for m in ch.merged]
 
 
-class MemslotBackend:
+class _RunMapBackend:
+    """What the memslot and host-mapping backends share: a RunMap of the attributes they
+    applied, and no way to express NX (that takes page tables or RWX attributes)."""
+    _map: RunMap
+
+    def enforceable(self, attrs: int) -> int:
+        return attrs & (NR | NW)
+
+    def runs(self) -> list[RunTuple]:
+        return list(self._map.runs)
+
+    def get(self, gpa: int) -> int:
+        return self._map.get(gpa)
+
+
+class MemslotBackend(_RunMapBackend):
     name = "memslot"
 
     def __init__(self, vm: Vm, mem: GuestMemory, ranges: list[Range],
@@ -200,15 +215,6 @@ class MemslotBackend:
         """Memslot ioctls issued (adds and deletes, including any undo after a failure)."""
         return self._ops
 
-    def enforceable(self, attrs: int) -> int:
-        """The subset of `attrs` this backend enforces: NX needs page tables or RWX."""
-        return attrs & (NR | NW)
-
-    def runs(self) -> list[RunTuple]:
-        return list(self._map.runs)
-
-    def get(self, gpa: int) -> int:
-        return self._map.get(gpa)
 
     def slot_of(self, gpa: int) -> int | None:
         """The memslot holding `gpa` (None: not mapped, NR)."""
@@ -340,7 +346,7 @@ def _splits(prots: list[int]) -> int:
     return n
 
 
-class HostMappingBackend:
+class HostMappingBackend(_RunMapBackend):
     """NW/NR through mprotect on this VM's own alias of the guest memory (see module doc).
 
     `vma_budget` caps the VMAs this backend may add (default: what the process-wide
@@ -386,15 +392,6 @@ class HostMappingBackend:
         """Host mappings (VMAs) the alias is split into."""
         return 0 if self.alias.closed else 1 + self._extra_vmas
 
-    def enforceable(self, attrs: int) -> int:
-        """NX cannot be expressed by a host mapping (KVM never maps guest pages NX from it)."""
-        return attrs & (NR | NW)
-
-    def runs(self) -> list[RunTuple]:
-        return list(self._map.runs)
-
-    def get(self, gpa: int) -> int:
-        return self._map.get(gpa)
 
     def close(self) -> None:
         """Give the alias back (its VMAs leave the ledger), deleting this backend's memslots

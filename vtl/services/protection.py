@@ -22,7 +22,7 @@ REQUEST_SIZE = abi_ffi.sizeof("struct vtl_protect_request")
 
 
 @dataclass
-class Outcome:
+class ProtectionResult:
     status: int
     next_index: int
     pages: int = 0
@@ -38,26 +38,26 @@ class Vtl0Protection:
         self.mem, self.layout = partition.mem, partition.layout
 
     # --- the hypercall ----------------------------------------------------------------
-    def modify(self, request_gpa: int, caller_vtl: Vtl) -> Outcome:
+    def modify(self, request_gpa: int, caller_vtl: Vtl) -> ProtectionResult:
         if caller_vtl != Vtl.VTL1:
-            return Outcome(int(ABI.VTL_E_ACCESS_DENIED), 0, reason="only VTL1 sets VTL0's protections")
+            return ProtectionResult(int(ABI.VTL_E_ACCESS_DENIED), 0, reason="only VTL1 sets VTL0's protections")
         # Request and list must be VTL1's own memory: VTL0 cannot change them underneath.
         if not self._inside_vtl1(request_gpa, REQUEST_SIZE):
-            return Outcome(int(ABI.VTL_E_INVALID_ARG), 0, reason="request is not in VTL1 memory")
+            return ProtectionResult(int(ABI.VTL_E_INVALID_ARG), 0, reason="request is not in VTL1 memory")
         req = abi_struct(self.mem, "struct vtl_protect_request", request_gpa)
         target, attrs, flags, count = req.target_vtl, req.attributes, req.flags, req.count
         start, list_gpa = req.start_index, req.list_gpa
         if target >= int(caller_vtl):
-            return Outcome(int(ABI.VTL_E_ACCESS_DENIED), start,
+            return ProtectionResult(int(ABI.VTL_E_ACCESS_DENIED), start,
                            reason=f"VTL{int(caller_vtl)} may only protect a lower VTL, not VTL{target}")
         if attrs & ~ALL or not (attrs & NR == 0 or attrs == ALL) or flags & ~ABI.VTL_PROTECT_F_RANGES:
-            return Outcome(int(ABI.VTL_E_INVALID_ARG), start,
+            return ProtectionResult(int(ABI.VTL_E_INVALID_ARG), start,
                            reason=f"invalid attributes {attrs:#x} or flags {flags:#x}")
         esize = ENTRY_RANGE if flags & ABI.VTL_PROTECT_F_RANGES else ENTRY_PAGE
         if start > count:
-            return Outcome(int(ABI.VTL_E_INVALID_ARG), start, reason="start_index beyond count")
+            return ProtectionResult(int(ABI.VTL_E_INVALID_ARG), start, reason="start_index beyond count")
         if not self._inside_vtl1(list_gpa, count * esize):
-            return Outcome(int(ABI.VTL_E_INVALID_ARG), start,
+            return ProtectionResult(int(ABI.VTL_E_INVALID_ARG), start,
                            reason=f"list of {count} entries at {list_gpa:#x} is not in VTL1 memory")
         end = min(count, start + ABI.VTL_PROTECT_MAX_PER_CALL)
         raw = self.mem.read(list_gpa + start * esize, (end - start) * esize)
@@ -82,12 +82,12 @@ class Vtl0Protection:
             try:
                 backend.set_range(gpa, pages * PAGE_SIZE, attrs)
             except ExhaustedError as e:
-                return Outcome(int(ABI.VTL_E_NO_RESOURCES), first, applied, len(runs),
+                return ProtectionResult(int(ABI.VTL_E_NO_RESOURCES), first, applied, len(runs),
                                backend.ops - ops0, str(e))
             lo = gpa // PAGE_SIZE
             self.p.vtl0_attrs[lo:lo + pages] = bytes([attrs]) * pages
             applied += pages
-        return Outcome(status, stop, applied, len(runs), backend.ops - ops0, reason, attrs)
+        return ProtectionResult(status, stop, applied, len(runs), backend.ops - ops0, reason, attrs)
 
     def _check(self, gpa: int, pages: int) -> tuple[int, str]:
         lay = self.layout

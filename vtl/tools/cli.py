@@ -212,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         doc = result.model_dump()
         doc.update(scenario=args.scenario or "boot", console_tail=list(console.tail),
-                   console_lines=console.lines, events=dict(events.counts),
+                   console_line_count=console.lines, events=dict(events.counts),
                    reports=[r.model_dump(exclude={"data"}) for r in sched.reports.records],
                    max_rss_mib=_peak_rss_mib())
         _print_json(doc)
