@@ -40,7 +40,8 @@ class Vtl0Protection:
     # --- the hypercall ----------------------------------------------------------------
     def modify(self, request_gpa: int, caller_vtl: Vtl) -> ProtectionResult:
         if caller_vtl != Vtl.VTL1:
-            return ProtectionResult(int(ABI.VTL_E_ACCESS_DENIED), 0, reason="only VTL1 sets VTL0's protections")
+            return ProtectionResult(int(ABI.VTL_E_ACCESS_DENIED), 0,
+                                    reason="only VTL1 sets VTL0's protections")
         # Request and list must be VTL1's own memory: VTL0 cannot change them underneath.
         if not self._inside_vtl1(request_gpa, REQUEST_SIZE):
             return ProtectionResult(int(ABI.VTL_E_INVALID_ARG), 0, reason="request is not in VTL1 memory")
