@@ -180,3 +180,16 @@ def test_unknown_hypercall_storm_keeps_the_vmm_small() -> None:
     small, big = storm(20_000), storm(200_000)
     assert big["max_rss_mib"] < 200
     assert big["max_rss_mib"] - small["max_rss_mib"] < 10, (small["max_rss_mib"], big["max_rss_mib"])
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5, 4.0])
+def test_ctrl_c_at_any_point_of_bench_is_130_without_traceback(delay: float) -> None:
+    # 0.3 s: start-up and imports; 1.5 s: the Python floor; 4 s: the VTL round trip.
+    p = subprocess.Popen([sys.executable, "-m", "vtl", "bench", "--calls", "300000", "--intercepts", "0",
+                          "--no-protection"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -19,3 +19,18 @@ class RunResult(BaseModel):
     vtl1_enabled: bool
     vtl1_measurement: str | None
     backend: str
+
+
+class RunInterrupted(Exception):
+    """A signal stopped a run a tool needed whole (bench, attack, memmap): the tool ends
+    with the signal's status instead of reporting a half run."""
+
+    def __init__(self, result: RunResult) -> None:
+        super().__init__(result.message)
+        self.status = result.status
+
+
+def raise_if_interrupted(result: RunResult) -> RunResult:
+    if result.reason in ("interrupted", "terminated"):
+        raise RunInterrupted(result)
+    return result

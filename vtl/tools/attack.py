@@ -22,6 +22,7 @@ from vtl.core.images import scenarios
 from vtl.core.partition import Partition
 from vtl.core.vtl import Vtl
 from vtl.run import control
+from vtl.run.result import raise_if_interrupted
 from vtl.services.reports import Report
 
 # (scenario, what a hardened partition should do) -- the expectation column only.
@@ -60,6 +61,7 @@ def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Ba
     cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario=scenario, attr_backend=backend)
     with Partition(cfg, events) as p:
         result, sched = control.run(p, None, timeout)
+        raise_if_interrupted(result)
         reports = sched.reports.records
         changed, checked = _read_back(p, reports)
         backend_name = p.backend_name

@@ -21,6 +21,7 @@ from vtl.core.config import PartitionConfig
 from vtl.core.images import REPO, default_vtl0_image, default_vtl1_image
 from vtl.core.partition import Partition
 from vtl.run import control
+from vtl.run.result import raise_if_interrupted
 from vtl.tools.protect_bench import format_costs, protection_costs
 
 TARGET_RATIO = 1.3
@@ -65,6 +66,7 @@ def measure_vtl_round_trip(calls: int, vtl0: Path | None = None, vtl1: Path | No
                              scenario=scenario, param=calls)
     with Partition(config) as partition:
         result, sched = control.run(partition, None, timeout=max(60.0, calls * 1e-3))
+        raise_if_interrupted(result)
         vcpu = partition.vps[0].vcpus[0]
         khz = vcpu.tsc_khz() if vcpu is not None else 0
     stamped = sched.reports.of_kind("stamps")

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from vmm.errors import VmmError
 from vtl.core.images import default_vtl0_image, default_vtl1_image
+from vtl.run.result import RunInterrupted
 
 EPILOG = """\
 exit status: 0 = the guest passed; otherwise the guest's own status, or
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"vtl {args.command}: terminated", file=sys.stderr)
         return 143
+    except RunInterrupted as e:
+        print(f"vtl {args.command}: {e}", file=sys.stderr)
+        return e.status
     except BrokenPipeError:
         # stdout went away (`vtl ... | head`): nothing more to say, and nowhere to say it.
         _silence_stdout()

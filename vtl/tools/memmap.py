@@ -14,6 +14,7 @@ from vtl.core.config import Backend, PartitionConfig
 from vtl.core.events import EventLog
 from vtl.core.partition import Partition
 from vtl.run import control
+from vtl.run.result import raise_if_interrupted
 
 # What a VTL may do in a region -> colour, and what it means.
 COLOURS_BY_NAME = {"rwx": "#e6e6e6", "rw-": "#6ebe6e", "r-x": "#5078dc", "r--": "#f0c83c",
@@ -57,6 +58,7 @@ def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20, backend: Backend | 
                           attr_backend=backend)
     with Partition(cfg, EventLog()) as p:
         result, _ = control.run(p, None, 60.0)
+        raise_if_interrupted(result)
         if result.status != 0:
             raise RuntimeError(f"the hardened boot failed: {result.message}")
         runs = p.vtl0_runs()
