@@ -66,6 +66,10 @@
                                            start_index = RDX" (rep-style partial progress);
                                            with an error, the index of the refused entry
                                            (entries before it were applied). */
+#define VTL_HC_SET_INTERCEPT_CONTROL 0x0103 /* VTL1: RDI = GPA of struct vtl_intercept_control
+                                           (in VTL1 memory): which register writes of VTL0
+                                           VTL1 judges, and VTL0's privileged section.
+                                           RAX = status (VTL_E_INVALID_ARG, ..._OUT_OF_RANGE) */
 #define VTL_HC_VTL1_FIRST          0x0100 /* codes >= this are VTL1-only             */
 
 /* registers readable through VTL_HC_GET_VP_REGISTER (VTL0's private state) */
@@ -76,6 +80,12 @@
 #define VTL_REG_CR3                5
 #define VTL_REG_CR4                6
 #define VTL_REG_EFER               7
+#define VTL_REG_XCR0               8      /* also: register intercepts (vtl_intercept.reg) */
+#define VTL_REG_GDTR               9      /* base; the limit in vtl_intercept.*_limit      */
+#define VTL_REG_IDTR               10
+#define VTL_REG_LDTR               11     /* selector                                       */
+#define VTL_REG_TR                 12     /* selector                                       */
+#define VTL_REG_CR0_LOW            13     /* LMSW / CLTS: a write of CR0 bits 0-3 only      */
 
 /* ---- VTL call codes (RAX at VTL_PORT_CALL; served by the VTL1 kernel) - */
 #define VTL_CALL_NOP               0x00   /* returns VTL_OK                           */
@@ -150,6 +160,29 @@
 /* ---- secure intercepts ---------------------------------------------- */
 #define VTL_INTERCEPT_MEMORY       1
 #define VTL_INTERCEPT_MSR          2
+#define VTL_INTERCEPT_REGISTER     3      /* a privileged instruction in VTL0's privileged
+                                             section writes a register VTL1 judges:
+                                             reg, old_value/new_value (+ limits), rip,
+                                             insn_len/insn_bytes.  ALLOW: the VMM writes it
+                                             and advances RIP; INJECT_FAULT: at the insn   */
+
+/* ---- register intercept control (VTL_HC_SET_INTERCEPT_CONTROL), after the TLFS's
+ * HvX64RegisterCrInterceptControl and its CR0/CR4 masks ----
+ * Once set, VTL0 instruction fetches from the privileged section (which VTL1 must keep
+ * NR for VTL0) are decoded by the VMM: MOV to CR0/CR3/CR4, LMSW, CLTS, LGDT, LIDT, LLDT,
+ * LTR and XSETBV.  A write to a register VTL1 judges (for CR0/CR4: one that changes a
+ * bit of the mask) becomes a register intercept; any other write is applied by the VMM
+ * after the checks hardware makes (#GP on reserved bits, non-canonical bases, ...); any
+ * other instruction there is single-stepped by the VMM on a temporary mapping. */
+#define VTL_ICTL_CR0               0x01
+#define VTL_ICTL_CR3               0x02
+#define VTL_ICTL_CR4               0x04
+#define VTL_ICTL_XCR0              0x08
+#define VTL_ICTL_GDTR              0x10
+#define VTL_ICTL_IDTR              0x20
+#define VTL_ICTL_LDTR              0x40
+#define VTL_ICTL_TR                0x80
+#define VTL_ICTL_ALL               0xFF
 #define VTL_ACCESS_READ            0x1
 #define VTL_ACCESS_WRITE           0x2
 #define VTL_ACCESS_EXECUTE         0x4
@@ -238,7 +271,13 @@ struct vtl_intercept {
     uint32_t fault_has_error_code;
     uint32_t fault_error_code;
     uint64_t fault_cr2;      /* for #PF                                         */
-    uint64_t reserved[4];
+    /* register intercepts (VTL_INTERCEPT_REGISTER) */
+    uint32_t reg;            /* VTL_REG_*                                       */
+    uint32_t reserved1;
+    uint64_t old_value;      /* CRn/XCR0: the value; GDTR/IDTR: base; LDTR/TR: selector */
+    uint64_t new_value;
+    uint32_t old_limit;      /* GDTR/IDTR                                       */
+    uint32_t new_limit;
 };
 
 struct vtl_control {
@@ -248,6 +287,16 @@ struct vtl_control {
     uint64_t vtl0_rcx;       /*   VTL_PORT_RETURN (VTL1 may change them)        */
     uint64_t reserved[13];
     struct vtl_intercept intercept;
+};
+
+/* VTL_HC_SET_INTERCEPT_CONTROL's argument, in VTL1 memory. */
+struct vtl_intercept_control {
+    uint32_t flags;          /* VTL_ICTL_*: the registers VTL1 judges           */
+    uint32_t reserved0;      /* 0                                               */
+    uint64_t cr0_mask;       /* CR0 bits VTL1 judges (with VTL_ICTL_CR0)        */
+    uint64_t cr4_mask;       /* CR4 bits VTL1 judges (with VTL_ICTL_CR4)        */
+    uint64_t priv_gpa;       /* VTL0's privileged section: page-aligned GPA ...  */
+    uint64_t priv_pages;     /* ... and pages, in VTL0 memory; 0 pages: none     */
 };
 
 /* VTL_HC_MODIFY_VTL_PROTECTION's request, and its list, in VTL1 memory. */
