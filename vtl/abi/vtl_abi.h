@@ -146,8 +146,15 @@
 #define VTL_REPORT_VALUE           6      /* a named measurement: name = key, value[0]        */
 #define VTL_REPORT_STAMPS          7      /* TSC stamps: data_count uint64s at data_gpa,
                                              value[0] = operations between two stamps        */
-#define VTL_REPORT_EXEC            8      /* attack: code planted at GVA value[0], GPA value[1] */
+#define VTL_REPORT_EXEC            8      /* attack: code planted at GVA value[0], GPA value[1];
+                                             if it runs it stores value[3] into the 8-byte
+                                             marker at GPA value[2] (0: no marker).  The
+                                             VMM reads the marker back itself            */
 #define VTL_REPORT_BYTES           9      /* named bytes: data_count bytes at data_gpa        */
+#define VTL_REPORT_REGISTER        10     /* attack target register: value[0] = VTL_REG_*,
+                                             value[1] = its value before the attack
+                                             (GDTR/IDTR: base), value[2] = limit; the VMM
+                                             reads it from KVM after the run              */
 #define VTL_REPORT_MAX_STAMPS      0x200000 /* STAMPS: most uint64s per report (2^21); a
                                              literal: cffi takes no expressions       */
 #define VTL_REPORT_MAX_BYTES       4096   /* BYTES: most bytes per report                    */

@@ -24,7 +24,8 @@ from vtl.core.vtl import Vtl
 RECORD_SIZE = abi_ffi.sizeof("struct vtl_report")
 KINDS = {ABI.VTL_REPORT_RESULT: "result", ABI.VTL_REPORT_TARGET: "target", ABI.VTL_REPORT_MSR: "msr",
          ABI.VTL_REPORT_STATUS: "status", ABI.VTL_REPORT_FAULT: "fault", ABI.VTL_REPORT_VALUE: "value",
-         ABI.VTL_REPORT_STAMPS: "stamps", ABI.VTL_REPORT_EXEC: "exec", ABI.VTL_REPORT_BYTES: "bytes"}
+         ABI.VTL_REPORT_STAMPS: "stamps", ABI.VTL_REPORT_EXEC: "exec", ABI.VTL_REPORT_BYTES: "bytes",
+         ABI.VTL_REPORT_REGISTER: "register"}
 MAX_REPORTS = 10_000
 MAX_DATA_BYTES = 32 << 20
 _NAME = slice(8, 40)
