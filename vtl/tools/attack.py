@@ -197,10 +197,14 @@ def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
     if refused:
         r = refused[-1]
         return f"VMM refusal: {r.reason} -> {r.response}"
-    faults = [r for r in reports if r.kind == "fault" and r.value[0] == 14 and r.value[1] & 0x10]
-    if faults:
+    faults = [r for r in reports if r.kind == "fault"]
+    if any(r.value[0] == 14 and r.value[1] & 0x10 for r in faults):
         return ("CPU #PF(fetch) inside VTL0 (guest-reported): NX in VTL0 page tables locked r-- by VTL1, "
                 "EFER.NXE pinned")
+    if faults:
+        f = faults[-1]
+        return (f"CPU {VECTOR_NAMES.get(f.value[0], f'vector {f.value[0]}')} inside VTL0 before any exit "
+                "(guest-reported)")
     return ""
 
 
