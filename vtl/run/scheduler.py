@@ -184,7 +184,8 @@ class Scheduler:
             vtl_calls=self.vtl_calls, vtl_returns=self.vtl_returns,
             vtl_switches=self.vtl_calls + self.vtl_returns,
             exits=self.exits_by_reason(), vtl1_enabled=self.p.vtl1_enabled,
-            vtl1_measurement=self.p.vtl1_measurement, backend=self.p.backend_name)
+            vtl1_measurement=self.p.vtl1_measurement, backend=self.p.backend_name,
+            single_steps=self.stepper.count, register_intercepts=self.intercepts.register_count)
 
     def exits_by_reason(self) -> dict[str, int]:
         out = dict(self.exit_counts)

@@ -153,7 +153,9 @@ class PrivilegedSection:
         if isinstance(gpa, Fault):
             return self._fault(vp, vcpu, rip, gpa, "instruction fetch")
         lay = self.p.layout
-        if lay.in_vtl0(gpa) and self.p.vtl0_attr(gpa) & NR and not self.in_section(gpa):
+        if lay.in_vtl0(gpa) and self.p.vtl0_attr(gpa) & NR:
+            # An NR page (the privileged section too, for an instruction that starts
+            # outside it): an execute intercept, as for any fetch from such a page.
             return self.intercepts.memory(vp, vcpu, gpa, ABI.VTL_ACCESS_EXECUTE, gva=gva)
         return self._fault(vp, vcpu, rip, self.view.refusal(gpa, "instruction fetch"), "instruction fetch")
 

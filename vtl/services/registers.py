@@ -103,6 +103,9 @@ class Registers:
             except KvmIoctlError as e:
                 return gp(f"KVM refused {w.name} = {w.new:#x} ({errno.errorcode.get(e.errno, e.errno)})")
             ffi.memmove(ffi.addressof(vcpu.sregs), s, SREGS_SIZE)
+            if reg == REG_CR8:
+                # Without an in-kernel APIC, every KVM_RUN loads CR8 from kvm_run.cr8.
+                vcpu.run.cr8 = w.new
             if reg == ABI.VTL_REG_TR and seg is not None and seg.busy_gpa is not None:
                 mem = self.p.mem
                 mem.write(seg.busy_gpa, bytes([mem.read(seg.busy_gpa, 1)[0] | TSS_BUSY]))
