@@ -120,7 +120,8 @@ class Intercepts:
         m.cr0, m.cr3, m.cr4, m.efer = s.cr0, s.cr3, s.cr4, s.efer
         ctl.entry_reason = ABI.VTL_ENTRY_INTERCEPT
         self.count += 1
-        self.register_count += w is not None
+        if w is not None:
+            self.register_count += 1
         kind: Literal["memory", "msr", "register"] = (
             "memory" if p.type == ABI.VTL_INTERCEPT_MEMORY else "msr" if p.type == ABI.VTL_INTERCEPT_MSR
             else "register")

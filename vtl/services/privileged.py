@@ -314,10 +314,14 @@ class PrivilegedSection:
                 seen[page] = None if isinstance(t, Fault) else t & ~(PAGE_SIZE - 1)
             return seen[page]
 
+        whole = self.view.read(ctx, base, 16 * count, Access.SYSTEM)
         for v in range(count):
-            raw = self.view.read(ctx, (base + 16 * v) & ((1 << 64) - 1), 16, Access.SYSTEM)
-            if isinstance(raw, Fault):
-                continue
+            if isinstance(whole, Fault):                   # part of it unreadable: gate by gate
+                raw = self.view.read(ctx, (base + 16 * v) & ((1 << 64) - 1), 16, Access.SYSTEM)
+                if isinstance(raw, Fault):
+                    continue
+            else:
+                raw = whole[16 * v:16 * v + 16]
             lo, hi = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
             if not (lo >> 47) & 1 or (lo >> 40) & 0xF not in (0xE, 0xF):
                 continue
