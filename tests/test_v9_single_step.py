@@ -79,3 +79,33 @@ def test_a_failing_run_still_clears_single_step_and_restores() -> None:
     with pytest.raises(RuntimeError):
         _stepper(b).step(v, Step(P0, (P0,)))  # type: ignore[arg-type]
     assert b.attrs[P0] == ALL and v.stepping == [True, False]
+
+
+# --- the CPU's order of checks, on a fake vCPU ------------------------------------------------
+@pytest.mark.kvm
+def test_privileged_instructions_at_cpl3_and_ud_before_gp(guest_images: tuple[Any, Any]) -> None:
+    """#UD (LOCK, CR5, XSETBV without CR4.OSXSAVE) comes before the CPL check; at CPL3
+    every one of these instructions is #GP(0), whatever the value."""
+    from vmm.decode import decode, from_bytes
+    from vtl.core.config import PartitionConfig
+    from vtl.core.partition import Partition
+    from vtl.services.intercepts import Intercepts
+    from vtl.services.privileged import PrivilegedSection
+    from vtl.services.refusals import Refusals
+    from vtl.services.vtl0view import Context, Fault
+
+    with Partition(PartitionConfig(vtl0_image=guest_images[0])) as p:
+        intercepts = Intercepts(p, p.events, Refusals(p.mem, p.layout, p.events))
+        section = PrivilegedSection(p, p.events, intercepts)
+        for cpl in (0, 3):
+            seg = SimpleNamespace(selector=cpl, base=0, limit=0)
+            sregs = SimpleNamespace(cr0=0x80010033, cr3=0x2000, cr4=0x620, cr2=0, cr8=0, efer=0xD01,
+                                    cs=seg, gdt=seg, idt=seg, ldt=seg, tr=seg)
+            vcpu = SimpleNamespace(sregs=sregs, regs=SimpleNamespace(rip=0x202000, rflags=2))
+            ctx = Context(0x2000, cpl, sregs.cr0, sregs.cr4, sregs.efer, 2)
+            for code, want in (("f00f22c7", 6), ("0f22ef", 6), ("0f01d1", 6), ("0f22c7", 13 if cpl else None),
+                               ("0f06", 13 if cpl else None), ("0f00df", 13)):
+                d = decode(from_bytes(bytes.fromhex(code)))
+                got = section._prepare(vcpu, ctx, d, bytes.fromhex(code), [0x80010033] * 16)  # type: ignore[arg-type]
+                vector = got.vector if isinstance(got, Fault) else None
+                assert vector == want, (cpl, code, got)
