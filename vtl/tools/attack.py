@@ -51,6 +51,10 @@ EXPECTED = {
     "vtl-return-from-vtl0": "refused: #UD",
     "vtl-call-from-user": "refused: #GP",
     "vtl1-hypercall-from-vtl0": "refused: VTL_E_ACCESS_DENIED",
+    # VTL calls and hypercalls with bad arguments (DESIGN section 9).
+    "unknown-call-code": "refused by VTL1: VTL_E_INVALID_CODE",
+    "unknown-hypercall": "refused: VTL_E_INVALID_CODE",
+    "enable-twice": "refused: VTL_E_ALREADY_ENABLED",
 }
 STATUS_NAMES = ABI.names("VTL_E_")
 REG_NAMES = {v: k[len("VTL_REG_"):] for k, v in ABI.constants.items() if k.startswith("VTL_REG_")}
