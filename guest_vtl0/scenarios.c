@@ -272,9 +272,10 @@ SCENARIO(sc_early, "call-without-vtl1", "a VTL call before VTL1 is enabled: VTL_
 
 SCENARIO(sc_triple, "triple-fault", "load an empty IDT and fault: the VMM reports the triple fault")
 {
-	static const struct { uint16_t limit; uint64_t base; } __attribute__((packed)) empty = { 0, 0 };
+	static const struct desc_ptr empty = { 0, 0 };
 	printf("loading an empty IDT and executing ud2\n");
-	asm volatile("lidt %0; ud2" :: "m"(empty));
+	priv_lidt(&empty);
+	asm volatile("ud2");
 	fail("triple-fault", "survived a triple fault");
 }
 
@@ -358,10 +359,13 @@ static void must(const char *name, const char *key, uint64_t code, const char *w
 		fail(name, what);
 }
 
-/* Boot-time hardening: NX everywhere but text, attributes from VTL1, tables locked. */
-static void harden(const char *name, int end_of_boot)
+extern char _priv_start[], _priv_end[];
+/* RCX of VTL_CALL_LOCK_PAGE_TABLES: 1 when VTL1 judges register writes from now on. */
+static uint64_t register_pinning;
+
+/* Boot-time hardening, part 1: NX everywhere but text, attributes from VTL1. */
+static void harden_protect(const char *name)
 {
-	require_vtl1(name);
 	uint64_t ts = (uint64_t)_text_start, te = (uint64_t)_text_end;
 	uint64_t v1 = boot_info->vtl1_base, v1e = v1 + boot_info->vtl1_size, mem = boot_info->mem_size;
 	paging_set_nx_except(ts, te);
@@ -379,11 +383,27 @@ static void harden(const char *name, int end_of_boot)
 	if (mem > v1e)
 		must(name, "protect_high", VTL_CALL_PROTECT, "memory above VTL1 rw-",
 		     prot(v1e, (mem - v1e) >> 12, VTL_MEM_NX, 0));
-	must(name, "lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, "lock page tables",
-	     vtl_call(VTL_CALL_LOCK_PAGE_TABLES, 0, 0, NULL));
+}
+
+/* Part 2: VTL1 scans what VTL0 can execute, locks the tables and (where the VMM can)
+ * pins the registers; RCX = the privileged section, RDI = its pages. */
+static void harden_lock(const char *name, int end_of_boot)
+{
+	uint64_t ps = (uint64_t)_priv_start;
+	must(name, "lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, "lock page tables, pin registers",
+	     vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &register_pinning));
+	printf("register pinning %s\n", register_pinning ? "on: the privileged section is VTL1's" :
+	       "unavailable on this VMM");
 	if (end_of_boot)
 		must(name, "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
 		     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+}
+
+static void harden(const char *name, int end_of_boot)
+{
+	require_vtl1(name);
+	harden_protect(name);
+	harden_lock(name, end_of_boot);
 }
 
 static void write_u64_fn(void *p) { *(volatile uint64_t *)p = 0xBADBADBADBADBAD0ULL; }
@@ -454,15 +474,34 @@ SCENARIO(sc_w_roai, "write-ro-after-init", "attack: write ro_after_init data aft
 
 static void call_fn(void *p) { ((void (*)(void))p)(); }
 
+/* Planted code announces itself: it stores a value into exec_marker (which the VMM reads
+ * back after the run, through the EXEC report) and returns. */
+#define EXEC_MARK 0x45584543554D4521ULL
+static volatile uint64_t exec_marker __attribute__((aligned(8)));
+
+/* movabs $value, %rax; movabs %rax, exec_marker; ret.  Returns the length (21). */
+static uint64_t plant_marker_code(uint8_t *p, uint64_t value)
+{
+	uint64_t marker = (uint64_t)&exec_marker;
+	p[0] = 0x48;
+	p[1] = 0xB8;
+	memcpy(p + 2, &value, 8);
+	p[10] = 0x48;
+	p[11] = 0xA3;
+	memcpy(p + 12, &marker, 8);
+	p[20] = 0xC3;
+	return 21;
+}
+
 SCENARIO(sc_x_data, "exec-data-page", "attack: execute code written into a data page (NX in locked tables)")
 {
 	harden("exec-data-page", 1);
-	data_page[0] = 0xC3;    /* ret */
-	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page);   /* identity-mapped */
+	plant_marker_code(data_page, EXEC_MARK);
+	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page, (uint64_t)&exec_marker, EXEC_MARK);
 	printf("ATTACK exec=%#lx\n", (uint64_t)data_page);
 	struct fault_info fi;
 	int faulted = try_run(call_fn, data_page, &fi);
-	if (!faulted)
+	if (!faulted || exec_marker == EXEC_MARK)
 		attack_succeeded("exec-data-page", "the data page executed", (uint64_t)data_page);
 	expect_fault("exec-data-page", "exec_data_page", "execute data page", faulted, &fi, 14);
 	if (!(fi.error_code & 0x10))
