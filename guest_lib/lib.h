@@ -127,25 +127,24 @@ void priv_ltr(uint16_t sel);
 void priv_lmsw(uint16_t v);
 void priv_clts(void);
 void priv_xsetbv(uint32_t index, uint64_t v);
-uint64_t priv_xgetbv(uint32_t index);
 
 /* ---- registers and helpers ---- */
-#define CR0_PE   (1ULL << 0)
-#define CR0_MP   (1ULL << 1)
-#define CR0_TS   (1ULL << 3)
-#define CR0_WP   (1ULL << 16)
-#define CR0_PG   (1ULL << 31)
-#define CR4_MCE  (1ULL << 6)
-#define CR4_PGE  (1ULL << 7)
-#define CR4_PCE  (1ULL << 8)
-#define CR4_UMIP (1ULL << 11)
-#define CR4_VMXE (1ULL << 13)
-#define CR4_OSXSAVE (1ULL << 18)
-#define CR4_SMEP (1ULL << 20)
-#define CR4_SMAP (1ULL << 21)
-#define XCR0_X87 (1ULL << 0)
-#define XCR0_SSE (1ULL << 1)
-#define XCR0_AVX (1ULL << 2)
+#define CR0_PE   (UINT64_C(1) << 0)
+#define CR0_MP   (UINT64_C(1) << 1)
+#define CR0_TS   (UINT64_C(1) << 3)
+#define CR0_WP   (UINT64_C(1) << 16)
+#define CR0_PG   (UINT64_C(1) << 31)
+#define CR4_MCE  (UINT64_C(1) << 6)
+#define CR4_PGE  (UINT64_C(1) << 7)
+#define CR4_PCE  (UINT64_C(1) << 8)
+#define CR4_UMIP (UINT64_C(1) << 11)
+#define CR4_VMXE (UINT64_C(1) << 13)
+#define CR4_OSXSAVE (UINT64_C(1) << 18)
+#define CR4_SMEP (UINT64_C(1) << 20)
+#define CR4_SMAP (UINT64_C(1) << 21)
+#define XCR0_X87 (UINT64_C(1) << 0)
+#define XCR0_SSE (UINT64_C(1) << 1)
+#define XCR0_AVX (UINT64_C(1) << 2)
 static inline void sgdt(struct desc_ptr *p) { asm volatile("sgdt %0" : "=m"(*p)); }
 static inline void sidt(struct desc_ptr *p) { asm volatile("sidt %0" : "=m"(*p)); }
 static inline uint16_t read_ldtr(void) { uint16_t v; asm volatile("sldt %0" : "=r"(v)); return v; }

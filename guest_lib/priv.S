@@ -22,7 +22,6 @@
  *   void priv_lmsw(uint16_t v)           lmsw %di
  *   void priv_clts(void)                 clts
  *   void priv_xsetbv(uint32_t idx, uint64_t v)   xsetbv (ECX = idx, EDX:EAX = v)
- *   uint64_t priv_xgetbv(uint32_t idx)           xgetbv
  */
 	.section .privtext, "ax"
 	.balign 16
@@ -84,10 +83,3 @@ priv_xsetbv:
 	xsetbv
 	ret
 
-	.globl priv_xgetbv
-priv_xgetbv:
-	movl %edi, %ecx
-	xgetbv
-	shlq $32, %rdx
-	orq %rdx, %rax
-	ret

@@ -139,8 +139,6 @@ static uint64_t check_range(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64
 		return VTL_E_INVALID_ARG;       /* ro_after_init is writable until END_OF_BOOT */
 	if ((flags & VTL_PROTECT_AUDIT) && (flags & VTL_PROTECT_IMMUTABLE))
 		return VTL_E_INVALID_ARG;       /* an immutable page grants nothing */
-	if ((flags & VTL_PROTECT_AUDIT) && !(attrs & VTL_MEM_NX))
-		return VTL_E_POLICY;            /* audit never on code */
 	for (uint64_t i = 0; i < pages; i++) {
 		uint8_t p = page[(gpa >> 12) + i];
 		if ((p & F_IMMUTABLE) && (p & ATTR_MASK) != attrs)
@@ -151,6 +149,8 @@ static uint64_t check_range(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64
 		if ((p & F_EXEC) && !(attrs & VTL_MEM_NW))
 			return VTL_E_POLICY;
 	}
+	if ((flags & VTL_PROTECT_AUDIT) && !(attrs & VTL_MEM_NX))
+		return VTL_E_POLICY;            /* audit never on code */
 	return VTL_OK;
 }
 
