@@ -461,7 +461,9 @@ uint64_t policy_lock_page_tables(uint64_t sec_gpa, uint64_t sec_pages, uint64_t 
 		printf("lock refused: %lu executable mappings of writable pages\n", wx_violations);
 		return VTL_E_POLICY;
 	}
+	uint64_t t0 = rdtsc();
 	uint64_t scanned = scan_executable();
+	uint64_t scan_ticks = rdtsc() - t0;
 	if (priv_violations) {
 		report_value("lock_priv_violations", priv_violations);
 		report_value("lock_priv_violation_va", first_priv_violation);
@@ -534,7 +536,8 @@ uint64_t policy_lock_page_tables(uint64_t sec_gpa, uint64_t sec_pages, uint64_t 
 	}
 	*pinning_out = (uint64_t)pinning;
 	report_value("locked_table_pages", ntables);
-	report_value("executable_pages_scanned", scanned);
+	report_value("scan_bytes", scanned << 12);     /* every byte VTL0 can execute */
+	report_value("scan_ticks", scan_ticks);        /* TSC ticks the scan took */
 	report_value("register_pinning", (uint64_t)pinning);
 	printf("VTL0 page tables locked: %lu table pages read-only, CR3 %#lx, EFER %#lx pinned; "
 	       "%lu executable pages scanned; privileged section %#lx (+%lu pages) %s\n",
