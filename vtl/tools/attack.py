@@ -1,10 +1,18 @@
-"""`vtl attack`: every attack scenario in a fresh partition, classified by what the VMM
-observed, never by a stored expectation nor by the attacking guest's console.
+"""`vtl attack`: every attack scenario of a VTL0 image, each in a fresh partition,
+classified by what the VMM observed, never by a stored expectation nor by the attacking
+guest's own word.
 
-Observed: the memory targets the guest named through the report channel, read back by
-the VMM after the run; the MSR targets, read from KVM after the run; the intercepts,
-verdicts and refusals on the event stream; the statuses VTL1 gave (reports).  What
-only the guest can see (a #PF inside VTL0) is labelled as guest-reported.
+Observed after each run, by the VMM itself: every memory target the guest named through
+the report channel (read back from guest memory), every MSR and register target (read
+from KVM: MSRs, sregs, XCR0), every planted-code marker (read back: did the attacker's
+code run?), plus the intercepts, verdicts and refusals on the event stream and the
+statuses the guest was given.  What only the guest can see (a #PF inside VTL0) is
+labelled as guest-reported and never decides an outcome.
+
+Outcomes: blocked (nothing changed); detected after the fact (something changed and
+VTL1 then stopped the partition); not enforced on this host (something changed where
+the host lacks the mechanism, with why); succeeded (something changed); error (the
+scenario did not finish and nothing changed); not run (the image lacks it).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from vmm.elf import read_image
+from vmm.x86 import VECTOR_NAMES
 from vtl.abi import ABI
 from vtl.core.config import Backend, PartitionConfig
 from vtl.core.events import EventLog
@@ -25,34 +34,50 @@ from vtl.run import control
 from vtl.run.result import raise_if_interrupted
 from vtl.services.reports import Report
 
-# (scenario, what a hardened partition should do) -- the expectation column only.
-ATTACKS = [
-    ("write-kernel-text", "blocked: text is r-x, immutable"),
-    ("write-rodata", "blocked: rodata is r--, immutable"),
-    ("write-ro-after-init", "blocked after END_OF_BOOT"),
-    ("exec-data-page", "blocked: data is NX"),
-    ("modify-page-table", "blocked: page tables r-- once locked"),
-    ("clear-efer-nxe", "blocked: EFER pinned"),
-    ("read-vtl1-memory", "blocked: VTL1 memory not mapped for VTL0"),
-    ("write-vtl1-memory", "blocked: VTL1 memory not mapped for VTL0"),
-    ("exec-vtl1-memory", "blocked: VTL1 memory not mapped for VTL0"),
-    ("ask-text-writable", "refused by VTL1 (immutable)"),
-    ("ask-writable-executable", "refused by VTL1 (W^X)"),
-    ("protect-list-past-end", "refused whole (out of range)"),
-    ("vtl-return-from-vtl0", "refused: #UD"),
-    ("vtl1-hypercall-from-vtl0", "refused: VTL_E_ACCESS_DENIED"),
-]
+# What a hardened partition should do, for the scenarios whose description does not say.
+EXPECTED = {
+    "write-kernel-text": "blocked: text is r-x, immutable",
+    "write-rodata": "blocked: rodata is r--, immutable",
+    "write-ro-after-init": "blocked after END_OF_BOOT",
+    "exec-data-page": "blocked: data is NX",
+    "modify-page-table": "blocked: page tables r-- once locked",
+    "clear-efer-nxe": "blocked: EFER pinned",
+    "read-vtl1-memory": "blocked: VTL1 memory not mapped for VTL0",
+    "write-vtl1-memory": "blocked: VTL1 memory not mapped for VTL0",
+    "exec-vtl1-memory": "blocked: VTL1 memory not mapped for VTL0",
+    "ask-text-writable": "refused by VTL1 (immutable)",
+    "ask-writable-executable": "refused by VTL1 (W^X)",
+    "protect-list-past-end": "refused whole (out of range)",
+    "vtl-return-from-vtl0": "refused: #UD",
+    "vtl-call-from-user": "refused: #GP",
+    "vtl1-hypercall-from-vtl0": "refused: VTL_E_ACCESS_DENIED",
+}
 STATUS_NAMES = ABI.names("VTL_E_")
+REG_NAMES = {v: k[len("VTL_REG_"):] for k, v in ABI.constants.items() if k.startswith("VTL_REG_")}
+# Registers whose writes only the privileged-section scheme can stop on this host.
+PINNED_BY_INTERCEPT_CONTROL = {ABI.VTL_REG_CR0, ABI.VTL_REG_CR3, ABI.VTL_REG_CR4, ABI.VTL_REG_XCR0,
+                               ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR, ABI.VTL_REG_LDTR, ABI.VTL_REG_TR}
 
 
 class AttackResult(BaseModel):
     scenario: str
     expected: str
-    # blocked | detected after the fact | not enforced on this host | succeeded | not run | error
+    # blocked | detected after the fact | not enforced on this host | succeeded | error | not run
     outcome: str
     mechanism: str
     guest_status: int
-    vmm_checked: list[str]      # what the VMM read back itself (memory targets, MSRs)
+    vmm_checked: list[str]      # what the VMM read back itself
+    changed: list[str]          # what it found changed
+
+
+def attack_scenarios(vtl0: Path) -> list[tuple[str, str]]:
+    """(name, expectation) of every attack the image carries: a description starting
+    with "attack: ", or one of the refusal scenarios the VMM itself answers."""
+    out = []
+    for s in scenarios(read_image(vtl0)):
+        if s.description.startswith("attack: ") or s.name in EXPECTED:
+            out.append((s.name, EXPECTED.get(s.name, s.description.removeprefix("attack: "))))
+    return out
 
 
 def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Backend | None = None,
@@ -62,23 +87,46 @@ def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Ba
     with Partition(cfg, events) as p:
         result, sched = control.run(p, None, timeout)
         raise_if_interrupted(result)
-        reports = sched.reports.records
-        changed, checked = _read_back(p, reports)
+        reports = list(sched.reports.records)
+        changed, checked, unenforced = _read_back(p, reports)
         backend_name = p.backend_name
     mechanism = _mechanism(events, reports, backend_name)
-    if changed:
-        outcome, mechanism = "succeeded", "changed: " + ", ".join(changed)
+    if changed and unenforced:
+        outcome, mechanism = "not enforced on this host", "; ".join(unenforced)
+    elif changed and result.reason == "stopped_by_vtl1":
+        outcome = "detected after the fact"
+    elif changed:
+        outcome, mechanism = "succeeded", "changed: " + "; ".join(changed)
     elif result.reason != "guest_exit" or result.status != 0:
         outcome, mechanism = "error", result.message
     else:
         outcome = "blocked"
     return AttackResult(scenario=scenario, expected=expected, outcome=outcome, mechanism=mechanism,
-                        guest_status=result.status, vmm_checked=checked)
+                        guest_status=result.status, vmm_checked=checked, changed=changed)
 
 
-def _read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str]]:
-    """Compare every target the guest named with what the VMM reads now."""
-    changed, checked = [], []
+def _registers(p: Partition, vp: int) -> dict[int, tuple[int, int]]:
+    """VTL0's registers as KVM holds them now: VTL_REG_* -> (value, limit)."""
+    vcpu = p.vps[vp].vcpus[Vtl.VTL0] if vp < len(p.vps) else None
+    if vcpu is None:
+        return {}
+    s = vcpu.get_sregs()
+    regs = {ABI.VTL_REG_CR0: (s.cr0, 0), ABI.VTL_REG_CR3: (s.cr3, 0), ABI.VTL_REG_CR4: (s.cr4, 0),
+            ABI.VTL_REG_EFER: (s.efer, 0), ABI.VTL_REG_GDTR: (s.gdt.base, s.gdt.limit),
+            ABI.VTL_REG_IDTR: (s.idt.base, s.idt.limit), ABI.VTL_REG_LDTR: (s.ldt.selector, 0),
+            ABI.VTL_REG_TR: (s.tr.selector, 0)}
+    get_xcrs = getattr(vcpu, "get_xcrs", None)
+    if get_xcrs is not None:
+        regs[ABI.VTL_REG_XCR0] = (get_xcrs().get(0, 0), 0)
+    return {k: (int(v), int(lim)) for k, (v, lim) in regs.items()}
+
+
+def _read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str], list[str]]:
+    """Compare every target the guest named with what the VMM reads now.  Returns what
+    changed, what was checked, and why a change is not enforced on this host."""
+    changed: list[str] = []
+    checked: list[str] = []
+    unenforced: list[str] = []
     for r in reports:
         if r.kind == "target":
             gpa, length, old = r.value[0], r.value[1], r.value[2]
@@ -96,7 +144,29 @@ def _read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str
             checked.append(f"MSR {r.value[0]:#x}")
             if msr is not None and msr != r.value[1]:
                 changed.append(f"MSR {r.value[0]:#x} now {msr:#x} (was {r.value[1]:#x})")
-    return changed, checked
+        elif r.kind == "register":
+            reg, old, old_limit = r.value[0], r.value[1], r.value[2]
+            held = _registers(p, r.vp).get(reg)
+            name = REG_NAMES.get(reg, str(reg))
+            if held is None:
+                continue
+            checked.append(name)
+            limited = reg in (ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR)
+            if held[0] != old or (limited and held[1] != old_limit):
+                changed.append(f"{name} now {held[0]:#x}" + (f"/{held[1]:#x}" if limited else "")
+                               + f" (was {old:#x})")
+                if reg in PINNED_BY_INTERCEPT_CONTROL and getattr(p, "intercept_control", None) is None:
+                    unenforced.append(f"{name} changed: VTL1 set no register intercept control (this host "
+                                      "reports no CR/descriptor-table writes; the privileged-section "
+                                      "scheme was not in force)")
+        elif r.kind == "exec" and r.value[2]:
+            marker, want = r.value[2], r.value[3]
+            if not p.layout.in_memory(marker, 8):
+                continue
+            checked.append(f"code marker {marker:#x}")
+            if p.mem.read_u64(marker) == want:
+                changed.append(f"planted code at {r.value[0]:#x} ran (marker {marker:#x} = {want:#x})")
+    return changed, checked, unenforced
 
 
 def _mechanism(events: EventLog, reports: list[Report], backend: str) -> str:
@@ -114,43 +184,51 @@ def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
     verdicts: list[Any] = events.of_kind("verdict")
     if icpt:
         i, v = icpt[-1], verdicts[-1] if verdicts else None
-        what = f"MSR {i.msr:#x}" if i.type == "msr" else f"GPA {i.gpa:#x}"
-        via = "MSR filter" if i.type == "msr" else f"{backend} backend"
+        if i.type == "msr":
+            what, via = f"MSR {i.msr:#x}", "MSR filter"
+        elif i.type == "memory":
+            what, via = f"GPA {i.gpa:#x}", f"{backend} backend"
+        else:
+            what, via = str(getattr(i, "reg", "") or "register"), "privileged section"
         answer = "no verdict" if v is None else (
-            {14: "#PF", 13: "#GP"}.get(v.vector, f"vector {v.vector}") if v.verdict == "inject_fault"
-            else v.verdict)
+            VECTOR_NAMES.get(v.vector, f"vector {v.vector}") if v.verdict == "inject_fault" else v.verdict)
         return f"{via}: {i.access} intercept on {what} -> VTL1 {answer}"
     refused: list[Any] = events.of_kind("refused")
     if refused:
         r = refused[-1]
         return f"VMM refusal: {r.reason} -> {r.response}"
-    faults = [r for r in reports if r.kind == "fault" and r.value[0] == 14 and r.value[1] & 0x10]
-    if faults:
+    faults = [r for r in reports if r.kind == "fault"]
+    if any(r.value[0] == 14 and r.value[1] & 0x10 for r in faults):
         return ("CPU #PF(fetch) inside VTL0 (guest-reported): NX in VTL0 page tables locked r-- by VTL1, "
                 "EFER.NXE pinned")
+    if faults:
+        f = faults[-1]
+        return (f"CPU {VECTOR_NAMES.get(f.value[0], f'vector {f.value[0]}')} inside VTL0 before any exit "
+                "(guest-reported)")
     return ""
 
 
 def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None) -> list[AttackResult]:
-    known = {s.name for s in scenarios(read_image(vtl0))}
-    out = []
-    for name, expected in ATTACKS:
-        if name not in known:
-            out.append(AttackResult(scenario=name, expected=expected, outcome="not run",
-                                    mechanism=f"{vtl0} has no scenario {name!r}", guest_status=0,
-                                    vmm_checked=[]))
-            continue
-        out.append(run_attack(name, expected, vtl0, vtl1, backend))
-    return out
+    found = attack_scenarios(vtl0)
+    if not found:
+        return [AttackResult(scenario="(none)", expected="", outcome="not run",
+                             mechanism=f"{vtl0} carries no attack scenarios", guest_status=0,
+                             vmm_checked=[], changed=[])]
+    return [run_attack(name, expected, vtl0, vtl1, backend) for name, expected in found]
 
 
 def render(results: list[AttackResult]) -> str:
     w = max(len(r.scenario) for r in results)
-    we = max(len(r.expected) for r in results)
-    lines = [f"{'scenario':<{w}}  {'expected':<{we}}  {'outcome':<9}  mechanism / intercept that decided it"]
+    we = min(48, max(len(r.expected) for r in results))
+    wo = max(len(r.outcome) for r in results)
+    lines = [f"{'scenario':<{w}}  {'expected':<{we}}  {'outcome':<{wo}}  mechanism / what the VMM observed"]
     for r in results:
-        lines.append(f"{r.scenario:<{w}}  {r.expected:<{we}}  {r.outcome:<9}  {r.mechanism}")
-    blocked = sum(r.outcome == "blocked" for r in results)
-    lines.append(f"\n{blocked}/{len(results)} blocked; outcomes observed by the VMM in fresh partitions "
-                 "(targets read back, events, reports)")
+        exp = r.expected if len(r.expected) <= we else r.expected[:we - 1] + "…"
+        lines.append(f"{r.scenario:<{w}}  {exp:<{we}}  {r.outcome:<{wo}}  {r.mechanism}")
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    lines.append(f"\n{len(results)} attack scenarios: {summary}; each in a fresh partition, outcomes "
+                 "observed by the VMM (targets, MSRs and registers read back, code markers, events)")
     return "\n".join(lines)

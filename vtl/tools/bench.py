@@ -15,10 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from vmm.elf import read_image
 from vmm.errors import VmmError
 from vmm.floor import FloorResult, c_floor, python_floor
 from vtl.core.config import PartitionConfig
-from vtl.core.images import REPO, default_vtl0_image, default_vtl1_image
+from vtl.core.images import REPO, default_vtl0_image, default_vtl1_image, scenarios
 from vtl.core.partition import Partition
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
@@ -49,7 +50,17 @@ class BenchReport(BaseModel):
     target_ratio_to_python_floor: float = TARGET_RATIO
     meets_target: bool
     intercept_allow_round_trip: VtlRoundTrip | None = None
+    cr_write_round_trip: VtlRoundTrip | None = None   # a CR write VTL1 allows (privileged section)
+    scan: ScanCost | None = None
+    not_measured: dict[str, str] = {}            # what the images cannot measure, and why
     protection: dict[str, Any] | None = None     # vtl/protect_bench.py
+
+
+class ScanCost(BaseModel):
+    """VTL1's scan at lock of everything VTL0 can execute for privileged encodings."""
+    bytes_scanned: int
+    ns: float
+    ns_per_mib: float
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -82,10 +93,42 @@ def measure_vtl_round_trip(calls: int, vtl0: Path | None = None, vtl1: Path | No
                         calls=(len(stamps) - 1) * batch, batch=batch)
 
 
+def measure_scan(vtl0: Path | None = None, vtl1: Path | None = None) -> ScanCost:
+    """VTL1 reports how long its lock-time scan took (VALUE scan_ticks, TSC) over how many
+    executable bytes (VALUE scan_bytes) during the `harden` scenario."""
+    config = PartitionConfig(vtl0_image=vtl0 or default_vtl0_image(), vtl1_image=vtl1 or default_vtl1_image(),
+                             scenario="harden")
+    with Partition(config) as partition:
+        result, sched = control.run(partition, None, timeout=60.0)
+        raise_if_interrupted(result)
+        vcpu = partition.vps[0].vcpus[0]
+        khz = vcpu.tsc_khz() if vcpu is not None else 0
+    values = {r.name: r.value[0] for r in sched.reports.of_kind("value") if r.vtl == 1}
+    if result.status != 0 or "scan_ticks" not in values or not values.get("scan_bytes") or not khz:
+        raise VmmError(f"VTL1 reported no scan timing (scan_ticks, scan_bytes): {result.message}")
+    ns = values["scan_ticks"] * 1e6 / khz
+    mib = values["scan_bytes"] / (1 << 20)
+    return ScanCost(bytes_scanned=values["scan_bytes"], ns=ns, ns_per_mib=ns / mib)
+
+
+def _has_scenario(name: str) -> bool:
+    return name in {s.name for s in scenarios(read_image(default_vtl0_image()))}
+
+
 def run_bench(calls: int, intercepts: int = 2000, protection: bool = True) -> BenchReport:
     pyf = python_floor(calls)
     vtl = measure_vtl_round_trip(calls)
     icpt = measure_vtl_round_trip(intercepts, scenario="bench-intercept-allow") if intercepts else None
+    missing: dict[str, str] = {}
+    cr = None
+    if intercepts and _has_scenario("bench-cr-write"):
+        cr = measure_vtl_round_trip(intercepts, scenario="bench-cr-write")
+    elif intercepts:
+        missing["cr_write_round_trip"] = "the VTL0 image has no bench-cr-write scenario"
+    try:
+        scan: ScanCost | None = measure_scan()
+    except VmmError as e:
+        scan, missing["scan"] = None, str(e)
     prot = protection_costs() if protection else None
     # Built by the set-up command (`make bench`); never built behind the user's back.
     cf = c_floor(calls, C_FLOOR) if C_FLOOR.exists() else None
@@ -94,7 +137,7 @@ def run_bench(calls: int, intercepts: int = 2000, protection: bool = True) -> Be
                        python_floor=pyf, c_floor=cf, ratio_to_python_floor=round(ratio, 3),
                        ratio_to_c_floor=round(vtl.median_ns / cf.median_ns, 3) if cf else None,
                        meets_target=ratio <= TARGET_RATIO, intercept_allow_round_trip=icpt,
-                       protection=prot)
+                       cr_write_round_trip=cr, scan=scan, not_measured=missing, protection=prot)
 
 
 def render_bench(r: BenchReport) -> str:
@@ -119,6 +162,18 @@ def render_bench(r: BenchReport) -> str:
         lines += ["", f"Secure intercept that VTL1 allows ({i.calls} writes to an audited page):",
                   row("VTL0 write -> intercept -> VTL1 -> allow", i.median_ns, i.p10_ns, i.p90_ns,
                       f"  = {i.median_ns / v.median_ns:.1f}x a null VTL call")]
+    if r.cr_write_round_trip:
+        w = r.cr_write_round_trip
+        lines += ["", f"A CR write VTL1 allows ({w.calls} MOV to CR3 of the locked root, privileged "
+                      "section):",
+                  row("VTL0 MOV CR3 -> decode -> VTL1 -> allow", w.median_ns, w.p10_ns, w.p90_ns,
+                      f"  = {w.median_ns / v.median_ns:.1f}x a null VTL call")]
+    if r.scan:
+        s = r.scan
+        lines += ["", f"VTL1's lock-time scan of VTL0's executable memory ({s.bytes_scanned} bytes, every "
+                  f"byte offset): {s.ns / 1e6:.2f} ms = {s.ns_per_mib / 1e6:.2f} ms per MiB"]
+    for what, why in r.not_measured.items():
+        lines.append(f"  not measured: {what}: {why}")
     if r.protection:
         lines += ["", "Cost of VTL1 protecting VTL0 pages (VTL_HC_MODIFY_VTL_PROTECTION backends):",
                   format_costs(r.protection)]

@@ -292,6 +292,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         _print_json([r.model_dump() for r in results])
     else:
         print(render(results))
+    # Exit 2 if anything got through or could not be judged.
     return 0 if all(r.outcome == "blocked" for r in results) else 2
 
 

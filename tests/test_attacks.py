@@ -1,0 +1,32 @@
+"""Every attack scenario the built-in VTL0 carries, each in a fresh partition: the outcome
+the VMM observes (targets, MSRs and registers read back, code markers, events) is
+"blocked", and every scenario that names a target had it checked by the VMM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vtl.core.images import default_vtl0_image, default_vtl1_image
+from vtl.tools.attack import attack_scenarios, run_attack
+
+pytestmark = pytest.mark.kvm
+
+
+def _attacks() -> list[tuple[str, str]]:
+    image = default_vtl0_image()
+    return attack_scenarios(image) if image.exists() else []
+
+
+@pytest.mark.parametrize("name,expected", _attacks())
+def test_attack_is_blocked_as_the_vmm_observes(guest_images: tuple[Path, Path], name: str,
+                                               expected: str) -> None:
+    r = run_attack(name, expected, guest_images[0], guest_images[1])
+    assert r.outcome == "blocked", (r.outcome, r.mechanism, r.changed)
+    assert r.mechanism != "none observed", r
+
+
+def test_there_are_attacks_to_run(guest_images: tuple[Path, Path]) -> None:
+    assert len(attack_scenarios(guest_images[0])) >= 15
+    assert default_vtl1_image().exists()
