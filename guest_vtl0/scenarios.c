@@ -1509,3 +1509,38 @@ SCENARIO(sc_bench_cr, "bench-cr-write",
 	       stamps[batches] - stamps[0], vtl_status_name(st));
 	pass(name);
 }
+
+/* ---- the lock's scan, seen from VTL0: a register write outside the section ---- */
+static uint8_t stray_pages[2][4096] __attribute__((aligned(4096)));
+
+SCENARIO(sc_stray, "lock-refuses-stray-cr-write",
+	 "MOV to CR0 across two executable pages outside the privileged section: VTL1 refuses the lock")
+{
+	const char *name = "lock-refuses-stray-cr-write";
+	require_vtl1(name);
+	harden_protect(name);
+	/* Boot maps two adjacent pages executable (r-x for VTL1: W^X holds) whose bytes
+	 * spell 0F | 22 C0 (mov %rax, %cr0) across the page end. */
+	uint64_t a = (uint64_t)stray_pages[0], b = (uint64_t)stray_pages[1];
+	static const uint8_t stray[] = { 0x0F, 0x22, 0xC0, 0xC3 };   /* data: never executable */
+	memcpy(&stray_pages[0][4095], stray, 1);
+	memcpy(&stray_pages[1][0], stray + 1, 3);
+	must(name, "protect_stray_rx", VTL_CALL_PROTECT, "two pages r-x", prot(a, 2, VTL_MEM_NW, 0));
+	*pte_for(a) &= ~PTE_NX;
+	*pte_for(b) &= ~PTE_NX;
+	invlpg(a);
+	invlpg(b);
+	report_value("stray_va", a + 4095);
+	uint64_t ps = (uint64_t)_priv_start, pinning = 0;
+	expect_status(name, "lock_with_stray", VTL_CALL_LOCK_PAGE_TABLES, "lock with a stray MOV to CR0",
+		      vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &pinning), VTL_E_POLICY);
+	/* Nothing was locked: the pages can still be taken back, and the lock then succeeds. */
+	*pte_for(a) |= PTE_NX;
+	*pte_for(b) |= PTE_NX;
+	invlpg(a);
+	invlpg(b);
+	must(name, "protect_stray_rw", VTL_CALL_PROTECT, "the two pages rw- again", prot(a, 2, VTL_MEM_NX, 0));
+	harden_lock(name, 1);
+	echo_still_works(name);
+	pass(name);
+}

@@ -419,9 +419,19 @@ static uint64_t set_intercept_control(uint32_t flags)
 	return hypercall(VTL_HC_SET_INTERCEPT_CONTROL, (uint64_t)&ictl, 0, 0, NULL);
 }
 
+static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out);
+
 uint64_t policy_lock_page_tables(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out)
 {
 	*pinning_out = 0;
+	uint64_t st = lock(sec_gpa, sec_pages, pinning_out);
+	if (st != VTL_OK && !locked)
+		priv_gpa = priv_pages = 0;      /* a refused lock names no section */
+	return st;
+}
+
+static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out)
+{
 	if (boot_over || locked)
 		return VTL_E_POLICY;
 	/* The privileged section: page aligned, VTL0's, and not writable by VTL0. */
