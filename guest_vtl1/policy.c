@@ -51,6 +51,10 @@
 /* What VTL1 judges (VTL_HC_SET_INTERCEPT_CONTROL), as LVBS's VTL1 pins them. */
 #define CR0_PINNED (CR0_PE | CR0_WP | CR0_PG)
 #define CR4_PINNED (~(CR4_MCE | CR4_PGE | CR4_PCE | CR4_VMXE))
+/* The CR4 bits the architecture defines (VME..SMXE, FSGSBASE..PKS, LAM_SUP): the mask
+ * VTL1 hands the VMM names only those (a write setting a reserved bit is the #GP the VMM
+ * raises as the CPU would, before any judging). */
+#define CR4_DEFINED 0x13FF7FFFULL
 #define PRIV_MAX_PAGES 16
 #define MAX_ROOTS 1                     /* CR3: the root VTL0 had at the lock */
 #define MAX_XLEAVES 8192                /* executable leaf mappings the lock can scan */
@@ -412,7 +416,7 @@ static uint64_t set_intercept_control(uint32_t flags)
 	ictl.flags = flags;
 	if (flags) {
 		ictl.cr0_mask = CR0_PINNED;
-		ictl.cr4_mask = CR4_PINNED;
+		ictl.cr4_mask = CR4_PINNED & CR4_DEFINED;
 		ictl.priv_gpa = priv_gpa;
 		ictl.priv_pages = priv_pages;
 	}
