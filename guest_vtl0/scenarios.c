@@ -1100,13 +1100,16 @@ SCENARIO(sc_mov_cr_outside, "mov-cr-outside-section",
 	pass(name);
 }
 
-SCENARIO(sc_lmsw, "lmsw-clear-pe", "attack: LMSW clearing CR0.PE, then CLTS (only PE is pinned in CR0[3:0])")
+SCENARIO(sc_lmsw, "lmsw-clear-pe",
+	 "attack: clear CR0.PE with LMSW, CLTS and MOV to CR0 (PE pinned; LMSW cannot clear it anyway)")
 {
 	const char *name = "lmsw-clear-pe";
 	harden(name, 1);
 	uint64_t old = read_cr0();
 	report_register("cr0", VTL_REG_CR0, old, 0);
-	printf("ATTACK lmsw %#lx (PE clear), then clts\n", old & 0xE);
+	printf("ATTACK lmsw %#lx (PE clear), clts, mov to CR0 %#lx\n", old & 0xE, old & ~CR0_PE);
+	/* LMSW and CLTS write CR0[3:0]; PE is the only pinned bit there, and LMSW never clears
+	 * it: either may be applied as a no-op or refused. */
 	struct fault_info fi;
 	int lmsw_faulted = try_reg_write(lmsw_fn, old & 0xE, &fi);
 	if (lmsw_faulted)
@@ -1117,10 +1120,13 @@ SCENARIO(sc_lmsw, "lmsw-clear-pe", "attack: LMSW clearing CR0.PE, then CLTS (onl
 		report_fault("clts", &fi);
 	report_value("clts_faulted", (uint64_t)clts_faulted);
 	uint64_t now = read_cr0();
-	printf("CR0 %#lx after LMSW (%s) and CLTS (%s)\n", now, lmsw_faulted ? "#GP" : "no fault",
-	       clts_faulted ? "#GP" : "no fault");
 	if (now != old)
-		attack_succeeded(name, "CR0 changed", now);
+		attack_succeeded(name, "CR0 changed by LMSW/CLTS", now);
+	/* MOV to CR0 can clear PE: #GP (PG without PE is no CR0 the CPU takes either). */
+	int faulted = try_reg_write(priv_write_cr0, old & ~CR0_PE, &fi);
+	expect_register_kept(name, "write_cr0", "mov to CR0 clearing PE", faulted, &fi, old, read_cr0());
+	printf("CR0 %#lx after LMSW (%s), CLTS (%s) and MOV to CR0 (#GP)\n", read_cr0(),
+	       lmsw_faulted ? "#GP" : "no fault", clts_faulted ? "#GP" : "no fault");
 	pass(name);
 }
 

@@ -120,7 +120,8 @@ def test_pinned_msrs_are_refused_by_vtl1(guest_images: tuple[Path, Path], scenar
 
 
 def test_lmsw_cannot_clear_pe(guest_images: tuple[Path, Path]) -> None:
-    _passed(run_scenario(guest_images, "lmsw-clear-pe"))
+    run = _passed(run_scenario(guest_images, "lmsw-clear-pe"))
+    assert run.report("fault", "write_cr0").value[:2] == [13, 0]
     r = run_attack("lmsw-clear-pe", "", guest_images[0], guest_images[1])
     assert r.outcome == "blocked" and "CR0" in r.vmm_checked
 
