@@ -280,6 +280,23 @@ class VCpu:
             raise KvmIoctlError("KVM_SET_MSRS", errno.EINVAL,
                                 f"only {n} of {len(values)} MSRs accepted")
 
+    def get_xcrs(self) -> dict[int, int]:
+        """KVM_GET_XCRS: extended control registers by index (XCR0 at 0)."""
+        x = ffi.new("struct kvm_xcrs *")
+        ioctl(self.fd, u.KVM_GET_XCRS, x)
+        return {int(x.xcrs[i].xcr): int(x.xcrs[i].value) for i in range(min(int(x.nr_xcrs), u.KVM_MAX_XCRS))}
+
+    def set_xcrs(self, values: dict[int, int]) -> None:
+        """KVM_SET_XCRS; KVM refuses (EINVAL) a value the guest's CPUID does not allow."""
+        if len(values) > u.KVM_MAX_XCRS:
+            raise VmmError(f"{len(values)} XCRs: KVM takes at most {u.KVM_MAX_XCRS}")
+        x = ffi.new("struct kvm_xcrs *")
+        x.nr_xcrs = len(values)
+        for i, (index, value) in enumerate(values.items()):
+            x.xcrs[i].xcr = index
+            x.xcrs[i].value = value
+        ioctl(self.fd, u.KVM_SET_XCRS, x)
+
     def set_single_step(self, enable: bool) -> None:
         d = ffi.new("struct kvm_guest_debug *")
         d.control = (u.KVM_GUESTDBG_ENABLE | u.KVM_GUESTDBG_SINGLESTEP) if enable else 0

@@ -6,6 +6,7 @@ needs permissions too, so it reads the guest's tables from guest memory itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vmm.errors import VmmError
@@ -14,7 +15,14 @@ from vmm.x86 import PTE_ADDR, PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W
 
 
 class PageFault(VmmError):
-    """The walk could not translate the address; `reason` says why."""
+    """The walk could not translate the address; the message says why, `kind` says it
+    for code: "noncanonical", "not_present", "unreadable" (a table the caller's
+    `readable` refused, or outside guest memory) or "page_size" (a 1 GiB page without
+    1 GiB pages)."""
+
+    def __init__(self, message: str, kind: str = "not_present") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -33,11 +41,14 @@ def _canonical(gva: int) -> bool:
     return top == 0 or top == (1 << 17) - 1
 
 
-def walk(mem: GuestMemory, cr3: int, gva: int, gbpages: bool = True) -> Translation:
+def walk(mem: GuestMemory, cr3: int, gva: int, gbpages: bool = True,
+         readable: Callable[[int], bool] | None = None) -> Translation:
     """Translate like the CPU would; `gbpages` False makes a 1 GiB page a fault, as on a
-    vCPU whose CPUID lacks PDPE1GB (KVM under PVM offers none)."""
+    vCPU whose CPUID lacks PDPE1GB (KVM under PVM offers none).  `readable(gpa)` says
+    whether a table entry may be read at all (a VMM walking a guest's tables on its behalf
+    reads only what that guest could read); a refused entry is a PageFault."""
     if not _canonical(gva):
-        raise PageFault(f"GVA {gva:#x} is not canonical")
+        raise PageFault(f"GVA {gva:#x} is not canonical", "noncanonical")
     table = cr3 & PTE_ADDR
     writable = user = True
     nx = False
@@ -45,7 +56,11 @@ def walk(mem: GuestMemory, cr3: int, gva: int, gbpages: bool = True) -> Translat
     for level, shift in ((4, 39), (3, 30), (2, 21), (1, 12)):
         entry_gpa = table + ((gva >> shift) & 0x1FF) * 8
         if entry_gpa + 8 > mem.size:
-            raise PageFault(f"level-{level} table entry at GPA {entry_gpa:#x} is outside guest memory")
+            raise PageFault(f"level-{level} table entry at GPA {entry_gpa:#x} is outside guest memory",
+                            "unreadable")
+        if readable is not None and not readable(entry_gpa):
+            raise PageFault(f"level-{level} table entry at GPA {entry_gpa:#x} is in memory the walker "
+                            "may not read", "unreadable")
         visited.append(entry_gpa)
         entry = mem.read_u64(entry_gpa)
         if not entry & PTE_P:
@@ -54,7 +69,8 @@ def walk(mem: GuestMemory, cr3: int, gva: int, gbpages: bool = True) -> Translat
         user &= bool(entry & PTE_U)
         nx |= bool(entry & PTE_NX)
         if level == 3 and entry & PTE_PS and not gbpages:
-            raise PageFault(f"GVA {gva:#x}: 1 GiB page at level 3, but the vCPU has no 1 GiB pages")
+            raise PageFault(f"GVA {gva:#x}: 1 GiB page at level 3, but the vCPU has no 1 GiB pages",
+                            "page_size")
         if level == 1 or (level in (2, 3) and entry & PTE_PS):
             size = 1 << shift
             base = entry & PTE_ADDR & ~(size - 1)

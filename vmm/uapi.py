@@ -67,6 +67,8 @@ struct kvm_fpu {
     uint16_t last_opcode; uint64_t last_ip; uint64_t last_dp;
     uint8_t xmm[16][16]; uint32_t mxcsr; uint32_t pad2;
 };
+struct kvm_xcr { uint32_t xcr; uint32_t reserved; uint64_t value; };
+struct kvm_xcrs { uint32_t nr_xcrs; uint32_t flags; struct kvm_xcr xcrs[16]; uint64_t padding[16]; };
 struct kvm_translation {
     uint64_t linear_address; uint64_t physical_address;
     uint8_t valid; uint8_t writeable; uint8_t usermode; uint8_t pad[5];
@@ -172,6 +174,8 @@ KVM_SET_CPUID2 = _iow(0x90, "struct kvm_cpuid2")
 KVM_SET_GUEST_DEBUG = _iow(0x9B, "struct kvm_guest_debug")
 KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
+KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
+KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
 KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_ENABLE_CAP = _iow(0xA3, "struct kvm_enable_cap")
 KVM_X86_SET_MSR_FILTER = _iow(0xC6, "struct kvm_msr_filter")
@@ -187,6 +191,7 @@ KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_SET_GUEST_DEBUG = 23
 KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_XCRS = 56
 KVM_CAP_INTERNAL_ERROR_DATA = 40
 KVM_CAP_HYPERV = 44
 KVM_CAP_READONLY_MEM = 81
@@ -229,6 +234,8 @@ KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
 KVM_SYNC_X86_REGS = 1 << 0
 KVM_SYNC_X86_SREGS = 1 << 1
 KVM_SYNC_X86_EVENTS = 1 << 2
+
+KVM_MAX_XCRS = 16
 
 KVM_GUESTDBG_ENABLE = 0x00000001
 KVM_GUESTDBG_SINGLESTEP = 0x00000002

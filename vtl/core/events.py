@@ -86,9 +86,11 @@ class ProtectionChanged(_Event):
 
 
 class SecureIntercept(_Event):
-    """VTL0 violated an attribute VTL1 set; VTL1 is entered with reason intercept."""
+    """VTL0 violated an attribute VTL1 set, wrote a pinned MSR, or (type register) a
+    privileged-section instruction writes a register VTL1 judges; VTL1 is entered with
+    reason intercept."""
     kind: Literal["intercept"] = "intercept"
-    type: Literal["memory", "msr"]
+    type: Literal["memory", "msr", "register"]
     access: str           # read | write | execute
     gpa: int | None = None
     gva: int | None = None
@@ -96,6 +98,46 @@ class SecureIntercept(_Event):
     rip_after: bool = False
     msr: int | None = None
     data: int | None = None
+    # register intercepts: cr0 | cr0_low | cr3 | cr4 | xcr0 | gdtr | idtr | ldtr | tr
+    reg: str | None = None
+    old: int | None = None            # the value (GDTR/IDTR: base; LDTR/TR: selector)
+    new: int | None = None
+    old_limit: int | None = None      # GDTR/IDTR
+    new_limit: int | None = None
+    insn_len: int | None = None
+
+
+class InterceptControlSet(_Event):
+    """VTL1 set which register writes of VTL0 it judges (VTL_HC_SET_INTERCEPT_CONTROL)."""
+    kind: Literal["intercept_control"] = "intercept_control"
+    flags: int
+    cr0_mask: int
+    cr4_mask: int
+    priv_gpa: int
+    priv_pages: int
+
+
+class RegisterWritten(_Event):
+    """The VMM wrote a VTL0 register for a privileged-section instruction: `how` is
+    "direct" (VTL1 does not judge this write) or "allowed" (VTL1's verdict)."""
+    kind: Literal["register_write"] = "register_write"
+    reg: str              # cr0 | cr0_low | cr2 | cr3 | cr4 | cr8 | xcr0 | gdtr | idtr | ldtr | tr
+    old: int
+    new: int
+    old_limit: int | None = None
+    new_limit: int | None = None
+    rip: int
+    how: Literal["direct", "allowed"]
+
+
+class SingleStepped(_Event):
+    """The VMM single-stepped one VTL0 instruction of the privileged section on a temporary
+    mapping (only while someone listens, like vtl_call; `RunResult.single_steps` counts
+    them all)."""
+    kind: Literal["single_step"] = "single_step"
+    rip: int
+    next_rip: int
+    exit: str             # debug (the step ended normally) or the exit that ended it
 
 
 class InterceptVerdict(_Event):
@@ -113,7 +155,7 @@ class GuestExit(_Event):
 
 
 Event = Annotated[VtlEnabled | VtlCall | VtlReturn | GuestFault | RefusedRequest | GuestReport
-                  | ProtectionChanged
+                  | ProtectionChanged | InterceptControlSet | RegisterWritten | SingleStepped
                   | SecureIntercept | InterceptVerdict | GuestExit,
                   Field(discriminator="kind")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

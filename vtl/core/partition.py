@@ -13,11 +13,13 @@ from vmm.backends import make_backend
 from vmm.elf import ElfImage, check_window, load_image, read_image
 from vmm.kvm import Kvm, VCpu, Vm
 from vmm.memory import PAGE_SIZE, GuestMemory
+from vmm.regcheck import CpuFeatures, cpuid_entries
 from vmm.x86 import PINNED_MSRS
 from vtl.abi import ABI
 from vtl.core import layout as lay
 from vtl.core.config import PartitionConfig
 from vtl.core.events import EventLog
+from vtl.core.privileged import InterceptControl
 from vtl.core.vp import VirtualProcessor
 from vtl.core.vtl import Vtl, VtlArray
 
@@ -37,12 +39,17 @@ class Partition:
             self.vtl1_image = read_image(config.vtl1_image)
             check_window(self.vtl1_image, *self.layout.image_window(Vtl.VTL1))
         self.kvm = Kvm()
+        # What every vCPU's CPUID (the supported one, see new_vcpu) allows in CR4, CR3, XCR0.
+        self.cpu_features = CpuFeatures.from_cpuid(cpuid_entries(self.kvm.supported_cpuid()))
         self.mem = GuestMemory(config.mem_size)
         self.vms: VtlArray[Vm | None] = VtlArray(lambda _: None)
         self.vps = [VirtualProcessor(i) for i in range(config.nr_vps)]
         self.vtl1_measurement: str | None = None
         # VTL0's attributes as VTL1 set them, one byte per page (NR/NW/NX bits).
         self.vtl0_attrs = bytearray(config.mem_size // PAGE_SIZE)
+        # Which register writes of VTL0 VTL1 judges, and VTL0's privileged section
+        # (VTL_HC_SET_INTERCEPT_CONTROL); None until VTL1 sets it.
+        self.intercept_control: InterceptControl | None = None
         self._closed = False
         try:
             self._build_vtl0()

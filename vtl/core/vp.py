@@ -22,6 +22,7 @@ from typing import Any
 from vmm import uapi as u
 from vmm.kvm import VCpu
 from vtl.abi import ABI
+from vtl.core.privileged import RegisterWrite
 from vtl.core.vtl import Vtl, VtlArray
 
 
@@ -44,6 +45,8 @@ class PendingIntercept:
     rip_after: bool             # reported after the instruction retired
     regs: tuple[tuple[str, int], ...]   # VTL0's registers at the exit, for a precise rewind
     msr: int = 0
+    gva: int | None = None      # memory: the linear address, when known
+    write: RegisterWrite | None = None  # register: the write VTL1 judges
 
 
 @dataclass(frozen=True, slots=True)

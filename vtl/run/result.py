@@ -19,6 +19,8 @@ class RunResult(BaseModel):
     vtl1_enabled: bool
     vtl1_measurement: str | None
     backend: str
+    single_steps: int = 0           # privileged-section instructions the VMM single-stepped
+    register_intercepts: int = 0    # register writes VTL1 was asked to judge
 
 
 class RunInterrupted(Exception):

@@ -25,7 +25,7 @@ from vmm.kvm import VCpu
 from vmm.uapi import ffi, libc
 from vmm.x86 import VEC_GP, VEC_UD
 from vtl.abi import ABI
-from vtl.core.events import GuestExit, VtlCall, VtlReturn
+from vtl.core.events import GuestExit, SingleStepped, VtlCall, VtlReturn
 from vtl.core.partition import Partition
 from vtl.core.vp import (
     IN_VTL1_CALL,
@@ -41,13 +41,17 @@ from vtl.core.vtl import Vtl
 from vtl.lifecycle.enable import enable_vtl1
 from vtl.run.exits import ExitDispatcher
 from vtl.run.result import RunResult
+from vtl.run.step import SingleStepper
 from vtl.services.console import Console
 from vtl.services.hypercalls import Hypercalls
 from vtl.services.intercepts import Intercepts
-from vtl.services.outcomes import STATUS_VMM_ERROR, EnableVtl1, Enter, Outcome, Stop
+from vtl.services.outcomes import STATUS_VMM_ERROR, EnableVtl1, Enter, Outcome, Step, Stop
+from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import Refusals
+from vtl.services.registers import Registers
 from vtl.services.reports import Reports
+from vtl.services.vtl0view import Vtl0View
 
 PORT_NAMES = {ABI.VTL_PORT_CONSOLE: "console", ABI.VTL_PORT_CALL: "vtl_call",
               ABI.VTL_PORT_RETURN: "vtl_return", ABI.VTL_PORT_RETURN_FAST: "vtl_return_fast",
@@ -68,12 +72,16 @@ class Scheduler:
         self.p = partition
         self.events = partition.events
         self.console = console or Console(len(partition.vps))
-        self.refusals = Refusals(partition.mem, partition.layout, self.events)
+        self.view = Vtl0View(partition)
+        self.refusals = Refusals(partition.mem, partition.layout, self.events, self.view.readable)
         self.reports = Reports(partition, self.events)
         self.protection = Vtl0Protection(partition)
-        self.intercepts = Intercepts(partition, self.events, self.refusals)
-        self.hypercalls = Hypercalls(partition, self.events, self.refusals, self.reports, self.protection)
-        self.exits = ExitDispatcher(partition, self.refusals, self.intercepts)
+        self.intercepts = Intercepts(partition, self.events, self.refusals, Registers(partition), self.view)
+        self.privileged = PrivilegedSection(partition, self.events, self.intercepts)
+        self.hypercalls = Hypercalls(partition, self.events, self.refusals, self.reports, self.protection,
+                                     self.privileged)
+        self.exits = ExitDispatcher(partition, self.refusals, self.intercepts, self.privileged)
+        self.stepper = SingleStepper(partition)
         self.exit_counts: Counter[str] = Counter()     # non-I/O exits by name
         self.port_counts = [0] * 65536                 # I/O exits by port
         self.vtl_calls = 0
@@ -142,6 +150,10 @@ class Scheduler:
                         vcpu.run.immediate_exit = 1
 
     def _apply(self, vp: VirtualProcessor, outcome: Outcome) -> None:
+        # A step's exit may ask for another step (an instruction that jumps to another page
+        # of the section): a loop, not recursion.
+        while isinstance(outcome, Step):
+            outcome = self._single_step(vp, outcome)
         match outcome:
             case Enter(state):
                 self._transition(vp, state)
@@ -172,7 +184,8 @@ class Scheduler:
             vtl_calls=self.vtl_calls, vtl_returns=self.vtl_returns,
             vtl_switches=self.vtl_calls + self.vtl_returns,
             exits=self.exits_by_reason(), vtl1_enabled=self.p.vtl1_enabled,
-            vtl1_measurement=self.p.vtl1_measurement, backend=self.p.backend_name)
+            vtl1_measurement=self.p.vtl1_measurement, backend=self.p.backend_name,
+            single_steps=self.stepper.count, register_intercepts=self.intercepts.register_count)
 
     def exits_by_reason(self) -> dict[str, int]:
         out = dict(self.exit_counts)
@@ -196,6 +209,42 @@ class Scheduler:
         if isinstance(exit, ex.Interrupted):
             return self._stop_request
         return self.exits.dispatch(vp, vcpu, exit)
+
+    # --- the privileged section's other instructions -----------------------------------------
+    def _single_step(self, vp: VirtualProcessor, step: Step) -> Outcome:
+        """Carry out a Step (vtl/run/step.py) and handle the exit that ended it like any
+        other exit; a step that could not even fetch its instruction is a fetch of the
+        byte that stopped it."""
+        vcpu = vp.current
+        assert vcpu is not None and vp.state is RUNNING_VTL0
+        exit = self.stepper.step(vcpu, step)
+        self.exit_counts["single_step"] += 1
+        rip = int(vcpu.regs.rip)
+        if self._trace:
+            self.events.emit(SingleStepped(ts=self.events.now(), vp=vp.index, vtl=0, rip=step.rip,
+                                           next_rip=rip, exit=exit.name))
+        if isinstance(exit, ex.Debug):
+            return None
+        if isinstance(exit, ex.EmulationFailure) and rip == step.rip:
+            if step.blocked_gva is not None:
+                return self.privileged.blocked_fetch(vp, vcpu, step.blocked_gva)
+            return self.exits.crash(vp, "crash", f"VTL0 instruction at RIP {rip:#x} in the privileged "
+                                     "section could not be emulated even when mapped", rip)
+        if isinstance(exit, ex.RunError):
+            return self._run_failed(vp, vcpu, exit.errno)
+        if isinstance(exit, ex.Interrupted):
+            vcpu.run.immediate_exit = 0
+            return self._stop_request
+        if isinstance(exit, ex.MemoryFault):
+            self.exit_counts[exit.name] += 1
+            return self.exits.dispatch(vp, vcpu, exit)
+        if isinstance(exit, (ex.IoOut, ex.IoIn)):
+            self.port_counts[exit.port] += 1
+            handler = self._io.get(exit.port)
+            if handler is not None and isinstance(exit, ex.IoOut):
+                return handler(vp, vcpu)
+            return self._unknown_port(vp, vcpu)
+        return self._other_exit(vp, vcpu)
 
     # --- VTL switch (hot path) ----------------------------------------------------------
     def _on_vtl_call(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:

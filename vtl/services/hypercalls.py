@@ -23,8 +23,10 @@ from vtl.core.partition import Partition
 from vtl.core.vp import VirtualProcessor
 from vtl.core.vtl import Vtl
 from vtl.services.outcomes import EnableVtl1, Outcome
+from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import STATUS_NAMES, Refusals
+from vtl.services.registers import read_register
 from vtl.services.reports import Reports
 
 
@@ -40,9 +42,9 @@ VTL0_ONLY, VTL1_ONLY, ANY_VTL = frozenset({Vtl.VTL0}), frozenset({Vtl.VTL1}), fr
 
 class Hypercalls:
     def __init__(self, partition: Partition, events: EventLog, refusals: Refusals, reports: Reports,
-                 protection: Vtl0Protection) -> None:
+                 protection: Vtl0Protection, privileged: PrivilegedSection | None = None) -> None:
         self.p, self.events, self.refuse = partition, events, refusals
-        self.reports, self.protection = reports, protection
+        self.reports, self.protection, self.privileged = reports, protection, privileged
         # code -> (handler, VTLs allowed to call it)
         self.table: dict[int, tuple[Handler, frozenset[Vtl]]] = {
             ABI.VTL_HC_ENABLE_VTL1: (self.enable_vtl1, VTL0_ONLY),
@@ -50,6 +52,8 @@ class Hypercalls:
             ABI.VTL_HC_GET_VP_REGISTER: (self.get_vp_register, VTL1_ONLY),
             ABI.VTL_HC_MODIFY_VTL_PROTECTION: (self.modify_vtl_protection, VTL1_ONLY),
         }
+        if privileged is not None:
+            self.table[ABI.VTL_HC_SET_INTERCEPT_CONTROL] = (self.set_intercept_control, VTL1_ONLY)
 
     def handle(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
         regs = vcpu.regs
@@ -100,17 +104,16 @@ class Hypercalls:
         # VTL0's vCPU is stopped while VTL1 runs, so its synced state is current.
         target = self.p.vps[index].vcpus[Vtl.VTL0]
         assert target is not None
-        sync = target.sync
-        values = {
-            ABI.VTL_REG_RIP: sync.regs.rip, ABI.VTL_REG_RSP: sync.regs.rsp,
-            ABI.VTL_REG_RFLAGS: sync.regs.rflags, ABI.VTL_REG_CR0: sync.sregs.cr0,
-            ABI.VTL_REG_CR3: sync.sregs.cr3, ABI.VTL_REG_CR4: sync.sregs.cr4,
-            ABI.VTL_REG_EFER: sync.sregs.efer,
-        }
-        if reg not in values:
+        value = read_register(target, reg)       # GDTR/IDTR: the base; LDTR/TR: the selector
+        if value is None:
             return Reply(int(ABI.VTL_E_INVALID_ARG), f"unknown register {reg}")
-        regs.rdx = values[reg]
+        regs.rdx = value[0]
         return Reply(int(ABI.VTL_OK))
+
+    def set_intercept_control(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
+        assert self.privileged is not None
+        status, reason = self.privileged.set_control(vp, vcpu.regs.rdi)
+        return Reply(status, reason)
 
     def modify_vtl_protection(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
         regs = vcpu.regs

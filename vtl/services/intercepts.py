@@ -12,26 +12,30 @@ How precise the report is depends on how the violation reached the VMM:
   fetch (unmapped page -> emulation failure)           RIP at the target, precise.
   rwx hosts (KVM_EXIT_MEMORY_FAULT)                    precise for all three.
   wrmsr (MSR filter -> KVM_EXIT_X86_WRMSR)             precise; denial is KVM's #GP(0).
+  register (a privileged-section instruction, decoded  precise: RIP at the instruction, insn_len
+        by vtl/services/privileged.py)                 and insn_bytes its decoded bytes; ALLOW
+                                                       writes the register and moves RIP past it.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from vmm import paging
 from vmm import uapi as u
 from vmm.errors import KvmIoctlError, VmmError
 from vmm.kvm import VCpu
-from vmm.memattr import NR
 from vmm.memory import PAGE_SIZE
 from vmm.x86 import VEC_GP, VEC_PF
 from vtl.abi import ABI, abi_ffi
-from vtl.core.events import EventLog, InterceptVerdict, SecureIntercept
+from vtl.core.events import EventLog, InterceptVerdict, RegisterWritten, SecureIntercept
 from vtl.core.partition import Partition
+from vtl.core.privileged import RegisterWrite
 from vtl.core.vp import PendingIntercept, VirtualProcessor, in_vtl1_intercept
 from vtl.core.vtl import Vtl
 from vtl.services.outcomes import STATUS_STOPPED_BY_VTL1, Enter, Outcome, Stop
 from vtl.services.refusals import Refusals
+from vtl.services.registers import Registers
+from vtl.services.vtl0view import Fault, Vtl0View
 
 GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -48,15 +52,26 @@ def _regs(vcpu: VCpu) -> tuple[tuple[str, int], ...]:
 
 
 class Intercepts:
-    def __init__(self, partition: Partition, events: EventLog, refusals: Refusals) -> None:
+    def __init__(self, partition: Partition, events: EventLog, refusals: Refusals,
+                 registers: Registers | None = None, view: Vtl0View | None = None) -> None:
         self.p, self.events, self.refuse = partition, events, refusals
+        self.registers = registers or Registers(partition)
+        self.view = view or Vtl0View(partition)
         self.count = 0
+        self.register_count = 0
 
     # --- delivery -------------------------------------------------------------------
     def memory(self, vp: VirtualProcessor, vcpu: VCpu, gpa: int, access: int, *, size: int = 0,
-               data: int = 0, rip_after: bool = False) -> Outcome:
+               data: int = 0, rip_after: bool = False, gva: int | None = None) -> Outcome:
+        """`gva`: the linear address when it is not RIP (an execute intercept for the
+        rest of an instruction that crosses into an NR page)."""
         return self._deliver(vp, vcpu, PendingIntercept(ABI.VTL_INTERCEPT_MEMORY, access, gpa, size, data,
-                                                        vcpu.regs.rip, rip_after, _regs(vcpu)))
+                                                        vcpu.regs.rip, rip_after, _regs(vcpu), gva=gva))
+
+    def register(self, vp: VirtualProcessor, vcpu: VCpu, w: RegisterWrite) -> Outcome:
+        """A privileged-section instruction writes a register VTL1 judges."""
+        return self._deliver(vp, vcpu, PendingIntercept(ABI.VTL_INTERCEPT_REGISTER, ABI.VTL_ACCESS_WRITE,
+                                                        0, 0, 0, w.rip, False, _regs(vcpu), write=w))
 
     def msr(self, vp: VirtualProcessor, vcpu: VCpu, index: int, value: int) -> Outcome:
         if not self.p.vtl1_enabled:
@@ -85,25 +100,44 @@ class Intercepts:
         m.type, m.access, m.gpa, m.rip = p.type, p.access, p.gpa, p.rip
         m.size, m.data, m.msr = p.size, p.data, p.msr
         m.flags = ABI.VTL_ICPT_F_RIP_AFTER if p.rip_after else 0
-        if p.access == ABI.VTL_ACCESS_EXECUTE:
-            m.gva = p.rip
+        gva = p.gva if p.gva is not None else p.rip if p.access == ABI.VTL_ACCESS_EXECUTE else None
+        if gva is not None and p.type == ABI.VTL_INTERCEPT_MEMORY:
+            m.gva = gva
             m.flags |= ABI.VTL_ICPT_F_GVA_VALID
-        if not p.rip_after:
-            insn = self._vtl0_bytes(s.cr3, p.rip, 15)
-            m.insn_bytes[0:len(insn)] = insn
+        w = p.write
+        if w is not None:
+            # The bytes VTL0 ran (from its privileged section, which VTL1 may read anyway).
+            insn = w.insn[:16]
+            m.insn_len = w.length
+            m.reg, m.old_value, m.new_value = w.reg, w.old, w.new
+            m.old_limit, m.new_limit = w.old_limit, w.new_limit
+        else:
+            insn = b"" if p.rip_after else self._vtl0_bytes(s.cr3, p.rip, 15)
+        m.insn_bytes[0:len(insn)] = insn
         regs = dict(p.regs)
         for i, name in enumerate(GPR_ORDER):
             m.gprs[i] = regs[name]
         m.cr0, m.cr3, m.cr4, m.efer = s.cr0, s.cr3, s.cr4, s.efer
         ctl.entry_reason = ABI.VTL_ENTRY_INTERCEPT
         self.count += 1
-        kind: Literal["memory", "msr"] = "memory" if p.type == ABI.VTL_INTERCEPT_MEMORY else "msr"
-        self.events.emit(SecureIntercept(
-            ts=self.events.now(), vp=vp.index, vtl=0, type=kind, access=ACCESS_NAMES[p.access],
-            gpa=p.gpa if kind == "memory" else None,
-            gva=p.rip if p.access == ABI.VTL_ACCESS_EXECUTE else None,
-            rip=p.rip, rip_after=p.rip_after, msr=p.msr if kind == "msr" else None,
-            data=p.data if p.access == ABI.VTL_ACCESS_WRITE else None))
+        if w is not None:
+            self.register_count += 1
+        kind: Literal["memory", "msr", "register"] = (
+            "memory" if p.type == ABI.VTL_INTERCEPT_MEMORY else "msr" if p.type == ABI.VTL_INTERCEPT_MSR
+            else "register")
+        if w is not None:
+            limits = w.reg in (ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR)
+            event = SecureIntercept(
+                ts=self.events.now(), vp=vp.index, vtl=0, type=kind, access="write", rip=p.rip,
+                reg=w.name, old=w.old, new=w.new, old_limit=w.old_limit if limits else None,
+                new_limit=w.new_limit if limits else None, insn_len=w.length)
+        else:
+            event = SecureIntercept(
+                ts=self.events.now(), vp=vp.index, vtl=0, type=kind, access=ACCESS_NAMES[p.access],
+                gpa=p.gpa if kind == "memory" else None, gva=gva if kind == "memory" else None,
+                rip=p.rip, rip_after=p.rip_after, msr=p.msr if kind == "msr" else None,
+                data=p.data if p.access == ABI.VTL_ACCESS_WRITE else None)
+        self.events.emit(event)
         return Enter(in_vtl1_intercept(p))
 
     def _vtl0_bytes(self, cr3: int, gva: int, length: int) -> bytes:
@@ -114,11 +148,11 @@ class Intercepts:
         while len(out) < length:
             addr = gva + len(out)
             try:
-                gpa = paging.walk(self.p.mem, cr3, addr).gpa
+                gpa = self.view.walk(cr3, addr).gpa       # through tables VTL0 may read
             except VmmError:
                 break
             chunk = min(length - len(out), PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
-            if not self.p.layout.in_vtl0(gpa, chunk) or self.p.vtl0_attr(gpa) & NR:
+            if not self.view.readable(gpa, chunk):
                 break
             out += self.p.mem.read(gpa, chunk)
         return bytes(out)
@@ -135,8 +169,11 @@ class Intercepts:
         ev = self.events
         if verdict == ABI.VTL_VERDICT_STOP:
             ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="stop"))
+            what = f"{p.write.name} register" if p.write is not None else ACCESS_NAMES[p.access]
             return Stop(STATUS_STOPPED_BY_VTL1, "stopped_by_vtl1", f"VTL1 stopped the partition on a "
-                        f"{ACCESS_NAMES[p.access]} intercept at RIP {p.rip:#x}")
+                        f"{what} intercept at RIP {p.rip:#x}")
+        if p.write is not None:
+            return self._complete_register(vp, v0, p.write, verdict, vector, has_ec, ec, cr2)
         if verdict == ABI.VTL_VERDICT_ALLOW:
             problem = self._allow(v0, p)
             if problem is None:
@@ -158,6 +195,53 @@ class Intercepts:
         self.refuse.injected(vp, vector, ec if has_ec else None, int(v0.regs.rip),
                              f"VTL1 denied a {ACCESS_NAMES[p.access]} intercept", vtl=Vtl.VTL0)
         return None
+
+    def _complete_register(self, vp: VirtualProcessor, v0: VCpu, w: RegisterWrite, verdict: int,
+                           vector: int, has_ec: bool, ec: int, cr2: int) -> Outcome:
+        """ALLOW: write the register and move RIP past the instruction (a value KVM refuses
+        is #GP(0) instead); INJECT_FAULT: the fault at the instruction, nothing written."""
+        ev = self.events
+        if verdict == ABI.VTL_VERDICT_ALLOW:
+            fault = self.registers.apply(v0, w, allowed=True)
+            if fault is None:
+                ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="allow"))
+                self.written(vp, w, "allowed")
+                return None
+            ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="allow", vector=fault.vector,
+                                     error_code=fault.error_code, detail=f"{fault.reason}: #GP(0) instead"))
+            self.inject(vp, v0, fault, w.rip)
+            return None
+        if verdict == ABI.VTL_VERDICT_INJECT_FAULT and vector in INJECTABLE \
+                and has_ec == (vector in WITH_ERROR_CODE) and 0 <= ec < 1 << 32:
+            name: Literal["inject_fault", "invalid"] = "inject_fault"
+            fault = Fault(vector, ec if has_ec else None, f"VTL1 denied a {w.name} write",
+                          cr2=cr2 if vector == VEC_PF else None)
+            detail = ""
+        else:
+            name, detail = "invalid", (f"verdict {verdict}, vector {vector}, error code "
+                                       f"{'set' if has_ec else 'unset'}: denied with #GP(0)")
+            fault = Fault(VEC_GP, 0, f"VTL1 gave an invalid verdict on a {w.name} write")
+        ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict=name, vector=fault.vector,
+                                 error_code=fault.error_code, detail=detail))
+        self.inject(vp, v0, fault, w.rip)
+        return None
+
+    def written(self, vp: VirtualProcessor, w: RegisterWrite, how: Literal["direct", "allowed"]) -> None:
+        limits = w.reg in (ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR)
+        self.events.emit(RegisterWritten(
+            ts=self.events.now(), vp=vp.index, vtl=0, reg=w.name, old=w.old, new=w.new, rip=w.rip,
+            old_limit=w.old_limit if limits else None, new_limit=w.new_limit if limits else None, how=how))
+
+    def inject(self, vp: VirtualProcessor, v0: VCpu, fault: Fault, rip: int,
+               request: str | None = None) -> None:
+        """Deliver `fault` to VTL0 at `rip` (the instruction; RIP is not moved): #PF with
+        its CR2.  The events name the request when the VMM itself refused it."""
+        if fault.cr2 is not None:
+            v0.sregs.cr2 = fault.cr2
+            v0.run.kvm_dirty_regs |= u.KVM_SYNC_X86_SREGS
+        v0.inject_exception(fault.vector, fault.error_code)
+        self.refuse.injected(vp, fault.vector, fault.error_code, rip, fault.reason, request=request,
+                             vtl=Vtl.VTL0)
 
     def _allow(self, v0: VCpu, p: PendingIntercept) -> str | None:
         run = v0.run

@@ -22,6 +22,17 @@ class EnableVtl1:
 
 
 @dataclass(frozen=True, slots=True)
+class Step:
+    """Single-step VTL0's instruction at `rip` (in the privileged section) with the
+    privileged-section pages `pages` (GPAs) executable for that one instruction.
+    `blocked_gva`: the first byte within 15 of `rip` that VTL0 may not fetch (None: all
+    may be); a step that cannot fetch its instruction ends as a fetch of that byte."""
+    rip: int
+    pages: tuple[int, ...]
+    blocked_gva: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """End the run."""
     status: int
@@ -29,7 +40,7 @@ class Stop:
     message: str
 
 
-Outcome = Enter | EnableVtl1 | Stop | None
+Outcome = Enter | EnableVtl1 | Step | Stop | None
 
 # How a run ended, besides the guest's own status (documented in `vtl run --help`).
 STATUS_VMM_ERROR = 1

@@ -3,6 +3,8 @@ fault injected into the requesting vCPU.  Every refusal is an event."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from vmm import paging
 from vmm import uapi as u
 from vmm.errors import VmmError
@@ -23,8 +25,12 @@ def fault_name(vector: int, error_code: int | None) -> str:
 
 
 class Refusals:
-    def __init__(self, mem: GuestMemory, layout: Layout, events: EventLog) -> None:
+    def __init__(self, mem: GuestMemory, layout: Layout, events: EventLog,
+                 vtl0_readable: Callable[[int, int], bool] | None = None) -> None:
+        """`vtl0_readable(gpa, length)`: memory VTL0 may read (default: VTL0's region;
+        the scheduler passes one that also refuses the pages VTL1 made NR)."""
         self.mem, self.layout, self.events = mem, layout, events
+        self.vtl0_readable = vtl0_readable or layout.in_vtl0
 
     def status(self, vp: VirtualProcessor, vcpu: VCpu, request: str, reason: str, status: int) -> None:
         """Answer with `status` in RAX."""
@@ -65,14 +71,17 @@ class Refusals:
 
     def _port_insn_len(self, vtl: Vtl, vcpu: VCpu, rip_after: int) -> int:
         """Length of the OUT that ended at `rip_after`: E6/E7 ib (2), EE/EF (1), +0x66.
-        Only bytes of the VTL's own memory are read (never VTL1's for VTL0)."""
+        Only what the VTL itself may read is read, page tables included (for VTL0: never
+        VTL1's memory, never an NR page, so not its privileged section either)."""
+        readable = self.vtl0_readable if vtl == Vtl.VTL0 else self.layout.in_memory
+        cr3 = vcpu.sregs.cr3
         try:
-            t = paging.walk(self.mem, vcpu.sregs.cr3, rip_after - 3)
-            t_end = paging.walk(self.mem, vcpu.sregs.cr3, rip_after - 1)
-            readable = self.layout.in_vtl0 if vtl == Vtl.VTL0 else self.layout.in_memory
-            if not (readable(t.gpa) and readable(t_end.gpa)):
-                return 2
-            b = paging.read_virt(self.mem, vcpu.sregs.cr3, rip_after - 3, 3)
+            b = b""
+            for addr in range(rip_after - 3, rip_after):
+                t = paging.walk(self.mem, cr3, addr, readable=lambda gpa: readable(gpa, 8))
+                if not readable(t.gpa, 1):
+                    return 2
+                b += self.mem.read(t.gpa, 1)
         except VmmError:          # an unmapped RIP: assume the 2-byte immediate form
             return 2
         port = vcpu.run.io.port

@@ -189,7 +189,9 @@ def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
         elif i.type == "memory":
             what, via = f"GPA {i.gpa:#x}", f"{backend} backend"
         else:
-            what, via = str(getattr(i, "reg", "") or "register"), "privileged section"
+            what = f"{(i.reg or 'register').upper()} {i.old:#x} -> {i.new:#x}" if i.old is not None \
+                else (i.reg or "register").upper()
+            via = "privileged section"
         answer = "no verdict" if v is None else (
             VECTOR_NAMES.get(v.vector, f"vector {v.vector}") if v.verdict == "inject_fault" else v.verdict)
         return f"{via}: {i.access} intercept on {what} -> VTL1 {answer}"

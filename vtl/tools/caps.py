@@ -26,7 +26,7 @@ class Mechanism(BaseModel):
 CAPABILITIES = {"kvm", "sync_regs", "vcpu_events", "memslots", "rwx_memory_attributes", "hyperv"}
 FACTS = {"cr_write_exits"}
 # The VMM half of register pinning (decode, register intercepts, single-step) exists.
-REGISTER_INTERCEPTS_BUILT = False
+REGISTER_INTERCEPTS_BUILT = True
 
 
 def _kind(name: str) -> str:
