@@ -329,6 +329,22 @@ static void check_opcode(uint64_t k, uint64_t off)
 		       "privileged section\n", 0x0F, b1, len == 3 ? b2 : 0, va, pa0);
 }
 
+/* This host emulates every guest instruction (~0.7 us each), so the scan is written for
+ * instruction count: a word at a time, a mask of its bytes that may be 0x0F, and only a
+ * 0x0F followed by 00, 01, 06 or 22 goes on to the full check. */
+/* Offset of the next 0x0F byte in p[0..n), or n: one REPNE SCASB.  This host emulates
+ * every guest instruction (~0.7 us each) but runs the repeats of a string instruction
+ * in one go: twice as fast here as a word-at-a-time loop, and still fast on hardware. */
+static uint64_t find_0f(const uint8_t *p, uint64_t n)
+{
+	const uint8_t *d = p;
+	uint64_t c = n;
+	asm volatile("repne scasb" : "+D"(d), "+c"(c) : "a"(0x0F) : "cc", "memory");
+	if (d == p + n && (n == 0 || p[n - 1] != 0x0F))
+		return n;
+	return (uint64_t)(d - p) - 1;
+}
+
 static uint64_t scan_executable(void)
 {
 	uint64_t scanned = 0;
@@ -338,15 +354,14 @@ static uint64_t scan_executable(void)
 			if (!in_vtl0(pa, 4096))
 				continue;
 			scanned++;
-			const uint64_t *w = (const uint64_t *)pa;
-			for (int i = 0; i < 512; i++) {
-				/* word at a time: any byte 0x0F in it? */
-				uint64_t x = w[i] ^ 0x0F0F0F0F0F0F0F0FULL;
-				if (!((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL))
-					continue;
-				for (int j = 0; j < 8; j++)
-					if (((const uint8_t *)&w[i])[j] == 0x0F)
-						check_opcode(k, off + (uint64_t)i * 8 + (uint64_t)j);
+			const uint8_t *b = (const uint8_t *)pa;
+			for (uint64_t o = find_0f(b, 4096); o < 4096; o += 1 + find_0f(b + o + 1, 4095 - o)) {
+				if (o < 4095) {
+					uint8_t b1 = b[o + 1];
+					if (b1 != 0x22 && b1 != 0x06 && b1 != 0x01 && b1 != 0x00)
+						continue;
+				}
+				check_opcode(k, off + o);
 			}
 		}
 	}
