@@ -17,7 +17,7 @@ LDFLAGS := -nostdlib -static -no-pie -Wl,--build-id=none -Wl,-z,max-page-size=0x
 GUEST_CFLAGS := $(CFLAGS) -ffile-prefix-map=$(CURDIR)=. -MMD -MP
 
 LIB_SRC  := guest_lib/console.c guest_lib/string.c guest_lib/arch.c guest_lib/paging.c guest_lib/report.c \
-            guest_lib/entry_common.S
+            guest_lib/entry_common.S guest_lib/priv.S
 VTL0_SRC := guest_vtl0/entry.S guest_vtl0/main.c guest_vtl0/scenarios.c
 VTL1_SRC := guest_vtl1/entry.S guest_vtl1/main.c guest_vtl1/policy.c
 VTL0     := guest_vtl0/build/vtl0.elf
@@ -34,8 +34,20 @@ all: guests bench
 
 guests: $(VTL0) $(VTL1)
 
-$(VTL0): $(VTL0_OBJ) guest_vtl0/linker.ld
-	$(CC) $(LDFLAGS) -T guest_vtl0/linker.ld -o $@ $(VTL0_OBJ)
+# VTL1 refuses to lock VTL0's page tables if a byte sequence that writes CR0/CR3/CR4/XCR0/
+# GDTR/IDTR/LDTR/TR lies in executable memory outside the privileged section
+# (docs/writing-guests.md, "Register pinning").  A call displacement or an address can
+# spell one by accident: link with growing padding between the kernel's code and
+# guest_lib's (PRIVSCAN_PAD, some of it a page, which moves the data too) until
+# guest_lib/privscan.py, the same scan, finds nothing; else fail naming the function.
+PRIVSCAN_PADS := 0 16 48 80 112 4096 4112 4144 8192 8208 8240 12288
+$(VTL0): $(VTL0_OBJ) guest_vtl0/linker.ld guest_lib/privscan.py
+	@for pad in $(PRIVSCAN_PADS); do \
+		$(CC) $(LDFLAGS) -Wl,--defsym=PRIVSCAN_PAD=$$pad -T guest_vtl0/linker.ld -o $@ $(VTL0_OBJ) || exit 1; \
+		if $(PYTHON) guest_lib/privscan.py $@ --quiet; then \
+			[ $$pad = 0 ] || echo "privscan: $@ linked with PRIVSCAN_PAD=$$pad"; exit 0; fi; \
+	done; \
+	$(PYTHON) guest_lib/privscan.py $@; rm -f $@; exit 1
 
 $(VTL1): $(VTL1_OBJ) guest_vtl1/linker.ld
 	$(CC) $(LDFLAGS) -T guest_vtl1/linker.ld -o $@ $(VTL1_OBJ)

@@ -19,14 +19,16 @@ struct __attribute__((packed)) idt_gate {
 	uint32_t off_hi, zero;
 };
 
-struct __attribute__((packed)) desc_ptr {
-	uint16_t limit;
-	uint64_t base;
-};
-
-static uint64_t gdt[7] __attribute__((aligned(16)));
-static struct idt_gate idt[32] __attribute__((aligned(16)));
-static struct tss64 tss __attribute__((aligned(16)));
+/* The descriptor tables are __ro_after_init data: written here at boot, read-only for
+ * VTL0 from END_OF_BOOT on (the CPU never writes them afterwards: every descriptor has
+ * its Accessed bit preset, and the TSS is busy from the LTR below).  VTL1 links
+ * .data..ro_after_init into its ordinary data. */
+#define RO_AFTER_INIT __attribute__((section(".data..ro_after_init")))
+static uint64_t gdt[11] __attribute__((aligned(16))) RO_AFTER_INIT;
+static struct idt_gate idt[32] __attribute__((aligned(16))) RO_AFTER_INIT;
+static struct tss64 tss __attribute__((aligned(16))) RO_AFTER_INIT;
+static struct tss64 tss2 __attribute__((aligned(16))) RO_AFTER_INIT;
+static uint64_t ldt[2] __attribute__((aligned(16))) RO_AFTER_INIT;
 static uint8_t exception_stack[16384] __attribute__((aligned(16)));
 static uint8_t df_stack[8192] __attribute__((aligned(16)));
 extern uint64_t isr_table[32];
@@ -40,6 +42,14 @@ static struct jmpbuf fault_jb;
 static struct fault_info *volatile fault_out;
 static volatile int fault_armed;
 
+/* A 16-byte system descriptor (TSS, LDT) at d[0..1]. */
+static void system_desc(uint64_t *d, uint64_t base, uint64_t limit, uint64_t type)
+{
+	d[0] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (type << 40) | (((limit >> 16) & 0xF) << 48) |
+	       (((base >> 24) & 0xFF) << 56);
+	d[1] = base >> 32;
+}
+
 void arch_init(void)
 {
 	gdt[0] = 0;
@@ -47,26 +57,29 @@ void arch_init(void)
 	gdt[2] = 0x00CF93000000FFFFULL;     /* 0x10 kernel data */
 	gdt[3] = 0x00CFF3000000FFFFULL;     /* 0x18 user data, DPL3 */
 	gdt[4] = 0x00AFFB000000FFFFULL;     /* 0x20 user code, DPL3, 64-bit */
-	uint64_t base = (uint64_t)&tss, limit = sizeof(tss) - 1;
-	gdt[5] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ULL << 40) |
-		 (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
-	gdt[6] = base >> 32;
+	system_desc(&gdt[5], (uint64_t)&tss, sizeof(tss) - 1, 0x89);     /* 0x28 TSS, available */
+	system_desc(&gdt[7], (uint64_t)ldt, sizeof(ldt) - 1, 0x82);      /* 0x38 LDT */
+	system_desc(&gdt[9], (uint64_t)&tss2, sizeof(tss2) - 1, 0x89);   /* 0x48 spare TSS */
+	ldt[0] = 0;
+	ldt[1] = 0x00CF93000000FFFFULL;     /* an LDT data segment, never used */
 	tss.rsp[0] = (uint64_t)(exception_stack + sizeof(exception_stack));
 	tss.ist[0] = (uint64_t)(df_stack + sizeof(df_stack));
 	tss.iomap_base = sizeof(tss);
+	tss2.iomap_base = sizeof(tss2);
 
+	/* Every descriptor-table write goes through the privileged section (guest_lib/priv.S). */
 	struct desc_ptr g = { sizeof(gdt) - 1, (uint64_t)gdt };
-	asm volatile("lgdt %0\n\t"
-		     "pushq $0x08\n\t"
+	priv_lgdt(&g);
+	asm volatile("pushq $0x08\n\t"
 		     "leaq 1f(%%rip), %%rax\n\t"
 		     "pushq %%rax\n\t"
 		     "lretq\n"
 		     "1:\n\t"
 		     "movl $0x10, %%eax\n\t"
 		     "movl %%eax, %%ds\n\tmovl %%eax, %%es\n\tmovl %%eax, %%ss\n\t"
-		     "movl %%eax, %%fs\n\tmovl %%eax, %%gs\n\t"
-		     "movw $0x28, %%ax\n\tltr %%ax"
-		     :: "m"(g) : "rax", "memory");
+		     "movl %%eax, %%fs\n\tmovl %%eax, %%gs"
+		     ::: "rax", "memory");
+	priv_ltr(TSS_SEL);
 
 	for (int v = 0; v < 32; v++) {
 		uint64_t h = isr_table[v];
@@ -76,7 +89,7 @@ void arch_init(void)
 		};
 	}
 	struct desc_ptr i = { sizeof(idt) - 1, (uint64_t)idt };
-	asm volatile("lidt %0" :: "m"(i) : "memory");
+	priv_lidt(&i);
 }
 
 static const char *const names[32] = {

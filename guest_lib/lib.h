@@ -65,7 +65,9 @@ void __attribute__((noreturn)) guest_exit(uint32_t status);
 #define USER_DS   0x1B
 #define USER_CS   0x23
 #define TSS_SEL   0x28
-void arch_init(void);         /* GDT with user segments and a TSS, IDT for vectors 0-31 */
+#define LDT_SEL   0x38        /* an LDT descriptor (LDTR stays 0 unless someone loads it) */
+#define TSS2_SEL  0x48        /* a second, available TSS descriptor (TR stays TSS_SEL) */
+void arch_init(void);         /* GDT with user segments, a TSS, an LDT and a spare TSS; IDT for vectors 0-31 */
 
 struct regs_frame {           /* what the exception stubs push, lowest address first */
 	uint64_t r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
@@ -95,7 +97,11 @@ uint64_t report_status(const char *name, uint64_t code, uint64_t status);
 uint64_t report_fault(const char *name, const struct fault_info *fi);
 uint64_t report_value(const char *name, uint64_t value);
 uint64_t report_stamps(const char *name, const uint64_t *stamps, uint64_t count, uint64_t per_stamp);
-uint64_t report_exec(const char *name, uint64_t gva, uint64_t gpa);
+/* EXEC: code planted at gva/gpa; if it runs it stores marker_value into the 8 bytes at
+ * marker_gpa (0: no marker).  The VMM reads the marker back after the run. */
+uint64_t report_exec(const char *name, uint64_t gva, uint64_t gpa, uint64_t marker_gpa, uint64_t marker_value);
+/* REGISTER: VTL_REG_* and its value before the attack (GDTR/IDTR: base, and limit). */
+uint64_t report_register(const char *name, uint32_t reg, uint64_t old, uint64_t limit);
 uint64_t report_bytes(const char *name, const void *p, uint64_t n);
 const char *vtl_status_name(uint64_t status);   /* "VTL_OK", "VTL_E_POLICY", ... */
 
@@ -104,10 +110,54 @@ void paging_init(uint64_t mem_size);
 uint64_t *pte_for(uint64_t va);   /* leaf PTE of a 4 KiB-mapped address, or NULL */
 void paging_set_nx_except(uint64_t x_start, uint64_t x_end);
 
+/* ---- the privileged section (guest_lib/priv.S): every instruction that writes CR0, CR3,
+ * CR4, XCR0, GDTR, IDTR, LDTR or TR lives there and nowhere else.  VTL1 checks that at
+ * VTL_CALL_LOCK_PAGE_TABLES (docs/writing-guests.md, "Register pinning"). ---- */
+struct __attribute__((packed)) desc_ptr {
+	uint16_t limit;
+	uint64_t base;
+};
+void priv_write_cr0(uint64_t v);
+void priv_write_cr3(uint64_t v);
+void priv_write_cr4(uint64_t v);
+void priv_lgdt(const struct desc_ptr *p);
+void priv_lidt(const struct desc_ptr *p);
+void priv_lldt(uint16_t sel);
+void priv_ltr(uint16_t sel);
+void priv_lmsw(uint16_t v);
+void priv_clts(void);
+void priv_xsetbv(uint32_t index, uint64_t v);
+
 /* ---- registers and helpers ---- */
+#define CR0_PE   (UINT64_C(1) << 0)
+#define CR0_MP   (UINT64_C(1) << 1)
+#define CR0_TS   (UINT64_C(1) << 3)
+#define CR0_WP   (UINT64_C(1) << 16)
+#define CR0_PG   (UINT64_C(1) << 31)
+#define CR4_MCE  (UINT64_C(1) << 6)
+#define CR4_PGE  (UINT64_C(1) << 7)
+#define CR4_PCE  (UINT64_C(1) << 8)
+#define CR4_UMIP (UINT64_C(1) << 11)
+#define CR4_VMXE (UINT64_C(1) << 13)
+#define CR4_OSXSAVE (UINT64_C(1) << 18)
+#define CR4_SMEP (UINT64_C(1) << 20)
+#define CR4_SMAP (UINT64_C(1) << 21)
+#define XCR0_X87 (UINT64_C(1) << 0)
+#define XCR0_SSE (UINT64_C(1) << 1)
+#define XCR0_AVX (UINT64_C(1) << 2)
+static inline void sgdt(struct desc_ptr *p) { asm volatile("sgdt %0" : "=m"(*p)); }
+static inline void sidt(struct desc_ptr *p) { asm volatile("sidt %0" : "=m"(*p)); }
+static inline uint16_t read_ldtr(void) { uint16_t v; asm volatile("sldt %0" : "=r"(v)); return v; }
+static inline uint16_t read_tr(void) { uint16_t v; asm volatile("str %0" : "=r"(v)); return v; }
+static inline void cpuid(uint32_t leaf, uint32_t sub, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d)
+{
+	asm volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
 static inline uint64_t read_cr2(void) { uint64_t v; asm volatile("mov %%cr2, %0" : "=r"(v)); return v; }
+static inline uint64_t read_cr0(void) { uint64_t v; asm volatile("mov %%cr0, %0" : "=r"(v)); return v; }
 static inline uint64_t read_cr3(void) { uint64_t v; asm volatile("mov %%cr3, %0" : "=r"(v)); return v; }
-static inline void write_cr3(uint64_t v) { asm volatile("mov %0, %%cr3" :: "r"(v) : "memory"); }
+static inline uint64_t read_cr4(void) { uint64_t v; asm volatile("mov %%cr4, %0" : "=r"(v)); return v; }
+static inline void write_cr3(uint64_t v) { priv_write_cr3(v); }
 static inline uint64_t read_rflags(void) { uint64_t v; asm volatile("pushfq; popq %0" : "=r"(v)); return v; }
 static inline uint64_t rdtsc(void) { uint32_t lo, hi; asm volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((uint64_t)hi << 32) | lo; }
 #define MSR_GS_BASE 0xC0000101

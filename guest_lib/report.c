@@ -98,9 +98,14 @@ uint64_t report_stamps(const char *name, const uint64_t *stamps, uint64_t count,
 	return report_data(VTL_REPORT_STAMPS, name, per_stamp, stamps, count);
 }
 
-uint64_t report_exec(const char *name, uint64_t gva, uint64_t gpa)
+uint64_t report_exec(const char *name, uint64_t gva, uint64_t gpa, uint64_t marker_gpa, uint64_t marker_value)
 {
-	return report(VTL_REPORT_EXEC, name, gva, gpa, 0, 0, NULL);
+	return report(VTL_REPORT_EXEC, name, gva, gpa, marker_gpa, marker_value, NULL);
+}
+
+uint64_t report_register(const char *name, uint32_t reg, uint64_t old, uint64_t limit)
+{
+	return report(VTL_REPORT_REGISTER, name, reg, old, limit, 0, NULL);
 }
 
 uint64_t report_bytes(const char *name, const void *p, uint64_t n)

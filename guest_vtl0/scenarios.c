@@ -272,9 +272,10 @@ SCENARIO(sc_early, "call-without-vtl1", "a VTL call before VTL1 is enabled: VTL_
 
 SCENARIO(sc_triple, "triple-fault", "load an empty IDT and fault: the VMM reports the triple fault")
 {
-	static const struct { uint16_t limit; uint64_t base; } __attribute__((packed)) empty = { 0, 0 };
+	static const struct desc_ptr empty = { 0, 0 };
 	printf("loading an empty IDT and executing ud2\n");
-	asm volatile("lidt %0; ud2" :: "m"(empty));
+	priv_lidt(&empty);
+	asm volatile("ud2");
 	fail("triple-fault", "survived a triple fault");
 }
 
@@ -358,10 +359,13 @@ static void must(const char *name, const char *key, uint64_t code, const char *w
 		fail(name, what);
 }
 
-/* Boot-time hardening: NX everywhere but text, attributes from VTL1, tables locked. */
-static void harden(const char *name, int end_of_boot)
+extern char _priv_start[], _priv_end[];
+/* RCX of VTL_CALL_LOCK_PAGE_TABLES: 1 when VTL1 judges register writes from now on. */
+static uint64_t register_pinning;
+
+/* Boot-time hardening, part 1: NX everywhere but text, attributes from VTL1. */
+static void harden_protect(const char *name)
 {
-	require_vtl1(name);
 	uint64_t ts = (uint64_t)_text_start, te = (uint64_t)_text_end;
 	uint64_t v1 = boot_info->vtl1_base, v1e = v1 + boot_info->vtl1_size, mem = boot_info->mem_size;
 	paging_set_nx_except(ts, te);
@@ -379,11 +383,27 @@ static void harden(const char *name, int end_of_boot)
 	if (mem > v1e)
 		must(name, "protect_high", VTL_CALL_PROTECT, "memory above VTL1 rw-",
 		     prot(v1e, (mem - v1e) >> 12, VTL_MEM_NX, 0));
-	must(name, "lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, "lock page tables",
-	     vtl_call(VTL_CALL_LOCK_PAGE_TABLES, 0, 0, NULL));
+}
+
+/* Part 2: VTL1 scans what VTL0 can execute, locks the tables and (where the VMM can)
+ * pins the registers; RCX = the privileged section, RDI = its pages. */
+static void harden_lock(const char *name, int end_of_boot)
+{
+	uint64_t ps = (uint64_t)_priv_start;
+	must(name, "lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, "lock page tables, pin registers",
+	     vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &register_pinning));
+	printf("register pinning %s\n", register_pinning ? "on: the privileged section is VTL1's" :
+	       "unavailable on this VMM");
 	if (end_of_boot)
 		must(name, "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
 		     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+}
+
+static void harden(const char *name, int end_of_boot)
+{
+	require_vtl1(name);
+	harden_protect(name);
+	harden_lock(name, end_of_boot);
 }
 
 static void write_u64_fn(void *p) { *(volatile uint64_t *)p = 0xBADBADBADBADBAD0ULL; }
@@ -454,15 +474,34 @@ SCENARIO(sc_w_roai, "write-ro-after-init", "attack: write ro_after_init data aft
 
 static void call_fn(void *p) { ((void (*)(void))p)(); }
 
+/* Planted code announces itself: it stores a value into exec_marker (which the VMM reads
+ * back after the run, through the EXEC report) and returns. */
+#define EXEC_MARK 0x45584543554D4521ULL
+static volatile uint64_t exec_marker __attribute__((aligned(8)));
+
+/* movabs $value, %rax; movabs %rax, exec_marker; ret.  Returns the length (21). */
+static uint64_t plant_marker_code(uint8_t *p, uint64_t value)
+{
+	uint64_t marker = (uint64_t)&exec_marker;
+	p[0] = 0x48;
+	p[1] = 0xB8;
+	memcpy(p + 2, &value, 8);
+	p[10] = 0x48;
+	p[11] = 0xA3;
+	memcpy(p + 12, &marker, 8);
+	p[20] = 0xC3;
+	return 21;
+}
+
 SCENARIO(sc_x_data, "exec-data-page", "attack: execute code written into a data page (NX in locked tables)")
 {
 	harden("exec-data-page", 1);
-	data_page[0] = 0xC3;    /* ret */
-	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page);   /* identity-mapped */
+	plant_marker_code(data_page, EXEC_MARK);
+	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page, (uint64_t)&exec_marker, EXEC_MARK);
 	printf("ATTACK exec=%#lx\n", (uint64_t)data_page);
 	struct fault_info fi;
 	int faulted = try_run(call_fn, data_page, &fi);
-	if (!faulted)
+	if (!faulted || exec_marker == EXEC_MARK)
 		attack_succeeded("exec-data-page", "the data page executed", (uint64_t)data_page);
 	expect_fault("exec-data-page", "exec_data_page", "execute data page", faulted, &fi, 14);
 	if (!(fi.error_code & 0x10))
@@ -731,5 +770,783 @@ SCENARIO(sc_reports, "report-limits", "the report channel: long names and texts 
 	raw_report(VTL_REPORT_BYTES, (uint64_t)no_read_page, 16);
 	expect_report_status("data_no_read", (uint64_t)&raw, VTL_E_OUT_OF_RANGE);
 	expect_report_status("record_no_read", (uint64_t)no_read_page, VTL_E_OUT_OF_RANGE);
+	pass(name);
+}
+
+/* ==== issue 9: registers VTL1 pins through the privileged section, and the soundness of
+ * its policy (confused deputy, stale grants, W^X between the lock and END_OF_BOOT).
+ * Each scenario hardens first (harden(): attributes, then the lock, which pins registers
+ * where the VMM decodes the privileged section), names its target through the report
+ * channel (REGISTER with the value before the attack, TARGET, MSR, EXEC with a marker the
+ * planted code would write), then attacks with the arbitrary-write primitive of the
+ * threat model and the privileged section's own functions. ==== */
+#define EFER_SCE (1ULL << 0)
+#define EFER_LME (1ULL << 8)
+#define MSR_STAR 0xC0000081
+#define MSR_LSTAR 0xC0000082
+#define MSR_CSTAR 0xC0000083
+#define MSR_SFMASK 0xC0000084
+#define MSR_SYSENTER_CS 0x174
+#define MSR_SYSENTER_ESP 0x175
+#define MSR_SYSENTER_EIP 0x176
+#define PTE_NX (1ULL << 63)
+#define PTE_RW (1ULL << 1)
+#define PTE_PS (1ULL << 7)
+#define PTE_ADDR 0x000FFFFFFFFFF000ULL
+#define CR0_PINNED (CR0_PE | CR0_WP | CR0_PG)
+#define CR4_PINNED (~(CR4_MCE | CR4_PGE | CR4_PCE | CR4_VMXE))
+
+/* A register write through one of the privileged section's functions, under try_run. */
+struct reg_write {
+	void (*fn)(uint64_t);
+	uint64_t value;
+};
+static void reg_write_fn(void *p)
+{
+	const struct reg_write *w = p;
+	w->fn(w->value);
+}
+static int try_reg_write(void (*fn)(uint64_t), uint64_t value, struct fault_info *fi)
+{
+	struct reg_write w = { fn, value };
+	return try_run(reg_write_fn, &w, fi);
+}
+static void lldt_fn(uint64_t v) { priv_lldt((uint16_t)v); }
+static void ltr_fn(uint64_t v) { priv_ltr((uint16_t)v); }
+static void lmsw_fn(uint64_t v) { priv_lmsw((uint16_t)v); }
+static void clts_fn(uint64_t v) { (void)v; priv_clts(); }
+static void lgdt_fn(uint64_t v) { priv_lgdt((const struct desc_ptr *)v); }
+static void lidt_fn(uint64_t v) { priv_lidt((const struct desc_ptr *)v); }
+static void xsetbv_fn(uint64_t v) { priv_xsetbv(0, v); }
+static uint32_t wrmsr_index;
+static void wrmsr_fn(uint64_t v) { wrmsr(wrmsr_index, v); }
+
+/* The write must have faulted with #GP (FAULT `key`) and left the register as it was
+ * before (`now`, read back here; the VMM reads it from KVM through the REGISTER report). */
+static void expect_register_kept(const char *name, const char *key, const char *what, int faulted,
+				 struct fault_info *fi, uint64_t old, uint64_t now)
+{
+	if (now != old)
+		attack_succeeded(name, what, now);
+	expect_fault(name, key, what, faulted, fi, 13);
+	printf("%s refused, register still %#lx\n", what, now);
+}
+
+SCENARIO(sc_cr0_wp, "clear-cr0-wp", "attack: clear CR0.WP (VTL1 pins CR0.PE/WP/PG)")
+{
+	const char *name = "clear-cr0-wp";
+	harden(name, 1);
+	uint64_t old = read_cr0();
+	report_register("cr0", VTL_REG_CR0, old, 0);
+	printf("ATTACK cr0 %#lx -> %#lx\n", old, old & ~CR0_WP);
+	struct fault_info fi;
+	int faulted = try_reg_write(priv_write_cr0, old & ~CR0_WP, &fi);
+	expect_register_kept(name, "write_cr0", "mov to CR0 clearing WP", faulted, &fi, old, read_cr0());
+	echo_still_works(name);
+	pass(name);
+}
+
+/* VALUE "cr4_boot_set" (the bits boot enabled because the vCPU has them), REGISTER cr4,
+ * then CR4 without `bit`: #GP (FAULT "write_cr4"), CR4 unchanged. */
+static void clear_cr4_bit(const char *name, uint64_t bit, const char *bit_name)
+{
+	harden(name, 1);
+	report_value("cr4_boot_set", cr4_boot_set);
+	uint64_t old = read_cr4();
+	if (!(old & bit)) {
+		printf("the vCPU has no %s: nothing to clear\n", bit_name);
+		fail(name, "the vCPU does not support the CR4 bit");
+	}
+	report_register("cr4", VTL_REG_CR4, old, 0);
+	printf("ATTACK cr4 %#lx -> %#lx (clear %s)\n", old, old & ~bit, bit_name);
+	struct fault_info fi;
+	int faulted = try_reg_write(priv_write_cr4, old & ~bit, &fi);
+	expect_register_kept(name, "write_cr4", "mov to CR4 clearing a pinned bit", faulted, &fi, old, read_cr4());
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_cr4_smep, "clear-cr4-smep", "attack: clear CR4.SMEP (set at boot where the vCPU has it; pinned)")
+{ clear_cr4_bit("clear-cr4-smep", CR4_SMEP, "SMEP"); }
+
+SCENARIO(sc_cr4_smap, "clear-cr4-smap", "attack: clear CR4.SMAP (set at boot where the vCPU has it; pinned)")
+{ clear_cr4_bit("clear-cr4-smap", CR4_SMAP, "SMAP"); }
+
+SCENARIO(sc_cr4_umip, "clear-cr4-umip", "attack: clear CR4.UMIP (set at boot where the vCPU has it; pinned)")
+{ clear_cr4_bit("clear-cr4-umip", CR4_UMIP, "UMIP"); }
+
+/* ---- the attacker's own page tables: a copy of the current ones, NX cleared at every
+ * level, optionally with kernel text mapped to a writable copy ---- */
+#define OWN_MAX_TABLES 24
+#define TEXT_COPY_PAGES 16
+static uint64_t own_tables[OWN_MAX_TABLES][512] __attribute__((aligned(4096)));
+static uint8_t text_copy[TEXT_COPY_PAGES][4096] __attribute__((aligned(4096)));
+static int own_used, own_remap_text;
+
+static uint64_t *copy_tables(const uint64_t *src, int level, uint64_t va)
+{
+	if (own_used >= OWN_MAX_TABLES)
+		return NULL;
+	uint64_t *dst = own_tables[own_used++];
+	uint64_t ts = (uint64_t)_text_start, ps = (uint64_t)_priv_start;
+	for (uint64_t i = 0; i < 512; i++) {
+		uint64_t e = src[i], eva = va | (i << (12 + 9 * (level - 1)));
+		if (!(e & 1)) {
+			dst[i] = e;
+			continue;
+		}
+		e &= ~PTE_NX;
+		if (level > 2 || (level == 2 && !(e & PTE_PS))) {
+			uint64_t *child = copy_tables((const uint64_t *)(e & PTE_ADDR), level - 1, eva);
+			if (!child)
+				return NULL;
+			e = (e & ~PTE_ADDR) | (uint64_t)child;
+		} else if (level == 1 && own_remap_text && eva >= ts && eva < ps) {
+			e = (e & ~PTE_ADDR) | (uint64_t)text_copy[(eva - ts) >> 12] | PTE_RW;
+		}
+		dst[i] = e;
+	}
+	return dst;
+}
+
+static uint64_t own_root(const char *name, int remap_text)
+{
+	own_used = 0;
+	own_remap_text = remap_text;
+	uint64_t *root = copy_tables((const uint64_t *)(read_cr3() & PTE_ADDR), 4, 0);
+	if (!root)
+		fail(name, "page tables too big to copy");
+	report_value("own_table_pages", (uint64_t)own_used);
+	return (uint64_t)root;
+}
+
+/* Text code the writable-text attack patches (through a volatile pointer: never inlined). */
+static uint64_t __attribute__((noinline, noclone, used)) victim_fn(void) { return 0x11; }
+static uint64_t (*volatile victim)(void) = victim_fn;
+
+SCENARIO(sc_own_cr3, "load-own-cr3", "attack: load CR3 with a copy of the page tables without NX, run a data page")
+{
+	const char *name = "load-own-cr3";
+	harden(name, 1);
+	uint64_t old = read_cr3(), root = own_root(name, 0);
+	plant_marker_code(data_page, EXEC_MARK);
+	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page, (uint64_t)&exec_marker, EXEC_MARK);
+	report_register("cr3", VTL_REG_CR3, old, 0);
+	printf("ATTACK cr3 %#lx -> %#lx (tables without NX)\n", old, root);
+	struct fault_info fi;
+	int faulted = try_reg_write(priv_write_cr3, root, &fi);
+	if (read_cr3() != old) {
+		struct fault_info ran;
+		try_run(call_fn, data_page, &ran);
+		attack_succeeded(name, "CR3 loaded with tables without NX", read_cr3());
+	}
+	expect_fault(name, "write_cr3", "mov to CR3 of tables VTL1 never locked", faulted, &fi, 13);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_own_cr3_text, "load-own-cr3-writable-text",
+	 "attack: load CR3 with tables mapping kernel text to a writable copy, patch and run it")
+{
+	const char *name = "load-own-cr3-writable-text";
+	harden(name, 1);
+	uint64_t ts = (uint64_t)_text_start, ps = (uint64_t)_priv_start;
+	if (PAGES(ts, ps) > TEXT_COPY_PAGES)
+		fail(name, "text too big to copy");
+	memcpy(text_copy, (const void *)ts, ps - ts);
+	uint64_t old = read_cr3(), root = own_root(name, 1);
+	/* The patch as the writable copy would hold it once written through the text address. */
+	uint64_t target = (uint64_t)victim_fn, copy = (uint64_t)text_copy + (target - ts);
+	plant_marker_code((uint8_t *)copy, EXEC_MARK);
+	report_exec("kernel_text_copy", target, copy, (uint64_t)&exec_marker, EXEC_MARK);
+	report_register("cr3", VTL_REG_CR3, old, 0);
+	printf("ATTACK cr3 %#lx -> %#lx (text %#lx-%#lx mapped to a writable copy at %#lx)\n", old, root, ts, ps,
+	       (uint64_t)text_copy);
+	struct fault_info fi;
+	int faulted = try_reg_write(priv_write_cr3, root, &fi);
+	if (read_cr3() != old) {
+		victim();
+		attack_succeeded(name, "CR3 loaded with writable kernel text", read_cr3());
+	}
+	expect_fault(name, "write_cr3", "mov to CR3 of tables VTL1 never locked", faulted, &fi, 13);
+	uint64_t r = victim();
+	report_value("victim_result", r);        /* 0x11: the text that runs is the original */
+	if (r != 0x11 || exec_marker == EXEC_MARK)
+		attack_succeeded(name, "patched text ran", r);
+	pass(name);
+}
+
+/* ---- descriptor tables: LGDT/LIDT of the attacker's own copy, LLDT, LTR ---- */
+static uint8_t table_copy[4096] __attribute__((aligned(16)));
+static struct desc_ptr own_dp;
+
+static void own_descriptor_table(const char *name, int idt)
+{
+	harden(name, 1);
+	struct desc_ptr old, now;
+	if (idt)
+		sidt(&old);
+	else
+		sgdt(&old);
+	if ((uint64_t)old.limit + 1 > sizeof(table_copy))
+		fail(name, "table too big to copy");
+	memcpy(table_copy, (const void *)old.base, (uint64_t)old.limit + 1);
+	own_dp.limit = old.limit;
+	own_dp.base = (uint64_t)table_copy;
+	report_register(idt ? "idtr" : "gdtr", idt ? VTL_REG_IDTR : VTL_REG_GDTR, old.base, old.limit);
+	printf("ATTACK %s base %#lx -> %#lx (a writable copy)\n", idt ? "IDTR" : "GDTR", old.base, own_dp.base);
+	struct fault_info fi;
+	int faulted = try_reg_write(idt ? lidt_fn : lgdt_fn, (uint64_t)&own_dp, &fi);
+	if (idt)
+		sidt(&now);
+	else
+		sgdt(&now);
+	if (now.base != old.base || now.limit != old.limit)
+		attack_succeeded(name, idt ? "IDTR loaded" : "GDTR loaded", now.base);
+	expect_fault(name, idt ? "lidt" : "lgdt", idt ? "LIDT of an own table" : "LGDT of an own table", faulted,
+		     &fi, 13);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_lidt, "lidt-own", "attack: LIDT of the attacker's own, writable IDT (IDTR fixed at the lock)")
+{ own_descriptor_table("lidt-own", 1); }
+
+SCENARIO(sc_lgdt, "lgdt-own", "attack: LGDT of the attacker's own, writable GDT (GDTR fixed at the lock)")
+{ own_descriptor_table("lgdt-own", 0); }
+
+SCENARIO(sc_lldt, "lldt", "attack: LLDT of an LDT descriptor (LDTR fixed at the lock)")
+{
+	const char *name = "lldt";
+	harden(name, 1);
+	uint64_t old = read_ldtr();
+	report_register("ldtr", VTL_REG_LDTR, old, 0);
+	printf("ATTACK ldtr %#lx -> %#x\n", old, LDT_SEL);
+	struct fault_info fi;
+	int faulted = try_reg_write(lldt_fn, LDT_SEL, &fi);
+	expect_register_kept(name, "lldt", "LLDT", faulted, &fi, old, read_ldtr());
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_ltr, "ltr", "attack: LTR of a second TSS (attacker stacks; TR fixed at the lock)")
+{
+	const char *name = "ltr";
+	/* Before END_OF_BOOT: the GDT (ro_after_init) is still writable, so that without
+	 * register pinning the LTR really happens (it sets the busy bit in the GDT) rather than
+	 * failing in KVM's emulator on a read-only GDT. */
+	harden(name, 0);
+	uint64_t old = read_tr();
+	report_register("tr", VTL_REG_TR, old, 0);
+	printf("ATTACK tr %#lx -> %#x\n", old, TSS2_SEL);
+	struct fault_info fi;
+	int faulted = try_reg_write(ltr_fn, TSS2_SEL, &fi);
+	expect_register_kept(name, "ltr", "LTR", faulted, &fi, old, read_tr());
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_xsetbv, "xsetbv", "attack: XSETBV changing XCR0 (pinned from the lock)")
+{
+	const char *name = "xsetbv";
+	harden(name, 1);
+	if (!(cr4_boot_set & CR4_OSXSAVE))
+		fail(name, "the vCPU has no XSAVE");
+	uint32_t a, b, c, d;
+	cpuid(0xD, 0, &a, &b, &c, &d);
+	uint64_t old = xcr0_boot, want;
+	if ((a & XCR0_AVX) && (old & XCR0_SSE))
+		want = old | XCR0_AVX;          /* a legal XCR0, but not the pinned one */
+	else if (old & XCR0_SSE)
+		want = old & ~XCR0_SSE;
+	else
+		fail(name, "XCR0 has nothing to change");
+	report_register("xcr0", VTL_REG_XCR0, old, 0);
+	printf("ATTACK xcr0 %#lx -> %#lx\n", old, want);
+	struct fault_info fi;
+	int faulted = try_reg_write(xsetbv_fn, want, &fi);
+	/* No read-back here: this host's KVM emulates every instruction and cannot emulate
+	 * XGETBV.  A write that did not fault took effect; the VMM reads XCR0 from KVM. */
+	expect_register_kept(name, "xsetbv", "XSETBV", faulted, &fi, old, faulted ? old : want);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_mov_cr_outside, "mov-cr-outside-section",
+	 "attack: a MOV to CR0 planted in a data page, outside the privileged section (NX)")
+{
+	const char *name = "mov-cr-outside-section";
+	harden(name, 1);
+	uint64_t old = read_cr0(), want = old & ~CR0_WP;
+	uint8_t *p = data_page;
+	p[0] = 0x48;                    /* movabs $want, %rax */
+	p[1] = 0xB8;
+	memcpy(p + 2, &want, 8);
+	p[10] = 0x0F;                   /* mov %rax, %cr0 */
+	p[11] = 0x22;
+	p[12] = 0xC0;
+	plant_marker_code(p + 13, EXEC_MARK);
+	report_register("cr0", VTL_REG_CR0, old, 0);
+	report_exec("data_page", (uint64_t)p, (uint64_t)p, (uint64_t)&exec_marker, EXEC_MARK);
+	printf("ATTACK exec=%#lx: mov %%rax,%%cr0 with rax=%#lx\n", (uint64_t)p, want);
+	struct fault_info fi;
+	int faulted = try_run(call_fn, p, &fi);
+	uint64_t now = read_cr0();
+	if (now != old || exec_marker == EXEC_MARK)
+		attack_succeeded(name, "the planted MOV to CR0 ran", now);
+	expect_fault(name, "exec_data_page", "execute a planted MOV to CR0", faulted, &fi, 14);
+	if (!(fi.error_code & 0x10))
+		fail(name, "#PF without the instruction-fetch bit");
+	pass(name);
+}
+
+SCENARIO(sc_lmsw, "lmsw-clear-pe",
+	 "attack: clear CR0.PE with LMSW, CLTS and MOV to CR0 (PE pinned; LMSW cannot clear it anyway)")
+{
+	const char *name = "lmsw-clear-pe";
+	harden(name, 1);
+	uint64_t old = read_cr0();
+	report_register("cr0", VTL_REG_CR0, old, 0);
+	printf("ATTACK lmsw %#lx (PE clear), clts, mov to CR0 %#lx\n", old & 0xE, old & ~CR0_PE);
+	/* LMSW and CLTS write CR0[3:0]; PE is the only pinned bit there, and LMSW never clears
+	 * it: either may be applied as a no-op or refused. */
+	struct fault_info fi;
+	int lmsw_faulted = try_reg_write(lmsw_fn, old & 0xE, &fi);
+	if (lmsw_faulted)
+		report_fault("lmsw", &fi);
+	report_value("lmsw_faulted", (uint64_t)lmsw_faulted);
+	int clts_faulted = try_reg_write(clts_fn, 0, &fi);
+	if (clts_faulted)
+		report_fault("clts", &fi);
+	report_value("clts_faulted", (uint64_t)clts_faulted);
+	uint64_t now = read_cr0();
+	if (now != old)
+		attack_succeeded(name, "CR0 changed by LMSW/CLTS", now);
+	/* MOV to CR0 can clear PE: #GP (PG without PE is no CR0 the CPU takes either). */
+	int faulted = try_reg_write(priv_write_cr0, old & ~CR0_PE, &fi);
+	expect_register_kept(name, "write_cr0", "mov to CR0 clearing PE", faulted, &fi, old, read_cr0());
+	printf("CR0 %#lx after LMSW (%s), CLTS (%s) and MOV to CR0 (#GP)\n", read_cr0(),
+	       lmsw_faulted ? "#GP" : "no fault", clts_faulted ? "#GP" : "no fault");
+	pass(name);
+}
+
+/* ---- confused deputy: VTL calls whose output buffer is memory VTL0 may not write ---- */
+static const uint64_t deputy_rodata[4] __attribute__((aligned(32), used)) = {
+	0x1111111111111111ULL, 0x2222222222222222ULL, 0x3333333333333333ULL, 0x4444444444444444ULL };
+
+/* TARGET `key` (8 bytes at target), the call, then: memory unchanged and STATUS `status_key`
+ * = VTL_E_ACCESS_DENIED. */
+static void deputy(const char *name, const char *key, const char *status_key, uint64_t code, uint64_t target,
+		   int via_probe)
+{
+	uint8_t before[256];
+	memcpy(before, (const void *)target, sizeof(before));
+	report_target(key, target, 8, *(volatile uint64_t *)target);
+	printf("ATTACK: VTL call %#lx with its output buffer at %#lx (%s)\n", code, target, key);
+	uint64_t st;
+	if (via_probe) {
+		reg_probe_call((struct reg_probe_result *)target);   /* RCX = target */
+		st = probe_after[0];
+	} else {
+		st = vtl_call(code, 0, target, NULL);                 /* RDI = target */
+	}
+	if (memcmp(before, (const void *)target, sizeof(before)) != 0)
+		attack_succeeded(name, "VTL1 wrote where VTL0 may not", *(volatile uint64_t *)target);
+	expect_status(name, status_key, code, "VTL call into memory VTL0 may not write", st, VTL_E_ACCESS_DENIED);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_deputy_rodata, "confused-deputy-rodata",
+	 "attack: VTL_CALL_GET_MEASUREMENT with its output in immutable rodata (VTL1 as deputy)")
+{
+	harden("confused-deputy-rodata", 1);
+	deputy("confused-deputy-rodata", "rodata", "get_measurement_into_rodata", VTL_CALL_GET_MEASUREMENT,
+	       (uint64_t)deputy_rodata, 0);
+}
+
+SCENARIO(sc_deputy_text, "confused-deputy-text",
+	 "attack: VTL_CALL_REG_PROBE with its register dump in immutable kernel text (VTL1 as deputy)")
+{
+	harden("confused-deputy-text", 1);
+	deputy("confused-deputy-text", "kernel_text", "reg_probe_into_text", VTL_CALL_REG_PROBE,
+	       (uint64_t)victim_fn & ~7ULL, 1);
+}
+
+SCENARIO(sc_deputy_pt, "confused-deputy-page-table",
+	 "attack: VTL_CALL_GET_MEASUREMENT with its output in a locked page-table page (VTL1 as deputy)")
+{
+	harden("confused-deputy-page-table", 1);
+	deputy("confused-deputy-page-table", "page_table_entry", "get_measurement_into_pte",
+	       VTL_CALL_GET_MEASUREMENT, (uint64_t)pte_for((uint64_t)data_page) & ~31ULL, 0);
+}
+
+/* ---- a grant that outlives the protection it came with ---- */
+SCENARIO(sc_stale_audit, "stale-audit-text",
+	 "attack: a text page audited (writes allowed) at boot, then made immutable text: write it")
+{
+	const char *name = "stale-audit-text";
+	require_vtl1(name);
+	uint64_t page = (uint64_t)victim_fn & ~0xFFFULL;
+	must(name, "protect_audit_text_page", VTL_CALL_PROTECT, "text page r--, audited: writes allowed",
+	     prot(page, 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_AUDIT));
+	harden_protect(name);           /* text r-x, immutable: the audit grant ends here */
+	harden_lock(name, 0);
+	attack_write(name, "kernel_text", "text once audited", (uint64_t)victim_fn & ~7ULL);
+	/* And no new grant on immutable text either (STATUS before the second write). */
+	uint64_t st = prot(page, 1, VTL_MEM_NW, VTL_PROTECT_AUDIT);
+	report_status("audit_immutable_text", VTL_CALL_PROTECT, st);
+	printf("audit on immutable text -> %s\n", vtl_status_name(st));
+	attack_write(name, "kernel_text", "text audited again", (uint64_t)victim_fn & ~7ULL);
+	if (st != VTL_E_IMMUTABLE)
+		fail(name, "unexpected status");
+	echo_still_works(name);
+	pass(name);
+}
+
+/* ---- W^X between the lock and END_OF_BOOT ---- */
+static uint8_t module_page[4096] __attribute__((aligned(4096)));
+static uint8_t new_code[32];
+static void write_new_code(void *p) { memcpy(p, new_code, sizeof(new_code)); }
+
+SCENARIO(sc_exec_rw, "exec-page-writable-before-eob",
+	 "attack: after the lock, before END_OF_BOOT, make an executable page writable and run new code")
+{
+	const char *name = "exec-page-writable-before-eob";
+	require_vtl1(name);
+	harden_protect(name);
+	/* Boot (trusted) loads a module: code in its own page, r-x for VTL1, executable in
+	 * the tables; not immutable, so only W^X keeps it unwritable. */
+	uint64_t m = (uint64_t)module_page;
+	static const uint8_t code[] = { 0xB8, 0x11, 0x11, 0x00, 0x00, 0xC3 };   /* mov $0x1111, %eax; ret */
+	memcpy(module_page, code, sizeof(code));
+	must(name, "protect_module_rx", VTL_CALL_PROTECT, "module page r-x", prot(m, 1, VTL_MEM_NW, 0));
+	*pte_for(m) &= ~PTE_NX;
+	invlpg(m);
+	harden_lock(name, 0);
+	uint64_t (*volatile module)(void) = (uint64_t (*)(void))m;
+	uint64_t r = module();
+	report_value("module_result", r);
+	if (r != 0x1111)
+		fail(name, "the module did not run");
+	uint64_t st = prot(m, 1, VTL_MEM_NX, 0);
+	report_value("module_page_attrs", protection_of(m));
+	/* The new code, written with the arbitrary-write primitive. */
+	uint64_t old = *(volatile uint64_t *)m;
+	plant_marker_code(new_code, EXEC_MARK);
+	report_target("module_page", m, 8, old);
+	report_exec("module_page", m, m, (uint64_t)&exec_marker, EXEC_MARK);
+	printf("ATTACK: module page rw- (%s), then new code at %#lx\n", vtl_status_name(st), m);
+	struct fault_info fi;
+	int faulted = try_run(write_new_code, module_page, &fi);
+	if (*(volatile uint64_t *)m != old) {
+		struct fault_info ran;
+		try_run(call_fn, module_page, &ran);
+		attack_succeeded(name, "new code written into an executable page", *(volatile uint64_t *)m);
+	}
+	expect_status(name, "protect_module_rw", VTL_CALL_PROTECT, "module page rw- after the lock", st,
+		      VTL_E_POLICY);
+	expect_fault(name, "module_page", "write new code into the module page", faulted, &fi, 14);
+	r = module();
+	report_value("module_result_after", r);
+	if (r != 0x1111 || exec_marker == EXEC_MARK)
+		attack_succeeded(name, "new code ran", r);
+	pass(name);
+}
+
+/* ---- MSRs: EFER pinned whole from the lock, syscall MSRs from END_OF_BOOT ---- */
+static void msr_attack(const char *name, int end_of_boot, uint32_t msr, const char *key, uint64_t value,
+		       const char *what)
+{
+	harden(name, end_of_boot);
+	uint64_t old = rdmsr(msr);
+	report_msr(key, msr, old);
+	printf("ATTACK wrmsr %#x: %#lx -> %#lx (%s)\n", msr, old, value, what);
+	wrmsr_index = msr;
+	struct fault_info fi;
+	int faulted = try_reg_write(wrmsr_fn, value, &fi);
+	uint64_t now = rdmsr(msr);
+	if (now != old)
+		attack_succeeded(name, what, now);
+	char fault_key[32] = "wrmsr_";
+	memcpy(fault_key + 6, key, strlen(key) + 1 < 26 ? strlen(key) + 1 : 26);
+	fault_key[31] = 0;
+	expect_fault(name, fault_key, what, faulted, &fi, 13);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_efer_lme, "clear-efer-lme", "attack: clear EFER.LME (EFER pinned whole from the lock)")
+{ msr_attack("clear-efer-lme", 1, MSR_EFER, "efer", rdmsr(MSR_EFER) & ~EFER_LME, "EFER.LME cleared"); }
+
+SCENARIO(sc_efer_sce, "clear-efer-sce", "attack: clear EFER.SCE, NXE kept (EFER pinned whole from the lock)")
+{ msr_attack("clear-efer-sce", 1, MSR_EFER, "efer", rdmsr(MSR_EFER) & ~EFER_SCE, "EFER.SCE cleared"); }
+
+SCENARIO(sc_lstar_nc, "lstar-non-canonical", "attack: a non-canonical LSTAR before END_OF_BOOT (VTL1 checks it)")
+{
+	msr_attack("lstar-non-canonical", 0, MSR_LSTAR, "lstar", 0x0000800000000000ULL | (uint64_t)victim_fn,
+		   "non-canonical LSTAR");
+}
+
+SCENARIO(sc_lstar_eob, "write-lstar-after-eob", "attack: point LSTAR at other code after END_OF_BOOT (pinned)")
+{ msr_attack("write-lstar-after-eob", 1, MSR_LSTAR, "lstar", (uint64_t)victim_fn, "LSTAR changed after boot"); }
+
+/* ---- a malicious VTL0 against the pinned registers: seeded random writes ----
+ * Through the privileged section's functions (CR0/CR3/CR4/XCR0/GDTR/IDTR/LDTR/TR) and
+ * WRMSR (EFER, the syscall MSRs), each under try_run so that #GP is survived.  After every
+ * attempt the guest reads back what it can and counts a violation where a pinned value
+ * changed; a change VTL1 allowed (an unpinned bit: CR0.MP/TS/CD..., CR4.PGE/MCE/PCE/VMXE,
+ * CR3 cache bits, syscall MSRs before END_OF_BOOT) is put back, so the registers the
+ * kernel needs stay as they were.  XCR0 cannot be read back on this host (no XGETBV
+ * emulation): an XSETBV to a value other than the pinned one that does not fault counts
+ * as a violation. */
+static const uint32_t fuzz_msrs[] = { MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK,
+				      MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP };
+static const char *const fuzz_msr_names[] = { "efer", "star", "lstar", "cstar", "sfmask",
+					      "sysenter_cs", "sysenter_esp", "sysenter_eip" };
+#define NFUZZ_MSRS (sizeof(fuzz_msrs) / sizeof(fuzz_msrs[0]))
+static struct desc_ptr fuzz_dp;
+
+static uint64_t fuzz_reg_value(uint64_t cur)
+{
+	switch (rnd() % 8) {
+	case 0: return rnd();                                         /* anything */
+	case 1: return cur;                                           /* the same value */
+	case 2: return cur ^ (1ULL << (rnd() % 64));                  /* one bit, reserved ones too */
+	case 3: return cur ^ (1ULL << (rnd() % 32)) ^ (1ULL << (rnd() % 32));
+	case 4: return cur | (rnd() << 48);                           /* non-canonical, high bits */
+	case 5: return cur ^ (1ULL << (rnd() % 12));                  /* low bits */
+	case 6: return cur & ~(1ULL << (rnd() % 32));                 /* clear a bit */
+	default: return cur | (1ULL << (rnd() % 32));                 /* set a bit */
+	}
+}
+
+static uint64_t fuzz_violations;
+static void violation(const char *what, uint64_t want, uint64_t got)
+{
+	if (fuzz_violations++ < 8)
+		printf("VIOLATION: %s is %#lx, pinned %#lx\n", what, got, want);
+}
+
+SCENARIO(sc_fuzz_regs, "fuzz-registers",
+	 "malicious VTL0: N (param, default 10000) seeded random writes to pinned registers and MSRs")
+{
+	const char *name = "fuzz-registers";
+	harden(name, 0);
+	report_value("register_pinning", register_pinning);
+	if (!register_pinning)
+		fail(name, "register pinning unavailable on this VMM: nothing to fuzz");
+	uint64_t n = boot_info->param ? boot_info->param : 10000;
+	rng_state = 0x9E3779B97F4A7C15ULL ^ n;
+	report_value("seed", rng_state);
+	/* The pinned state, reported so that the VMM checks it after the run itself. */
+	uint64_t cr0 = read_cr0(), cr3 = read_cr3(), cr4 = read_cr4(), xcr0 = xcr0_boot;
+	struct desc_ptr gdtr, idtr;
+	sgdt(&gdtr);
+	sidt(&idtr);
+	uint64_t ldtr = read_ldtr(), tr = read_tr(), msr[NFUZZ_MSRS];
+	report_register("cr0", VTL_REG_CR0, cr0, 0);
+	report_register("cr3", VTL_REG_CR3, cr3, 0);
+	report_register("cr4", VTL_REG_CR4, cr4, 0);
+	if (cr4 & CR4_OSXSAVE)
+		report_register("xcr0", VTL_REG_XCR0, xcr0, 0);
+	report_register("gdtr", VTL_REG_GDTR, gdtr.base, gdtr.limit);
+	report_register("idtr", VTL_REG_IDTR, idtr.base, idtr.limit);
+	report_register("ldtr", VTL_REG_LDTR, ldtr, 0);
+	report_register("tr", VTL_REG_TR, tr, 0);
+	for (uint64_t k = 0; k < NFUZZ_MSRS; k++) {
+		msr[k] = rdmsr(fuzz_msrs[k]);
+		report_msr(fuzz_msr_names[k], fuzz_msrs[k], msr[k]);
+	}
+	uint64_t attempts = 0, faults = 0, restored = 0, restore_faults = 0;
+	fuzz_violations = 0;
+	int boot_over = 0;
+	for (uint64_t i = 0; i < n; i++) {
+		if (i == n / 2) {
+			must(name, "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
+			     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+			boot_over = 1;
+		}
+		struct fault_info fi;
+		int f = 0, kind = (int)(rnd() % 10);
+		uint64_t v = 0;
+		switch (kind) {
+		case 0:
+			f = try_reg_write(priv_write_cr0, fuzz_reg_value(cr0), &fi);
+			break;
+		case 1:
+			switch (rnd() % 4) {
+			case 0: v = cr3; break;
+			case 1: v = cr3 | (rnd() % 2 ? 0x8 : 0x10); break;
+			case 2: v = (rnd() % (boot_info->mem_size >> 12)) << 12; break;
+			default: v = fuzz_reg_value(cr3); break;
+			}
+			f = try_reg_write(priv_write_cr3, v, &fi);
+			break;
+		case 2:
+			f = try_reg_write(priv_write_cr4, fuzz_reg_value(cr4), &fi);
+			break;
+		case 3:
+			if (!(cr4 & CR4_OSXSAVE))
+				continue;
+			v = rnd() % 3 ? fuzz_reg_value(xcr0) & 0xFF : xcr0;
+			f = try_reg_write(xsetbv_fn, v, &fi);
+			if (!f && v != xcr0)
+				violation("XCR0 (XSETBV not refused)", xcr0, v);
+			break;
+		case 4:
+		case 5: {
+			const struct desc_ptr *cur = kind == 4 ? &gdtr : &idtr;
+			fuzz_dp.base = rnd() % 3 ? fuzz_reg_value(cur->base) : cur->base;
+			fuzz_dp.limit = rnd() % 2 ? (uint16_t)rnd() : cur->limit;
+			f = try_reg_write(kind == 4 ? lgdt_fn : lidt_fn, (uint64_t)&fuzz_dp, &fi);
+			break;
+		}
+		case 6: {
+			static const uint16_t sels[] = { 0, LDT_SEL, TSS_SEL, KERNEL_DS };
+			f = try_reg_write(lldt_fn, rnd() % 5 ? sels[rnd() % 4] : (uint16_t)rnd(), &fi);
+			break;
+		}
+		case 7: {
+			static const uint16_t sels[] = { TSS_SEL, TSS2_SEL, LDT_SEL, 0 };
+			f = try_reg_write(ltr_fn, rnd() % 5 ? sels[rnd() % 4] : (uint16_t)rnd(), &fi);
+			break;
+		}
+		default: {
+			uint64_t k = rnd() % NFUZZ_MSRS;
+			wrmsr_index = fuzz_msrs[k];
+			f = try_reg_write(wrmsr_fn, fuzz_reg_value(msr[k]), &fi);
+			break;
+		}
+		}
+		attempts++;
+		faults += (uint64_t)f;
+		/* What VTL1 allowed: pinned values must hold; unpinned changes are put back. */
+		uint64_t now = read_cr0();
+		if ((now ^ cr0) & CR0_PINNED)
+			violation("CR0", cr0, now);
+		if (now != cr0) {
+			restored++;
+			restore_faults += (uint64_t)try_reg_write(priv_write_cr0, cr0, &fi);
+		}
+		now = read_cr4();
+		if ((now ^ cr4) & CR4_PINNED)
+			violation("CR4", cr4, now);
+		if (now != cr4) {
+			restored++;
+			restore_faults += (uint64_t)try_reg_write(priv_write_cr4, cr4, &fi);
+		}
+		now = read_cr3();
+		if ((now & PTE_ADDR) != (cr3 & PTE_ADDR))
+			violation("CR3", cr3, now);
+		if (now != cr3) {
+			restored++;
+			restore_faults += (uint64_t)try_reg_write(priv_write_cr3, cr3, &fi);
+		}
+		struct desc_ptr dp;
+		sgdt(&dp);
+		if (dp.base != gdtr.base || dp.limit != gdtr.limit)
+			violation("GDTR", gdtr.base, dp.base);
+		sidt(&dp);
+		if (dp.base != idtr.base || dp.limit != idtr.limit)
+			violation("IDTR", idtr.base, dp.base);
+		if (read_ldtr() != ldtr)
+			violation("LDTR", ldtr, read_ldtr());
+		if (read_tr() != tr)
+			violation("TR", tr, read_tr());
+		if (kind >= 8) {
+			for (uint64_t k = 0; k < NFUZZ_MSRS; k++) {
+				now = rdmsr(fuzz_msrs[k]);
+				if (now == msr[k])
+					continue;
+				if (k == 0 || boot_over) {
+					violation(fuzz_msr_names[k], msr[k], now);
+				} else {        /* before END_OF_BOOT a valid syscall MSR may change */
+					restored++;
+					wrmsr_index = fuzz_msrs[k];
+					restore_faults += (uint64_t)try_reg_write(wrmsr_fn, msr[k], &fi);
+				}
+			}
+		}
+	}
+	report_value("attempts", attempts);
+	report_value("faults", faults);
+	report_value("allowed", attempts - faults);
+	report_value("restored", restored);
+	report_value("restore_faults", restore_faults);
+	report_value("violations", fuzz_violations);
+	printf("fuzz: %lu register writes, %lu refused (#GP), %lu allowed, %lu unpinned changes put back "
+	       "(%lu of those refused), %lu violations\n", attempts, faults, attempts - faults, restored,
+	       restore_faults, fuzz_violations);
+	if (fuzz_violations)
+		fail(name, "a pinned register changed");
+	if (restore_faults)
+		fail(name, "an allowed change could not be put back");
+	echo_still_works(name);
+	pass(name);
+}
+
+/* ---- the cost of a register write VTL1 allows ---- */
+SCENARIO(sc_bench_cr, "bench-cr-write",
+	 "N (param, default 2000) MOV to CR3 of the locked root, each a register intercept VTL1 allows")
+{
+	const char *name = "bench-cr-write";
+	harden(name, 1);
+	/* Without register pinning these are plain CR3 loads: VTL1 says which (VALUE
+	 * register_pinning at the lock), and so does this VALUE. */
+	report_value("register_pinning", register_pinning);
+	uint64_t n = boot_info->param ? boot_info->param : 2000;
+	uint64_t batches = n / BENCH_BATCH ? n / BENCH_BATCH : 1;
+	if (batches > BENCH_MAX_STAMPS - 1)
+		batches = BENCH_MAX_STAMPS - 1;
+	uint64_t cr3 = read_cr3();
+	for (uint64_t b = 0; b < batches; b++) {
+		stamps[b] = rdtsc();
+		for (int i = 0; i < BENCH_BATCH; i++)
+			priv_write_cr3(cr3);
+	}
+	stamps[batches] = rdtsc();
+	if (read_cr3() != cr3)
+		fail(name, "CR3 changed");
+	/* STAMPS "cr_write": value[0] = CR3 writes between two stamps */
+	uint64_t st = report_stamps("cr_write", stamps, batches + 1, BENCH_BATCH);
+	printf("%lu MOV to CR3 (%s) in %lu TSC ticks (report: %s)\n", batches * BENCH_BATCH,
+	       register_pinning ? "each judged by VTL1" : "not intercepted: no register pinning",
+	       stamps[batches] - stamps[0], vtl_status_name(st));
+	pass(name);
+}
+
+/* ---- the lock's scan, seen from VTL0: a register write outside the section ---- */
+static uint8_t stray_pages[2][4096] __attribute__((aligned(4096)));
+
+SCENARIO(sc_stray, "lock-refuses-stray-cr-write",
+	 "MOV to CR0 across two executable pages outside the privileged section: VTL1 refuses the lock")
+{
+	const char *name = "lock-refuses-stray-cr-write";
+	require_vtl1(name);
+	harden_protect(name);
+	/* Boot maps two adjacent pages executable (r-x for VTL1: W^X holds) whose bytes
+	 * spell 0F | 22 C0 (mov %rax, %cr0) across the page end. */
+	uint64_t a = (uint64_t)stray_pages[0], b = (uint64_t)stray_pages[1];
+	static const uint8_t stray[] = { 0x0F, 0x22, 0xC0, 0xC3 };   /* data: never executable */
+	memcpy(&stray_pages[0][4095], stray, 1);
+	memcpy(&stray_pages[1][0], stray + 1, 3);
+	must(name, "protect_stray_rx", VTL_CALL_PROTECT, "two pages r-x", prot(a, 2, VTL_MEM_NW, 0));
+	*pte_for(a) &= ~PTE_NX;
+	*pte_for(b) &= ~PTE_NX;
+	invlpg(a);
+	invlpg(b);
+	report_value("stray_va", a + 4095);
+	uint64_t ps = (uint64_t)_priv_start, pinning = 0;
+	expect_status(name, "lock_with_stray", VTL_CALL_LOCK_PAGE_TABLES, "lock with a stray MOV to CR0",
+		      vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &pinning), VTL_E_POLICY);
+	/* Nothing was locked: the pages can still be taken back, and the lock then succeeds. */
+	*pte_for(a) |= PTE_NX;
+	*pte_for(b) |= PTE_NX;
+	invlpg(a);
+	invlpg(b);
+	must(name, "protect_stray_rw", VTL_CALL_PROTECT, "the two pages rw- again", prot(a, 2, VTL_MEM_NX, 0));
+	harden_lock(name, 1);
+	echo_still_works(name);
 	pass(name);
 }

@@ -4,6 +4,7 @@
 #include "probe.h"
 
 extern struct vtl_boot_info *boot_info;
+extern uint64_t cr4_boot_set, xcr0_boot;   /* main.c: what boot enabled */
 void pass(const char *name) __attribute__((noreturn));
 void fail(const char *name, const char *why) __attribute__((noreturn));
 

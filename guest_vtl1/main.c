@@ -46,34 +46,37 @@ static uint64_t vp_register(uint64_t reg)
 	return v;
 }
 
+/* VTL_CALL_REG_PROBE: the result is built in VTL1 memory and written to VTL0 in one
+ * checked copy (vtl0_write); only then are the shared registers changed. */
 static int reg_probe(struct frame *f, struct vtl_control *ctl)
 {
+	static struct reg_probe_result r;
 	uint64_t got[16] = { f->rax, f->rbx, f->rcx, f->rdx, f->rsi, f->rdi, 0, f->rbp,
 			     f->r8, f->r9, f->r10, f->r11, f->r12, f->r13, f->r14, f->r15 };
-	if (!in_vtl0(f->rcx, sizeof(struct reg_probe_result))) {
-		ctl->vtl0_rax = VTL_E_INVALID_ARG;
-		return 0;
-	}
-	struct reg_probe_result *r = (struct reg_probe_result *)f->rcx;
 	uint64_t rsp;
 	asm volatile("mov %%rsp, %0" : "=r"(rsp));
 	got[6] = rsp;
-	memcpy(r->received, got, sizeof(got));
-	r->entry_reason = ctl->entry_reason;
-	r->ctl_rax = ctl->vtl0_rax;
-	r->ctl_rcx = ctl->vtl0_rcx;
-	r->mismatches = 0;
+	memset(&r, 0, sizeof(r));
+	memcpy(r.received, got, sizeof(got));
+	r.entry_reason = ctl->entry_reason;
+	r.ctl_rax = ctl->vtl0_rax;
+	r.ctl_rcx = ctl->vtl0_rcx;
 	for (int i = 1; i < 16; i++)
 		if (i != 2 && i != 6 && got[i] != PROBE_PAT0(i))
-			r->mismatches++;
-	r->vtl1_rsp = rsp;
-	r->vtl1_rflags = read_rflags();
-	r->vtl1_cr3 = read_cr3();
-	asm volatile("lea 0(%%rip), %0" : "=r"(r->vtl1_rip));
-	r->vtl0_rsp = vp_register(VTL_REG_RSP);
-	r->vtl0_rflags = vp_register(VTL_REG_RFLAGS);
-	r->vtl0_cr3 = vp_register(VTL_REG_CR3);
-	r->vtl0_rip = vp_register(VTL_REG_RIP);
+			r.mismatches++;
+	r.vtl1_rsp = rsp;
+	r.vtl1_rflags = read_rflags();
+	r.vtl1_cr3 = read_cr3();
+	asm volatile("lea 0(%%rip), %0" : "=r"(r.vtl1_rip));
+	r.vtl0_rsp = vp_register(VTL_REG_RSP);
+	r.vtl0_rflags = vp_register(VTL_REG_RFLAGS);
+	r.vtl0_cr3 = vp_register(VTL_REG_CR3);
+	r.vtl0_rip = vp_register(VTL_REG_RIP);
+	uint64_t st = vtl0_write(f->rcx, &r, sizeof(r));
+	if (st != VTL_OK) {
+		ctl->vtl0_rax = st;
+		return 0;
+	}
 	/* Hand back a second pattern in every shared register, RAX/RCX included. */
 	uint64_t *slot[16] = { &f->rax, &f->rbx, &f->rcx, &f->rdx, &f->rsi, &f->rdi, 0, &f->rbp,
 			       &f->r8, &f->r9, &f->r10, &f->r11, &f->r12, &f->r13, &f->r14, &f->r15 };
@@ -105,12 +108,7 @@ int vtl1_dispatch(struct frame *f)
 	case VTL_CALL_REG_PROBE:
 		return reg_probe(f, ctl);
 	case VTL_CALL_GET_MEASUREMENT:
-		if (!in_vtl0(f->rdi, 32)) {
-			ctl->vtl0_rax = VTL_E_INVALID_ARG;
-			return 0;
-		}
-		memcpy((void *)f->rdi, bi->measurement, 32);
-		ctl->vtl0_rax = VTL_OK;
+		ctl->vtl0_rax = vtl0_write(f->rdi, bi->measurement, 32);
 		return 0;
 	case VTL_CALL_PROTECT:
 		ctl->vtl0_rax = policy_protect(f->rcx, f->rdi, f->rdx, f->rsi);
@@ -119,8 +117,12 @@ int vtl1_dispatch(struct frame *f)
 		ctl->vtl0_rax = policy_protect_pages(f->rcx, f->rdi, f->rdx, f->rsi);
 		return 0;
 	case VTL_CALL_LOCK_PAGE_TABLES:
-		ctl->vtl0_rax = policy_lock_page_tables();
+	{
+		uint64_t pinning = 0;   /* RCX = privileged section GPA, RDI = its pages */
+		ctl->vtl0_rax = policy_lock_page_tables(f->rcx, f->rdi, &pinning);
+		ctl->vtl0_rcx = pinning;   /* 1: register writes are judged by VTL1 from now on */
 		return 0;
+	}
 	case VTL_CALL_END_OF_BOOT:
 		ctl->vtl0_rax = policy_end_of_boot();
 		return 0;

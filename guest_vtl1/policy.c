@@ -1,36 +1,131 @@
-/* VTL1's memory policy for VTL0 (issue 3).  VTL1 keeps its own view of every VTL0 page
- * (attributes it applied + policy flags) and asks the VMM to apply attributes through
- * VTL_HC_MODIFY_VTL_PROTECTION.  Invariants it keeps whatever VTL0 asks:
- *   - no page VTL0 can write is ever executable (W^X),
- *   - an immutable page never changes again,
- *   - nothing touching VTL1's region, nothing after END_OF_BOOT. */
+/* VTL1's policy for VTL0 (issues 3 and 9).  VTL1 keeps its own view of every VTL0 page
+ * (attributes it applied + policy flags), asks the VMM to apply attributes through
+ * VTL_HC_MODIFY_VTL_PROTECTION, and from VTL_CALL_LOCK_PAGE_TABLES on judges VTL0's
+ * register writes (register intercepts, MSR intercepts).  Invariants it keeps whatever
+ * VTL0 asks (docs/writing-guests.md, "VTL1's policy"):
+ *   - no page VTL0 can write is ever executable (W^X), at every step: at the lock every
+ *     executable mapping must be of a page VTL0 cannot write, and from then on such a
+ *     page never becomes writable;
+ *   - an immutable page never changes again;
+ *   - VTL1 writes into VTL0 memory only where VTL0 itself may write, and reads VTL0
+ *     buffers once, into its own memory, before it checks them (vtl0_write/vtl0_read);
+ *   - a flag that grants anything (VTL_PROTECT_AUDIT) lives only as long as the
+ *     protection it came with, and never grants access to immutable, executable,
+ *     page-table or privileged-section pages;
+ *   - from the lock on, CR0.PE/WP/PG, CR4 (all but MCE/PGE/PCE/VMXE), CR3 (locked root),
+ *     XCR0, GDTR/IDTR/LDTR/TR and EFER keep their values; the syscall MSRs from
+ *     END_OF_BOOT; every value VTL1 allows is checked first (canonical, reserved bits);
+ *   - nothing touching VTL1's region, no protection change after END_OF_BOOT. */
 #include "lib.h"
 #include "vtl1.h"
 
 #define MAX_PAGES (4ULL << 18)          /* 4 GiB of VTL0 memory */
+/* page[] (one byte per VTL0 page; tests/test_fuzz.py reads it): VTL_MEM_* | F_* */
+#define ATTR_MASK 0x07
+#define F_EXEC 0x08                     /* mapped executable by the locked page tables */
 #define F_IMMUTABLE 0x10
 #define F_AFTER_BOOT 0x20
 #define F_TABLE 0x40
 #define F_AUDIT 0x80
-#define ATTR_MASK 0x7
 #define PTE_P (1ULL << 0)
 #define PTE_PS (1ULL << 7)
 #define PTE_NX (1ULL << 63)
 #define PTE_ADDR 0x000FFFFFFFFFF000ULL
-#define EFER_NXE (1ULL << 11)
 #define MSR_EFER 0xC0000080
+#define MSR_STAR 0xC0000081
+#define MSR_LSTAR 0xC0000082
+#define MSR_CSTAR 0xC0000083
+#define MSR_SFMASK 0xC0000084
+#define MSR_SYSENTER_CS 0x174
+#define MSR_SYSENTER_ESP 0x175
+#define MSR_SYSENTER_EIP 0x176
+#define EFER_NXE (1ULL << 11)
+#define CR0_NE (1ULL << 5)
+#define CR0_NW (1ULL << 29)
+#define CR0_CD (1ULL << 30)
+#define CR4_LA57 (1ULL << 12)
+#define CR4_PCIDE (1ULL << 17)
+#define CR3_PWT (1ULL << 3)
+#define CR3_PCD (1ULL << 4)
 
-static uint8_t page[MAX_PAGES];         /* attrs | F_* per VTL0 page */
+/* What VTL1 judges (VTL_HC_SET_INTERCEPT_CONTROL), as LVBS's VTL1 pins them. */
+#define CR0_PINNED (CR0_PE | CR0_WP | CR0_PG)
+#define CR4_PINNED (~(CR4_MCE | CR4_PGE | CR4_PCE | CR4_VMXE))
+/* The CR4 bits the architecture defines (VME..SMXE, FSGSBASE..PKS, LAM_SUP): the mask
+ * VTL1 hands the VMM names only those (a write setting a reserved bit is the #GP the VMM
+ * raises as the CPU would, before any judging). */
+#define CR4_DEFINED 0x13FF7FFFULL
+#define PRIV_MAX_PAGES 16
+#define MAX_ROOTS 1                     /* CR3: the root VTL0 had at the lock */
+#define MAX_XLEAVES 8192                /* executable leaf mappings the lock can scan */
+
+static uint8_t page[MAX_PAGES] __attribute__((used));   /* attrs | F_* per VTL0 page */
 static int boot_over, locked;
 static uint64_t list_buf[VTL_PROTECT_MAX_PER_CALL];
 static struct vtl_protect_request req;
 uint64_t audit_allowed;
 
+/* VTL0's privileged section, as named at the lock (0 pages: none). */
+static uint64_t priv_gpa, priv_pages;
+/* Register pinning: on once VTL_HC_SET_INTERCEPT_CONTROL succeeded at the lock. */
+static int pinning;
+static struct {
+	uint64_t cr0, cr4, efer, xcr0, gdtr, idtr, ldtr, tr;
+	int have_xcr0, have_gdtr, have_idtr, have_ldtr, have_tr;
+	uint64_t roots[MAX_ROOTS];
+	int nroots;
+} pin;
+static struct vtl_intercept_control ictl;
+
 static uint64_t npages(void) { return bi->mem_size >> 12; }
+
+static int in_priv(uint64_t gpa)
+{
+	return priv_pages && gpa >= priv_gpa && gpa - priv_gpa < (priv_pages << 12);
+}
 
 static int valid_attrs(uint64_t a)
 {
 	return !(a & ~7ULL) && (!(a & VTL_MEM_NR) || a == 7);
+}
+
+/* ---- VTL1's only ways into VTL0 memory on VTL0's behalf --------------------------------
+ * Every VTL call that writes results into VTL0 memory (call output buffers, register
+ * dumps, measurements) goes through vtl0_write: VTL1 writes only where VTL0 itself may
+ * write, judged by VTL1's own attribute map, so VTL0 cannot make VTL1 its deputy against
+ * immutable text or rodata, locked page tables or the privileged section.  Every VTL0
+ * buffer VTL1 acts on is copied once into VTL1 memory by vtl0_read and checked there. */
+static int vtl0_writable(uint64_t gpa, uint64_t len)
+{
+	if (len == 0 || !in_vtl0(gpa, len))
+		return 0;
+	for (uint64_t p = gpa >> 12; p <= (gpa + len - 1) >> 12; p++)
+		if ((page[p] & (VTL_MEM_NW | F_IMMUTABLE | F_TABLE | F_EXEC)) || in_priv(p << 12))
+			return 0;
+	return 1;
+}
+
+uint64_t vtl0_write(uint64_t gpa, const void *src, uint64_t len)
+{
+	if (!in_vtl0(gpa, len))
+		return VTL_E_INVALID_ARG;
+	if (!vtl0_writable(gpa, len)) {
+		printf("refused: VTL0 may not write %lu bytes at %#lx, so VTL1 does not either\n", len, gpa);
+		return VTL_E_ACCESS_DENIED;
+	}
+	memcpy((void *)gpa, src, len);
+	return VTL_OK;
+}
+
+uint64_t vtl0_read(void *dst, uint64_t gpa, uint64_t len)
+{
+	if (len == 0 || !in_vtl0(gpa, len))
+		return VTL_E_INVALID_ARG;
+	for (uint64_t p = gpa >> 12; p <= (gpa + len - 1) >> 12; p++)
+		if (page[p] & VTL_MEM_NR)
+			return VTL_E_ACCESS_DENIED;
+	memcpy(dst, (const void *)gpa, len);
+	return VTL_OK;
 }
 
 /* The policy check for one range; VTL_OK or why not. */
@@ -46,14 +141,25 @@ static uint64_t check_range(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64
 		return VTL_E_POLICY;            /* writable and executable */
 	if ((flags & VTL_PROTECT_AFTER_BOOT) && (attrs & VTL_MEM_NW))
 		return VTL_E_INVALID_ARG;       /* ro_after_init is writable until END_OF_BOOT */
+	if ((flags & VTL_PROTECT_AUDIT) && (flags & VTL_PROTECT_IMMUTABLE))
+		return VTL_E_INVALID_ARG;       /* an immutable page grants nothing */
 	for (uint64_t i = 0; i < pages; i++) {
 		uint8_t p = page[(gpa >> 12) + i];
 		if ((p & F_IMMUTABLE) && (p & ATTR_MASK) != attrs)
 			return VTL_E_IMMUTABLE;
+		if ((flags & VTL_PROTECT_AUDIT) && (p & (F_IMMUTABLE | F_TABLE | F_EXEC)))
+			return VTL_E_IMMUTABLE;
+		/* W^X after the lock: a page the locked tables map executable stays unwritable. */
+		if ((p & F_EXEC) && !(attrs & VTL_MEM_NW))
+			return VTL_E_POLICY;
 	}
+	if ((flags & VTL_PROTECT_AUDIT) && !(attrs & VTL_MEM_NX))
+		return VTL_E_POLICY;            /* audit never on code */
 	return VTL_OK;
 }
 
+/* A page's protection changed: its flags are the request's.  VTL_PROTECT_AUDIT is
+ * cleared by any change that does not ask for it again (no stale grant survives). */
 static void record(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64_t flags)
 {
 	uint8_t f = (flags & VTL_PROTECT_IMMUTABLE ? F_IMMUTABLE : 0) |
@@ -61,7 +167,7 @@ static void record(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64_t flags)
 		    (flags & VTL_PROTECT_AUDIT ? F_AUDIT : 0);
 	for (uint64_t i = 0; i < pages; i++) {
 		uint8_t *p = &page[(gpa >> 12) + i];
-		*p = (uint8_t)((*p & ~ATTR_MASK) | attrs | f);
+		*p = (uint8_t)((*p & ~(ATTR_MASK | F_AUDIT)) | attrs | f);
 	}
 }
 
@@ -116,16 +222,18 @@ uint64_t policy_protect_pages(uint64_t list, uint64_t count, uint64_t attrs, uin
 {
 	if (boot_over)
 		return VTL_E_POLICY;
-	if (!valid_attrs(attrs) || (flags & ~7ULL) || count == 0 || count > VTL_PROTECT_MAX_PER_CALL ||
-	    !in_vtl0(list, count * 8))
+	if (!valid_attrs(attrs) || (flags & ~7ULL) || count == 0 || count > VTL_PROTECT_MAX_PER_CALL)
 		return VTL_E_INVALID_ARG;
-	memcpy(list_buf, (void *)list, count * 8);   /* VTL0 cannot change it under us */
+	/* Copied once: VTL0 cannot change the list between the check and the use. */
+	uint64_t st = vtl0_read(list_buf, list, count * 8);
+	if (st != VTL_OK)
+		return VTL_E_INVALID_ARG;
 	for (uint64_t i = 0; i < count; i++) {       /* all or nothing */
-		uint64_t st = check_range(list_buf[i], 1, attrs, flags);
+		st = check_range(list_buf[i], 1, attrs, flags);
 		if (st != VTL_OK)
 			return st;
 	}
-	uint64_t st = vmm_protect((uint64_t)list_buf, count, attrs, 0);
+	st = vmm_protect((uint64_t)list_buf, count, attrs, 0);
 	if (st == VTL_OK)
 		for (uint64_t i = 0; i < count; i++)
 			record(list_buf[i], 1, attrs, flags);
@@ -137,10 +245,17 @@ uint64_t policy_get(uint64_t gpa)
 	return (gpa >> 12) < npages() ? page[gpa >> 12] & ATTR_MASK : 0;
 }
 
-/* Walk VTL0's page tables: every table page becomes read-only for good, and no
- * executable mapping may point at a page VTL0 can write. */
+/* ---- the lock ------------------------------------------------------------------------
+ * Walk VTL0's page tables (each table page copied once into VTL1 memory): every table
+ * page becomes read-only for good; every executable mapping must be of a page VTL0
+ * cannot write; every byte VTL0 can execute is scanned for instructions that write
+ * CR0/CR3/CR4/XCR0/GDTR/IDTR/LDTR/TR, which may only lie in the privileged section. */
 static uint64_t tables[VTL_PROTECT_MAX_PER_CALL];
-static uint64_t ntables, wx_violations;
+static uint64_t ntables, wx_violations, priv_violations, first_priv_violation;
+static uint64_t tcopy[4][512] __attribute__((aligned(4096)));
+static struct xleaf { uint64_t va, pa, size; } xleaves[MAX_XLEAVES];
+static uint64_t nxleaves;
+static int xleaves_overflow;
 
 static int add_table(uint64_t pa)
 {
@@ -150,43 +265,126 @@ static int add_table(uint64_t pa)
 	return 1;
 }
 
-static void check_exec(uint64_t pa, uint64_t size)
+static void check_exec(uint64_t va, uint64_t pa, uint64_t size)
 {
+	if (nxleaves < MAX_XLEAVES)
+		xleaves[nxleaves++] = (struct xleaf){ va, pa, size };
+	else
+		xleaves_overflow = 1;
 	for (uint64_t off = 0; off < size; off += 4096) {
 		uint64_t p = pa + off;
 		if ((p >> 12) >= npages() || !in_vtl0(p, 4096))
 			continue;       /* not VTL0 memory: nothing VTL0 can run there */
 		uint8_t a = page[p >> 12];
-		if (!(a & VTL_MEM_NW) || (a & VTL_MEM_NX)) {
+		if (!(a & VTL_MEM_NW) || ((a & VTL_MEM_NX) && !in_priv(p))) {
 			if (wx_violations++ < 4)
 				printf("lock: executable mapping of %#lx, which VTL0 may write\n", p);
 		}
 	}
 }
 
-uint64_t policy_lock_page_tables(void)
+/* Byte `off` of the executable stream that starts at leaf k, continuing into the next
+ * leaves while their virtual addresses follow on; -1 where VTL0 could not fetch it. */
+static int stream_byte(uint64_t k, uint64_t off, uint64_t *pa)
 {
-	if (boot_over || locked)
-		return VTL_E_POLICY;
-	uint64_t cr3 = 0, efer = 0;
-	if (hypercall(VTL_HC_GET_VP_REGISTER, bi->vp_index, VTL_REG_CR3, 0, &cr3) != VTL_OK ||
-	    hypercall(VTL_HC_GET_VP_REGISTER, bi->vp_index, VTL_REG_EFER, 0, &efer) != VTL_OK)
+	while (off >= xleaves[k].size) {
+		if (k + 1 >= nxleaves || xleaves[k + 1].va != xleaves[k].va + xleaves[k].size)
+			return -1;
+		off -= xleaves[k].size;
+		k++;
+	}
+	*pa = xleaves[k].pa + off;
+	if (!in_vtl0(*pa, 1))
+		return -1;
+	return *(const volatile uint8_t *)*pa;
+}
+
+/* A 0F byte at offset off of leaf k: is it the start of MOV to CRn (0F 22 /r), CLTS
+ * (0F 06), LGDT/LIDT/LMSW (0F 01 /2 /3 /6, which also covers XSETBV and XGETBV),
+ * LLDT/LTR (0F 00 /2 /3)?  Any ModRM.mod and any prefixes: the scanner is
+ * conservative.  Allowed only if every opcode byte is in the privileged section. */
+static void check_opcode(uint64_t k, uint64_t off)
+{
+	uint64_t pa0 = xleaves[k].pa + off, pa1 = 0, pa2 = 0;
+	int b1 = stream_byte(k, off + 1, &pa1);
+	int b2 = stream_byte(k, off + 2, &pa2);
+	int len = 0;
+	if (b1 == 0x06)
+		len = 2;
+	else if (b1 == 0x22 && b2 >= 0)
+		len = 3;
+	else if (b1 == 0x01 && b2 >= 0 && (((b2 >> 3) & 7) == 2 || ((b2 >> 3) & 7) == 3 || ((b2 >> 3) & 7) == 6))
+		len = 3;
+	else if (b1 == 0x00 && b2 >= 0 && (((b2 >> 3) & 7) == 2 || ((b2 >> 3) & 7) == 3))
+		len = 3;
+	if (!len)
+		return;
+	if (in_priv(pa0) && in_priv(pa1) && (len == 2 || in_priv(pa2)))
+		return;
+	uint64_t va = xleaves[k].va + off;
+	if (priv_violations++ == 0)
+		first_priv_violation = va;
+	if (priv_violations <= 4)
+		printf("lock: privileged instruction %02x %02x %02x at %#lx (GPA %#lx), outside the "
+		       "privileged section\n", 0x0F, b1, len == 3 ? b2 : 0, va, pa0);
+}
+
+/* This host emulates every guest instruction (~0.7 us each), so the scan is written for
+ * instruction count: a word at a time, a mask of its bytes that may be 0x0F, and only a
+ * 0x0F followed by 00, 01, 06 or 22 goes on to the full check. */
+/* Offset of the next 0x0F byte in p[0..n), or n: one REPNE SCASB.  This host emulates
+ * every guest instruction (~0.7 us each) but runs the repeats of a string instruction
+ * in one go: twice as fast here as a word-at-a-time loop, and still fast on hardware. */
+static uint64_t find_0f(const uint8_t *p, uint64_t n)
+{
+	const uint8_t *d = p;
+	uint64_t c = n;
+	asm volatile("repne scasb" : "+D"(d), "+c"(c) : "a"(0x0F) : "cc", "memory");
+	if (d == p + n && (n == 0 || p[n - 1] != 0x0F))
+		return n;
+	return (uint64_t)(d - p) - 1;
+}
+
+static uint64_t scan_executable(void)
+{
+	uint64_t scanned = 0;
+	for (uint64_t k = 0; k < nxleaves; k++) {
+		for (uint64_t off = 0; off < xleaves[k].size; off += 4096) {
+			uint64_t pa = xleaves[k].pa + off;
+			if (!in_vtl0(pa, 4096))
+				continue;
+			scanned++;
+			const uint8_t *b = (const uint8_t *)pa;
+			for (uint64_t o = find_0f(b, 4096); o < 4096; o += 1 + find_0f(b + o + 1, 4095 - o)) {
+				if (o < 4095) {
+					uint8_t b1 = b[o + 1];
+					if (b1 != 0x22 && b1 != 0x06 && b1 != 0x01 && b1 != 0x00)
+						continue;
+				}
+				check_opcode(k, off + o);
+			}
+		}
+	}
+	return scanned;
+}
+
+static uint64_t walk(uint64_t root)
+{
+	ntables = wx_violations = priv_violations = nxleaves = 0;
+	xleaves_overflow = 0;
+	if (!add_table(root))
 		return VTL_E_INVALID_ARG;
-	if (!(efer & EFER_NXE))
-		return VTL_E_POLICY;    /* NX bits would mean nothing */
-	ntables = wx_violations = 0;
-	uint64_t pml4 = cr3 & PTE_ADDR;
-	if (!add_table(pml4))
-		return VTL_E_INVALID_ARG;
-	for (int i4 = 0; i4 < 512; i4++) {
-		uint64_t e4 = ((uint64_t *)pml4)[i4];
+	memcpy(tcopy[3], (void *)root, 4096);
+	for (uint64_t i4 = 0; i4 < 512; i4++) {
+		uint64_t e4 = tcopy[3][i4];
 		if (!(e4 & PTE_P))
 			continue;
 		uint64_t pdpt = e4 & PTE_ADDR;
 		if (!add_table(pdpt))
 			return VTL_E_INVALID_ARG;
-		for (int i3 = 0; i3 < 512; i3++) {
-			uint64_t e3 = ((uint64_t *)pdpt)[i3];
+		memcpy(tcopy[2], (void *)pdpt, 4096);
+		for (uint64_t i3 = 0; i3 < 512; i3++) {
+			uint64_t e3 = tcopy[2][i3];
 			if (!(e3 & PTE_P))
 				continue;
 			if (e3 & PTE_PS)
@@ -194,46 +392,186 @@ uint64_t policy_lock_page_tables(void)
 			uint64_t pd = e3 & PTE_ADDR;
 			if (!add_table(pd))
 				return VTL_E_INVALID_ARG;
-			for (int i2 = 0; i2 < 512; i2++) {
-				uint64_t e2 = ((uint64_t *)pd)[i2];
+			memcpy(tcopy[1], (void *)pd, 4096);
+			for (uint64_t i2 = 0; i2 < 512; i2++) {
+				uint64_t e2 = tcopy[1][i2];
 				if (!(e2 & PTE_P))
 					continue;
 				int nx2 = !!((e4 | e3 | e2) & PTE_NX);
+				uint64_t va2 = (i4 >= 256 ? 0xFFFF000000000000ULL : 0) | (i4 << 39) | (i3 << 30) |
+					       (i2 << 21);
 				if (e2 & PTE_PS) {
 					if (!nx2)
-						check_exec(e2 & PTE_ADDR & ~0x1FFFFFULL, 2ULL << 20);
+						check_exec(va2, e2 & PTE_ADDR & ~0x1FFFFFULL, 2ULL << 20);
 					continue;
 				}
 				uint64_t pt = e2 & PTE_ADDR;
 				if (!add_table(pt))
 					return VTL_E_INVALID_ARG;
-				for (int i1 = 0; i1 < 512; i1++) {
-					uint64_t e1 = ((uint64_t *)pt)[i1];
+				memcpy(tcopy[0], (void *)pt, 4096);
+				for (uint64_t i1 = 0; i1 < 512; i1++) {
+					uint64_t e1 = tcopy[0][i1];
 					if ((e1 & PTE_P) && !nx2 && !(e1 & PTE_NX))
-						check_exec(e1 & PTE_ADDR, 4096);
+						check_exec(va2 | (i1 << 12), e1 & PTE_ADDR, 4096);
 				}
 			}
 		}
+	}
+	return VTL_OK;
+}
+
+static uint64_t vp_reg(uint64_t reg, uint64_t *v)
+{
+	return hypercall(VTL_HC_GET_VP_REGISTER, bi->vp_index, reg, 0, v);
+}
+
+static uint64_t set_intercept_control(uint32_t flags)
+{
+	memset(&ictl, 0, sizeof(ictl));
+	ictl.flags = flags;
+	if (flags) {
+		ictl.cr0_mask = CR0_PINNED;
+		ictl.cr4_mask = CR4_PINNED & CR4_DEFINED;
+		ictl.priv_gpa = priv_gpa;
+		ictl.priv_pages = priv_pages;
+	}
+	return hypercall(VTL_HC_SET_INTERCEPT_CONTROL, (uint64_t)&ictl, 0, 0, NULL);
+}
+
+static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out);
+
+uint64_t policy_lock_page_tables(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out)
+{
+	*pinning_out = 0;
+	uint64_t st = lock(sec_gpa, sec_pages, pinning_out);
+	if (st != VTL_OK && !locked)
+		priv_gpa = priv_pages = 0;      /* a refused lock names no section */
+	return st;
+}
+
+static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out)
+{
+	if (boot_over || locked)
+		return VTL_E_POLICY;
+	/* The privileged section: page aligned, VTL0's, and not writable by VTL0. */
+	if (sec_pages) {
+		if (sec_gpa & 0xFFF)
+			return VTL_E_MISALIGNED;
+		if (sec_pages > PRIV_MAX_PAGES || !in_vtl0(sec_gpa, sec_pages << 12))
+			return VTL_E_OUT_OF_RANGE;
+		for (uint64_t i = 0; i < sec_pages; i++)
+			if (!(page[(sec_gpa >> 12) + i] & VTL_MEM_NW))
+				return VTL_E_POLICY;
+	} else {
+		sec_gpa = 0;
+	}
+	priv_gpa = sec_gpa;
+	priv_pages = sec_pages;
+
+	uint64_t cr0 = 0, cr3 = 0, cr4 = 0, efer = 0;
+	if (vp_reg(VTL_REG_CR0, &cr0) != VTL_OK || vp_reg(VTL_REG_CR3, &cr3) != VTL_OK ||
+	    vp_reg(VTL_REG_CR4, &cr4) != VTL_OK || vp_reg(VTL_REG_EFER, &efer) != VTL_OK)
+		return VTL_E_INVALID_ARG;
+	if (!(efer & EFER_NXE))
+		return VTL_E_POLICY;    /* NX bits would mean nothing */
+	if ((cr0 & CR0_PINNED) != CR0_PINNED)
+		return VTL_E_POLICY;    /* pinning WP clear would pin nothing worth having */
+
+	uint64_t root = cr3 & PTE_ADDR;
+	uint64_t st = walk(root);
+	if (st != VTL_OK)
+		return st;
+	if (xleaves_overflow) {
+		printf("lock refused: more than %d executable mappings to scan\n", MAX_XLEAVES);
+		return VTL_E_NO_RESOURCES;
 	}
 	if (wx_violations) {
 		report_value("lock_wx_violations", wx_violations);
 		printf("lock refused: %lu executable mappings of writable pages\n", wx_violations);
 		return VTL_E_POLICY;
 	}
+	uint64_t t0 = rdtsc();
+	uint64_t scanned = scan_executable();
+	uint64_t scan_ticks = rdtsc() - t0;
+	if (priv_violations) {
+		report_value("lock_priv_violations", priv_violations);
+		report_value("lock_priv_violation_va", first_priv_violation);
+		printf("lock refused: %lu privileged instructions outside the privileged section\n",
+		       priv_violations);
+		return VTL_E_POLICY;
+	}
 	for (uint64_t i = 0; i < ntables; i++)
-		if (check_range(tables[i], 1, VTL_MEM_NW | VTL_MEM_NX, 0) != VTL_OK)
+		if (check_range(tables[i], 1, VTL_MEM_NW | VTL_MEM_NX, 0) != VTL_OK || in_priv(tables[i]))
 			return VTL_E_IMMUTABLE;
-	uint64_t st = vmm_protect((uint64_t)tables, ntables, VTL_MEM_NW | VTL_MEM_NX, 0);
-	if (st != VTL_OK)
+
+	/* Register pinning.  VTL_E_INVALID_CODE: this VMM cannot decode the privileged
+	 * section; the section then stays executable for VTL0 and registers are unpinned. */
+	st = set_intercept_control(VTL_ICTL_ALL);
+	report_value("set_intercept_control", st);
+	if (st == VTL_OK) {
+		pinning = 1;
+	} else if (st == VTL_E_INVALID_CODE) {
+		pinning = 0;
+		printf("register pinning unavailable: VTL_HC_SET_INTERCEPT_CONTROL -> %s\n",
+		       vtl_status_name(st));
+	} else {
+		printf("VTL_HC_SET_INTERCEPT_CONTROL refused: %s\n", vtl_status_name(st));
 		return st;
+	}
+
+	st = vmm_protect((uint64_t)tables, ntables, VTL_MEM_NW | VTL_MEM_NX, 0);
+	if (st != VTL_OK) {
+		if (pinning)
+			set_intercept_control(0);
+		pinning = 0;
+		return st;
+	}
 	for (uint64_t i = 0; i < ntables; i++) {
 		record(tables[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
 		page[tables[i] >> 12] |= F_TABLE;
 	}
+	for (uint64_t k = 0; k < nxleaves; k++)
+		for (uint64_t off = 0; off < xleaves[k].size; off += 4096)
+			if (in_vtl0(xleaves[k].pa + off, 4096))
+				page[(xleaves[k].pa + off) >> 12] |= F_EXEC;
 	locked = 1;
+	/* The privileged section: immutable; NR while the VMM decodes it for VTL1. */
+	for (uint64_t i = 0; i < priv_pages; i++)
+		page[(priv_gpa >> 12) + i] |= F_IMMUTABLE;
+	if (pinning && priv_pages) {
+		uint64_t pst = apply_range(priv_gpa, priv_pages, VTL_MEM_NR | VTL_MEM_NW | VTL_MEM_NX);
+		if (pst == VTL_OK) {
+			record(priv_gpa, priv_pages, VTL_MEM_NR | VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
+		} else {
+			/* Without an NR section the VMM sees no register write: say so, pin nothing. */
+			set_intercept_control(0);
+			pinning = 0;
+			report_value("set_intercept_control", pst);
+		}
+	}
+
+	/* The values pinned from now on. */
+	pin.cr0 = cr0;
+	pin.cr4 = cr4;
+	pin.efer = efer;
+	pin.roots[0] = root;
+	pin.nroots = 1;
+	if (pinning) {   /* where the VMM reads them; else each intercept's old value is the pin */
+		pin.have_xcr0 = vp_reg(VTL_REG_XCR0, &pin.xcr0) == VTL_OK;
+		pin.have_gdtr = vp_reg(VTL_REG_GDTR, &pin.gdtr) == VTL_OK;
+		pin.have_idtr = vp_reg(VTL_REG_IDTR, &pin.idtr) == VTL_OK;
+		pin.have_ldtr = vp_reg(VTL_REG_LDTR, &pin.ldtr) == VTL_OK;
+		pin.have_tr = vp_reg(VTL_REG_TR, &pin.tr) == VTL_OK;
+	}
+	*pinning_out = (uint64_t)pinning;
 	report_value("locked_table_pages", ntables);
-	printf("VTL0 page tables locked: %lu table pages read-only, CR3 %#lx, EFER.NXE pinned\n",
-	       ntables, cr3);
+	report_value("scan_bytes", scanned << 12);     /* every byte VTL0 can execute */
+	report_value("scan_ticks", scan_ticks);        /* TSC ticks the scan took */
+	report_value("register_pinning", (uint64_t)pinning);
+	printf("VTL0 page tables locked: %lu table pages read-only, CR3 %#lx, EFER %#lx pinned; "
+	       "%lu executable pages scanned; privileged section %#lx (+%lu pages) %s\n",
+	       ntables, cr3, efer, scanned, priv_gpa, priv_pages,
+	       pinning ? "NR, registers pinned" : "left executable: register pinning unavailable");
 	return VTL_OK;
 }
 
@@ -252,8 +590,8 @@ uint64_t policy_end_of_boot(void)
 		if (st != VTL_OK)
 			return st;
 		for (uint64_t k = i; k < j; k++)
-			page[k] = (uint8_t)((page[k] & ~(ATTR_MASK | F_AFTER_BOOT)) | VTL_MEM_NW | VTL_MEM_NX |
-					    F_IMMUTABLE);
+			page[k] = (uint8_t)((page[k] & ~(ATTR_MASK | F_AFTER_BOOT | F_AUDIT)) | VTL_MEM_NW |
+					    VTL_MEM_NX | F_IMMUTABLE);
 		n += j - i;
 		i = j;
 	}
@@ -263,29 +601,186 @@ uint64_t policy_end_of_boot(void)
 	return VTL_OK;
 }
 
+/* ---- secure intercepts ------------------------------------------------------------ */
+static int canonical(uint64_t v)
+{
+	int bits = (pin.cr4 & CR4_LA57) ? 57 : 48;
+	return (uint64_t)((int64_t)(v << (64 - bits)) >> (64 - bits)) == v;
+}
+
+static uint64_t said;               /* intercept lines printed (the console costs exits) */
+static int say(void)
+{
+	said++;
+	return said <= 12 || said % 1000 == 0;
+}
+
+static void deny_gp(struct vtl_intercept *m)
+{
+	m->verdict = VTL_VERDICT_INJECT_FAULT;
+	m->fault_vector = 13;
+	m->fault_has_error_code = 1;
+	m->fault_error_code = 0;
+}
+
+static int is_root(uint64_t root)
+{
+	for (int i = 0; i < pin.nroots; i++)
+		if (pin.roots[i] == root)
+			return 1;
+	return 0;
+}
+
+/* XCR0 as XSETBV would take it: x87 on, AVX needs SSE, AVX-512 all or none and needs
+ * AVX, MPX both or none, AMX both or none, and only user state CPUID 0xD lists. */
+static int xcr0_legal(uint64_t v)
+{
+	uint32_t a, b, c, d;
+	cpuid(0xD, 0, &a, &b, &c, &d);
+	uint64_t supported = ((uint64_t)d << 32) | a;
+	if (!(v & XCR0_X87) || (v & ~supported))
+		return 0;
+	if ((v & XCR0_AVX) && !(v & XCR0_SSE))
+		return 0;
+	uint64_t avx512 = v & 0xE0;
+	if (avx512 && (avx512 != 0xE0 || !(v & XCR0_AVX)))
+		return 0;
+	if (((v >> 3) & 1) != ((v >> 4) & 1) || ((v >> 17) & 1) != ((v >> 18) & 1))
+		return 0;
+	return 1;
+}
+
+/* A register write VTL0 made from its privileged section; NULL = allow, else why not. */
+static const char *judge_register(const struct vtl_intercept *m)
+{
+	uint64_t v = m->new_value, old = m->old_value;
+	if (!locked)
+		return NULL;                    /* before the lock VTL0 is trusted */
+	switch (m->reg) {
+	case VTL_REG_CR0:
+		if (v >> 32)
+			return "reserved CR0 bits";
+		if ((v & CR0_NW) && !(v & CR0_CD))
+			return "CR0.NW without CR0.CD";
+		if ((v & CR0_PG) && !(v & CR0_PE))
+			return "CR0.PG without CR0.PE";
+		if ((v ^ pin.cr0) & CR0_PINNED)
+			return "CR0.PE/WP/PG are pinned";
+		return NULL;
+	case VTL_REG_CR0_LOW:           /* LMSW/CLTS: bits 0-3; only PE is pinned there */
+		if (!(v & CR0_PE) || ((v ^ old) & CR0_PE))
+			return "CR0.PE is pinned";
+		return NULL;
+	case VTL_REG_CR4:
+		if ((v ^ pin.cr4) & CR4_PINNED)
+			return "CR4 is pinned but for MCE, PGE, PCE, VMXE";
+		return NULL;
+	case VTL_REG_CR3: {
+		uint64_t root = v & PTE_ADDR;
+		uint64_t extra = (pin.cr4 & CR4_PCIDE) ? ((1ULL << 63) | 0xFFF) : (CR3_PWT | CR3_PCD);
+		if (v & ~(root | extra))
+			return "reserved CR3 bits";
+		if (!is_root(root))
+			return "not a page-table root VTL1 locked";
+		return NULL;
+	}
+	case VTL_REG_XCR0:
+		if (!xcr0_legal(v))
+			return "illegal XCR0";
+		if (v != (pin.have_xcr0 ? pin.xcr0 : old))
+			return "XCR0 is pinned";
+		return NULL;
+	case VTL_REG_GDTR:
+	case VTL_REG_IDTR: {
+		int have = m->reg == VTL_REG_GDTR ? pin.have_gdtr : pin.have_idtr;
+		uint64_t base = m->reg == VTL_REG_GDTR ? pin.gdtr : pin.idtr;
+		if (!canonical(v))
+			return "non-canonical base";
+		if (v != old || m->new_limit != m->old_limit || (have && v != base))
+			return "descriptor tables are fixed at the lock";
+		return NULL;
+	}
+	case VTL_REG_LDTR:
+	case VTL_REG_TR: {
+		int have = m->reg == VTL_REG_LDTR ? pin.have_ldtr : pin.have_tr;
+		uint64_t sel = m->reg == VTL_REG_LDTR ? pin.ldtr : pin.tr;
+		if ((v >> 16) || v != old || (have && v != sel))
+			return "LDTR/TR are fixed at the lock";
+		return NULL;
+	}
+	default:
+		return "unknown register";
+	}
+}
+
+static const char *judge_msr(uint32_t msr, uint64_t v)
+{
+	switch (msr) {
+	case MSR_EFER:
+		if (locked && v != pin.efer)
+			return "EFER is pinned from the lock";
+		return NULL;
+	case MSR_LSTAR:
+	case MSR_CSTAR:
+	case MSR_SYSENTER_ESP:
+	case MSR_SYSENTER_EIP:
+		if (!canonical(v))
+			return "non-canonical address";
+		break;
+	case MSR_SFMASK:
+	case MSR_SYSENTER_CS:
+		if (v >> 32)
+			return "reserved bits";
+		break;
+	case MSR_STAR:
+		break;
+	default:
+		break;
+	}
+	if (boot_over)
+		return "pinned from END_OF_BOOT";
+	return NULL;
+}
+
+static const char *const reg_names[] = { "?", "rip", "rsp", "rflags", "cr0", "cr3", "cr4", "efer",
+	"xcr0", "gdtr", "idtr", "ldtr", "tr", "cr0_low" };
+
 /* A secure intercept: judge it and write the verdict. */
 void policy_intercept(struct vtl_intercept *m)
 {
 	m->verdict = VTL_VERDICT_INJECT_FAULT;
-	if (m->type == VTL_INTERCEPT_MSR) {
-		int deny = 0;
-		if (m->msr == MSR_EFER)
-			deny = locked && !(m->data & EFER_NXE);
+	if (m->type == VTL_INTERCEPT_REGISTER) {
+		const char *why = judge_register(m);
+		if (say())
+			printf("intercept: %s %#lx -> %#lx at rip %#lx: %s%s\n",
+			       m->reg < sizeof(reg_names) / sizeof(reg_names[0]) ? reg_names[m->reg] : "?",
+			       m->old_value, m->new_value, m->rip, why ? "denied (#GP): " : "allowed",
+			       why ? why : "");
+		if (why)
+			deny_gp(m);
 		else
-			deny = boot_over;
-		printf("intercept: wrmsr %#x <- %#lx at rip %#lx: %s\n", m->msr, m->data, m->rip,
-		       deny ? "denied (#GP)" : "allowed");
-		if (!deny) {
 			m->verdict = VTL_VERDICT_ALLOW;
-			return;
-		}
-		m->fault_vector = 13;
-		m->fault_has_error_code = 1;
-		m->fault_error_code = 0;
+		return;
+	}
+	if (m->type == VTL_INTERCEPT_MSR) {
+		const char *why = judge_msr(m->msr, m->data);
+		if (say())
+			printf("intercept: wrmsr %#x <- %#lx at rip %#lx: %s%s\n", m->msr, m->data, m->rip,
+			       why ? "denied (#GP): " : "allowed", why ? why : "");
+		if (why)
+			deny_gp(m);
+		else
+			m->verdict = VTL_VERDICT_ALLOW;
+		return;
+	}
+	if (m->type != VTL_INTERCEPT_MEMORY) {
+		deny_gp(m);
 		return;
 	}
 	uint64_t gfn = m->gpa >> 12;
-	if (gfn < npages() && (page[gfn] & F_AUDIT)) {
+	/* An audit grant holds only for plain data pages, and never for a fetch. */
+	if (gfn < npages() && (page[gfn] & F_AUDIT) && m->access != VTL_ACCESS_EXECUTE &&
+	    !(page[gfn] & (F_IMMUTABLE | F_TABLE | F_EXEC)) && (page[gfn] & VTL_MEM_NX) && !in_priv(m->gpa)) {
 		audit_allowed++;
 		m->verdict = VTL_VERDICT_ALLOW;
 		return;
@@ -298,6 +793,7 @@ void policy_intercept(struct vtl_intercept *m)
 	m->fault_error_code = 1 | (m->access == VTL_ACCESS_WRITE ? 2 : 0) |
 			      (m->access == VTL_ACCESS_EXECUTE ? 0x10 : 0);
 	m->fault_cr2 = (m->flags & VTL_ICPT_F_GVA_VALID) ? m->gva : m->gpa;
-	printf("intercept: %s of GPA %#lx at rip %#lx%s: denied (#PF err %#x)\n", what, m->gpa, m->rip,
-	       (m->flags & VTL_ICPT_F_RIP_AFTER) ? " (after the instruction)" : "", m->fault_error_code);
+	if (say())
+		printf("intercept: %s of GPA %#lx at rip %#lx%s: denied (#PF err %#x)\n", what, m->gpa, m->rip,
+		       (m->flags & VTL_ICPT_F_RIP_AFTER) ? " (after the instruction)" : "", m->fault_error_code);
 }

@@ -99,7 +99,11 @@
                                              All or nothing.  Boot only.                    */
 #define VTL_CALL_LOCK_PAGE_TABLES  0x06   /* VTL1 walks VTL0's CR3: tables become R, and
                                              every executable mapping must be of a page VTL0
-                                             cannot write.  Boot only.                      */
+                                             cannot write.  RCX = GPA of VTL0's privileged
+                                             section, RDI = its pages (0: none): no register
+                                             write may be executable outside it.  Returns RCX
+                                             = 1 if VTL1 now judges register writes (built-in
+                                             VTL1: docs/writing-guests.md).  Boot only.     */
 #define VTL_CALL_END_OF_BOOT       0x07   /* ro_after_init becomes R; boot-only calls refused */
 #define VTL_CALL_GET_PROTECTION    0x08   /* RCX = GPA: RCX = VTL_MEM_* VTL1 applied there  */
 
