@@ -36,7 +36,8 @@ def _canonical(v: int) -> bool:
     return top == 0 or top == (1 << 17) - 1
 
 
-def register_allowed(reg: str, old: int, new: int, old_limit: int, new_limit: int, pins: dict[str, int]) -> bool:
+def register_allowed(reg: str, old: int, new: int, old_limit: int, new_limit: int,
+                     pins: dict[str, int]) -> bool:
     """The documented policy for a register intercept after the lock."""
     if reg == "cr0":
         return (new ^ pins["cr0"]) & CR0_PINNED == 0
@@ -80,7 +81,8 @@ def test_10000_random_register_writes_after_lock(guest_images: tuple[Path, Path]
         after = {"cr0": s.cr0, "cr3": s.cr3, "cr4": s.cr4, "gdtr": s.gdt.base, "gdtr_limit": s.gdt.limit,
                  "idtr": s.idt.base, "idtr_limit": s.idt.limit, "ldtr": s.ldt.selector, "tr": s.tr.selector,
                  "efer": s.efer, "xcr0": vcpu.get_xcrs().get(0, 0)}
-        msrs_after = vcpu.get_msrs([EFER, STAR, LSTAR, CSTAR, SFMASK, SYSENTER_CS, SYSENTER_ESP, SYSENTER_EIP])
+        msrs_after = vcpu.get_msrs([EFER, STAR, LSTAR, CSTAR, SFMASK, SYSENTER_CS, SYSENTER_ESP,
+                                    SYSENTER_EIP])
         reports = list(sched.reports.records)
     assert result.reason == "guest_exit" and result.status == 0, result.message
 
