@@ -161,6 +161,18 @@ static inline void write_cr3(uint64_t v) { priv_write_cr3(v); }
 static inline uint64_t read_rflags(void) { uint64_t v; asm volatile("pushfq; popq %0" : "=r"(v)); return v; }
 static inline uint64_t rdtsc(void) { uint32_t lo, hi; asm volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((uint64_t)hi << 32) | lo; }
 #define MSR_GS_BASE 0xC0000101
+/* The MSRs VTL1 pins and the EFER bits its policy names (both kernels use them). */
+#define MSR_EFER 0xC0000080
+#define MSR_STAR 0xC0000081
+#define MSR_LSTAR 0xC0000082
+#define MSR_CSTAR 0xC0000083
+#define MSR_SFMASK 0xC0000084
+#define MSR_SYSENTER_CS 0x174
+#define MSR_SYSENTER_ESP 0x175
+#define MSR_SYSENTER_EIP 0x176
+#define EFER_SCE (1ULL << 0)
+#define EFER_LME (1ULL << 8)
+#define EFER_NXE (1ULL << 11)
 static inline void wrmsr(uint32_t msr, uint64_t v)
 {
 	asm volatile("wrmsr" :: "c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)) : "memory");

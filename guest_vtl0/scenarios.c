@@ -334,8 +334,6 @@ static uint64_t ro_after_init_var __attribute__((section(".data..ro_after_init")
 static uint8_t data_page[4096] __attribute__((aligned(4096)));
 static uint64_t audit_page[512] __attribute__((aligned(4096)));
 
-#define EFER_NXE (1ULL << 11)
-#define MSR_EFER 0xC0000080
 #define PAGES(a, b) (((uint64_t)(b) - (uint64_t)(a)) >> 12)
 
 static uint64_t prot(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64_t flags)
@@ -780,15 +778,6 @@ SCENARIO(sc_reports, "report-limits", "the report channel: long names and texts 
  * channel (REGISTER with the value before the attack, TARGET, MSR, EXEC with a marker the
  * planted code would write), then attacks with the arbitrary-write primitive of the
  * threat model and the privileged section's own functions. ==== */
-#define EFER_SCE (1ULL << 0)
-#define EFER_LME (1ULL << 8)
-#define MSR_STAR 0xC0000081
-#define MSR_LSTAR 0xC0000082
-#define MSR_CSTAR 0xC0000083
-#define MSR_SFMASK 0xC0000084
-#define MSR_SYSENTER_CS 0x174
-#define MSR_SYSENTER_ESP 0x175
-#define MSR_SYSENTER_EIP 0x176
 #define PTE_NX (1ULL << 63)
 #define PTE_RW (1ULL << 1)
 #define PTE_PS (1ULL << 7)

@@ -31,15 +31,6 @@
 #define PTE_PS (1ULL << 7)
 #define PTE_NX (1ULL << 63)
 #define PTE_ADDR 0x000FFFFFFFFFF000ULL
-#define MSR_EFER 0xC0000080
-#define MSR_STAR 0xC0000081
-#define MSR_LSTAR 0xC0000082
-#define MSR_CSTAR 0xC0000083
-#define MSR_SFMASK 0xC0000084
-#define MSR_SYSENTER_CS 0x174
-#define MSR_SYSENTER_ESP 0x175
-#define MSR_SYSENTER_EIP 0x176
-#define EFER_NXE (1ULL << 11)
 #define CR0_NE (1ULL << 5)
 #define CR0_NW (1ULL << 29)
 #define CR0_CD (1ULL << 30)
