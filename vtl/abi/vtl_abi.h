@@ -27,8 +27,11 @@
  *   hypercall of the wrong VTL ........... RAX = VTL_E_ACCESS_DENIED
  *   unknown hypercall code ............... RAX = VTL_E_INVALID_CODE
  *   VTL0 access to VTL1 memory ........... the access does not reach memory
- *                                          (reads see all-ones), then #GP(0)
+ *   (while VTL1 exists)                    (reads see all-ones), then #GP(0)
  *                                          with RIP at the next instruction
+ * While no VTL1 exists (before the enable, after a teardown or reset), VTL0's reads
+ * and writes of VTL1's region reach memory (emulated by the VMM, slowly): it reads
+ * what is there, zeros after a teardown or reset.  Fetches from it are #GP(0).
  */
 #ifndef VTL_ABI_H
 #define VTL_ABI_H
@@ -58,6 +61,11 @@
                                              VTL_E_OUT_OF_RANGE (report or data not readable
                                              by the caller), VTL_E_NO_RESOURCES (the run's
                                              report budget is spent).  See docs/abi.md. */
+#define VTL_HC_RESET               0x0004 /* either VTL: emulated RESET of the partition (DESIGN
+                                             section 7).  Does not return: VTL1 (if any) is
+                                             destroyed, every VTL0 protection and register
+                                             intercept cleared, VTL1's region zeroed, and VTL0
+                                             restarts from its image with boot_count + 1. */
 #define VTL_HC_GET_VP_REGISTER     0x0101 /* VTL1: RDI = vp, RSI = VTL_REG_*; RDX = value */
 #define VTL_HC_MODIFY_VTL_PROTECTION 0x0102 /* VTL1: RDI = GPA of struct vtl_protect_request
                                            (in VTL1 memory).  RAX = status, RDX = index of
@@ -70,6 +78,19 @@
                                            (in VTL1 memory): which register writes of VTL0
                                            VTL1 judges, and VTL0's privileged section.
                                            RAX = status (VTL_E_INVALID_ARG, ..._OUT_OF_RANGE) */
+#define VTL_HC_VTL0_RESTART        0x0104 /* VTL1: RDI = GPA of struct vtl_restart (in VTL1
+                                           memory).  At VTL1's next VTL return from the VTL
+                                           call it serves, VTL0 restarts at `entry` in the
+                                           boot state (RDI = boot info, RSP = boot stack, the
+                                           VMM's identity map and GDT) with its CR0, CR4,
+                                           EFER and XCR0 carried over; with
+                                           VTL_RESTART_F_TEARDOWN VTL1 ends first: its VM and
+                                           vCPUs destroyed, every VTL0 protection and register
+                                           intercept cleared, its region zeroed.  RAX =
+                                           VTL_OK, VTL_E_INVALID_ARG (entry or image outside
+                                           VTL0's image window, unknown flags, scenario not
+                                           NUL-terminated), VTL_E_OUT_OF_RANGE (request not
+                                           in VTL1 memory). */
 #define VTL_HC_VTL1_FIRST          0x0100 /* codes >= this are VTL1-only             */
 
 /* registers readable through VTL_HC_GET_VP_REGISTER (VTL0's private state) */
@@ -106,6 +127,35 @@
                                              VTL1: docs/writing-guests.md).  Boot only.     */
 #define VTL_CALL_END_OF_BOOT       0x07   /* ro_after_init becomes R; boot-only calls refused */
 #define VTL_CALL_GET_PROTECTION    0x08   /* RCX = GPA: RCX = VTL_MEM_* VTL1 applied there  */
+#define VTL_CALL_SHA256            0x09   /* RCX = GPA of data in VTL0, RDI = length (at most
+                                             VTL_SHA256_MAX_LEN), RDX = GPA of 32 bytes in VTL0:
+                                             VTL1's SHA-256 of the data (for tests)          */
+#define VTL_CALL_KEXEC_VALIDATE    0x0A   /* RCX = GPA of struct vtl_kexec_request in VTL0.
+                                             VTL1 copies it, write-protects every segment page
+                                             (NW|NX), then measures the segments as the VMM
+                                             measures an image (docs/abi.md, Measurement) and
+                                             checks the allowlist; for the persist policy it
+                                             also scans the text for privileged instructions
+                                             outside the new privileged section.  Refused:
+                                             every page back as it was.  RCX = 1 on success.
+                                             VTL_E_POLICY: not on the allowlist / the policy
+                                             denies kexec / pages VTL1 will not seal.        */
+#define VTL_CALL_KEXEC_JUMP        0x0B   /* no arguments.  With a validated image and a
+                                             policy that allows it: teardown or persist (see
+                                             VTL_KEXEC_POLICY_*); VTL0 never sees the return.
+                                             Else VTL_E_POLICY, nothing changed.             */
+#define VTL_CALL_KEXEC_UNLOAD      0x0C   /* drop the validated image: its pages get their
+                                             attributes from before the validation back      */
+#define VTL_CALL_MODULE_VALIDATE   0x0D   /* RCX = GPA, RDI = pages (at most
+                                             VTL_MODULE_MAX_PAGES) of new code in VTL0, each
+                                             rw- NX today.  VTL1 write-protects them (NW|NX),
+                                             hashes the pages' bytes against the allowlist and
+                                             scans them for privileged instructions.  Refused:
+                                             rw- NX again.  After the lock only.             */
+#define VTL_CALL_MODULE_LOAD       0x0E   /* RCX = GPA, RDI = pages: a range validated by
+                                             MODULE_VALIDATE (or validated now) becomes r-x
+                                             and immutable until MODULE_UNLOAD               */
+#define VTL_CALL_MODULE_UNLOAD     0x0F   /* RCX = GPA, RDI = pages of a loaded module: rw- NX */
 
 /* ---- memory attributes per page per VTL (KVM_MEMORY_ATTRIBUTE_*) ------ */
 #define VTL_MEM_NR                 0x1    /* no read                                  */
@@ -116,6 +166,24 @@
 #define VTL_PROTECT_AUDIT          0x4    /* violations are intercepted and allowed   */
 #define VTL_PROTECT_F_RANGES       0x1    /* request entries are vtl_gpa_range, not GPAs */
 #define VTL_PROTECT_MAX_PER_CALL   4096   /* entries the VMM processes per hypercall  */
+
+/* ---- lifecycle (DESIGN section 7) ------------------------------------- */
+#define VTL_KEXEC_POLICY_TEARDOWN  0      /* VTL1 validates, then ends itself; VTL0 starts
+                                             the new kernel with no VTL1 (it may enable a
+                                             new one)                                     */
+#define VTL_KEXEC_POLICY_PERSIST   1      /* VTL1 stays: the new kernel's text r-x and
+                                             rodata r-- (immutable), the rest rw- NX, its
+                                             privileged section judged, CR0/CR4/EFER/XCR0
+                                             pins kept, all before its first instruction  */
+#define VTL_KEXEC_POLICY_DENY      2      /* VTL1 refuses every kexec                     */
+#define VTL_KEXEC_MAX_SEGMENTS     8
+#define VTL_SEG_X                  0x1    /* vtl_kexec_segment.flags: ELF p_flags         */
+#define VTL_SEG_W                  0x2
+#define VTL_SEG_R                  0x4
+#define VTL_RESTART_F_TEARDOWN     0x1    /* vtl_restart.flags: VTL1 ends first           */
+#define VTL_TRUST_MAX              256    /* SHA-256 digests in VTL1's allowlist          */
+#define VTL_SHA256_MAX_LEN         0x1000000  /* VTL_CALL_SHA256: 16 MiB                 */
+#define VTL_MODULE_MAX_PAGES       64
 
 /* ---- status codes (RAX) --------------------------------------------- */
 #define VTL_OK                     0
@@ -227,6 +295,7 @@
 #define VTL1_BOOT_TABLES_OFF       0x20000
 #define VTL1_BOOT_GDT_OFF          0x2F000
 #define VTL1_BOOT_STACKS_OFF       0x30000    /* VP n's boot stack page at + n * 4096      */
+#define VTL1_TRUST_OFF             0x40000    /* VTL1's allowlist: trust_count digests of 32 bytes */
 #define VTL1_IMAGE_MIN_OFF         0x100000   /* VTL1 ELF segments in [BASE+this, BASE+SIZE) */
 #define VTL_MEM_MIN                0x4000000  /* 64 MiB: smallest guest memory        */
 
@@ -255,7 +324,18 @@ struct vtl_boot_info {
     char     scenario[48];   /* VTL0: scenario to run, NUL-terminated; "" = default */
     uint8_t  measurement[32];/* VTL1: SHA-256 of its image as loaded (entry point
                                 and PT_LOAD segments; docs/abi.md "Measurement") */
-    uint64_t reserved[8];
+    /* VTL1: its allowlist (vtl run --trust), SHA-256 digests of 32 bytes each, in VTL1
+     * memory at VTL1_BASE + VTL1_TRUST_OFF; and its kexec policy (vtl run --kexec-policy). */
+    uint64_t trust_gpa;
+    uint32_t trust_count;    /* at most VTL_TRUST_MAX                           */
+    uint32_t kexec_policy;   /* VTL_KEXEC_POLICY_*                              */
+    /* VTL0: a file the user staged in its memory (vtl run --stage FILE, vtl kexec
+     * --image), e.g. the next kernel's ELF, as a boot loader stages an initrd; 0 = none.
+     * Free RAM as far as the VMM is concerned: the kernel must not overwrite it before use. */
+    uint64_t staged_gpa;
+    uint64_t staged_size;
+    uint64_t boot_count;     /* VTL0: resets and kexecs before this boot (0: first boot) */
+    uint64_t reserved[3];
 };
 
 /* Per VP, in VTL1's memory; written by the VMM on every entry into VTL1. */
@@ -298,6 +378,38 @@ struct vtl_control {
     uint64_t vtl0_rcx;       /*   VTL_PORT_RETURN (VTL1 may change them)        */
     uint64_t reserved[13];
     struct vtl_intercept intercept;
+};
+
+/* VTL_CALL_KEXEC_VALIDATE's request, in VTL0 memory (VTL1 copies it once).  The
+ * segments are the new kernel's PT_LOADs, already placed by VTL0 at paddr: filesz bytes,
+ * then zeros up to memsz; page aligned paddr, ascending, not overlapping. */
+struct vtl_kexec_segment {
+    uint64_t paddr;
+    uint64_t filesz;
+    uint64_t memsz;
+    uint32_t flags;          /* VTL_SEG_* (ELF p_flags)                         */
+    uint32_t reserved;       /* 0                                               */
+};
+
+struct vtl_kexec_request {
+    uint64_t entry;          /* e_entry: inside an executable segment           */
+    uint32_t nr_segments;    /* 1..VTL_KEXEC_MAX_SEGMENTS                       */
+    uint32_t reserved0;      /* 0                                               */
+    uint64_t priv_gpa;       /* the new kernel's privileged section (persist:    */
+    uint64_t priv_pages;     /*   judged from its first instruction); 0 pages: none */
+    uint64_t param;          /* the new kernel's boot_info.param ...            */
+    char     scenario[48];   /* ... and boot_info.scenario: its "command line"  */
+    struct vtl_kexec_segment seg[8];  /* VTL_KEXEC_MAX_SEGMENTS                  */
+};
+
+/* VTL_HC_VTL0_RESTART's argument, in VTL1 memory. */
+struct vtl_restart {
+    uint64_t entry;          /* where VTL0 starts                               */
+    uint64_t flags;          /* VTL_RESTART_F_*                                 */
+    uint64_t image_start;    /* boot_info.image_start/end of the new kernel     */
+    uint64_t image_end;
+    uint64_t param;          /* boot_info.param                                 */
+    char     scenario[48];   /* boot_info.scenario, NUL-terminated              */
 };
 
 /* VTL_HC_SET_INTERCEPT_CONTROL's argument, in VTL1 memory. */
