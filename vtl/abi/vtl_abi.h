@@ -138,12 +138,15 @@
                                              also scans the text for privileged instructions
                                              outside the new privileged section.  Refused:
                                              every page back as it was.  RCX = 1 on success.
-                                             VTL_E_POLICY: not on the allowlist / the policy
-                                             denies kexec / pages VTL1 will not seal.        */
+                                             VTL_E_POLICY: not on the allowlist / pages VTL1
+                                             will not seal (immutable, page tables, the
+                                             privileged section, executable, VTL1's).  The
+                                             DENY policy still validates: it refuses the jump */
 #define VTL_CALL_KEXEC_JUMP        0x0B   /* no arguments.  With a validated image and a
                                              policy that allows it: teardown or persist (see
                                              VTL_KEXEC_POLICY_*); VTL0 never sees the return.
-                                             Else VTL_E_POLICY, nothing changed.             */
+                                             Else (no validated image, policy DENY)
+                                             VTL_E_POLICY, nothing changed.                  */
 #define VTL_CALL_KEXEC_UNLOAD      0x0C   /* drop the validated image: its pages get their
                                              attributes from before the validation back      */
 #define VTL_CALL_MODULE_VALIDATE   0x0D   /* RCX = GPA, RDI = pages (at most

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 Backend = Literal["memslot", "host_mapping", "rwx"]
+KexecPolicy = Literal["teardown", "persist", "deny"]
 
 
 class PartitionConfig(BaseModel):
@@ -18,3 +19,8 @@ class PartitionConfig(BaseModel):
     scenario: str = ""
     param: int = Field(default=0, ge=0, lt=1 << 64)
     attr_backend: Backend | None = None     # None: the best one the host probes working
+    # VTL1's allowlist (vtl run --trust): SHA-256 digests, 32 bytes each (vtl/core/trust.py).
+    trust: list[bytes] = Field(default_factory=list, max_length=256)
+    kexec_policy: KexecPolicy = "teardown"
+    staged: Path | None = None              # a file placed in VTL0 memory (boot_info.staged_*)
+    reset_on_triple_fault: bool = False     # a VTL0 triple fault is an emulated RESET
