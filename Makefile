@@ -19,7 +19,7 @@ GUEST_CFLAGS := $(CFLAGS) -ffile-prefix-map=$(CURDIR)=. -MMD -MP
 LIB_SRC  := guest_lib/console.c guest_lib/string.c guest_lib/arch.c guest_lib/paging.c guest_lib/report.c \
             guest_lib/entry_common.S guest_lib/priv.S
 VTL0_SRC := guest_vtl0/entry.S guest_vtl0/main.c guest_vtl0/scenarios.c
-VTL1_SRC := guest_vtl1/entry.S guest_vtl1/main.c guest_vtl1/policy.c
+VTL1_SRC := guest_vtl1/entry.S guest_vtl1/main.c guest_vtl1/policy.c guest_vtl1/sha256.c guest_vtl1/lifecycle.c
 VTL0     := guest_vtl0/build/vtl0.elf
 VTL1     := guest_vtl1/build/vtl1.elf
 

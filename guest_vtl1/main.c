@@ -28,6 +28,7 @@ void vtl1_main(struct vtl_boot_info *boot)
 	printf("measurement ");
 	print_hex_bytes(bi->measurement, 32);
 	printf("\n");
+	lifecycle_init();       /* the allowlist and kexec policy from boot_info */
 }
 
 /* [gpa, gpa+len) entirely in VTL0's memory?  Overflow-safe. */
@@ -129,6 +130,28 @@ int vtl1_dispatch(struct frame *f)
 	case VTL_CALL_GET_PROTECTION:
 		ctl->vtl0_rcx = policy_get(f->rcx);
 		ctl->vtl0_rax = VTL_OK;
+		return 0;
+	case VTL_CALL_SHA256:           /* RCX = data, RDI = length, RDX = 32-byte output */
+		ctl->vtl0_rax = sha256_call(f->rcx, f->rdi, f->rdx);
+		return 0;
+	case VTL_CALL_KEXEC_VALIDATE:   /* RCX = struct vtl_kexec_request; RCX = 1 if valid */
+		ctl->vtl0_rax = kexec_validate(f->rcx);
+		ctl->vtl0_rcx = ctl->vtl0_rax == VTL_OK;
+		return 0;
+	case VTL_CALL_KEXEC_JUMP:       /* VTL0 sees this return only if refused */
+		ctl->vtl0_rax = kexec_jump();
+		return 0;
+	case VTL_CALL_KEXEC_UNLOAD:
+		ctl->vtl0_rax = kexec_unload();
+		return 0;
+	case VTL_CALL_MODULE_VALIDATE:  /* RCX = GPA, RDI = pages */
+		ctl->vtl0_rax = module_validate(f->rcx, f->rdi);
+		return 0;
+	case VTL_CALL_MODULE_LOAD:
+		ctl->vtl0_rax = module_load(f->rcx, f->rdi);
+		return 0;
+	case VTL_CALL_MODULE_UNLOAD:
+		ctl->vtl0_rax = module_unload(f->rcx, f->rdi);
 		return 0;
 	default:
 		ctl->vtl0_rax = VTL_E_INVALID_CODE;

@@ -1,32 +1,33 @@
-/* VTL1's policy for VTL0 (issues 3 and 9).  VTL1 keeps its own view of every VTL0 page
- * (attributes it applied + policy flags), asks the VMM to apply attributes through
+/* VTL1's policy for VTL0 (issues 3, 9 and 10).  VTL1 keeps its own view of every VTL0
+ * page (attributes it applied + policy flags), asks the VMM to apply attributes through
  * VTL_HC_MODIFY_VTL_PROTECTION, and from VTL_CALL_LOCK_PAGE_TABLES on judges VTL0's
  * register writes (register intercepts, MSR intercepts).  Invariants it keeps whatever
  * VTL0 asks (docs/writing-guests.md, "VTL1's policy"):
  *   - no page VTL0 can write is ever executable (W^X), at every step: at the lock every
- *     executable mapping must be of a page VTL0 cannot write, and from then on such a
- *     page never becomes writable;
- *   - an immutable page never changes again;
+ *     executable mapping must be of a page VTL0 cannot write or that VTL1 keeps NX, and
+ *     from then on an executable page never becomes writable, except a module's pages
+ *     at MODULE_UNLOAD, which lose X (NW|NX) before they get W back; a page the tables
+ *     map executable but VTL1 keeps NX (a module area) gets X only through MODULE_LOAD,
+ *     after it was sealed NW, authenticated against the allowlist and scanned;
+ *   - an immutable page never changes again, but for the two VTL1 releases: a loaded
+ *     module's pages at MODULE_UNLOAD, a sealed kexec image's at KEXEC_UNLOAD or a
+ *     refused KEXEC_VALIDATE (back to exactly what they were), and everything at a kexec
+ *     (the new kernel's protections replace the old one's before its first instruction);
  *   - VTL1 writes into VTL0 memory only where VTL0 itself may write, and reads VTL0
  *     buffers once, into its own memory, before it checks them (vtl0_write/vtl0_read);
+ *     what it authenticates (kexec segments, modules) it seals NW first and reads after;
  *   - a flag that grants anything (VTL_PROTECT_AUDIT) lives only as long as the
  *     protection it came with, and never grants access to immutable, executable,
  *     page-table or privileged-section pages;
  *   - from the lock on, CR0.PE/WP/PG, CR4 (all but MCE/PGE/PCE/VMXE), CR3 (locked root),
  *     XCR0, GDTR/IDTR/LDTR/TR and EFER keep their values; the syscall MSRs from
  *     END_OF_BOOT; every value VTL1 allows is checked first (canonical, reserved bits);
- *   - nothing touching VTL1's region, no protection change after END_OF_BOOT. */
+ *     CR0/CR4/EFER/XCR0 stay pinned across a kexec with the persist policy ("carried");
+ *   - nothing touching VTL1's region, no protection change after END_OF_BOOT but
+ *     through the authenticated paths (modules, kexec). */
 #include "lib.h"
 #include "vtl1.h"
 
-#define MAX_PAGES (4ULL << 18)          /* 4 GiB of VTL0 memory */
-/* page[] (one byte per VTL0 page; tests/test_fuzz.py reads it): VTL_MEM_* | F_* */
-#define ATTR_MASK 0x07
-#define F_EXEC 0x08                     /* mapped executable by the locked page tables */
-#define F_IMMUTABLE 0x10
-#define F_AFTER_BOOT 0x20
-#define F_TABLE 0x40
-#define F_AUDIT 0x80
 #define PTE_P (1ULL << 0)
 #define PTE_PS (1ULL << 7)
 #define PTE_NX (1ULL << 63)
@@ -46,12 +47,17 @@
  * VTL1 hands the VMM names only those (a write setting a reserved bit is the #GP the VMM
  * raises as the CPU would, before any judging). */
 #define CR4_DEFINED 0x13FF7FFFULL
-#define PRIV_MAX_PAGES 16
 #define MAX_ROOTS 1                     /* CR3: the root VTL0 had at the lock */
 #define MAX_XLEAVES 8192                /* executable leaf mappings the lock can scan */
 
 static uint8_t page[MAX_PAGES] __attribute__((used));   /* attrs | F_* per VTL0 page */
 static int boot_over, locked;
+/* Pinned CR0/CR4/EFER/XCR0 carried over a kexec with the persist policy: enforced
+ * from the new kernel's first instruction, before it locks anything itself. */
+static int carried;
+/* Pages the locked tables map executable but VTL1 keeps NX (a module area): not
+ * executable for VTL0, and only MODULE_LOAD (authenticated, scanned) drops their NX. */
+static uint8_t xmapped[MAX_PAGES / 8];
 static uint64_t list_buf[VTL_PROTECT_MAX_PER_CALL];
 static struct vtl_protect_request req;
 uint64_t audit_allowed;
@@ -142,6 +148,10 @@ static uint64_t check_range(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64
 			return VTL_E_IMMUTABLE;
 		/* W^X after the lock: a page the locked tables map executable stays unwritable. */
 		if ((p & F_EXEC) && !(attrs & VTL_MEM_NW))
+			return VTL_E_POLICY;
+		/* ... and a page they map executable but VTL1 keeps NX becomes executable only
+		 * through MODULE_LOAD, which authenticates and scans it first. */
+		if (policy_xmapped(gpa + (i << 12)) && !(attrs & VTL_MEM_NX))
 			return VTL_E_POLICY;
 	}
 	if ((flags & VTL_PROTECT_AUDIT) && !(attrs & VTL_MEM_NX))
@@ -267,7 +277,11 @@ static void check_exec(uint64_t va, uint64_t pa, uint64_t size)
 		if ((p >> 12) >= npages() || !in_vtl0(p, 4096))
 			continue;       /* not VTL0 memory: nothing VTL0 can run there */
 		uint8_t a = page[p >> 12];
-		if (!(a & VTL_MEM_NW) || ((a & VTL_MEM_NX) && !in_priv(p))) {
+		/* A page VTL1 keeps NX is not executable whatever the tables say (a module area
+		 * waiting for MODULE_LOAD): no W^X break, nothing to scan now. */
+		if ((a & VTL_MEM_NX) && !in_priv(p))
+			continue;
+		if (!(a & VTL_MEM_NW)) {
 			if (wx_violations++ < 4)
 				printf("lock: executable mapping of %#lx, which VTL0 may write\n", p);
 		}
@@ -294,20 +308,28 @@ static int stream_byte(uint64_t k, uint64_t off, uint64_t *pa)
  * (0F 06), LGDT/LIDT/LMSW (0F 01 /2 /3 /6, which also covers XSETBV and XGETBV),
  * LLDT/LTR (0F 00 /2 /3)?  Any ModRM.mod and any prefixes: the scanner is
  * conservative.  Allowed only if every opcode byte is in the privileged section. */
+/* The rule, for the lock's scan and policy_scan_range alike: after a 0F byte, the bytes
+ * b1, b2 (-1: not fetchable) make a privileged write of this many bytes, or 0. */
+static int priv_match(int b1, int b2)
+{
+	int reg = (b2 >> 3) & 7;
+	if (b1 == 0x06)
+		return 2;
+	if (b1 == 0x22 && b2 >= 0)
+		return 3;
+	if (b1 == 0x01 && b2 >= 0 && (reg == 2 || reg == 3 || reg == 6))
+		return 3;
+	if (b1 == 0x00 && b2 >= 0 && (reg == 2 || reg == 3))
+		return 3;
+	return 0;
+}
+
 static void check_opcode(uint64_t k, uint64_t off)
 {
 	uint64_t pa0 = xleaves[k].pa + off, pa1 = 0, pa2 = 0;
 	int b1 = stream_byte(k, off + 1, &pa1);
 	int b2 = stream_byte(k, off + 2, &pa2);
-	int len = 0;
-	if (b1 == 0x06)
-		len = 2;
-	else if (b1 == 0x22 && b2 >= 0)
-		len = 3;
-	else if (b1 == 0x01 && b2 >= 0 && (((b2 >> 3) & 7) == 2 || ((b2 >> 3) & 7) == 3 || ((b2 >> 3) & 7) == 6))
-		len = 3;
-	else if (b1 == 0x00 && b2 >= 0 && (((b2 >> 3) & 7) == 2 || ((b2 >> 3) & 7) == 3))
-		len = 3;
+	int len = priv_match(b1, b2);
 	if (!len)
 		return;
 	if (in_priv(pa0) && in_priv(pa1) && (len == 2 || in_priv(pa2)))
@@ -342,8 +364,8 @@ static uint64_t scan_executable(void)
 	for (uint64_t k = 0; k < nxleaves; k++) {
 		for (uint64_t off = 0; off < xleaves[k].size; off += 4096) {
 			uint64_t pa = xleaves[k].pa + off;
-			if (!in_vtl0(pa, 4096))
-				continue;
+			if (!in_vtl0(pa, 4096) || ((page[pa >> 12] & VTL_MEM_NX) && !in_priv(pa)))
+				continue;       /* not executable for VTL0 */
 			scanned++;
 			const uint8_t *b = (const uint8_t *)pa;
 			for (uint64_t o = find_0f(b, 4096); o < 4096; o += 1 + find_0f(b + o + 1, 4095 - o)) {
@@ -522,9 +544,15 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 		page[tables[i] >> 12] |= F_TABLE;
 	}
 	for (uint64_t k = 0; k < nxleaves; k++)
-		for (uint64_t off = 0; off < xleaves[k].size; off += 4096)
-			if (in_vtl0(xleaves[k].pa + off, 4096))
-				page[(xleaves[k].pa + off) >> 12] |= F_EXEC;
+		for (uint64_t off = 0; off < xleaves[k].size; off += 4096) {
+			uint64_t pa = xleaves[k].pa + off;
+			if (!in_vtl0(pa, 4096))
+				continue;
+			if ((page[pa >> 12] & VTL_MEM_NX) && !in_priv(pa))
+				xmapped[pa >> 15] |= (uint8_t)(1u << ((pa >> 12) & 7));
+			else
+				page[pa >> 12] |= F_EXEC;
+		}
 	locked = 1;
 	/* The privileged section: immutable; NR while the VMM decodes it for VTL1. */
 	for (uint64_t i = 0; i < priv_pages; i++)
@@ -592,6 +620,74 @@ uint64_t policy_end_of_boot(void)
 	return VTL_OK;
 }
 
+/* ---- for lifecycle.c ------------------------------------------------------------------ */
+uint8_t policy_page(uint64_t gpa) { return (gpa >> 12) < npages() ? page[gpa >> 12] : 0; }
+int policy_locked(void) { return locked; }
+int policy_in_priv(uint64_t gpa) { return in_priv(gpa); }
+
+int policy_xmapped(uint64_t gpa)
+{
+	return (gpa >> 12) < npages() && (xmapped[gpa >> 15] >> ((gpa >> 12) & 7) & 1);
+}
+
+uint64_t policy_set(uint64_t gpa, uint64_t pages, uint64_t attrs, uint8_t flags)
+{
+	uint64_t st = apply_range(gpa, pages, attrs);
+	if (st != VTL_OK)
+		return st;
+	for (uint64_t i = 0; i < pages; i++)
+		page[(gpa >> 12) + i] = (uint8_t)(attrs | flags);
+	return VTL_OK;
+}
+
+uint64_t policy_scan_range(uint64_t gpa, uint64_t len, uint64_t ok_gpa, uint64_t ok_len, uint64_t *first)
+{
+	const uint8_t *b = (const uint8_t *)gpa;
+	uint64_t n = 0;
+	for (uint64_t o = find_0f(b, len); o < len; o += 1 + find_0f(b + o + 1, len - o - 1)) {
+		int b1 = o + 1 < len ? b[o + 1] : -1, b2 = o + 2 < len ? b[o + 2] : -1;
+		uint64_t mlen = (uint64_t)priv_match(b1, b2);
+		if (!mlen)
+			continue;
+		uint64_t at = gpa + o;
+		if (at >= ok_gpa && at + mlen <= ok_gpa + ok_len)
+			continue;
+		if (n++ == 0)
+			*first = at;
+		if (n <= 4)
+			printf("scan: privileged instruction %02x %02x %02x at %#lx\n", 0x0F, b1 & 0xFF,
+			       mlen == 3 ? b2 : 0, at);
+	}
+	return n;
+}
+
+void policy_persist_reset(uint64_t new_priv_gpa, uint64_t new_priv_pages)
+{
+	if (!locked) {                  /* never pinned: the old kernel's values carry over */
+		vp_reg(VTL_REG_CR0, &pin.cr0);
+		vp_reg(VTL_REG_CR4, &pin.cr4);
+		vp_reg(VTL_REG_EFER, &pin.efer);
+		pin.have_xcr0 = vp_reg(VTL_REG_XCR0, &pin.xcr0) == VTL_OK;
+	}
+	carried = 1;
+	locked = boot_over = 0;
+	pin.nroots = 0;
+	pin.have_gdtr = pin.have_idtr = pin.have_ldtr = pin.have_tr = 0;
+	for (uint64_t i = 0; i < npages(); i++)
+		page[i] = in_vtl0(i << 12, 4096) ? VTL_MEM_NX : 0;
+	memset(xmapped, 0, sizeof(xmapped));
+	priv_gpa = new_priv_pages ? new_priv_gpa : 0;
+	priv_pages = new_priv_pages;
+	pinning = 0;
+}
+
+uint64_t policy_persist_pin(void)
+{
+	uint64_t st = set_intercept_control(priv_pages ? VTL_ICTL_ALL : 0);
+	pinning = priv_pages && st == VTL_OK;
+	return st;
+}
+
 /* ---- secure intercepts ------------------------------------------------------------ */
 static int canonical(uint64_t v)
 {
@@ -645,8 +741,11 @@ static int xcr0_legal(uint64_t v)
 static const char *judge_register(const struct vtl_intercept *m)
 {
 	uint64_t v = m->new_value, old = m->old_value;
-	if (!locked)
+	if (!locked && !carried)
 		return NULL;                    /* before the lock VTL0 is trusted */
+	if (!locked && m->reg != VTL_REG_CR0 && m->reg != VTL_REG_CR0_LOW && m->reg != VTL_REG_CR4 &&
+	    m->reg != VTL_REG_XCR0)
+		return NULL;                    /* a kexec'd kernel sets up its own CR3 and tables */
 	switch (m->reg) {
 	case VTL_REG_CR0:
 		if (v >> 32)
@@ -678,6 +777,8 @@ static const char *judge_register(const struct vtl_intercept *m)
 	case VTL_REG_XCR0:
 		if (!xcr0_legal(v))
 			return "illegal XCR0";
+		if (!locked && !pin.have_xcr0)
+			return NULL;            /* carried, but never read: nothing to hold it to */
 		if (v != (pin.have_xcr0 ? pin.xcr0 : old))
 			return "XCR0 is pinned";
 		return NULL;
@@ -708,7 +809,7 @@ static const char *judge_msr(uint32_t msr, uint64_t v)
 {
 	switch (msr) {
 	case MSR_EFER:
-		if (locked && v != pin.efer)
+		if ((locked || carried) && v != pin.efer)
 			return "EFER is pinned from the lock";
 		return NULL;
 	case MSR_LSTAR:
