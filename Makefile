@@ -18,9 +18,12 @@ GUEST_CFLAGS := $(CFLAGS) -ffile-prefix-map=$(CURDIR)=. -MMD -MP
 
 LIB_SRC  := guest_lib/console.c guest_lib/string.c guest_lib/arch.c guest_lib/paging.c guest_lib/report.c \
             guest_lib/entry_common.S guest_lib/priv.S
-VTL0_SRC := guest_vtl0/entry.S guest_vtl0/main.c guest_vtl0/scenarios.c
+VTL0_SRC := guest_vtl0/entry.S guest_vtl0/main.c guest_vtl0/scenarios.c guest_vtl0/lifecycle.c \
+            guest_vtl0/elfload.c guest_vtl0/modules.S
 VTL1_SRC := guest_vtl1/entry.S guest_vtl1/main.c guest_vtl1/policy.c guest_vtl1/sha256.c guest_vtl1/lifecycle.c
 VTL0     := guest_vtl0/build/vtl0.elf
+VTL0_KEXEC := guest_vtl0/build/vtl0-kexec.elf   # the same kernel at 0x800000: a kexec target
+MODULES  := guest_vtl0/build/module.bin guest_vtl0/build/module-priv.bin
 VTL1     := guest_vtl1/build/vtl1.elf
 
 # guest_vtlN/foo.c -> guest_vtlN/build/obj/foo.o; guest_lib/bar.c -> guest_vtlN/build/obj/lib/bar.o
@@ -32,7 +35,7 @@ VTL1_OBJ := $(call guest_objs,guest_vtl1,$(VTL1_SRC))
 .PHONY: all guests bench setup test check clean
 all: guests bench
 
-guests: $(VTL0) $(VTL1)
+guests: $(VTL0) $(VTL0_KEXEC) $(VTL1) $(MODULES)
 
 # VTL1 refuses to lock VTL0's page tables if a byte sequence that writes CR0/CR3/CR4/XCR0/
 # GDTR/IDTR/LDTR/TR lies in executable memory outside the privileged section
@@ -41,13 +44,27 @@ guests: $(VTL0) $(VTL1)
 # guest_lib's (PRIVSCAN_PAD, some of it a page, which moves the data too) until
 # guest_lib/privscan.py, the same scan, finds nothing; else fail naming the function.
 PRIVSCAN_PADS := 0 16 48 80 112 4096 4112 4144 8192 8208 8240 12288
-$(VTL0): $(VTL0_OBJ) guest_vtl0/linker.ld guest_lib/privscan.py
+# $(call link_vtl0,extra linker flags); vtl0-kexec.elf is linked at 0x800000.
+KEXEC_LDFLAGS := -Wl,--defsym=VTL0_BASE=0x800000
+define link_vtl0
 	@for pad in $(PRIVSCAN_PADS); do \
-		$(CC) $(LDFLAGS) -Wl,--defsym=PRIVSCAN_PAD=$$pad -T guest_vtl0/linker.ld -o $@ $(VTL0_OBJ) || exit 1; \
+		$(CC) $(LDFLAGS) $(1) -Wl,--defsym=PRIVSCAN_PAD=$$pad -T guest_vtl0/linker.ld -o $@ $(VTL0_OBJ) || exit 1; \
 		if $(PYTHON) guest_lib/privscan.py $@ --quiet; then \
 			[ $$pad = 0 ] || echo "privscan: $@ linked with PRIVSCAN_PAD=$$pad"; exit 0; fi; \
 	done; \
 	$(PYTHON) guest_lib/privscan.py $@; rm -f $@; exit 1
+endef
+$(VTL0): $(VTL0_OBJ) guest_vtl0/linker.ld guest_lib/privscan.py
+	$(call link_vtl0,)
+$(VTL0_KEXEC): $(VTL0_OBJ) guest_vtl0/linker.ld guest_lib/privscan.py
+	$(call link_vtl0,$(KEXEC_LDFLAGS))
+
+# Modules: flat, position-independent code, one page each (the sources pad themselves),
+# embedded in the VTL0 image by modules.S (.incbin, which -MMD does not see).
+guest_vtl0/build/%.bin: guest_vtl0/build/obj/%.o
+	objcopy -O binary -j .text $< $@
+guest_vtl0/build/obj/modules.o: $(MODULES)
+.SECONDARY: $(MODULES:guest_vtl0/build/%.bin=guest_vtl0/build/obj/%.o)
 
 $(VTL1): $(VTL1_OBJ) guest_vtl1/linker.ld
 	$(CC) $(LDFLAGS) -T guest_vtl1/linker.ld -o $@ $(VTL1_OBJ)

@@ -11,7 +11,7 @@
 #define ECHO_ARG 0x1234
 
 /* STATUS "enable_vtl1": value[0] = VTL_HC_ENABLE_VTL1, value[1] = the status. */
-static uint64_t enable_vtl1(void)
+uint64_t enable_vtl1(void)
 {
 	uint64_t st = hypercall(VTL_HC_ENABLE_VTL1, 0, 0, 0, NULL);
 	report_status("enable_vtl1", VTL_HC_ENABLE_VTL1, st);
@@ -19,7 +19,7 @@ static uint64_t enable_vtl1(void)
 	return st;
 }
 
-static void require_vtl1(const char *name)
+void require_vtl1(const char *name)
 {
 	if (enable_vtl1() != VTL_OK)
 		fail(name, "VTL1 could not be enabled");
@@ -27,7 +27,7 @@ static void require_vtl1(const char *name)
 
 /* After a refusal: VTL1 and the VMM still serve VTL calls.
  * STATUS "echo" (VTL_CALL_ECHO) and VALUE "echo_rcx" = RCX after the call (ECHO_ARG + 1). */
-static void echo_still_works(const char *name)
+void echo_still_works(const char *name)
 {
 	uint64_t rcx = 0;
 	uint64_t st = vtl_call(VTL_CALL_ECHO, ECHO_ARG, 0, &rcx);
@@ -39,7 +39,7 @@ static void echo_still_works(const char *name)
 }
 
 /* STATUS `key`: value[0] = the call or hypercall code, value[1] = the status received. */
-static void expect_status(const char *name, const char *key, uint64_t code, const char *what, uint64_t got,
+void expect_status(const char *name, const char *key, uint64_t code, const char *what, uint64_t got,
 			  uint64_t want)
 {
 	report_status(key, code, got);
@@ -49,7 +49,7 @@ static void expect_status(const char *name, const char *key, uint64_t code, cons
 }
 
 /* FAULT `key` (vector, error code, RIP, CR2) when the attempt faulted. */
-static void expect_fault(const char *name, const char *key, const char *what, int ok, struct fault_info *fi,
+void expect_fault(const char *name, const char *key, const char *what, int ok, struct fault_info *fi,
 			 int vector)
 {
 	if (!ok) {
@@ -329,19 +329,18 @@ SCENARIO(sc_storm, "hypercall-storm", "N (param, default 100000) unknown hyperca
 extern char _text_start[], _text_end[], _scenarios_page_end[], _ro_after_init_start[],
 	_ro_after_init_end[], _data_start[];
 
-static const uint64_t rodata_target __attribute__((aligned(8), used)) = 0x0123456789ABCDEFULL;
+const uint64_t rodata_target __attribute__((aligned(8), used)) = 0x0123456789ABCDEFULL;
 static uint64_t ro_after_init_var __attribute__((section(".data..ro_after_init"), aligned(8))) = 0x1111;
-static uint8_t data_page[4096] __attribute__((aligned(4096)));
+uint8_t data_page[4096] __attribute__((aligned(4096)));
 static uint64_t audit_page[512] __attribute__((aligned(4096)));
 
-#define PAGES(a, b) (((uint64_t)(b) - (uint64_t)(a)) >> 12)
 
-static uint64_t prot(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64_t flags)
+uint64_t prot(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64_t flags)
 {
 	return vtl_call4(VTL_CALL_PROTECT, gpa, pages, attrs, flags, NULL);
 }
 
-static uint64_t protection_of(uint64_t gpa)
+uint64_t protection_of(uint64_t gpa)
 {
 	uint64_t rcx = 0;
 	vtl_call4(VTL_CALL_GET_PROTECTION, gpa, 0, 0, 0, &rcx);
@@ -349,7 +348,7 @@ static uint64_t protection_of(uint64_t gpa)
 }
 
 /* STATUS `key` (value[0] = code), then the scenario fails unless it is VTL_OK. */
-static void must(const char *name, const char *key, uint64_t code, const char *what, uint64_t st)
+void must(const char *name, const char *key, uint64_t code, const char *what, uint64_t st)
 {
 	report_status(key, code, st);
 	printf("%s -> %s\n", what, vtl_status_name(st));
@@ -362,7 +361,7 @@ extern char _priv_start[], _priv_end[];
 static uint64_t register_pinning;
 
 /* Boot-time hardening, part 1: NX everywhere but text, attributes from VTL1. */
-static void harden_protect(const char *name)
+void harden_protect(const char *name)
 {
 	uint64_t ts = (uint64_t)_text_start, te = (uint64_t)_text_end;
 	uint64_t v1 = boot_info->vtl1_base, v1e = v1 + boot_info->vtl1_size, mem = boot_info->mem_size;
@@ -385,7 +384,7 @@ static void harden_protect(const char *name)
 
 /* Part 2: VTL1 scans what VTL0 can execute, locks the tables and (where the VMM can)
  * pins the registers; RCX = the privileged section, RDI = its pages. */
-static void harden_lock(const char *name, int end_of_boot)
+void harden_lock(const char *name, int end_of_boot)
 {
 	uint64_t ps = (uint64_t)_priv_start;
 	must(name, "lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, "lock page tables, pin registers",
@@ -397,17 +396,17 @@ static void harden_lock(const char *name, int end_of_boot)
 		     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
 }
 
-static void harden(const char *name, int end_of_boot)
+void harden(const char *name, int end_of_boot)
 {
 	require_vtl1(name);
 	harden_protect(name);
 	harden_lock(name, end_of_boot);
 }
 
-static void write_u64_fn(void *p) { *(volatile uint64_t *)p = 0xBADBADBADBADBAD0ULL; }
+void write_u64_fn(void *p) { *(volatile uint64_t *)p = 0xBADBADBADBADBAD0ULL; }
 
 /* The guest saw its attack work: VALUE "attack_succeeded" (value[0] = what it saw). */
-static void __attribute__((noreturn)) attack_succeeded(const char *name, const char *why, uint64_t seen)
+void __attribute__((noreturn)) attack_succeeded(const char *name, const char *why, uint64_t seen)
 {
 	report_value("attack_succeeded", seen);
 	printf("ATTACK-RESULT succeeded: %s (%#lx)\n", why, seen);
@@ -416,7 +415,7 @@ static void __attribute__((noreturn)) attack_succeeded(const char *name, const c
 
 /* TARGET `key` (GPA, 8 bytes, old value), then the write must fault with #PF(W) (FAULT
  * `key`) and leave memory as it was. */
-static void attack_write(const char *name, const char *key, const char *what, uint64_t target)
+void attack_write(const char *name, const char *key, const char *what, uint64_t target)
 {
 	uint64_t old = *(volatile uint64_t *)target;
 	report_target(key, target, 8, old);
@@ -470,15 +469,14 @@ SCENARIO(sc_w_roai, "write-ro-after-init", "attack: write ro_after_init data aft
 	pass("write-ro-after-init");
 }
 
-static void call_fn(void *p) { ((void (*)(void))p)(); }
+void call_fn(void *p) { ((void (*)(void))p)(); }
 
 /* Planted code announces itself: it stores a value into exec_marker (which the VMM reads
  * back after the run, through the EXEC report) and returns. */
-#define EXEC_MARK 0x45584543554D4521ULL
-static volatile uint64_t exec_marker __attribute__((aligned(8)));
+volatile uint64_t exec_marker __attribute__((aligned(8)));
 
 /* movabs $value, %rax; movabs %rax, exec_marker; ret.  Returns the length (21). */
-static uint64_t plant_marker_code(uint8_t *p, uint64_t value)
+uint64_t plant_marker_code(uint8_t *p, uint64_t value)
 {
 	uint64_t marker = (uint64_t)&exec_marker;
 	p[0] = 0x48;
@@ -612,8 +610,8 @@ SCENARIO(sc_bench_icpt, "bench-intercept-allow", "N writes to an audited page, e
 }
 
 /* ---- a malicious VTL0: seeded random protection requests, VTL calls and hypercalls ---- */
-static uint64_t rng_state;
-static uint64_t rnd(void)
+uint64_t rng_state;
+uint64_t rnd(void)
 {
 	rng_state ^= rng_state << 13;
 	rng_state ^= rng_state >> 7;
@@ -795,7 +793,7 @@ static void reg_write_fn(void *p)
 	const struct reg_write *w = p;
 	w->fn(w->value);
 }
-static int try_reg_write(void (*fn)(uint64_t), uint64_t value, struct fault_info *fi)
+int try_reg_write(void (*fn)(uint64_t), uint64_t value, struct fault_info *fi)
 {
 	struct reg_write w = { fn, value };
 	return try_run(reg_write_fn, &w, fi);
@@ -812,7 +810,7 @@ static void wrmsr_fn(uint64_t v) { wrmsr(wrmsr_index, v); }
 
 /* The write must have faulted with #GP (FAULT `key`) and left the register as it was
  * before (`now`, read back here; the VMM reads it from KVM through the REGISTER report). */
-static void expect_register_kept(const char *name, const char *key, const char *what, int faulted,
+void expect_register_kept(const char *name, const char *key, const char *what, int faulted,
 				 struct fault_info *fi, uint64_t old, uint64_t now)
 {
 	if (now != old)

@@ -8,6 +8,41 @@ extern uint64_t cr4_boot_set, xcr0_boot;   /* main.c: what boot enabled */
 void pass(const char *name) __attribute__((noreturn));
 void fail(const char *name, const char *why) __attribute__((noreturn));
 
+/* scenarios.c: helpers every scenario file uses (what each reports: the comments there). */
+uint64_t enable_vtl1(void);
+void require_vtl1(const char *name);
+void echo_still_works(const char *name);
+void expect_status(const char *name, const char *key, uint64_t code, const char *what, uint64_t got,
+		   uint64_t want);
+void expect_fault(const char *name, const char *key, const char *what, int ok, struct fault_info *fi,
+		  int vector);
+void must(const char *name, const char *key, uint64_t code, const char *what, uint64_t st);
+uint64_t prot(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64_t flags);
+uint64_t protection_of(uint64_t gpa);
+void harden_protect(const char *name);
+void harden_lock(const char *name, int end_of_boot);
+void harden(const char *name, int end_of_boot);
+void attack_succeeded(const char *name, const char *why, uint64_t seen) __attribute__((noreturn));
+void attack_write(const char *name, const char *key, const char *what, uint64_t target);
+void write_u64_fn(void *p);
+void call_fn(void *p);
+#define EXEC_MARK 0x45584543554D4521ULL
+extern volatile uint64_t exec_marker;
+uint64_t plant_marker_code(uint8_t *p, uint64_t value);
+int try_reg_write(void (*fn)(uint64_t), uint64_t value, struct fault_info *fi);
+void expect_register_kept(const char *name, const char *key, const char *what, int faulted,
+			  struct fault_info *fi, uint64_t old, uint64_t now);
+extern uint64_t rng_state;
+uint64_t rnd(void);
+extern uint8_t data_page[4096];
+extern const uint64_t rodata_target;
+extern char _text_start[], _text_end[], _priv_start[], _priv_end[], _image_end[];
+#define PAGES(a, b) (((uint64_t)(b) - (uint64_t)(a)) >> 12)
+
+/* elfload.c: the staged kexec image (boot_info->staged_*), an untrusted ELF, placed at its
+ * physical addresses; NULL on success, else why not. */
+const char *kexec_load_staged(struct vtl_kexec_request *req);
+
 /* A scenario: listed in .vtl_scenarios so the VMM can list and select it. */
 #define SCENARIO(id, name_, desc_)                                                  \
 	static void id(void);                                                       \

@@ -1,0 +1,399 @@
+/* Lifecycle scenarios (issue 10, DESIGN section 7): VTL1's SHA-256, kexec of
+ * VTL1-authenticated images (teardown, persist, deny), modules after END_OF_BOOT, and
+ * emulated RESET.  As everywhere, every observation is reported before it is judged and
+ * attack targets are named (TARGET, EXEC, REGISTER) so that the VMM checks them itself;
+ * tests/test_kexec_guest.py, test_modules.py and test_sha256.py hold the verdicts. */
+#include "vtl0.h"
+#include "module.h"
+
+static uint64_t vtl_call_rdx(uint64_t code, uint64_t rcx, uint64_t rdi, uint64_t rdx, uint64_t *rcx_out)
+{
+	return vtl_call4(code, rcx, rdi, rdx, 0, rcx_out);
+}
+
+/* ---- VTL_CALL_SHA256 ------------------------------------------------------------------
+ * Seeded data (xorshift, seed from param) at fixed places, hashed by VTL1 into
+ * sha_digests[]: the test reads both back from memory and recomputes with hashlib. */
+static const uint64_t sha_lengths[] = { 0, 1, 55, 56, 63, 64, 65, 1000, 4096 * 3 + 7 };
+#define SHA_CASES (sizeof(sha_lengths) / sizeof(sha_lengths[0]))
+uint8_t sha_data[16384] __attribute__((aligned(4096)));
+uint8_t sha_digests[SHA_CASES][32] __attribute__((aligned(32)));
+
+SCENARIO(sc_sha256, "sha256-selftest", "VTL1 hashes seeded random buffers (param = seed) with VTL_CALL_SHA256")
+{
+	const char *name = "sha256-selftest";
+	require_vtl1(name);
+	rng_state = 0x9E3779B97F4A7C15ULL ^ boot_info->param;
+	for (uint64_t i = 0; i < sizeof(sha_data); i += 8) {
+		uint64_t v = rnd();
+		memcpy(&sha_data[i], &v, 8);
+	}
+	report_value("sha256_data", (uint64_t)sha_data);        /* the test reads the buffers */
+	report_value("sha256_digests", (uint64_t)sha_digests);
+	report_value("sha256_cases", SHA_CASES);
+	uint64_t off = 0, bad = 0;
+	for (uint64_t i = 0; i < SHA_CASES; i++) {
+		char key[32] = "sha256_len_";
+		key[11] = (char)('0' + i);
+		report_value(key, sha_lengths[i]);
+		uint64_t st = vtl_call_rdx(VTL_CALL_SHA256, (uint64_t)sha_data + off, sha_lengths[i],
+					   (uint64_t)sha_digests[i], NULL);
+		key[6] = 's', key[7] = 't', key[8] = 'a', key[9] = 't', key[10] = '_';   /* "sha256stat_i" */
+		report_status(key, VTL_CALL_SHA256, st);
+		report_bytes(key, sha_digests[i], 32);
+		bad += st != VTL_OK;
+		off += sha_lengths[i];
+	}
+	/* Refusals: too long, output where VTL0 may not write (its own rodata is writable here,
+	 * so VTL1's region stands in), data in VTL1's region. */
+	uint64_t st = vtl_call_rdx(VTL_CALL_SHA256, (uint64_t)sha_data, VTL_SHA256_MAX_LEN + 1,
+				   (uint64_t)sha_digests[0], NULL);
+	report_status("sha256_too_long", VTL_CALL_SHA256, st);
+	bad += st != VTL_E_INVALID_ARG;
+	st = vtl_call_rdx(VTL_CALL_SHA256, (uint64_t)sha_data, 64, boot_info->vtl1_base, NULL);
+	report_status("sha256_out_in_vtl1", VTL_CALL_SHA256, st);
+	bad += st != VTL_E_INVALID_ARG;
+	st = vtl_call_rdx(VTL_CALL_SHA256, boot_info->vtl1_base, 64, (uint64_t)sha_digests[0], NULL);
+	report_status("sha256_data_in_vtl1", VTL_CALL_SHA256, st);
+	bad += st != VTL_E_INVALID_ARG;
+	if (bad)
+		fail(name, "unexpected status");
+	pass(name);
+}
+
+/* ---- kexec ------------------------------------------------------------------------------
+ * The old kernel hardens itself, places the staged image (elfload.c), asks VTL1 to
+ * validate it and jumps; the new kernel (the same sources at 0x800000, vtl0-kexec.elf)
+ * runs the scenario named in the request and checks what it inherited. */
+static struct vtl_kexec_request kreq;
+
+static void load_staged(const char *name, const char *next, uint64_t param)
+{
+	report_value("boot_count", boot_info->boot_count);
+	report_value("staged_gpa", boot_info->staged_gpa);
+	report_value("staged_size", boot_info->staged_size);
+	const char *why = kexec_load_staged(&kreq);
+	if (why) {
+		printf("staged image: %s\n", why);
+		fail(name, why);
+	}
+	uint64_t n = strlen(next);
+	memcpy(kreq.scenario, next, n < sizeof(kreq.scenario) ? n + 1 : sizeof(kreq.scenario) - 1);
+	kreq.param = param;
+	report_value("kexec_entry", kreq.entry);
+	report_value("kexec_segments", kreq.nr_segments);
+	report_value("kexec_priv_gpa", kreq.priv_gpa);
+	printf("staged image placed: entry %#lx, %u segments, privileged section %#lx (+%lu pages)\n", kreq.entry,
+	       kreq.nr_segments, kreq.priv_gpa, kreq.priv_pages);
+}
+
+static uint64_t kexec_validate(void)
+{
+	uint64_t rcx = 0;
+	return vtl_call(VTL_CALL_KEXEC_VALIDATE, (uint64_t)&kreq, 0, &rcx);
+}
+
+/* The old kernel: harden, END_OF_BOOT, load, validate, jump (returns only if refused). */
+static void kexec_to(const char *name, const char *next, uint64_t param)
+{
+	harden(name, 1);
+	load_staged(name, next, param);
+	must(name, "kexec_validate", VTL_CALL_KEXEC_VALIDATE, "KEXEC_VALIDATE", kexec_validate());
+	report_value("kexec_jump", 1);          /* the last word of the old kernel */
+	uint64_t st = vtl_call(VTL_CALL_KEXEC_JUMP, 0, 0, NULL);
+	report_status("kexec_jump", VTL_CALL_KEXEC_JUMP, st);
+	fail(name, "KEXEC_JUMP returned");
+}
+
+/* After a teardown or reset: no VTL1 yet, its region reads as plain (zeroed) memory.
+ * BYTES "vtl1_region_image": the first bytes of where VTL1's image was; VALUE
+ * "vtl1_region_nonzero": nonzero bytes in its boot info and control pages and there. */
+static uint8_t vtl1_seen[2048];
+
+static void check_vtl1_region_gone(const char *name)
+{
+	static const uint64_t offs[] = { VTL1_BOOT_INFO_OFF, VTL1_CONTROL_OFF, VTL1_TRUST_OFF, VTL1_IMAGE_MIN_OFF };
+	uint64_t nonzero = 0;
+	for (uint64_t k = 0; k < sizeof(offs) / sizeof(offs[0]); k++) {
+		const volatile uint64_t *p = (const volatile uint64_t *)(boot_info->vtl1_base + offs[k]);
+		for (uint64_t i = 0; i < sizeof(vtl1_seen) / 8; i++) {
+			uint64_t v = p[i];      /* 8-byte reads: each one the VMM emulates */
+			memcpy(&vtl1_seen[i * 8], &v, 8);
+			for (int b = 0; b < 8; b++)
+				nonzero += ((v >> (8 * b)) & 0xFF) != 0;
+		}
+	}
+	report_bytes("vtl1_region_image", vtl1_seen, sizeof(vtl1_seen));
+	report_value("vtl1_region_nonzero", nonzero);
+	printf("VTL1's region (4 x %lu bytes read): %lu nonzero bytes\n", sizeof(vtl1_seen), nonzero);
+	if (nonzero)
+		fail(name, "VTL1's memory was not zeroed");
+}
+
+/* A new VTL1 can be enabled and measures as a fresh launch's (the VMM's VtlEnabled event
+ * carries the SHA-256; BYTES "vtl1_measurement" from VTL0 is what VTL1 answered). */
+static void enable_again(const char *name)
+{
+	require_vtl1(name);
+	static uint8_t m[32];
+	must(name, "get_measurement", VTL_CALL_GET_MEASUREMENT, "VTL_CALL_GET_MEASUREMENT",
+	     vtl_call(VTL_CALL_GET_MEASUREMENT, 0, (uint64_t)m, NULL));
+	report_bytes("vtl1_measurement", m, sizeof(m));
+	echo_still_works(name);
+}
+
+/* A write that must land now that the old protections are gone: TARGET `key`, the
+ * write, VALUE "<key>_landed" (1 if the new value is there). */
+static void write_lands(const char *name, const char *key, uint64_t target)
+{
+	uint64_t old = *(volatile uint64_t *)target, want = old ^ 0x5A5A5A5A5A5A5A5AULL;
+	report_target(key, target, 8, old);
+	struct fault_info fi;
+	int faulted = try_run(write_u64_fn, (void *)target, &fi);
+	if (!faulted)
+		*(volatile uint64_t *)target = want;
+	uint64_t now = *(volatile uint64_t *)target;
+	char vkey[32];
+	uint64_t n = strlen(key);
+	memcpy(vkey, key, n);
+	memcpy(vkey + n, "_landed", 8);
+	report_value(vkey, now != old);
+	if (faulted) {
+		report_fault(key, &fi);
+		fail(name, "a protection of the old kernel survived");
+	}
+	printf("write to %#lx landed (%#lx -> %#lx): the old protection is gone\n", target, old, now);
+}
+
+SCENARIO(sc_kexec_teardown, "kexec-teardown",
+	 "kexec the staged image, validated by VTL1 (policy teardown): VTL1 and every protection end")
+{
+	/* param of the new kernel: where the old kernel's (immutable) text was */
+	kexec_to("kexec-teardown", "kexec-after-teardown", (uint64_t)_text_start);
+}
+
+SCENARIO(sc_after_teardown, "kexec-after-teardown", "the kernel started by kexec-teardown (param = old text)")
+{
+	const char *name = "kexec-after-teardown";
+	report_value("boot_count", boot_info->boot_count);
+	if (boot_info->boot_count != 1)
+		fail(name, "boot_count is not 1");
+	check_vtl1_region_gone(name);
+	write_lands(name, "old_kernel_text", boot_info->param);
+	enable_again(name);
+	pass(name);
+}
+
+SCENARIO(sc_kexec_persist, "kexec-persist",
+	 "kexec the staged image, VTL1 persisting: the new kernel protected from its first instruction")
+{
+	kexec_to("kexec-persist", "kexec-after-persist", 0);
+}
+
+SCENARIO(sc_after_persist, "kexec-after-persist", "the kernel started by kexec-persist attacks itself")
+{
+	const char *name = "kexec-after-persist";
+	/* First: its own text, r-x and immutable before it ran an instruction. */
+	attack_write(name, "kernel_text", "own text", (uint64_t)&write_u64_fn & ~7ULL);
+	report_value("boot_count", boot_info->boot_count);
+	if (boot_info->boot_count != 1)
+		fail(name, "boot_count is not 1");
+	/* Data is not executable either (VTL1's NX; the kernel's own tables map it X). */
+	plant_marker_code(data_page, EXEC_MARK);
+	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page, (uint64_t)&exec_marker, EXEC_MARK);
+	struct fault_info fi;
+	int faulted = try_run(call_fn, data_page, &fi);
+	if (!faulted || exec_marker == EXEC_MARK)
+		attack_succeeded(name, "a data page executed", (uint64_t)data_page);
+	expect_fault(name, "exec_data_page", "execute a data page", faulted, &fi, 14);
+	/* CR0.WP stays pinned across the kexec (carried), before this kernel locked anything. */
+	uint64_t old = read_cr0();
+	report_register("cr0", VTL_REG_CR0, old, 0);
+	faulted = try_reg_write(priv_write_cr0, old & ~CR0_WP, &fi);
+	expect_register_kept(name, "write_cr0", "mov to CR0 clearing WP", faulted, &fi, old, read_cr0());
+	/* VTL1 is the same one: already enabled, still serving. */
+	expect_status(name, "enable_vtl1_again", VTL_HC_ENABLE_VTL1, "VTL_HC_ENABLE_VTL1",
+		      hypercall(VTL_HC_ENABLE_VTL1, 0, 0, 0, NULL), VTL_E_ALREADY_ENABLED);
+	echo_still_works(name);
+	pass(name);
+}
+
+/* (a) a tampered image, (b) the trusted one: sealed, (c) the jump under policy deny,
+ * (d) the jump after KEXEC_UNLOAD, (e) a direct jump into the unvalidated image. */
+SCENARIO(sc_kexec_deny, "kexec-deny",
+	 "kexec a tampered image, write a validated one, jump denied or unvalidated: all refused")
+{
+	const char *name = "kexec-deny";
+	harden(name, 1);
+	load_staged(name, "kexec-after-teardown", 0);
+	uint64_t refused = 0;
+	/* (a) one byte of the copied text flipped */
+	volatile uint8_t *byte = (volatile uint8_t *)(kreq.seg[0].paddr + 16);
+	*byte ^= 0xFF;
+	uint64_t st = kexec_validate();
+	report_status("validate_tampered", VTL_CALL_KEXEC_VALIDATE, st);
+	refused += st == VTL_E_POLICY;
+	report_value("tampered_page_attrs", protection_of(kreq.seg[0].paddr));   /* back to rw- NX */
+	*byte ^= 0xFF;                          /* writable again: the refusal gave it back */
+	/* (b) the trusted image: sealed until unloaded */
+	st = kexec_validate();
+	report_status("validate_trusted", VTL_CALL_KEXEC_VALIDATE, st);
+	if (st != VTL_OK)
+		fail(name, "the trusted image was refused");
+	report_value("sealed_page_attrs", protection_of(kreq.seg[0].paddr));
+	attack_write(name, "validated_segment", "a validated segment", kreq.seg[0].paddr + 64);
+	/* (c) policy deny */
+	st = vtl_call(VTL_CALL_KEXEC_JUMP, 0, 0, NULL);
+	report_status("jump_denied", VTL_CALL_KEXEC_JUMP, st);
+	refused += st == VTL_E_POLICY;
+	/* (d) unload, then jump */
+	must(name, "kexec_unload", VTL_CALL_KEXEC_UNLOAD, "KEXEC_UNLOAD", vtl_call(VTL_CALL_KEXEC_UNLOAD, 0, 0, NULL));
+	report_value("unloaded_page_attrs", protection_of(kreq.seg[0].paddr));
+	st = vtl_call(VTL_CALL_KEXEC_JUMP, 0, 0, NULL);
+	report_status("jump_unvalidated", VTL_CALL_KEXEC_JUMP, st);
+	refused += st == VTL_E_POLICY;
+	/* (e) straight into the image's entry, with code planted there */
+	plant_marker_code((uint8_t *)kreq.entry, EXEC_MARK);
+	report_exec("kexec_entry", kreq.entry, kreq.entry, (uint64_t)&exec_marker, EXEC_MARK);
+	struct fault_info fi;
+	int faulted = try_run(call_fn, (void *)kreq.entry, &fi);
+	if (!faulted || exec_marker == EXEC_MARK)
+		attack_succeeded(name, "the unvalidated image ran", kreq.entry);
+	expect_fault(name, "exec_kexec_entry", "jump into the unvalidated image", faulted, &fi, 14);
+	refused++;
+	report_value("refused", refused);       /* 4: (a), (c), (d), (e); (b) sealed */
+	if (refused != 4)
+		fail(name, "a kexec step was not refused");
+	echo_still_works(name);
+	pass(name);
+}
+
+/* ---- modules ------------------------------------------------------------------------------
+ * The module area: pages the kernel maps executable in its own tables before the lock,
+ * kept rw- NX by VTL1 until a MODULE_LOAD (the lock accepts that: VTL1 keeps them NX). */
+#define MODULE_AREA_PAGES 2
+extern const uint8_t module_image[MODULE_SIZE], module_priv_image[MODULE_SIZE];
+uint8_t module_area[MODULE_AREA_PAGES][4096] __attribute__((aligned(4096)));
+volatile uint64_t module_marker __attribute__((aligned(8)));
+volatile uint64_t module_marker_after __attribute__((aligned(8)));
+
+static void harden_with_module_area(const char *name)
+{
+	require_vtl1(name);
+	harden_protect(name);
+	for (int i = 0; i < MODULE_AREA_PAGES; i++) {
+		*pte_for((uint64_t)module_area[i]) &= ~(1ULL << 63);
+		invlpg((uint64_t)module_area[i]);
+	}
+	harden_lock(name, 1);
+}
+
+static uint64_t module_call(uint64_t code)
+{
+	return vtl_call(code, (uint64_t)module_area[0], 1, NULL);
+}
+
+struct module_run {
+	volatile uint64_t *marker;
+	uint64_t result;
+};
+static void run_module(void *p)
+{
+	struct module_run *r = p;
+	r->result = ((uint64_t (*)(volatile uint64_t *))(uint64_t)module_area[0])(r->marker);
+}
+
+SCENARIO(sc_module_load, "module-load",
+	 "after END_OF_BOOT: load an allowlisted module (sealed, hashed, scanned), run, unload it")
+{
+	const char *name = "module-load";
+	uint64_t m = (uint64_t)module_area[0];
+	harden_with_module_area(name);
+	report_value("module_area_attrs", protection_of(m));           /* rw- NX */
+	memcpy(module_area[0], module_image, MODULE_SIZE);
+	must(name, "module_validate", VTL_CALL_MODULE_VALIDATE, "MODULE_VALIDATE", module_call(VTL_CALL_MODULE_VALIDATE));
+	report_value("validated_attrs", protection_of(m));             /* NW|NX */
+	attack_write(name, "module_validated", "a validated module page", m + 8);
+	must(name, "module_load", VTL_CALL_MODULE_LOAD, "MODULE_LOAD", module_call(VTL_CALL_MODULE_LOAD));
+	report_value("loaded_attrs", protection_of(m));                /* NW: r-x */
+	report_exec("module", m, m, (uint64_t)&module_marker, MODULE_MARK);
+	struct module_run r = { &module_marker, 0 };
+	struct fault_info fi;
+	if (try_run(run_module, &r, &fi)) {
+		report_fault("module_run", &fi);
+		fail(name, "the loaded module did not run");
+	}
+	report_value("module_result", r.result);
+	if (r.result != MODULE_RET || module_marker != MODULE_MARK)
+		fail(name, "the module did not do its work");
+	attack_write(name, "module_loaded", "a loaded module page", m + 8);
+	must(name, "module_unload", VTL_CALL_MODULE_UNLOAD, "MODULE_UNLOAD", module_call(VTL_CALL_MODULE_UNLOAD));
+	uint64_t a = protection_of(m);
+	report_value("unloaded_attrs", a);                             /* rw- NX again */
+	if (a != VTL_MEM_NX)
+		fail(name, "the module area is not rw- NX after unload");
+	/* Not executable any more. */
+	r.marker = &module_marker_after;
+	report_exec("module_after_unload", m, m, (uint64_t)&module_marker_after, MODULE_MARK);
+	int faulted = try_run(run_module, &r, &fi);
+	if (!faulted || module_marker_after == MODULE_MARK)
+		attack_succeeded(name, "the unloaded module ran", r.result);
+	expect_fault(name, "module_after_unload", "run the unloaded module", faulted, &fi, 14);
+	/* A module not on the allowlist: one byte changed. */
+	memcpy(module_area[0], module_image, MODULE_SIZE);
+	module_area[0][MODULE_SIZE - 1] ^= 1;
+	expect_status(name, "module_untrusted", VTL_CALL_MODULE_VALIDATE, "MODULE_VALIDATE (changed byte)",
+		      module_call(VTL_CALL_MODULE_VALIDATE), VTL_E_POLICY);
+	report_value("untrusted_attrs", protection_of(m));
+	/* An allowlisted module with a privileged instruction: the scan refuses it. */
+	memcpy(module_area[0], module_priv_image, MODULE_SIZE);
+	expect_status(name, "module_privileged", VTL_CALL_MODULE_LOAD, "MODULE_LOAD (MOV to CR4 inside)",
+		      module_call(VTL_CALL_MODULE_LOAD), VTL_E_POLICY);
+	a = protection_of(m);
+	report_value("privileged_attrs", a);
+	if (a != VTL_MEM_NX)
+		fail(name, "a refused module left its pages changed");
+	echo_still_works(name);
+	pass(name);
+}
+
+/* ---- emulated RESET ------------------------------------------------------------------------ */
+static void after_reset(const char *name)
+{
+	report_value("boot_count", boot_info->boot_count);
+	check_vtl1_region_gone(name);
+	write_lands(name, "rodata", (uint64_t)&rodata_target);     /* immutable before the reset */
+	enable_again(name);
+	pass(name);
+}
+
+SCENARIO(sc_reset, "reset-request", "harden, END_OF_BOOT, VTL_HC_RESET; the next boot finds nothing of it")
+{
+	const char *name = "reset-request";
+	if (boot_info->boot_count)
+		after_reset(name);
+	report_value("boot_count", 0);
+	harden(name, 1);
+	uint64_t st = hypercall(VTL_HC_RESET, 0, 0, 0, NULL);
+	report_status("reset", VTL_HC_RESET, st);
+	fail(name, "VTL_HC_RESET returned");
+}
+
+SCENARIO(sc_reset_tf, "reset-triple-fault",
+	 "protect, END_OF_BOOT, then triple-fault; with reset_on_triple_fault the next boot is clean")
+{
+	const char *name = "reset-triple-fault";
+	if (boot_info->boot_count)
+		after_reset(name);
+	report_value("boot_count", 0);
+	/* Protections and END_OF_BOOT, but no lock: the lock pins IDTR, and an empty IDT is
+	 * how this kernel triple-faults (as the "triple-fault" scenario). */
+	require_vtl1(name);
+	harden_protect(name);
+	must(name, "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+	static const struct desc_ptr empty = { 0, 0 };
+	printf("loading an empty IDT and executing ud2\n");
+	priv_lidt(&empty);
+	asm volatile("ud2");
+	fail(name, "survived a triple fault");
+}
