@@ -76,6 +76,31 @@ def _backend(p: argparse.ArgumentParser) -> None:
                         "`vtl caps` finds working: rwx, else host_mapping, else memslot)")
 
 
+def _lifecycle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust", nargs="+", default=[], metavar="FILE",
+                   help="VTL1's allowlist, provisioned at launch in its boot data: an ELF file stands for "
+                        "its loaded-image measurement (what VTL_CALL_KEXEC_VALIDATE computes), any other "
+                        "file for the SHA-256 of its bytes padded to 4 KiB pages (a module), sha256:HEX "
+                        "for that digest (at most 256)")
+    p.add_argument("--kexec-policy", choices=("teardown", "persist", "deny"), default="teardown",
+                   help="what VTL1 does at a validated kexec: end itself and every protection "
+                        "(teardown), stay and protect the new kernel from its first instruction "
+                        "(persist), or refuse (deny) (default: %(default)s)")
+    p.add_argument("--stage", type=Path, metavar="FILE",
+                   help="place FILE at the top of VTL0's memory (boot_info.staged_gpa/size), e.g. the "
+                        "next kernel for a kexec scenario")
+    p.add_argument("--reset-on-triple-fault", action="store_true",
+                   help="a VTL0 triple fault is an emulated RESET (VTL1 torn down, its memory zeroed, "
+                        "VTL0 reboots from its image) instead of the end of the run")
+
+
+def _lifecycle_config(args: argparse.Namespace) -> dict[str, Any]:
+    from vtl.core.trust import trust_list
+
+    return {"trust": trust_list(args.trust), "kexec_policy": args.kexec_policy, "staged": args.stage,
+            "reset_on_triple_fault": args.reset_on_triple_fault}
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -106,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mem", type=_mib, default=256 << 20, metavar="MiB",
                    help="guest memory in MiB (default: 256; 64 to 5120)")
     _backend(r)
+    _lifecycle(r)
     r.add_argument("--quiet", action="store_true", help="do not show or keep the guest console")
 
     s = sub.add_parser("scenarios", help="list the scenarios built into a VTL0 image")
@@ -188,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = PartitionConfig(vtl0_image=args.vtl0_image,
                              vtl1_image=None if args.no_vtl1 else args.vtl1_image,
                              mem_size=args.mem, scenario=args.scenario, param=args.param,
-                             attr_backend=args.backend)
+                             attr_backend=args.backend, **_lifecycle_config(args))
     if args.events is not None and any(_same_file(args.events, img) for img in (args.vtl0_image,
                                                                                config.vtl1_image)):
         raise VmmError(f"--events {args.events} is one of the guest images; refusing to overwrite it")
