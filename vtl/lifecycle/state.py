@@ -47,6 +47,9 @@ def snapshot(p: Partition) -> dict[str, Any]:
         "msr_pins": msr_pins,
         "digest": h.hexdigest(),
     }
+    if not p.vtl1_enabled:         # what VTL0 would read there now (zeros after a teardown)
+        out["vtl1_region_zero"] = p.mem.read(p.layout.vtl1_base, p.layout.vtl1_size).count(0) \
+            == p.layout.vtl1_size
     vm = p.vms[Vtl.VTL0]
     if vm is not None:             # what KVM was told: VTL0's memslots, read-only ones
         out["kvm_memslots"] = len(vm.slots)

@@ -161,6 +161,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw the map (needs matplotlib: pip install '.[plot]')")
     m.add_argument("--json", action="store_true")
 
+    k = sub.add_parser("kexec", help="run a kexec flow (teardown, persist, deny) and show its timeline",
+                       description="Boot the VTL0 image with the next kernel staged in its memory and on "
+                       "VTL1's allowlist; VTL0 hardens itself, places the new kernel's segments and asks "
+                       "VTL1 to validate them (VTL1 write-protects, then hashes them), then asks for the "
+                       "jump.  teardown: VTL1 ends itself and every protection and pin, VTL0 starts the "
+                       "new kernel (which enables a new VTL1).  persist: VTL1 stays and protects the new "
+                       "kernel before its first instruction.  deny: every attempt is refused with nothing "
+                       "changed.  Prints each step, who did it, the protections and pins before and after "
+                       "(read by the VMM from its maps and KVM), how long it took, and the VMM's checks.  "
+                       "Exit 0 if every check holds, 2 if one does not.",
+                       epilog=EPILOG, formatter_class=fmt)
+    k.add_argument("--flow", choices=("teardown", "persist", "deny"), required=True,
+                   help="the flow, and VTL1's kexec policy for the run")
+    k.add_argument("--image", type=Path, default=None, metavar="ELF",
+                   help="the next kernel (default: the built-in VTL0 kernel linked at 8 MiB, "
+                        "guest_vtl0/build/vtl0-kexec.elf)")
+    k.add_argument("--untrusted", action="store_true",
+                   help="do not put the next kernel on VTL1's allowlist (its validation is refused)")
+    k.add_argument("--trust", nargs="+", default=[], metavar="FILE",
+                   help="more allowlist entries, as for `vtl run --trust`")
+    _images(k)
+    _backend(k)
+    k.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
+                   help="stop the guest after S seconds (default: %(default)s)")
+    k.add_argument("--json", action="store_true", help="the whole report, timeline included, as JSON")
+
     b = sub.add_parser("bench", help="VTL round-trip cost against floors measured in the same run")
     b.add_argument("--calls", type=_int_in(100, MAX_CALLS, "--calls"), default=100_000, metavar="N",
                    help="null VTL calls to time (default: %(default)s; 100 to 10^7)")
@@ -310,6 +336,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kexec(args: argparse.Namespace) -> int:
+    from vtl.core.images import default_kexec_image
+    from vtl.core.trust import trust_list
+    from vtl.tools.kexec import render, run_flow
+
+    image = args.image or default_kexec_image()
+    if not image.is_file():
+        raise VmmError(f"--image {image}: no such file" + ("" if args.image else " (run `make guests`)"))
+    rep = run_flow(args.flow, args.vtl0_image, args.vtl1_image, image, trusted=not args.untrusted,
+                   extra_trust=trust_list(args.trust), backend=args.backend, timeout=args.timeout)
+    if args.json:
+        _print_json(rep.model_dump())
+    else:
+        print(render(rep))
+    return 0 if rep.passed else 2
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     from vtl.tools.attack import render, run_all
 
@@ -339,7 +382,7 @@ def cmd_memmap(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "scenarios": cmd_scenarios, "caps": cmd_caps, "bench": cmd_bench,
-            "attack": cmd_attack, "memmap": cmd_memmap}
+            "attack": cmd_attack, "memmap": cmd_memmap, "kexec": cmd_kexec}
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
