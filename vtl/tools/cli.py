@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allowed secure intercepts to time (default: %(default)s; 0 skips)")
     b.add_argument("--no-protection", action="store_true",
                    help="skip the cost of protecting 1k/16k/64k pages per backend")
+    b.add_argument("--lifecycle", type=_int_in(0, 100, "--lifecycle"), default=3, metavar="N",
+                   help="run each lifecycle flow (kexec teardown/persist/deny, RESET, module load) N "
+                        "times and report each step's cost (default: %(default)s; 0 skips)")
     b.add_argument("--json", action="store_true")
     return p
 
@@ -328,7 +331,7 @@ def cmd_caps(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from vtl.tools.bench import render_bench, run_bench
 
-    report = run_bench(args.calls, args.intercepts, not args.no_protection)
+    report = run_bench(args.calls, args.intercepts, not args.no_protection, args.lifecycle)
     if args.json:
         _print_json(report.model_dump())
     else:
