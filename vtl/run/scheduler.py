@@ -341,8 +341,9 @@ class Scheduler:
         src: SyncView = vp.sync[0]  # type: ignore[assignment]
         dst: SyncView = vp.sync[1]  # type: ignore[assignment]
         r0 = vcpu.regs
+        code = r0.rax
         ctl.entry_reason = VTL_ENTRY_CALL
-        ctl.vtl0_rax = r0.rax
+        ctl.vtl0_rax = code
         ctl.vtl0_rcx = r0.rcx
         memmove(dst.lo, src.lo, 48)
         memmove(dst.hi, src.hi, 72)
@@ -352,8 +353,8 @@ class Scheduler:
             dst.dirty[0] = SYNC_REGS | SYNC_SREGS
         else:
             dst.dirty[0] = SYNC_REGS
-        if r0.rax in LIFECYCLE_CALLS:
-            self._step_begin(vp, r0.rax)
+        if code in LIFECYCLE_CALLS:
+            self._step_begin(vp, code)
         self._transition(vp, IN_VTL1_CALL)
         self.vtl_calls += 1
         if self._trace:
