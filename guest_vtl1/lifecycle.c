@@ -84,7 +84,7 @@ static int sealable(uint64_t gpa)
 	uint8_t b = policy_page(gpa);
 	if (!in_vtl0(gpa, 4096) || (b & (F_IMMUTABLE | F_TABLE | F_EXEC | F_AFTER_BOOT)))
 		return 0;
-	if (policy_in_priv(gpa) || policy_xmapped(gpa))
+	if (policy_in_priv(gpa))
 		return 0;
 	return (b & ATTR_MASK) == 0 || (b & VTL_MEM_NX);   /* 0: never protected; else not code */
 }
@@ -371,10 +371,22 @@ uint64_t kexec_jump(void)
 	return st;
 }
 
-/* ---- modules ---------------------------------------------------------------------------- */
+/* ---- modules ----------------------------------------------------------------------------
+ * Two kinds of module pages:
+ *   - a module area: pages VTL0's locked tables map executable, which VTL1 therefore keeps
+ *     NW (and NX) from the lock on.  VTL0 cannot write them, so VTL1 fills them: RDX =
+ *     the module's bytes elsewhere in VTL0 memory, copied once.  This is the kind that
+ *     runs on every host: where the host has no NX memory attribute (`vtl caps`) the
+ *     tables alone decide what VTL0 can execute, so W^X needs the pages unwritable.
+ *   - rw- NX pages VTL0 filled itself (RDX = 0): runnable only where the host enforces
+ *     VTL1's NX and the tables map them executable... which the lock refuses for a
+ *     writable page; kept for the contract's sake and for hosts with NX attributes.
+ * The copy, the hash and the scan happen while VTL0 does not run (one VP, inside the VTL
+ * call); a refused or unloaded area is zeroed before VTL0 runs again. */
 static struct module {
 	uint64_t gpa, pages;
 	int loaded;                     /* 0: validated (sealed NW|NX), 1: r-x */
+	int area;                       /* a module area VTL1 filled */
 } mods[MAX_MODULES];
 static int nmods;
 
@@ -390,7 +402,8 @@ static struct module *module_find(uint64_t gpa, uint64_t pages)
 
 static int exec_for_vtl0(uint64_t gpa)
 {
-	return in_vtl0(gpa, 4096) && !(policy_page(gpa) & VTL_MEM_NX);
+	return in_vtl0(gpa, 4096) && (!(policy_page(gpa) & VTL_MEM_NX) || policy_xmapped(gpa) ||
+				      (policy_page(gpa) & F_EXEC));
 }
 
 /* Sealed module bytes: on the allowlist, and no privileged write anywhere in them, nor
@@ -414,41 +427,76 @@ static const char *module_check(uint64_t gpa, uint64_t pages)
 	return NULL;
 }
 
-uint64_t module_validate(uint64_t gpa, uint64_t pages)
+/* Each page in the state its kind needs: a module area NW|NX, else rw- NX; nothing more. */
+static int module_pages_ok(uint64_t gpa, uint64_t pages, int area)
 {
+	for (uint64_t i = 0; i < pages; i++) {
+		uint64_t p = gpa + (i << 12);
+		if (policy_in_priv(p) || policy_xmapped(p) != area)
+			return 0;
+		if (policy_page(p) != (area ? VTL_MEM_NW | VTL_MEM_NX : VTL_MEM_NX))
+			return 0;
+	}
+	return 1;
+}
+
+static void zero_pages(uint64_t gpa, uint64_t pages)
+{
+	uint64_t d = gpa, n = pages << 12;
+	asm volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(0) : "memory");
+}
+
+/* Back to what the pages were before the validation: an area NW|NX and zeroed. */
+static void module_release(uint64_t gpa, uint64_t pages, int area)
+{
+	if (area)
+		zero_pages(gpa, pages);
+	if (policy_set(gpa, pages, area ? VTL_MEM_NW | VTL_MEM_NX : VTL_MEM_NX, 0) != VTL_OK)
+		printf("module %#lx: could not release\n", gpa);
+}
+
+uint64_t module_validate(uint64_t gpa, uint64_t pages, uint64_t src)
+{
+	uint64_t len = pages << 12;
+	int area = src != 0;
 	if (!policy_locked())
 		return VTL_E_POLICY;
 	if (gpa & 0xFFF)
 		return VTL_E_MISALIGNED;
-	if (!pages || pages > VTL_MODULE_MAX_PAGES || !in_vtl0(gpa, pages << 12) || gpa < 4096)
+	if (!pages || pages > VTL_MODULE_MAX_PAGES || gpa < 4096 || !in_vtl0(gpa, len))
+		return VTL_E_INVALID_ARG;
+	if (area && (!in_vtl0(src, len) || (src < gpa + len && gpa < src + len)))
 		return VTL_E_INVALID_ARG;
 	for (int i = 0; i < nmods; i++)
-		if (gpa < mods[i].gpa + (mods[i].pages << 12) && mods[i].gpa < gpa + (pages << 12))
+		if (gpa < mods[i].gpa + (mods[i].pages << 12) && mods[i].gpa < gpa + len)
 			return VTL_E_POLICY;
 	if (nmods >= MAX_MODULES)
 		return VTL_E_NO_RESOURCES;
-	for (uint64_t i = 0; i < pages; i++)    /* rw- NX, nothing more (sealable() and more) */
-		if (policy_page(gpa + (i << 12)) != VTL_MEM_NX || !sealable(gpa + (i << 12)))
-			return VTL_E_POLICY;
-	uint64_t st = policy_set(gpa, pages, VTL_MEM_NW | VTL_MEM_NX, F_IMMUTABLE);
+	if (!module_pages_ok(gpa, pages, area))
+		return VTL_E_POLICY;
+	uint64_t st = policy_set(gpa, pages, VTL_MEM_NW | VTL_MEM_NX, F_IMMUTABLE);   /* sealed */
 	if (st != VTL_OK)
 		return st;
+	if (area && (st = vtl0_read((void *)gpa, src, len)) != VTL_OK) {   /* copied once */
+		module_release(gpa, pages, area);
+		return st;
+	}
 	const char *why = module_check(gpa, pages);
 	if (why) {
 		printf("module %#lx (+%lu pages) refused: %s\n", gpa, pages, why);
-		policy_set(gpa, pages, VTL_MEM_NX, 0);
+		module_release(gpa, pages, area);
 		return VTL_E_POLICY;
 	}
-	mods[nmods++] = (struct module){ gpa, pages, 0 };
+	mods[nmods++] = (struct module){ gpa, pages, 0, area };
 	printf("module %#lx (+%lu pages) validated\n", gpa, pages);
 	return VTL_OK;
 }
 
-uint64_t module_load(uint64_t gpa, uint64_t pages)
+uint64_t module_load(uint64_t gpa, uint64_t pages, uint64_t src)
 {
 	struct module *m = module_find(gpa, pages);
 	if (!m) {
-		uint64_t st = module_validate(gpa, pages);
+		uint64_t st = module_validate(gpa, pages, src);
 		if (st != VTL_OK)
 			return st;
 		m = module_find(gpa, pages);
@@ -468,13 +516,12 @@ uint64_t module_unload(uint64_t gpa, uint64_t pages)
 	struct module *m = module_find(gpa, pages);
 	if (!m)
 		return VTL_E_POLICY;
-	/* X goes first, W comes back after: never writable and executable at once. */
+	/* X goes first, W (if it comes back at all) after: never writable and executable. */
 	uint64_t st = m->loaded ? policy_set(gpa, pages, VTL_MEM_NW | VTL_MEM_NX, F_IMMUTABLE) : VTL_OK;
-	if (st == VTL_OK)
-		st = policy_set(gpa, pages, VTL_MEM_NX, 0);
 	if (st != VTL_OK)
 		return st;
+	module_release(gpa, pages, m->area);
+	printf("module %#lx (+%lu pages) unloaded: %s\n", gpa, pages, m->area ? "area NW|NX, zeroed" : "rw- NX");
 	*m = mods[--nmods];
-	printf("module %#lx (+%lu pages) unloaded: rw- NX\n", gpa, pages);
 	return VTL_OK;
 }

@@ -144,11 +144,11 @@ int vtl1_dispatch(struct frame *f)
 	case VTL_CALL_KEXEC_UNLOAD:
 		ctl->vtl0_rax = kexec_unload();
 		return 0;
-	case VTL_CALL_MODULE_VALIDATE:  /* RCX = GPA, RDI = pages */
-		ctl->vtl0_rax = module_validate(f->rcx, f->rdi);
+	case VTL_CALL_MODULE_VALIDATE:  /* RCX = GPA, RDI = pages, RDX = source or 0 */
+		ctl->vtl0_rax = module_validate(f->rcx, f->rdi, f->rdx);
 		return 0;
 	case VTL_CALL_MODULE_LOAD:
-		ctl->vtl0_rax = module_load(f->rcx, f->rdi);
+		ctl->vtl0_rax = module_load(f->rcx, f->rdi, f->rdx);
 		return 0;
 	case VTL_CALL_MODULE_UNLOAD:
 		ctl->vtl0_rax = module_unload(f->rcx, f->rdi);

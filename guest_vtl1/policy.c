@@ -4,11 +4,13 @@
  * register writes (register intercepts, MSR intercepts).  Invariants it keeps whatever
  * VTL0 asks (docs/writing-guests.md, "VTL1's policy"):
  *   - no page VTL0 can write is ever executable (W^X), at every step: at the lock every
- *     executable mapping must be of a page VTL0 cannot write or that VTL1 keeps NX, and
- *     from then on an executable page never becomes writable, except a module's pages
- *     at MODULE_UNLOAD, which lose X (NW|NX) before they get W back; a page the tables
- *     map executable but VTL1 keeps NX (a module area) gets X only through MODULE_LOAD,
- *     after it was sealed NW, authenticated against the allowlist and scanned;
+ *     executable mapping must be of a page VTL0 cannot write (whatever VTL1's NX says:
+ *     where the host has no NX memory attribute the tables alone decide), and from then
+ *     on an executable page never becomes writable; a module area (mapped executable,
+ *     kept NW|NX by VTL1) is filled by VTL1 only, and gets X only through MODULE_LOAD
+ *     after its bytes were authenticated against the allowlist and scanned; pages a
+ *     module occupied without being mapped executable (rw- NX ones VTL0 filled) lose X
+ *     (NW|NX) at MODULE_UNLOAD before they get W back;
  *   - an immutable page never changes again, but for the two VTL1 releases: a loaded
  *     module's pages at MODULE_UNLOAD, a sealed kexec image's at KEXEC_UNLOAD or a
  *     refused KEXEC_VALIDATE (back to exactly what they were), and everything at a kexec
@@ -149,9 +151,9 @@ static uint64_t check_range(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64
 		/* W^X after the lock: a page the locked tables map executable stays unwritable. */
 		if ((p & F_EXEC) && !(attrs & VTL_MEM_NW))
 			return VTL_E_POLICY;
-		/* ... and a page they map executable but VTL1 keeps NX becomes executable only
-		 * through MODULE_LOAD, which authenticates and scans it first. */
-		if (policy_xmapped(gpa + (i << 12)) && !(attrs & VTL_MEM_NX))
+		/* ... as does a module area (mapped executable, VTL1 keeps it NX), which becomes
+		 * executable only through MODULE_LOAD, which authenticates and scans it first. */
+		if (policy_xmapped(gpa + (i << 12)) && (!(attrs & VTL_MEM_NX) || !(attrs & VTL_MEM_NW)))
 			return VTL_E_POLICY;
 	}
 	if ((flags & VTL_PROTECT_AUDIT) && !(attrs & VTL_MEM_NX))
@@ -277,10 +279,9 @@ static void check_exec(uint64_t va, uint64_t pa, uint64_t size)
 		if ((p >> 12) >= npages() || !in_vtl0(p, 4096))
 			continue;       /* not VTL0 memory: nothing VTL0 can run there */
 		uint8_t a = page[p >> 12];
-		/* A page VTL1 keeps NX is not executable whatever the tables say (a module area
-		 * waiting for MODULE_LOAD): no W^X break, nothing to scan now. */
-		if ((a & VTL_MEM_NX) && !in_priv(p))
-			continue;
+		/* Whatever VTL1's NX says: on a host without an NX memory attribute (`vtl caps`)
+		 * the tables alone decide what runs.  A page the tables map executable that VTL1
+		 * keeps NW|NX is a module area, which only VTL1 fills (MODULE_VALIDATE). */
 		if (!(a & VTL_MEM_NW)) {
 			if (wx_violations++ < 4)
 				printf("lock: executable mapping of %#lx, which VTL0 may write\n", p);
@@ -364,8 +365,8 @@ static uint64_t scan_executable(void)
 	for (uint64_t k = 0; k < nxleaves; k++) {
 		for (uint64_t off = 0; off < xleaves[k].size; off += 4096) {
 			uint64_t pa = xleaves[k].pa + off;
-			if (!in_vtl0(pa, 4096) || ((page[pa >> 12] & VTL_MEM_NX) && !in_priv(pa)))
-				continue;       /* not executable for VTL0 */
+			if (!in_vtl0(pa, 4096))
+				continue;
 			scanned++;
 			const uint8_t *b = (const uint8_t *)pa;
 			for (uint64_t o = find_0f(b, 4096); o < 4096; o += 1 + find_0f(b + o + 1, 4095 - o)) {

@@ -53,7 +53,7 @@ uint64_t sha256_call(uint64_t gpa, uint64_t len, uint64_t out);
 uint64_t kexec_validate(uint64_t req_gpa);
 uint64_t kexec_jump(void);
 uint64_t kexec_unload(void);
-uint64_t module_validate(uint64_t gpa, uint64_t pages);
-uint64_t module_load(uint64_t gpa, uint64_t pages);
+uint64_t module_validate(uint64_t gpa, uint64_t pages, uint64_t src);
+uint64_t module_load(uint64_t gpa, uint64_t pages, uint64_t src);
 uint64_t module_unload(uint64_t gpa, uint64_t pages);
 #endif
