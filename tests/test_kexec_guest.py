@@ -120,7 +120,8 @@ def test_kexec_persist_protects_the_new_kernel_before_its_first_instruction(
     assert after == before.to_bytes(8, "little")
     # CR0.WP, still pinned before the new kernel locked anything: a register intercept
     # VTL1 denied, and CR0 from KVM keeps WP.
-    icpt = [e for e in run.events.of_kind("intercept") if e.reg == "cr0"]  # type: ignore[union-attr]
+    events: list[Any] = run.events.of_kind("intercept")
+    icpt = [e for e in events if e.reg == "cr0"]
     assert icpt and icpt[0].new & (1 << 16) == 0
     verdicts = [(v.verdict, v.vector) for v in run.events.of_kind("verdict")]  # type: ignore[union-attr]
     assert ("inject_fault", 13) in verdicts
