@@ -138,9 +138,18 @@
                                              also scans the text for privileged instructions
                                              outside the new privileged section.  Refused:
                                              every page back as it was.  RCX = 1 on success.
-                                             VTL_E_POLICY: not on the allowlist / pages VTL1
-                                             will not seal (immutable, page tables, the
-                                             privileged section, executable, VTL1's).  The
+                                             The bytes from filesz to the end of a segment's
+                                             last page must be zero (unmeasured otherwise).
+                                             One image at a time (VTL_E_POLICY while one is
+                                             validated: KEXEC_UNLOAD first).  VTL_E_INVALID_ARG:
+                                             request unreadable or malformed (segments outside
+                                             [VTL0_IMAGE_MIN, VTL1_BASE), entry not in an X
+                                             segment; persist: no privileged section, or it is
+                                             not inside an X segment).  VTL_E_POLICY: not on the
+                                             allowlist / pages VTL1 will not seal (immutable,
+                                             page tables, the privileged section, executable,
+                                             ro_after_init) / persist: a W+X segment or a
+                                             privileged instruction outside the section.  The
                                              DENY policy still validates: it refuses the jump */
 #define VTL_CALL_KEXEC_JUMP        0x0B   /* no arguments.  With a validated image and a
                                              policy that allows it: teardown or persist (see
@@ -148,17 +157,30 @@
                                              Else (no validated image, policy DENY)
                                              VTL_E_POLICY, nothing changed.                  */
 #define VTL_CALL_KEXEC_UNLOAD      0x0C   /* drop the validated image: its pages get their
-                                             attributes from before the validation back      */
+                                             attributes from before the validation back.
+                                             VTL_E_POLICY if there is none                   */
 #define VTL_CALL_MODULE_VALIDATE   0x0D   /* RCX = GPA, RDI = pages (at most
-                                             VTL_MODULE_MAX_PAGES) of new code in VTL0, each
-                                             rw- NX today.  VTL1 write-protects them (NW|NX),
-                                             hashes the pages' bytes against the allowlist and
-                                             scans them for privileged instructions.  Refused:
-                                             rw- NX again.  After the lock only.             */
-#define VTL_CALL_MODULE_LOAD       0x0E   /* RCX = GPA, RDI = pages: a range validated by
-                                             MODULE_VALIDATE (or validated now) becomes r-x
-                                             and immutable until MODULE_UNLOAD               */
-#define VTL_CALL_MODULE_UNLOAD     0x0F   /* RCX = GPA, RDI = pages of a loaded module: rw- NX */
+                                             VTL_MODULE_MAX_PAGES) of new code in VTL0.  VTL1
+                                             write-protects them (NW|NX), hashes the pages'
+                                             bytes against the allowlist and scans them for
+                                             privileged instructions.  After the lock only.
+                                             RDX = 0: VTL0 wrote the code there, each page
+                                             rw- NX today; refused: rw- NX again.
+                                             RDX = GPA of the code elsewhere in VTL0 memory: the
+                                             pages are a module area, mapped executable by the
+                                             locked tables and so kept NW|NX by VTL1 (where the
+                                             host has no NX memory attribute the tables alone
+                                             decide what runs, so W^X needs them unwritable);
+                                             VTL1 copies the code in once; refused: NW|NX and
+                                             zeroed again.  VTL_E_POLICY: not on the allowlist,
+                                             a privileged instruction, pages in another state */
+#define VTL_CALL_MODULE_LOAD       0x0E   /* RCX = GPA, RDI = pages (RDX as for VALIDATE): a
+                                             range validated by MODULE_VALIDATE (or validated
+                                             now) becomes r-x and immutable until
+                                             MODULE_UNLOAD                                   */
+#define VTL_CALL_MODULE_UNLOAD     0x0F   /* RCX = GPA, RDI = pages of a validated or loaded
+                                             module: NW|NX first, then rw- NX (a module area:
+                                             stays NW|NX, zeroed)                           */
 
 /* ---- memory attributes per page per VTL (KVM_MEMORY_ATTRIBUTE_*) ------ */
 #define VTL_MEM_NR                 0x1    /* no read                                  */
