@@ -16,7 +16,30 @@ static const uint32_t K[64] = {
 
 static inline uint32_t ror(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 
-static void block(uint32_t h[8], const uint8_t *p)
+/* One round with the eight working variables named, not moved: this host emulates every
+ * guest instruction (~0.7 us each), and fully unrolled rounds that rename a..h instead of
+ * shifting them cost a third fewer instructions than a loop. */
+#define S0(x) (ror(x, 2) ^ ror(x, 13) ^ ror(x, 22))
+#define S1(x) (ror(x, 6) ^ ror(x, 11) ^ ror(x, 25))
+#define ROUND(a, b, c, d, e, f, g, h, t)                                              \
+	do {                                                                          \
+		uint32_t t1 = h + S1(e) + ((e & f) ^ (~e & g)) + K[t] + w[t];           \
+		d += t1;                                                              \
+		h = t1 + S0(a) + ((a & b) ^ (a & c) ^ (b & c));                         \
+	} while (0)
+#define ROUND8(t)                                                                     \
+	do {                                                                          \
+		ROUND(a, b, c, d, e, f, g, h, (t) + 0);                               \
+		ROUND(h, a, b, c, d, e, f, g, (t) + 1);                               \
+		ROUND(g, h, a, b, c, d, e, f, (t) + 2);                               \
+		ROUND(f, g, h, a, b, c, d, e, (t) + 3);                               \
+		ROUND(e, f, g, h, a, b, c, d, (t) + 4);                               \
+		ROUND(d, e, f, g, h, a, b, c, (t) + 5);                               \
+		ROUND(c, d, e, f, g, h, a, b, (t) + 6);                               \
+		ROUND(b, c, d, e, f, g, h, a, (t) + 7);                               \
+	} while (0)
+
+static void block(uint32_t hv[8], const uint8_t *p)
 {
 	uint32_t w[64];
 	for (int t = 0; t < 16; t++)
@@ -27,20 +50,16 @@ static void block(uint32_t h[8], const uint8_t *p)
 		uint32_t s1 = ror(w[t - 2], 17) ^ ror(w[t - 2], 19) ^ (w[t - 2] >> 10);
 		w[t] = w[t - 16] + s0 + w[t - 7] + s1;
 	}
-	uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
-	for (int t = 0; t < 64; t++) {
-		uint32_t t1 = k + (ror(e, 6) ^ ror(e, 11) ^ ror(e, 25)) + ((e & f) ^ (~e & g)) + K[t] + w[t];
-		uint32_t t2 = (ror(a, 2) ^ ror(a, 13) ^ ror(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-		k = g;
-		g = f;
-		f = e;
-		e = d + t1;
-		d = c;
-		c = b;
-		b = a;
-		a = t1 + t2;
-	}
-	h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+	uint32_t a = hv[0], b = hv[1], c = hv[2], d = hv[3], e = hv[4], f = hv[5], g = hv[6], h = hv[7];
+	ROUND8(0);
+	ROUND8(8);
+	ROUND8(16);
+	ROUND8(24);
+	ROUND8(32);
+	ROUND8(40);
+	ROUND8(48);
+	ROUND8(56);
+	hv[0] += a; hv[1] += b; hv[2] += c; hv[3] += d; hv[4] += e; hv[5] += f; hv[6] += g; hv[7] += h;
 }
 
 void sha256_init(struct sha256 *s)
