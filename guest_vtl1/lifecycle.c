@@ -128,6 +128,16 @@ static int has_nul(const char *s, uint64_t n)
 
 static uint64_t seg_pages(const struct vtl_kexec_segment *s) { return PAGE_UP(s->memsz) >> 12; }
 
+/* What a sealed page gets back: what it had, but never W if the locked tables have come to
+ * map it executable since (a validation before the lock, an unload after it). */
+static uint8_t restored(uint64_t k, uint64_t gpa)
+{
+	uint8_t b = kx.saved[k], cur = policy_page(gpa);
+	if ((cur & F_EXEC) || policy_xmapped(gpa))
+		b = (uint8_t)(b | VTL_MEM_NW | (cur & F_EXEC));
+	return b;
+}
+
 /* Give the first `nseg` segments' pages back what they had, in runs of equal state. */
 static void kexec_restore(uint32_t nseg)
 {
@@ -135,10 +145,10 @@ static void kexec_restore(uint32_t nseg)
 	for (uint32_t i = 0; i < nseg; i++) {
 		uint64_t base = kreq.seg[i].paddr, n = seg_pages(&kreq.seg[i]);
 		for (uint64_t j = 0; j < n;) {
+			uint8_t b = restored(k, base + (j << 12));
 			uint64_t e = j + 1;
-			while (e < n && kx.saved[k + e - j] == kx.saved[k])
+			while (e < n && restored(k + e - j, base + (e << 12)) == b)
 				e++;
-			uint8_t b = kx.saved[k];
 			if (policy_set(base + (j << 12), e - j, b & ATTR_MASK, b & (uint8_t)~ATTR_MASK) != VTL_OK)
 				printf("kexec: could not restore %#lx\n", base + (j << 12));
 			k += e - j;
@@ -171,9 +181,9 @@ static int kexec_request_ok(void)
 			continue;
 		if (r->entry >= s->paddr && r->entry < s->paddr + s->memsz)
 			entry_ok = 1;
-		if (r->priv_pages && r->priv_gpa >= s->paddr &&
-		    r->priv_gpa + (r->priv_pages << 12) <= s->paddr + PAGE_UP(s->memsz))
-			priv_ok = 1;
+		if (r->priv_pages && r->priv_gpa >= s->paddr && (r->priv_pages << 12) <= PAGE_UP(s->memsz) &&
+		    r->priv_gpa - s->paddr <= PAGE_UP(s->memsz) - (r->priv_pages << 12))
+			priv_ok = 1;    /* (no sum that could wrap) */
 	}
 	return entry_ok && priv_ok && pages <= KEXEC_MAX_PAGES && in_vtl0(r->seg[0].paddr, prev_end - r->seg[0].paddr);
 }

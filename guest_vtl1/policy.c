@@ -146,7 +146,8 @@ static uint64_t check_range(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64
 		uint8_t p = page[(gpa >> 12) + i];
 		if ((p & F_IMMUTABLE) && (p & ATTR_MASK) != attrs)
 			return VTL_E_IMMUTABLE;
-		if ((flags & VTL_PROTECT_AUDIT) && (p & (F_IMMUTABLE | F_TABLE | F_EXEC)))
+		if ((flags & VTL_PROTECT_AUDIT) && ((p & (F_IMMUTABLE | F_TABLE | F_EXEC)) ||
+						    policy_xmapped(gpa + (i << 12))))
 			return VTL_E_IMMUTABLE;
 		/* W^X after the lock: a page the locked tables map executable stays unwritable. */
 		if ((p & F_EXEC) && !(attrs & VTL_MEM_NW))
@@ -873,7 +874,8 @@ void policy_intercept(struct vtl_intercept *m)
 	uint64_t gfn = m->gpa >> 12;
 	/* An audit grant holds only for plain data pages, and never for a fetch. */
 	if (gfn < npages() && (page[gfn] & F_AUDIT) && m->access != VTL_ACCESS_EXECUTE &&
-	    !(page[gfn] & (F_IMMUTABLE | F_TABLE | F_EXEC)) && (page[gfn] & VTL_MEM_NX) && !in_priv(m->gpa)) {
+	    !(page[gfn] & (F_IMMUTABLE | F_TABLE | F_EXEC)) && (page[gfn] & VTL_MEM_NX) && !in_priv(m->gpa) &&
+	    !policy_xmapped(m->gpa)) {
 		audit_allowed++;
 		m->verdict = VTL_VERDICT_ALLOW;
 		return;
