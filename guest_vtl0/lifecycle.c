@@ -299,6 +299,90 @@ SCENARIO(sc_kexec_deny, "kexec-deny",
 	pass(name);
 }
 
+/* Malformed and unsealable requests: each refused with nothing sealed (the valid request
+ * afterwards would meet an immutable page otherwise), then the valid one. */
+static struct vtl_kexec_request bad;
+
+static void bad_request(const char *name, const char *key, uint64_t want, uint64_t *wrong)
+{
+	uint64_t rcx = 0, st = vtl_call(VTL_CALL_KEXEC_VALIDATE, (uint64_t)&bad, 0, &rcx);
+	report_status(key, VTL_CALL_KEXEC_VALIDATE, st);
+	printf("%s -> %s\n", key, vtl_status_name(st));
+	if (st != want || rcx == 1)
+		(*wrong)++;
+	memcpy(&bad, &kreq, sizeof(bad));
+	(void)name;
+}
+
+SCENARIO(sc_kexec_bad, "kexec-bad-requests", "KEXEC_VALIDATE with malformed and unsealable requests: each refused")
+{
+	const char *name = "kexec-bad-requests";
+	uint64_t wrong = 0, text = (uint64_t)_text_start;
+	harden(name, 1);
+	load_staged(name, "kexec-after-teardown", 0);
+	memcpy(&bad, &kreq, sizeof(bad));
+	bad.nr_segments = 0;
+	bad_request(name, "bad_no_segments", VTL_E_INVALID_ARG, &wrong);
+	bad.nr_segments = VTL_KEXEC_MAX_SEGMENTS + 1;
+	bad_request(name, "bad_too_many_segments", VTL_E_INVALID_ARG, &wrong);
+	bad.seg[0].paddr += 8;
+	bad_request(name, "bad_misaligned", VTL_E_INVALID_ARG, &wrong);
+	bad.seg[1].paddr = bad.seg[0].paddr;
+	bad_request(name, "bad_overlapping", VTL_E_INVALID_ARG, &wrong);
+	bad.seg[0].filesz = bad.seg[0].memsz + 1;
+	bad_request(name, "bad_filesz", VTL_E_INVALID_ARG, &wrong);
+	bad.entry = bad.seg[1].paddr;
+	bad_request(name, "bad_entry_not_x", VTL_E_INVALID_ARG, &wrong);
+	bad.seg[bad.nr_segments - 1].paddr = boot_info->vtl1_base;
+	bad_request(name, "bad_in_vtl1", VTL_E_INVALID_ARG, &wrong);
+	bad.seg[bad.nr_segments - 1].memsz = 1ULL << 63;
+	bad_request(name, "bad_huge", VTL_E_INVALID_ARG, &wrong);
+	bad.seg[0].reserved = 1;
+	bad_request(name, "bad_reserved", VTL_E_INVALID_ARG, &wrong);
+	memset(bad.scenario, 'x', sizeof(bad.scenario));
+	bad_request(name, "bad_scenario", VTL_E_INVALID_ARG, &wrong);
+	uint64_t rcx = 0, st = vtl_call(VTL_CALL_KEXEC_VALIDATE, boot_info->vtl1_base, 0, &rcx);
+	report_status("bad_request_in_vtl1", VTL_CALL_KEXEC_VALIDATE, st);
+	wrong += st != VTL_E_INVALID_ARG;
+	/* Well formed, but pages VTL1 will not seal: immutable text, a locked page table. */
+	bad.nr_segments = 1;
+	bad.priv_pages = 0;
+	bad.entry = text;
+	bad.seg[0] = (struct vtl_kexec_segment){ text, 0, 4096, VTL_SEG_R | VTL_SEG_X, 0 };
+	bad_request(name, "bad_kernel_text", VTL_E_POLICY, &wrong);
+	uint64_t pt = (uint64_t)pte_for((uint64_t)data_page) & ~0xFFFULL;
+	bad.nr_segments = 1;
+	bad.priv_pages = 0;
+	bad.entry = pt;
+	bad.seg[0] = (struct vtl_kexec_segment){ pt, 0, 4096, VTL_SEG_R | VTL_SEG_X, 0 };
+	bad_request(name, "bad_page_table", VTL_E_POLICY, &wrong);
+	report_value("text_attrs", protection_of(text));        /* still NW (r-x, immutable) */
+	report_value("table_attrs", protection_of(pt));         /* still NW|NX */
+	/* A byte past a segment's file size: unmeasured, refused; the page is given back. */
+	volatile uint8_t *tail = (volatile uint8_t *)(kreq.seg[0].paddr + kreq.seg[0].filesz);
+	*tail = 0xCC;
+	bad_request(name, "bad_tail_not_zero", VTL_E_POLICY, &wrong);
+	*tail = 0;                      /* writable again: the refusal gave the page back */
+	/* The valid request, once. */
+	st = kexec_validate();
+	report_status("valid", VTL_CALL_KEXEC_VALIDATE, st);
+	wrong += st != VTL_OK;
+	st = kexec_validate();
+	report_status("validate_twice", VTL_CALL_KEXEC_VALIDATE, st);
+	wrong += st != VTL_E_POLICY;
+	st = vtl_call(VTL_CALL_KEXEC_UNLOAD, 0, 0, NULL);
+	report_status("unload", VTL_CALL_KEXEC_UNLOAD, st);
+	wrong += st != VTL_OK;
+	st = vtl_call(VTL_CALL_KEXEC_UNLOAD, 0, 0, NULL);
+	report_status("unload_twice", VTL_CALL_KEXEC_UNLOAD, st);
+	wrong += st != VTL_E_POLICY;
+	report_value("unexpected_statuses", wrong);
+	if (wrong)
+		fail(name, "unexpected status");
+	echo_still_works(name);
+	pass(name);
+}
+
 /* ---- modules ------------------------------------------------------------------------------
  * The module area: pages the kernel maps executable in its own tables before the lock and
  * asks VTL1 to keep NW|NX, so that W^X holds on every host (where the host has no NX

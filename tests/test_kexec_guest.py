@@ -173,6 +173,31 @@ def test_an_image_not_on_the_allowlist_is_refused_and_its_pages_given_back(
         assert run.attr_map[seg.gpa >> 12] == NX
 
 
+def test_malformed_and_unsealable_requests_are_refused_with_nothing_sealed(
+        guest_images: tuple[Path, Path]) -> None:
+    image = _kexec_image(guest_images)
+    syms = _syms(guest_images[0])
+    run = _passed(_kexec(guest_images, "kexec-bad-requests", "teardown"))
+    invalid = ["bad_no_segments", "bad_too_many_segments", "bad_misaligned", "bad_overlapping", "bad_filesz",
+               "bad_entry_not_x", "bad_in_vtl1", "bad_huge", "bad_reserved", "bad_scenario",
+               "bad_request_in_vtl1"]
+    for key in invalid:
+        assert run.report("status", key).value[1] == ABI.VTL_E_INVALID_ARG, key
+    for key in ("bad_kernel_text", "bad_page_table", "bad_tail_not_zero", "validate_twice", "unload_twice"):
+        assert run.report("status", key).value[1] == ABI.VTL_E_POLICY, key
+    assert run.report("status", "valid").value[1] == ABI.VTL_OK
+    # The VMM's map: the old kernel's text still r-x, the image's pages rw- NX again.
+    assert run.attr_map[syms["_text_start"] >> 12] == NW
+    assert run.report("value", "text_attrs").value[0] == NW
+    assert run.report("value", "table_attrs").value[0] == NW | NX
+    for seg in read_image(image).segments:
+        assert run.attr_map[seg.gpa >> 12] == NX
+    # VTL1 reports a measurement only for an image it could measure whole: the valid one
+    # (the one with a byte past its file size was refused while measuring).
+    assert len(_vtl1_report(run, "bytes", "kexec_measurement")) == 1
+    assert not [r for r in run.of_kind("status") if r.vtl == 1]     # the VMM refused VTL1 nothing
+
+
 @pytest.mark.parametrize("scenario,triple", [("reset-request", False), ("reset-triple-fault", True)])
 def test_reset_ends_all_guest_policy_and_the_next_boot_is_clean(guest_images: tuple[Path, Path],
                                                                 scenario: str, triple: bool) -> None:
