@@ -10,6 +10,9 @@ vtl0-kexec.elf), staged in VTL0's memory and placed by the old kernel's ELF load
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -218,3 +221,27 @@ def test_reset_ends_all_guest_policy_and_the_next_boot_is_clean(guest_images: tu
 def test_without_reset_on_triple_fault_the_run_ends_hardened(guest_images: tuple[Path, Path]) -> None:
     run = run_scenario(guest_images, "reset-triple-fault")
     assert run.result.reason == "triple_fault" and not _steps(run, "reset")
+
+
+def test_the_kexec_image_and_the_modules_build_reproducibly(tmp_path: Path) -> None:
+    # As tests/test_build.py for vtl0.elf and vtl1.elf: the allowlist names these files'
+    # digests, so the same sources must give the same bytes in any directory.
+    repo = Path(__file__).resolve().parent.parent
+    targets = ["guest_vtl0/build/vtl0-kexec.elf", "guest_vtl0/build/module.bin",
+               "guest_vtl0/build/module-priv.bin"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "CFLAGS", "LDFLAGS")}
+    trees = [tmp_path / "a", tmp_path / "a-longer-name" / "nested"]
+    for tree in trees:
+        tree.mkdir(parents=True)
+        shutil.copy2(repo / "Makefile", tree / "Makefile")
+        for d in ("guest_vtl0", "guest_lib", "vtl/abi"):
+            shutil.copytree(repo / d, tree / d, ignore=shutil.ignore_patterns("build", "__pycache__"))
+        cp = subprocess.run(["make", "-s", *targets], cwd=tree, env=env, capture_output=True, text=True,
+                            timeout=300)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+    for t in targets:
+        a, b = (trees[0] / t).read_bytes(), (trees[1] / t).read_bytes()
+        assert a == b and str(tmp_path).encode() not in a, t
+    assert len((trees[0] / targets[1]).read_bytes()) == 4096
+    assert read_image(trees[0] / targets[0]).entry == 0x800000
