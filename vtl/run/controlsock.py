@@ -54,6 +54,10 @@ SUN_PATH_MAX = 107           # sizeof(sockaddr_un.sun_path) - 1 on Linux
 # Every event kind the EventLog can emit (the discriminator of vtl.core.events.Event).
 EVENT_KINDS: frozenset[str] = frozenset(
     cls.model_fields["kind"].default for cls in get_args(get_args(Event)[0]))
+# The kinds emitted only while `EventLog.trace` is on (the scheduler's per-call events): a
+# subscriber gets them only if it asked (subscribe {"trace": true}), even when someone
+# else turned tracing on.
+TRACE_KINDS: frozenset[str] = frozenset({"vtl_call", "vtl_return", "single_step"}) & EVENT_KINDS
 
 
 class ControlSocketError(VmmError):
@@ -239,7 +243,8 @@ class _Feed:
         self._wake = wake
 
     def __call__(self, event: Event) -> None:        # on the emitting thread: never blocks
-        if self.kinds is not None and event.kind not in self.kinds:
+        kind = event.kind
+        if (self.kinds is not None and kind not in self.kinds) or (not self.trace and kind in TRACE_KINDS):
             return
         if len(self.queue) >= self.capacity:
             self.lost += 1
@@ -265,6 +270,7 @@ class _Client:
         self.feed: _Feed | None = None
         self.events_waiting = False     # a wake found the channel full: the writer checks this
         self.cancel = trio.CancelScope()
+        self.reading = trio.CancelScope()
 
     # --- the writer: the only task that writes to the stream, so lines never interleave ---
     async def write_loop(self) -> None:
@@ -458,8 +464,9 @@ class ControlServer:
                 client.out_send.send_nowait(_line(self.greeting()))
                 async with trio.open_nursery() as n:
                     async def read_then_close() -> None:
-                        await client.read_loop()
-                        await client.out_send.send(_CLOSE)   # the client is done: flush, then close
+                        with client.reading:
+                            await client.read_loop()
+                            await client.out_send.send(_CLOSE)   # the client is done: flush, close
 
                     n.start_soon(read_then_close)
                     await client.write_loop()
@@ -482,6 +489,8 @@ class ControlServer:
         """The run is over: tell every client, give them SHUTDOWN_GRACE to take their last
         events and that line, then drop them."""
         self.result = result
+        for client in list(self.clients):
+            client.reading.cancel()     # no new command from here on; queued replies still go
         line = _line({"event": "shutdown", "data": {"status": result.status, "reason": result.reason,
                                                    "message": result.message},
                       "timestamp": self.now()})
@@ -610,6 +619,9 @@ class ControlServer:
                 raise CommandError("InvalidArgument", f"subscribe: kinds: unknown event kind "
                                    f"{unknown[0][:64]!r} (known: {', '.join(sorted(EVENT_KINDS))})")
             kinds = frozenset(args.kinds)
+            if not args.trace and kinds & TRACE_KINDS:
+                raise CommandError("InvalidArgument", f"subscribe: kinds: {min(kinds & TRACE_KINDS)} is a "
+                                   "per-call event: subscribe with \"trace\": true to get it")
         feed = _Feed(self.token, client.wake, kinds, args.trace, EVENT_QUEUE)
 
         def start() -> None:
