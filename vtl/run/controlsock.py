@@ -25,7 +25,7 @@ import stat
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -47,7 +47,7 @@ MAX_CLIENTS = 8
 REPLY_QUEUE = 16             # replies not yet written to a client before we stop reading it
 EVENT_QUEUE = 1024           # events per subscriber waiting to be written; beyond: lost
 EVENT_BATCH = 256            # events per write
-RECV_SIZE = 4096
+RECV_SIZE = 16384
 SHUTDOWN_GRACE = 1.0         # seconds to flush the last events and the shutdown line
 SUN_PATH_MAX = 107           # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
@@ -459,28 +459,42 @@ class ControlServer:
             await stream.aclose()
 
     async def _run_client(self, client: _Client) -> None:
+        # Neither task lets an exception out of the nursery: two at once would come out as
+        # an exception group that no handler here expects.  Either side failing, or the
+        # writer ending, ends the connection; the reader ending (EOF) first lets the writer
+        # flush what is queued.
         try:
             with client.cancel:
                 client.out_send.send_nowait(_line(self.greeting()))
                 async with trio.open_nursery() as n:
-                    async def read_then_close() -> None:
+                    async def read() -> None:
                         with client.reading:
-                            await client.read_loop()
-                            await client.out_send.send(_CLOSE)   # the client is done: flush, close
+                            if await self._guarded(client, client.read_loop):
+                                await client.out_send.send(_CLOSE)
+                            else:
+                                n.cancel_scope.cancel()
 
-                    n.start_soon(read_then_close)
-                    await client.write_loop()
+                    n.start_soon(read)
+                    await self._guarded(client, client.write_loop)
                     n.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass                                  # the client went away
-        except Exception as e:                    # a bug: lose this client, keep the run
-            print(f"vtl: control socket: client {client.number} dropped: internal error: "
-                  f"{type(e).__name__}: {e}", file=sys.stderr)
         finally:
             self._unsubscribe(client)
             self.clients.discard(client)
             with contextlib.suppress(OSError):
                 await client.stream.aclose()
+
+    async def _guarded(self, client: _Client, loop: Callable[[], Awaitable[None]]) -> bool:
+        """Run one of a client's loops; False if it failed (the client went away, or a bug,
+        which costs this client and not the run)."""
+        try:
+            await loop()
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return False
+        except Exception as e:
+            print(f"vtl: control socket: client {client.number} dropped: internal error: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
+            return False
 
     def greeting(self) -> dict[str, Any]:
         return {"vtl": {"version": _version(), "abi": ABI.VTL_ABI_VERSION}, "capabilities": COMMAND_NAMES}
