@@ -149,11 +149,6 @@ class Scheduler:
                     if vcpu is not None:
                         vcpu.run.immediate_exit = 1
 
-    def request_reset(self, by: str) -> None:
-        """PLACEHOLDER (branch ctl only) until the reset flow lands on main: the real one
-        sets a pending RESET request like request_stop.  This one refuses."""
-        raise NotImplementedError("the reset flow is not in this build yet")
-
     def _apply(self, vp: VirtualProcessor, outcome: Outcome) -> None:
         # A step's exit may ask for another step (an instruction that jumps to another page
         # of the section): a loop, not recursion.
