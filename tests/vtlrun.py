@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vtl.core.config import Backend, PartitionConfig
+from vtl.core.config import Backend, KexecPolicy, PartitionConfig
 from vtl.core.events import EventLog
 from vtl.core.partition import Partition
 from vtl.run import control
@@ -50,11 +50,15 @@ class Run:
 
 def run_scenario(images: tuple[Path, Path], scenario: str = "", *, vtl1: bool = True, param: int = 0,
                  timeout: float = 30.0, snapshot: list[tuple[int, int]] | None = None,
-                 backend: Backend | None = None) -> Run:
+                 backend: Backend | None = None, trust: list[bytes] | None = None,
+                 kexec_policy: KexecPolicy = "teardown", staged: Path | None = None,
+                 reset_on_triple_fault: bool = False) -> Run:
     """Run a scenario in a fresh partition; `snapshot` ranges of guest memory are copied
     before the partition is closed."""
     cfg = PartitionConfig(vtl0_image=images[0], vtl1_image=images[1] if vtl1 else None,
-                          scenario=scenario, param=param, attr_backend=backend)
+                          scenario=scenario, param=param, attr_backend=backend, trust=trust or [],
+                          kexec_policy=kexec_policy, staged=staged,
+                          reset_on_triple_fault=reset_on_triple_fault)
     events = EventLog(trace=True, keep=100_000)
     console = Console(cfg.nr_vps, keep=10_000)
     with Partition(cfg, events) as p:

@@ -105,3 +105,41 @@ def c_floor(pairs: int, binary: Path) -> FloorResult:
         raise VmmError(f"{binary} failed: {cp.stderr.strip()}")
     doc = json.loads(cp.stdout)
     return stats(doc["stamps"], doc["tsc_khz"], doc["pairs"], doc["wall_s"], doc["batch"])
+
+
+class VmLifecycleFloor(BaseModel):
+    """What KVM charges for a VM's life: KVM_CREATE_VM, one memslot over `mem_bytes`,
+    KVM_CREATE_VCPU with the supported CPUID and its kvm_run mapping, then closing it all.
+    The kernel's share of a VTL1 enable or teardown and of a RESET (which rebuilds
+    VTL0's VM)."""
+    median_us: float
+    p10_us: float
+    p90_us: float
+    mem_bytes: int
+    samples: int
+
+
+def vm_lifecycle_floor(samples: int = 20, mem_bytes: int = 256 << 20) -> VmLifecycleFloor:
+    from vmm.memory import GuestMemory
+
+    times: list[float] = []
+    kvm, mem = Kvm(), GuestMemory(mem_bytes)
+    try:
+        cpuid = kvm.supported_cpuid()
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            vm = kvm.create_vm()
+            try:
+                vm.map_memory(mem, 0, mem_bytes)
+                vcpu = vm.create_vcpu(0)
+                vcpu.set_cpuid(cpuid)
+            finally:
+                vm.close()
+            times.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        mem.close()
+        kvm.close()
+    s = sorted(times)
+    return VmLifecycleFloor(median_us=round(statistics.median(s), 1), p10_us=round(s[len(s) // 10], 1),
+                            p90_us=round(s[min(len(s) - 1, 9 * len(s) // 10)], 1), mem_bytes=mem_bytes,
+                            samples=samples)

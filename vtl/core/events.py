@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Annotated, Literal
+from typing import IO, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -34,6 +34,8 @@ class VtlEnabled(_Event):
     enabled_vtl: int = 1
     image: str
     sha256: str
+    trust: list[str] = []               # VTL1's allowlist (hex SHA-256), part of its boot data
+    kexec_policy: str = "teardown"
 
 
 class VtlCall(_Event):
@@ -150,6 +152,21 @@ class InterceptVerdict(_Event):
     detail: str = ""
 
 
+class Lifecycle(_Event):
+    """A step of a lifecycle flow (DESIGN section 7): kexec validation and jump, VTL1's
+    teardown, VTL0's restart, RESET, module validation/load/unload, VTL1's enable.
+    `before`/`after`: the protections and pins the VMM holds and reads from KVM
+    (vtl/lifecycle/state.py); `duration_us`: the step alone, without the snapshots."""
+    kind: Literal["lifecycle"] = "lifecycle"
+    step: str
+    by: str                             # vtl0 | vtl1 | vmm | user
+    status: int | None = None           # VTL_* status the step ended with, when it has one
+    detail: str = ""
+    duration_us: float
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+
 class GuestExit(_Event):
     kind: Literal["guest_exit"] = "guest_exit"
     status: int
@@ -158,7 +175,7 @@ class GuestExit(_Event):
 
 Event = Annotated[VtlEnabled | VtlCall | VtlReturn | GuestFault | RefusedRequest | GuestReport
                   | ProtectionChanged | InterceptControlSet | RegisterWritten | SingleStepped
-                  | SecureIntercept | InterceptVerdict | GuestExit,
+                  | SecureIntercept | InterceptVerdict | Lifecycle | GuestExit,
                   Field(discriminator="kind")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 

@@ -23,6 +23,11 @@ def default_vtl1_image() -> Path:
     return Path(os.environ.get("VTL_VTL1_IMAGE", REPO / "guest_vtl1" / "build" / "vtl1.elf"))
 
 
+def default_kexec_image() -> Path:
+    """The built-in next kernel for kexec flows: VTL0's kernel linked at 8 MiB."""
+    return Path(os.environ.get("VTL_KEXEC_IMAGE", REPO / "guest_vtl0" / "build" / "vtl0-kexec.elf"))
+
+
 class Scenario(BaseModel):
     name: str
     description: str

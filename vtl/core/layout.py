@@ -70,6 +70,10 @@ class Layout:
             return ABI.VTL0_IMAGE_MIN, self.vtl1_base
         return self.vtl1_base + ABI.VTL1_IMAGE_MIN_OFF, self.vtl1_end
 
+    @property
+    def trust_gpa(self) -> int:
+        return self.vtl1_base + ABI.VTL1_TRUST_OFF
+
     def control_gpa(self, vp: int) -> int:
         return self.vtl1_base + ABI.VTL1_CONTROL_OFF + vp * PAGE_SIZE
 
@@ -89,7 +93,8 @@ def validate(mem_size: int, nr_vps: int) -> None:
 
 def write_boot_info(mem: GuestMemory, layout: Layout, vtl: Vtl, *, vp: int, nr_vps: int,
                     image_start: int, image_end: int, flags: int = 0, param: int = 0,
-                    scenario: str = "", measurement: bytes = b"") -> int:
+                    scenario: str = "", measurement: bytes = b"", trust_count: int = 0,
+                    kexec_policy: int = 0, staged: tuple[int, int] = (0, 0), boot_count: int = 0) -> int:
     """Fill VP `vp`'s struct vtl_boot_info for `vtl`; returns its GPA."""
     gpa = layout.boot_info_gpa(vtl, vp)
     size = abi_ffi.sizeof("struct vtl_boot_info")
@@ -111,6 +116,29 @@ def write_boot_info(mem: GuestMemory, layout: Layout, vtl: Vtl, *, vp: int, nr_v
         raise LayoutError(f"scenario name {scenario!r} is longer than 47 bytes")
     abi_ffi.memmove(bi.scenario, name, len(name))
     abi_ffi.memmove(bi.measurement, measurement[:32], len(measurement[:32]))
+    if vtl == Vtl.VTL1:
+        bi.trust_gpa = layout.trust_gpa if trust_count else 0
+        bi.trust_count, bi.kexec_policy = trust_count, kexec_policy
+    else:
+        bi.staged_gpa, bi.staged_size = staged
+        bi.boot_count = boot_count
+    return gpa
+
+
+def write_trust_list(mem: GuestMemory, layout: Layout, digests: list[bytes]) -> None:
+    """VTL1's allowlist, in its region (boot_info.trust_gpa)."""
+    if len(digests) > ABI.VTL_TRUST_MAX or any(len(d) != 32 for d in digests):
+        raise LayoutError(f"VTL1's allowlist takes at most {ABI.VTL_TRUST_MAX} digests of 32 bytes")
+    mem.write(layout.trust_gpa, b"".join(digests))
+
+
+def staged_gpa(layout: Layout, size: int) -> int:
+    """Where a staged file goes: the top of VTL0's memory, 2 MiB aligned, above VTL1's
+    region (so neither kernel's image window holds it)."""
+    gpa = (layout.mem_size - size) & ~((2 << 20) - 1)
+    if size <= 0 or gpa < layout.vtl1_end:
+        raise LayoutError(f"a staged file of {size} bytes does not fit between VTL1's region and "
+                          f"the end of the {layout.mem_size >> 20} MiB of guest memory")
     return gpa
 
 
@@ -135,3 +163,27 @@ def boot_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, vp: int, cr3: int, entry: in
     regs.rsp = layout.boot_stack_top(vtl, vp)
     regs.rflags = x86.RFLAGS_RESERVED1
     vcpu.set_regs(regs)
+
+
+def restart_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, vp: int, cr3: int, entry: int) -> None:
+    """Put a vCPU that has run back in the boot state at `entry`, keeping CR0, CR4 and EFER
+    (and XCR0, which is not touched) as they are: a kexec jump, not a RESET.  Written into
+    the synced registers (KVM_CAP_SYNC_REGS) so the next KVM_RUN loads them; an
+    instruction KVM had left to complete (the VTL call's OUT) is dropped, because RIP
+    moved (complete_fast_pio_out checks it)."""
+    s = vcpu.sregs
+    cr0, cr4, efer = int(s.cr0), int(s.cr4), int(s.efer)
+    x86.set_long_mode(s, cr3, layout.boot_gdt_gpa(vtl))
+    s.cr0, s.cr4, s.efer = cr0, cr4, efer
+    r = vcpu.regs
+    for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rbp", "r8", "r9", "r10", "r11",
+                 "r12", "r13", "r14", "r15"):
+        setattr(r, name, 0)
+    r.rip = entry
+    r.rdi = layout.boot_info_gpa(vtl, vp)
+    r.rsp = layout.boot_stack_top(vtl, vp)
+    r.rflags = x86.RFLAGS_RESERVED1
+    ev = vcpu.sync.events
+    ev.exception.pending = ev.exception.injected = 0
+    ev.flags = 0
+    vcpu.run.kvm_dirty_regs = vcpu.SYNC_ALL

@@ -8,9 +8,12 @@ vCPU per enabled VTL; the scheduler (vtl/run/scheduler.py) decides which of them
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vmm import uapi as u
 from vmm.backends import make_backend
 from vmm.elf import ElfImage, check_window, load_image, read_image
+from vmm.errors import GuestImageError
 from vmm.kvm import Kvm, VCpu, Vm
 from vmm.memory import PAGE_SIZE, GuestMemory
 from vmm.regcheck import CpuFeatures, cpuid_entries
@@ -19,6 +22,7 @@ from vtl.abi import ABI
 from vtl.core import layout as lay
 from vtl.core.config import PartitionConfig
 from vtl.core.events import EventLog
+from vtl.core.layout import LayoutError
 from vtl.core.privileged import InterceptControl
 from vtl.core.vp import VirtualProcessor
 from vtl.core.vtl import Vtl, VtlArray
@@ -38,6 +42,7 @@ class Partition:
         if config.vtl1_image is not None:
             self.vtl1_image = read_image(config.vtl1_image)
             check_window(self.vtl1_image, *self.layout.image_window(Vtl.VTL1))
+        self.staged = self._stage(config.staged)
         self.kvm = Kvm()
         # What every vCPU's CPUID (the supported one, see new_vcpu) allows in CR4, CR3, XCR0.
         self.cpu_features = CpuFeatures.from_cpuid(cpuid_entries(self.kvm.supported_cpuid()))
@@ -50,9 +55,11 @@ class Partition:
         # Which register writes of VTL0 VTL1 judges, and VTL0's privileged section
         # (VTL_HC_SET_INTERCEPT_CONTROL); None until VTL1 sets it.
         self.intercept_control: InterceptControl | None = None
+        # Boots of VTL0 before the current one (resets and kexecs; boot_info.boot_count).
+        self.boot_count = 0
         self._closed = False
         try:
-            self._build_vtl0()
+            self.build_vtl0()
         except BaseException:
             self.close()
             raise
@@ -68,9 +75,27 @@ class Partition:
         vcpu.set_cpuid(self.kvm.supported_cpuid())
         return vcpu
 
-    def _build_vtl0(self) -> None:
+    def _stage(self, path: Path | None) -> tuple[int, bytes]:
+        """Read the file to stage in VTL0's memory now: a bad path is a clear error
+        before any VM exists.  Written at every VTL0 boot (build_vtl0)."""
+        if path is None:
+            return 0, b""
+        try:
+            size = path.stat().st_size
+            if size > self.layout.mem_size:
+                raise LayoutError(f"--stage {path}: {size} bytes is more than guest memory")
+            data = path.read_bytes()
+        except OSError as e:
+            raise GuestImageError(f"cannot read {path}: {e.strerror}") from None
+        return lay.staged_gpa(self.layout, len(data)), data
+
+    def build_vtl0(self) -> None:
+        """VTL0's VM, vCPUs and boot state from its image (at creation and at a RESET)."""
         img = self.vtl0_image
         load_image(img, self.mem, *self.layout.image_window(Vtl.VTL0))
+        staged_gpa, staged = self.staged
+        if staged:
+            self.mem.write(staged_gpa, staged)
         vm = self.new_vm(Vtl.VTL0)
         # VTL0's memory is mapped through the attribute backend VTL1 will steer.
         self.backend = make_backend(self.config.attr_backend, vm, self.mem, self.layout.vtl0_ranges())
@@ -82,7 +107,8 @@ class Partition:
         for vp in self.vps:
             lay.write_boot_info(self.mem, self.layout, Vtl.VTL0, vp=vp.index, nr_vps=len(self.vps),
                                 image_start=img.start, image_end=img.end, flags=flags,
-                                param=self.config.param, scenario=self.config.scenario)
+                                param=self.config.param, scenario=self.config.scenario,
+                                staged=(staged_gpa, len(staged)), boot_count=self.boot_count)
             vcpu = self.new_vcpu(vm, vp.index)
             lay.boot_vcpu(vcpu, self.layout, Vtl.VTL0, vp.index, cr3, img.entry)
             vp.add_vcpu(Vtl.VTL0, vcpu)
@@ -117,6 +143,20 @@ class Partition:
             out.append((i * PAGE_SIZE, j * PAGE_SIZE, val))
             i = j
         return out
+
+    def close_vm(self, vtl: Vtl) -> None:
+        """Destroy `vtl`'s VM and vCPUs (teardown, reset); memory stays."""
+        vm = self.vms[vtl]
+        if vm is None:
+            return
+        if vtl == Vtl.VTL0:
+            close = getattr(self.backend, "close", None)   # host_mapping gives its alias back
+            if close is not None:
+                close()
+        for vp in self.vps:
+            vp.remove_vcpu(vtl)
+        vm.close()
+        self.vms[vtl] = None
 
     def close(self) -> None:
         if self._closed:

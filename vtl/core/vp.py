@@ -50,6 +50,17 @@ class PendingIntercept:
 
 
 @dataclass(frozen=True, slots=True)
+class RestartRequest:
+    """VTL1's struct vtl_restart, validated and copied (VTL_HC_VTL0_RESTART)."""
+    entry: int
+    teardown: bool
+    image_start: int
+    image_end: int
+    param: int
+    scenario: str
+
+
+@dataclass(frozen=True, slots=True)
 class VpState:
     name: str                   # running_vtl0 | in_vtl1 | stopped
     vtl: Vtl | None             # whose vCPU runs; None once stopped
@@ -107,12 +118,25 @@ class VirtualProcessor:
     sync: VtlArray[SyncView | None] = field(default_factory=lambda: VtlArray(lambda _: None))
     ctl: Any = None                     # struct vtl_control * in VTL1's memory, once enabled
     current: VCpu | None = None         # the vCPU of state.vtl (None once stopped)
+    # VTL_HC_VTL0_RESTART: what VTL1 asked for, applied at its VTL return.
+    restart: RestartRequest | None = None
 
     def add_vcpu(self, vtl: Vtl, vcpu: VCpu) -> None:
         self.vcpus[vtl] = vcpu
         self.sync[vtl] = SyncView.of(vcpu)
         if self.current is None and vtl == self.state.vtl:
             self.current = vcpu
+
+    def remove_vcpu(self, vtl: Vtl) -> None:
+        """Forget `vtl`'s vCPU (its VM is being destroyed); VTL1's control page goes with it."""
+        vcpu = self.vcpus[vtl]
+        self.vcpus[vtl] = None
+        self.sync[vtl] = None
+        if vtl == Vtl.VTL1:
+            self.ctl = None
+            self.restart = None
+        if self.current is vcpu:
+            self.current = None
 
     @property
     def active_vtl(self) -> Vtl:

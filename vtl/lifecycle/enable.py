@@ -16,6 +16,9 @@ from vtl.core.partition import Partition
 from vtl.core.vp import VirtualProcessor
 from vtl.core.vtl import Vtl
 
+KEXEC_POLICIES = {"teardown": ABI.VTL_KEXEC_POLICY_TEARDOWN, "persist": ABI.VTL_KEXEC_POLICY_PERSIST,
+                  "deny": ABI.VTL_KEXEC_POLICY_DENY}
+
 
 def enable_vtl1(p: Partition, asking: VirtualProcessor) -> None:
     """Build VTL1.  The caller has checked that an image is configured and VTL1 is off."""
@@ -29,10 +32,14 @@ def enable_vtl1(p: Partition, asking: VirtualProcessor) -> None:
     vm = p.new_vm(Vtl.VTL1)
     vm.map_memory(p.mem, 0, layout.mem_size)
     cr3 = lay.write_boot_tables(p.mem, layout, Vtl.VTL1)
+    # VTL1's boot data: its allowlist and kexec policy, as provisioned at launch.
+    lay.write_trust_list(p.mem, layout, p.config.trust)
+    policy = KEXEC_POLICIES[p.config.kexec_policy]
     for vp in p.vps:
         lay.write_boot_info(p.mem, layout, Vtl.VTL1, vp=vp.index, nr_vps=len(p.vps),
                             image_start=img.start, image_end=img.end,
-                            measurement=bytes.fromhex(p.vtl1_measurement))
+                            measurement=bytes.fromhex(p.vtl1_measurement),
+                            trust_count=len(p.config.trust), kexec_policy=policy)
         vcpu = p.new_vcpu(vm, vp.index)
         lay.boot_vcpu(vcpu, layout, Vtl.VTL1, vp.index, cr3, img.entry)
         ctl = abi_struct(p.mem, "struct vtl_control", layout.control_gpa(vp.index))
@@ -41,4 +48,5 @@ def enable_vtl1(p: Partition, asking: VirtualProcessor) -> None:
         vp.ctl = ctl
         vp.add_vcpu(Vtl.VTL1, vcpu)
     p.events.emit(VtlEnabled(ts=p.events.now(), vp=asking.index, vtl=0, image=str(img.path),
-                             sha256=p.vtl1_measurement))
+                             sha256=p.vtl1_measurement, trust=[d.hex() for d in p.config.trust],
+                             kexec_policy=p.config.kexec_policy))

@@ -23,7 +23,7 @@ from vtl.core.partition import Partition
 from vtl.core.vp import VirtualProcessor
 from vtl.core.vtl import Vtl
 from vtl.services.intercepts import Intercepts
-from vtl.services.outcomes import STATUS_CRASH, Outcome, Stop
+from vtl.services.outcomes import STATUS_CRASH, Outcome, Reset, Stop
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.refusals import Refusals
 from vtl.services.vtl0view import Access, Context, Fault, InsnBytes
@@ -55,6 +55,8 @@ class ExitDispatcher:
                     return outcome
                 return self.crash(vp, "crash", f"VTL{int(vtl)} instruction at RIP {rip:#x} could not be "
                                    f"emulated (bytes {exit.insn.hex() or 'unavailable'})", rip)
+            case ex.Shutdown() if vtl == Vtl.VTL0 and self.p.config.reset_on_triple_fault:
+                return Reset("triple_fault", f"VTL0 triple-faulted near RIP {rip:#x}")
             case ex.Shutdown():
                 return self.crash(vp, "triple_fault", f"VTL{int(vtl)} triple-faulted (KVM_EXIT_SHUTDOWN) "
                                    f"near RIP {rip:#x}", rip)
@@ -86,6 +88,14 @@ class ExitDispatcher:
                     vp, vcpu, m.gpa, ABI.VTL_ACCESS_WRITE if m.is_write else ABI.VTL_ACCESS_READ,
                     size=m.length, data=int.from_bytes(m.data, "little"), rip_after=m.is_write)
         if vtl == Vtl.VTL0 and self.p.layout.in_vtl1(m.gpa):
+            lay = self.p.layout
+            if not self.p.vtl1_enabled and lay.vtl1_base <= m.gpa and m.gpa + m.length <= lay.vtl1_end:
+                # No VTL1: its region is VTL0's memory, one emulated access at a time.
+                if m.is_write:
+                    self.p.mem.write(m.gpa, m.data)
+                else:
+                    ex.complete_mmio_read(vcpu, self.p.mem.read(m.gpa, m.length))
+                return None
             why = "VTL0 access to VTL1 memory"
         else:
             why = f"VTL{int(vtl)} access to unbacked guest-physical address"

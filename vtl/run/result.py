@@ -21,6 +21,11 @@ class RunResult(BaseModel):
     backend: str
     single_steps: int = 0           # privileged-section instructions the VMM single-stepped
     register_intercepts: int = 0    # register writes VTL1 was asked to judge
+    boot_count: int = 0             # VTL0 boots before the last one (resets + kexecs)
+    resets: int = 0                 # emulated RESETs (guest, triple fault, user)
+    kexecs: int = 0                 # VTL0 restarts at a new kernel (VTL_HC_VTL0_RESTART)
+    trust: list[str] = []           # VTL1's allowlist (hex SHA-256) as provisioned
+    kexec_policy: str = "teardown"
 
 
 class RunInterrupted(Exception):

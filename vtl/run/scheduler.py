@@ -17,6 +17,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from vmm import exits as ex
 from vmm import uapi as u
@@ -25,13 +27,14 @@ from vmm.kvm import VCpu
 from vmm.uapi import ffi, libc
 from vmm.x86 import VEC_GP, VEC_UD
 from vtl.abi import ABI
-from vtl.core.events import GuestExit, SingleStepped, VtlCall, VtlReturn
+from vtl.core.events import GuestExit, Lifecycle, SingleStepped, VtlCall, VtlReturn
 from vtl.core.partition import Partition
 from vtl.core.vp import (
     IN_VTL1_CALL,
     IN_VTL1_ENABLE,
     RUNNING_VTL0,
     Entry,
+    RestartRequest,
     SyncView,
     VirtualProcessor,
     VpState,
@@ -39,13 +42,17 @@ from vtl.core.vp import (
 )
 from vtl.core.vtl import Vtl
 from vtl.lifecycle.enable import enable_vtl1
+from vtl.lifecycle.reset import reset_partition
+from vtl.lifecycle.restart import restart_vtl0
+from vtl.lifecycle.state import record_step, snapshot
+from vtl.lifecycle.teardown import teardown_vtl1
 from vtl.run.exits import ExitDispatcher
 from vtl.run.result import RunResult
 from vtl.run.step import SingleStepper
 from vtl.services.console import Console
 from vtl.services.hypercalls import Hypercalls
 from vtl.services.intercepts import Intercepts
-from vtl.services.outcomes import STATUS_VMM_ERROR, EnableVtl1, Enter, Outcome, Step, Stop
+from vtl.services.outcomes import STATUS_VMM_ERROR, EnableVtl1, Enter, Outcome, Reset, Step, Stop
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import Refusals
@@ -56,6 +63,13 @@ from vtl.services.vtl0view import Vtl0View
 PORT_NAMES = {ABI.VTL_PORT_CONSOLE: "console", ABI.VTL_PORT_CALL: "vtl_call",
               ABI.VTL_PORT_RETURN: "vtl_return", ABI.VTL_PORT_RETURN_FAST: "vtl_return_fast",
               ABI.VTL_PORT_HYPERCALL: "hypercall", ABI.VTL_PORT_EXIT: "exit"}
+
+# VTL calls that are lifecycle steps: each becomes a Lifecycle event with the protections
+# and pins before and after it (vtl kexec's timeline).
+LIFECYCLE_CALLS = {ABI.VTL_CALL_KEXEC_VALIDATE: "kexec_validate", ABI.VTL_CALL_KEXEC_JUMP: "kexec_jump",
+                   ABI.VTL_CALL_KEXEC_UNLOAD: "kexec_unload", ABI.VTL_CALL_MODULE_VALIDATE: "module_validate",
+                   ABI.VTL_CALL_MODULE_LOAD: "module_load", ABI.VTL_CALL_MODULE_UNLOAD: "module_unload",
+                   ABI.VTL_CALL_LOCK_PAGE_TABLES: "lock_page_tables", ABI.VTL_CALL_END_OF_BOOT: "end_of_boot"}
 
 EXIT_IO, IO_OUT = u.KVM_EXIT_IO, u.KVM_EXIT_IO_OUT
 SYNC_REGS, SYNC_SREGS = u.KVM_SYNC_X86_REGS, u.KVM_SYNC_X86_SREGS
@@ -87,6 +101,11 @@ class Scheduler:
         self.vtl_calls = 0
         self.vtl_returns = 0
         self._stop_request: Stop | None = None
+        self._reset_request: Reset | None = None        # from the control socket
+        self.resets = 0
+        self.kexecs = 0
+        # Lifecycle VTL calls in flight per VP: (step, snapshot before, start time).
+        self._steps: dict[int, tuple[str, dict[str, Any], float]] = {}
         self._lock = threading.Lock()                  # stop requests vs. vCPU creation
         self._t0 = 0.0
         self._trace = self.events.trace                # per-call events only when someone listens
@@ -149,6 +168,24 @@ class Scheduler:
                     if vcpu is not None:
                         vcpu.run.immediate_exit = 1
 
+    def request_reset(self, by: str = "user") -> None:
+        """Ask the loop for an emulated RESET (any thread); like request_stop, the caller
+        signals the loop's thread to interrupt a KVM_RUN in progress."""
+        with self._lock:
+            self._reset_request = Reset(by, "requested")
+            for vp in self.p.vps:
+                for vcpu in vp.vcpus:
+                    if vcpu is not None:
+                        vcpu.run.immediate_exit = 1
+
+    def _interrupted(self) -> Outcome:
+        """What an interrupted KVM_RUN means: a stop wins over a reset."""
+        if self._stop_request is not None:
+            return self._stop_request
+        with self._lock:
+            reset, self._reset_request = self._reset_request, None
+        return reset
+
     def _apply(self, vp: VirtualProcessor, outcome: Outcome) -> None:
         # A step's exit may ask for another step (an instruction that jumps to another page
         # of the section): a loop, not recursion.
@@ -159,14 +196,59 @@ class Scheduler:
                 self._transition(vp, state)
             case EnableVtl1():
                 with self._lock:
-                    enable_vtl1(self.p, vp)
-                    if self._stop_request is not None:   # a stop raced with the enable
-                        for vcpu in vp.vcpus:
-                            if vcpu is not None:
-                                vcpu.run.immediate_exit = 1
+                    record_step(self.p, "vtl1_enable", "vtl0", lambda: enable_vtl1(self.p, vp), vp=vp.index,
+                                detail="VTL_HC_ENABLE_VTL1: VTL1's VM built, image loaded and measured")
+                    self._rekick()
                 self._transition(vp, IN_VTL1_ENABLE)
+            case Reset(by, detail):
+                with self._lock:
+                    record_step(self.p, "reset", by, lambda: reset_partition(self.p), vp=vp.index,
+                                detail=detail or "emulated RESET")
+                    self._rekick()
+                self.resets += 1
+                self._steps.clear()
+                for each in self.p.vps:
+                    self._transition(each, RUNNING_VTL0)
             case Stop():
                 self._finish(vp, outcome)
+
+    def _rekick(self) -> None:
+        """A stop requested while vCPUs were being replaced must reach the new ones.
+        Called with self._lock held."""
+        if self._stop_request is not None or self._reset_request is not None:
+            for each in self.p.vps:
+                for vcpu in each.vcpus:
+                    if vcpu is not None:
+                        vcpu.run.immediate_exit = 1
+
+    # --- lifecycle VTL calls (timeline steps; rare, so off the switch path's budget) ---------
+    def _step_begin(self, vp: VirtualProcessor, code: int) -> None:
+        self._steps[vp.index] = (LIFECYCLE_CALLS[code], snapshot(self.p), time.perf_counter())
+
+    def _step_end(self, vp: VirtualProcessor, status: int | None, detail: str = "") -> None:
+        step = self._steps.pop(vp.index, None)
+        if step is None:
+            return
+        name, before, t0 = step
+        dt = (time.perf_counter() - t0) * 1e6
+        self.events.emit(Lifecycle(ts=self.events.now(), vp=vp.index, vtl=0, step=name, by="vtl0",
+                                   status=status, detail=detail, duration_us=round(dt, 1),
+                                   before=before, after=snapshot(self.p)))
+
+    def _kexec(self, vp: VirtualProcessor, req: RestartRequest) -> None:
+        """VTL1 asked for VTL0's restart at a new kernel while serving KEXEC_JUMP."""
+        self._step_end(vp, ABI.VTL_OK, f"VTL1 asked for VTL0's restart at {req.entry:#x}"
+                       f"{' after its teardown' if req.teardown else ''}")
+        with self._lock:
+            if req.teardown:
+                record_step(self.p, "vtl1_teardown", "vmm", lambda: teardown_vtl1(self.p), vp=vp.index,
+                            vtl=1, detail="VTL1's VM destroyed, protections and pins cleared, "
+                            "VTL1's memory zeroed")
+            record_step(self.p, "vtl0_restart", "vmm",
+                        lambda: restart_vtl0(self.p, replace(req, teardown=False)), vp=vp.index,
+                        detail=f"VTL0 starts at {req.entry:#x} (scenario {req.scenario!r})")
+            self._rekick()
+        self.kexecs += 1
 
     def _finish(self, vp: VirtualProcessor, stop: Stop) -> None:
         if vp.state.name == "stopped":
@@ -185,7 +267,9 @@ class Scheduler:
             vtl_switches=self.vtl_calls + self.vtl_returns,
             exits=self.exits_by_reason(), vtl1_enabled=self.p.vtl1_enabled,
             vtl1_measurement=self.p.vtl1_measurement, backend=self.p.backend_name,
-            single_steps=self.stepper.count, register_intercepts=self.intercepts.register_count)
+            single_steps=self.stepper.count, register_intercepts=self.intercepts.register_count,
+            boot_count=self.p.boot_count, resets=self.resets, kexecs=self.kexecs,
+            trust=[d.hex() for d in self.p.config.trust], kexec_policy=self.p.config.kexec_policy)
 
     def exits_by_reason(self) -> dict[str, int]:
         out = dict(self.exit_counts)
@@ -197,7 +281,7 @@ class Scheduler:
     def _run_failed(self, vp: VirtualProcessor, vcpu: VCpu, err: int) -> Outcome:
         if err in (errno.EINTR, errno.EAGAIN):
             vcpu.run.immediate_exit = 0
-            return self._stop_request
+            return self._interrupted()
         # -EFAULT with KVM_EXIT_MEMORY_FAULT is an exit (host-mapping protections on EPT hosts).
         exit = ex.from_result(vcpu, -err)
         self.exit_counts[exit.name] += 1
@@ -207,7 +291,7 @@ class Scheduler:
         exit = ex.decode(vcpu)
         self.exit_counts[exit.name] += 1
         if isinstance(exit, ex.Interrupted):
-            return self._stop_request
+            return self._interrupted()
         return self.exits.dispatch(vp, vcpu, exit)
 
     # --- the privileged section's other instructions -----------------------------------------
@@ -234,7 +318,7 @@ class Scheduler:
             return self._run_failed(vp, vcpu, exit.errno)
         if isinstance(exit, ex.Interrupted):
             vcpu.run.immediate_exit = 0
-            return self._stop_request
+            return self._interrupted()
         if isinstance(exit, ex.MemoryFault):
             self.exit_counts[exit.name] += 1
             return self.exits.dispatch(vp, vcpu, exit)
@@ -257,8 +341,9 @@ class Scheduler:
         src: SyncView = vp.sync[0]  # type: ignore[assignment]
         dst: SyncView = vp.sync[1]  # type: ignore[assignment]
         r0 = vcpu.regs
+        code = r0.rax
         ctl.entry_reason = VTL_ENTRY_CALL
-        ctl.vtl0_rax = r0.rax
+        ctl.vtl0_rax = code
         ctl.vtl0_rcx = r0.rcx
         memmove(dst.lo, src.lo, 48)
         memmove(dst.hi, src.hi, 72)
@@ -268,6 +353,8 @@ class Scheduler:
             dst.dirty[0] = SYNC_REGS | SYNC_SREGS
         else:
             dst.dirty[0] = SYNC_REGS
+        if code in LIFECYCLE_CALLS:
+            self._step_begin(vp, code)
         self._transition(vp, IN_VTL1_CALL)
         self.vtl_calls += 1
         if self._trace:
@@ -293,6 +380,11 @@ class Scheduler:
         v0 = dst.vcpu
         fast = vcpu.words[8] >> 16 == PORT_RETURN_FAST
         self.vtl_returns += 1
+        if state is IN_VTL1_CALL and vp.restart is not None:
+            req, vp.restart = vp.restart, None
+            self._kexec(vp, req)              # VTL0 never sees this return
+            self._transition(vp, RUNNING_VTL0)
+            return None
         if state is IN_VTL1_CALL:
             memmove(dst.lo, src.lo, 48)
             memmove(dst.hi, src.hi, 72)
@@ -317,6 +409,8 @@ class Scheduler:
             assert state.pending is not None
             outcome = self.intercepts.complete(vp, state.pending)
         self._transition(vp, RUNNING_VTL0)
+        if self._steps and state is IN_VTL1_CALL:
+            self._step_end(vp, int(v0.regs.rax))
         if self._trace:
             self.events.emit(VtlReturn(ts=self.events.now(), vp=vp.index, vtl=1, fast=fast,
                                        status=v0.regs.rax))

@@ -17,12 +17,12 @@ from vmm import uapi as u
 from vmm.kvm import VCpu
 from vmm.memattr import describe
 from vmm.x86 import VEC_GP
-from vtl.abi import ABI
+from vtl.abi import ABI, abi_ffi
 from vtl.core.events import EventLog, ProtectionChanged
 from vtl.core.partition import Partition
-from vtl.core.vp import VirtualProcessor
+from vtl.core.vp import IN_VTL1_CALL, RestartRequest, VirtualProcessor
 from vtl.core.vtl import Vtl
-from vtl.services.outcomes import EnableVtl1, Outcome
+from vtl.services.outcomes import EnableVtl1, Outcome, Reset
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import STATUS_NAMES, Refusals
@@ -36,7 +36,8 @@ class Reply:
     reason: str = ""         # why, when status is an error
 
 
-Handler = Callable[[VirtualProcessor, VCpu], "Reply | EnableVtl1"]
+Handler = Callable[[VirtualProcessor, VCpu], "Reply | EnableVtl1 | Reset"]
+RESTART_SIZE = abi_ffi.sizeof("struct vtl_restart")
 VTL0_ONLY, VTL1_ONLY, ANY_VTL = frozenset({Vtl.VTL0}), frozenset({Vtl.VTL1}), frozenset(Vtl)
 
 
@@ -51,6 +52,8 @@ class Hypercalls:
             ABI.VTL_HC_REPORT: (self.report, ANY_VTL),
             ABI.VTL_HC_GET_VP_REGISTER: (self.get_vp_register, VTL1_ONLY),
             ABI.VTL_HC_MODIFY_VTL_PROTECTION: (self.modify_vtl_protection, VTL1_ONLY),
+            ABI.VTL_HC_RESET: (self.reset, ANY_VTL),
+            ABI.VTL_HC_VTL0_RESTART: (self.vtl0_restart, VTL1_ONLY),
         }
         if privileged is not None:
             self.table[ABI.VTL_HC_SET_INTERCEPT_CONTROL] = (self.set_intercept_control, VTL1_ONLY)
@@ -74,7 +77,7 @@ class Hypercalls:
                                ABI.VTL_E_ACCESS_DENIED)
             return None
         reply = handler(vp, vcpu)
-        if isinstance(reply, EnableVtl1):
+        if isinstance(reply, (EnableVtl1, Reset)):
             return reply
         if reply.status != ABI.VTL_OK:
             why = reply.reason or STATUS_NAMES.get(reply.status, str(reply.status))
@@ -91,6 +94,35 @@ class Hypercalls:
             return Reply(int(ABI.VTL_E_ALREADY_ENABLED), "VTL1 is already enabled")
         # On success VTL1 runs next; VTL0's RAX is set when VTL1 first returns.
         return EnableVtl1()
+
+    def reset(self, vp: VirtualProcessor, vcpu: VCpu) -> Reset:
+        return Reset(f"vtl{int(vp.active_vtl)}", "VTL_HC_RESET")
+
+    def vtl0_restart(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
+        """Validate and copy VTL1's struct vtl_restart; the scheduler applies it at VTL1's
+        VTL return (vtl/lifecycle/restart.py)."""
+        gpa = vcpu.regs.rdi
+        if vp.state is not IN_VTL1_CALL:
+            return Reply(int(ABI.VTL_E_INVALID_ARG), "VTL_HC_VTL0_RESTART outside a VTL call VTL1 serves")
+        if not self.p.layout.in_vtl1(gpa, RESTART_SIZE) or not self.p.layout.in_memory(gpa, RESTART_SIZE) \
+                or self.p.layout.in_vtl0(gpa, 1):
+            return Reply(int(ABI.VTL_E_OUT_OF_RANGE), "struct vtl_restart is not in VTL1's memory")
+        raw = self.p.mem.read(gpa, RESTART_SIZE)             # copied once, then checked
+        r = abi_ffi.from_buffer("struct vtl_restart *", bytearray(raw))
+        name = bytes(abi_ffi.buffer(r.scenario))
+        lo, hi = self.p.layout.image_window(Vtl.VTL0)
+        if r.flags & ~ABI.VTL_RESTART_F_TEARDOWN:
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"unknown restart flags {r.flags:#x}")
+        if b"\0" not in name:
+            return Reply(int(ABI.VTL_E_INVALID_ARG), "scenario is not NUL-terminated")
+        if not (lo <= r.image_start <= r.entry < r.image_end <= hi):
+            return Reply(int(ABI.VTL_E_INVALID_ARG),
+                         f"entry {r.entry:#x} / image {r.image_start:#x}-{r.image_end:#x} outside "
+                         f"VTL0's image window {lo:#x}-{hi:#x}")
+        vp.restart = RestartRequest(int(r.entry), bool(r.flags & ABI.VTL_RESTART_F_TEARDOWN),
+                                    int(r.image_start), int(r.image_end), int(r.param),
+                                    name.split(b"\0", 1)[0].decode("utf-8", "replace"))
+        return Reply(int(ABI.VTL_OK))
 
     def report(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
         status = self.reports.receive(vp.index, vp.active_vtl, vcpu.regs.rdi)

@@ -33,6 +33,14 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
+class Reset:
+    """An emulated RESET of the partition (vtl/lifecycle/reset.py); `by` says who asked:
+    vtl0, vtl1, triple_fault, user."""
+    by: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """End the run."""
     status: int
@@ -40,7 +48,7 @@ class Stop:
     message: str
 
 
-Outcome = Enter | EnableVtl1 | Step | Stop | None
+Outcome = Enter | EnableVtl1 | Step | Reset | Stop | None
 
 # How a run ended, besides the guest's own status (documented in `vtl run --help`).
 STATUS_VMM_ERROR = 1

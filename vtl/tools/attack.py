@@ -92,7 +92,7 @@ def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Ba
         result, sched = control.run(p, None, timeout)
         raise_if_interrupted(result)
         reports = list(sched.reports.records)
-        changed, checked, unenforced = _read_back(p, reports)
+        changed, checked, unenforced = read_back(p, reports)
         backend_name = p.backend_name
     mechanism = _mechanism(events, reports, backend_name)
     if changed and unenforced:
@@ -125,7 +125,7 @@ def _registers(p: Partition, vp: int) -> dict[int, tuple[int, int]]:
     return {k: (int(v), int(lim)) for k, (v, lim) in regs.items()}
 
 
-def _read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str], list[str]]:
+def read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str], list[str]]:
     """Compare every target the guest named with what the VMM reads now.  Returns what
     changed, what was checked, and why a change is not enforced on this host."""
     changed: list[str] = []

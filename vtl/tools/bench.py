@@ -23,6 +23,7 @@ from vtl.core.images import REPO, default_vtl0_image, default_vtl1_image, scenar
 from vtl.core.partition import Partition
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
+from vtl.tools.lifecycle_bench import format_lifecycle, lifecycle_costs
 from vtl.tools.protect_bench import format_costs, protection_costs
 
 TARGET_RATIO = 1.3
@@ -54,6 +55,7 @@ class BenchReport(BaseModel):
     scan: ScanCost | None = None
     not_measured: dict[str, str] = {}            # what the images cannot measure, and why
     protection: dict[str, Any] | None = None     # vtl/protect_bench.py
+    lifecycle: dict[str, Any] | None = None      # vtl/tools/lifecycle_bench.py
 
 
 class ScanCost(BaseModel):
@@ -115,7 +117,8 @@ def _has_scenario(name: str) -> bool:
     return name in {s.name for s in scenarios(read_image(default_vtl0_image()))}
 
 
-def run_bench(calls: int, intercepts: int = 2000, protection: bool = True) -> BenchReport:
+def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
+              lifecycle_repeats: int = 3) -> BenchReport:
     pyf = python_floor(calls)
     vtl = measure_vtl_round_trip(calls)
     icpt = measure_vtl_round_trip(intercepts, scenario="bench-intercept-allow") if intercepts else None
@@ -130,6 +133,7 @@ def run_bench(calls: int, intercepts: int = 2000, protection: bool = True) -> Be
     except VmmError as e:
         scan, missing["scan"] = None, str(e)
     prot = protection_costs() if protection else None
+    life = lifecycle_costs(lifecycle_repeats).model_dump() if lifecycle_repeats else None
     # Built by the set-up command (`make bench`); never built behind the user's back.
     cf = c_floor(calls, C_FLOOR) if C_FLOOR.exists() else None
     ratio = vtl.median_ns / pyf.median_ns
@@ -137,7 +141,8 @@ def run_bench(calls: int, intercepts: int = 2000, protection: bool = True) -> Be
                        python_floor=pyf, c_floor=cf, ratio_to_python_floor=round(ratio, 3),
                        ratio_to_c_floor=round(vtl.median_ns / cf.median_ns, 3) if cf else None,
                        meets_target=ratio <= TARGET_RATIO, intercept_allow_round_trip=icpt,
-                       cr_write_round_trip=cr, scan=scan, not_measured=missing, protection=prot)
+                       cr_write_round_trip=cr, scan=scan, not_measured=missing, protection=prot,
+                       lifecycle=life)
 
 
 def render_bench(r: BenchReport) -> str:
@@ -177,4 +182,7 @@ def render_bench(r: BenchReport) -> str:
     if r.protection:
         lines += ["", "Cost of VTL1 protecting VTL0 pages (VTL_HC_MODIFY_VTL_PROTECTION backends):",
                   format_costs(r.protection)]
+    if r.lifecycle:
+        lines += ["", f"Lifecycle steps (each flow {r.lifecycle['repeats']} times; the step alone, from its "
+                  "event), against the KVM floor:", format_lifecycle(r.lifecycle)]
     return "\n".join(lines)

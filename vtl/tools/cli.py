@@ -77,6 +77,31 @@ def _backend(p: argparse.ArgumentParser) -> None:
                         "`vtl caps` finds working: rwx, else host_mapping, else memslot)")
 
 
+def _lifecycle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust", nargs="+", default=[], metavar="FILE",
+                   help="VTL1's allowlist, provisioned at launch in its boot data: an ELF file stands for "
+                        "its loaded-image measurement (what VTL_CALL_KEXEC_VALIDATE computes), any other "
+                        "file for the SHA-256 of its bytes padded to 4 KiB pages (a module), sha256:HEX "
+                        "for that digest (at most 256)")
+    p.add_argument("--kexec-policy", choices=("teardown", "persist", "deny"), default="teardown",
+                   help="what VTL1 does at a validated kexec: end itself and every protection "
+                        "(teardown), stay and protect the new kernel from its first instruction "
+                        "(persist), or refuse (deny) (default: %(default)s)")
+    p.add_argument("--stage", type=Path, metavar="FILE",
+                   help="place FILE at the top of VTL0's memory (boot_info.staged_gpa/size), e.g. the "
+                        "next kernel for a kexec scenario")
+    p.add_argument("--reset-on-triple-fault", action="store_true",
+                   help="a VTL0 triple fault is an emulated RESET (VTL1 torn down, its memory zeroed, "
+                        "VTL0 reboots from its image) instead of the end of the run")
+
+
+def _lifecycle_config(args: argparse.Namespace) -> dict[str, Any]:
+    from vtl.core.trust import trust_list
+
+    return {"trust": trust_list(args.trust), "kexec_policy": args.kexec_policy, "staged": args.stage,
+            "reset_on_triple_fault": args.reset_on_triple_fault}
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -107,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mem", type=_mib, default=256 << 20, metavar="MiB",
                    help="guest memory in MiB (default: 256; 64 to 5120)")
     _backend(r)
+    _lifecycle(r)
     r.add_argument("--quiet", action="store_true", help="do not show or keep the guest console")
     r.add_argument("--control", type=Path, metavar="PATH",
                    help="serve a control socket at PATH (a Unix socket, mode 0600) while the guest runs: "
@@ -142,6 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw the map (needs matplotlib: pip install '.[plot]')")
     m.add_argument("--json", action="store_true")
 
+    k = sub.add_parser("kexec", help="run a kexec flow (teardown, persist, deny) and show its timeline",
+                       description="Boot the VTL0 image with the next kernel staged in its memory and on "
+                       "VTL1's allowlist; VTL0 hardens itself, places the new kernel's segments and asks "
+                       "VTL1 to validate them (VTL1 write-protects, then hashes them), then asks for the "
+                       "jump.  teardown: VTL1 ends itself and every protection and pin, VTL0 starts the "
+                       "new kernel (which enables a new VTL1).  persist: VTL1 stays and protects the new "
+                       "kernel before its first instruction.  deny: every attempt is refused with nothing "
+                       "changed.  Prints each step, who did it, the protections and pins before and after "
+                       "(read by the VMM from its maps and KVM), how long it took, and the VMM's checks.  "
+                       "Exit 0 if every check holds, 2 if one does not.",
+                       epilog=EPILOG, formatter_class=fmt)
+    k.add_argument("--flow", choices=("teardown", "persist", "deny"), required=True,
+                   help="the flow, and VTL1's kexec policy for the run")
+    k.add_argument("--image", type=Path, default=None, metavar="ELF",
+                   help="the next kernel (default: the built-in VTL0 kernel linked at 8 MiB, "
+                        "guest_vtl0/build/vtl0-kexec.elf)")
+    k.add_argument("--untrusted", action="store_true",
+                   help="do not put the next kernel on VTL1's allowlist (its validation is refused)")
+    k.add_argument("--trust", nargs="+", default=[], metavar="FILE",
+                   help="more allowlist entries, as for `vtl run --trust`")
+    _images(k)
+    _backend(k)
+    k.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
+                   help="stop the guest after S seconds (default: %(default)s)")
+    k.add_argument("--json", action="store_true", help="the whole report, timeline included, as JSON")
+
     b = sub.add_parser("bench", help="VTL round-trip cost against floors measured in the same run")
     b.add_argument("--calls", type=_int_in(100, MAX_CALLS, "--calls"), default=100_000, metavar="N",
                    help="null VTL calls to time (default: %(default)s; 100 to 10^7)")
@@ -149,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allowed secure intercepts to time (default: %(default)s; 0 skips)")
     b.add_argument("--no-protection", action="store_true",
                    help="skip the cost of protecting 1k/16k/64k pages per backend")
+    b.add_argument("--lifecycle", type=_int_in(0, 100, "--lifecycle"), default=3, metavar="N",
+                   help="run each lifecycle flow (kexec teardown/persist/deny, RESET, module load) N "
+                        "times and report each step's cost (default: %(default)s; 0 skips)")
     b.add_argument("--json", action="store_true")
     return p
 
@@ -202,7 +257,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = PartitionConfig(vtl0_image=args.vtl0_image,
                              vtl1_image=None if args.no_vtl1 else args.vtl1_image,
                              mem_size=args.mem, scenario=args.scenario, param=args.param,
-                             attr_backend=args.backend)
+                             attr_backend=args.backend, **_lifecycle_config(args))
     if args.events is not None and any(_same_file(args.events, img) for img in (args.vtl0_image,
                                                                                config.vtl1_image)):
         raise VmmError(f"--events {args.events} is one of the guest images; refusing to overwrite it")
@@ -293,12 +348,29 @@ def cmd_caps(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from vtl.tools.bench import render_bench, run_bench
 
-    report = run_bench(args.calls, args.intercepts, not args.no_protection)
+    report = run_bench(args.calls, args.intercepts, not args.no_protection, args.lifecycle)
     if args.json:
         _print_json(report.model_dump())
     else:
         print(render_bench(report))
     return 0
+
+
+def cmd_kexec(args: argparse.Namespace) -> int:
+    from vtl.core.images import default_kexec_image
+    from vtl.core.trust import trust_list
+    from vtl.tools.kexec import render, run_flow
+
+    image = args.image or default_kexec_image()
+    if not image.is_file():
+        raise VmmError(f"--image {image}: no such file" + ("" if args.image else " (run `make guests`)"))
+    rep = run_flow(args.flow, args.vtl0_image, args.vtl1_image, image, trusted=not args.untrusted,
+                   extra_trust=trust_list(args.trust), backend=args.backend, timeout=args.timeout)
+    if args.json:
+        _print_json(rep.model_dump())
+    else:
+        print(render(rep))
+    return 0 if rep.passed else 2
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -330,7 +402,7 @@ def cmd_memmap(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "scenarios": cmd_scenarios, "caps": cmd_caps, "bench": cmd_bench,
-            "attack": cmd_attack, "memmap": cmd_memmap}
+            "attack": cmd_attack, "memmap": cmd_memmap, "kexec": cmd_kexec}
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

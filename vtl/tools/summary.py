@@ -14,6 +14,9 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
         vtl1 = "disabled (--no-vtl1)"
     else:
         vtl1 = "not enabled by the guest"
+    if config.vtl1_image is not None:
+        trusted = ", ".join(d[:16] + "…" for d in result.trust) or "nothing (--trust)"
+        vtl1 += f"\n              allowlist: {trusted}; kexec policy {result.kexec_policy}"
     exits = ", ".join(f"{k} {v}" for k, v in sorted(result.exits.items(), key=lambda kv: -kv[1]))
     return [
         "",
@@ -22,6 +25,8 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
         f"scenario      {scenario}",
         f"VTL1          {vtl1}",
         f"protections   {result.backend} backend (VTL0's memory as VTL1 sets it; `vtl caps`)",
+        *([f"lifecycle     {result.boot_count} reboots of VTL0 ({result.resets} resets, "
+            f"{result.kexecs} kexecs)"] if result.boot_count else []),
         f"VTL switches  {result.vtl_switches} ({result.vtl_calls} calls, {result.vtl_returns} returns)",
         f"exits         {exits or 'none'}",
         f"wall time     {result.wall_s:.3f} s",
