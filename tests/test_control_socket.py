@@ -512,28 +512,56 @@ def test_socket_file_is_removed_however_the_run_ends(tmp_path: Path, how: str, s
 
 
 # ---- reset ----------------------------------------------------------------------------------
-def test_reset_is_refused_cleanly_until_the_scheduler_has_it(guest_images: tuple[Path, Path],
-                                                             tmp_path: Path) -> None:
-    """Until the reset flow is on main, Scheduler.request_reset is a placeholder that
-    refuses; the client gets NotSupported and the run goes on."""
+def test_reset_over_the_socket_clears_everything_and_vtl0_boots_again(guest_images: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    """bench-intercept-allow hardens (attributes, locked tables, register intercepts, VTL1
+    pinning the MSRs) and then runs long; `reset` ends VTL1 and every protection, and VTL0
+    boots again from its image (and hardens again: the same scenario)."""
     path = _sock_path(tmp_path)
     seen: dict[str, Any] = {}
 
     def client() -> None:
         c, _ = _connect(path)
-        seen["reset"] = c.cmd("reset", ident=9)
-        seen["status"] = c.ok("query-status")
+        deadline = time.monotonic() + 30
+        while c.ok("query-protections")["intercept_control"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        seen["before"] = c.ok("query-status")
+        c.ok("subscribe", kinds=["lifecycle", "vtl_enabled"])
+        assert c.ok("reset") == {}
+        events: list[dict[str, Any]] = list(c.events)
+        while not any(e["event"] == "vtl_enabled" for e in events):
+            msg = c.line()
+            assert msg is not None
+            events.append(msg)
+        seen["events"] = events
+        seen["after"] = c.ok("query-status")
         c.ok("stop")
-        with suppress(BrokenPipeError):
-            c.send_raw(b'{"execute": "reset"}\n')
-        seen["after_stop"] = [m for m in iter(c.line, None) if "event" not in m]
+        tail = [m for m in iter(c.line, None)]
+        assert tail[-1]["event"] == "shutdown"
 
-    with _partition(guest_images, "hypercall-storm", 1 << 40) as p:
-        result, _ = _run_with_client(p, path, client)
-    if "error" not in seen["reset"]:
-        pytest.fail("reset is implemented now: replace this test by the end-to-end one")
-    assert seen["reset"]["error"]["class"] == "NotSupported" and seen["reset"]["id"] == 9
-    assert seen["status"]["running"] is True
-    # Answered if read before the run ended (then refused: the run is stopping), else not at all.
-    assert all(m["error"]["class"] == "InvalidState" for m in seen["after_stop"]), seen["after_stop"]
-    assert result.reason == "stopped"
+    with _partition(guest_images, "bench-intercept-allow", 2_000_000) as p:
+        result, sched = _run_with_client(p, path, client, timeout=120)
+
+    before, after = seen["before"], seen["after"]
+    assert before["boot_count"] == 0 and before["resets"] == 0 and before["vtl1"]["enabled"]
+    events = seen["events"]
+    steps = [(e["event"], e["data"].get("step")) for e in events]
+    resets = [e for e in events if e["event"] == "lifecycle" and e["data"]["step"] == "reset"]
+    assert len(resets) == 1, steps
+    r = resets[0]["data"]
+    assert r["by"] == "user"
+    assert r["before"]["vtl1_enabled"] and r["before"]["intercept_control"] is not None
+    assert r["before"]["protected_pages"] and r["before"]["msr_pins"]
+    # Everything VTL1 set is gone with it, its memory zeroed; VTL0 is on its second boot.
+    assert not r["after"]["vtl1_enabled"] and r["after"]["vtl1_measurement"] is None
+    assert r["after"]["intercept_control"] is None and not r["after"]["protected_pages"]
+    assert not r["after"]["backend_protected_runs"] and not r["after"]["msr_pins"]
+    assert r["after"]["vtl1_region_zero"] and r["after"]["boot_count"] == 1
+    # Then VTL0 booted again and enabled a new VTL1, measured the same.
+    enabled = [e for e in events if e["event"] == "vtl_enabled"]
+    assert enabled and enabled[-1]["timestamp"] > resets[0]["timestamp"]
+    assert enabled[-1]["data"]["sha256"] == before["vtl1"]["measurement"]
+    assert after["boot_count"] == 1 and after["resets"] == 1 and after["running"] is True
+    assert result.reason == "stopped" and result.resets == 1 and result.boot_count == 1
+    assert not path.exists()

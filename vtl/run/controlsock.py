@@ -147,7 +147,7 @@ class BoundSocket:
 
 # --- errors and messages -------------------------------------------------------------------
 ErrorClass = Literal["GenericError", "CommandNotFound", "InvalidArgument", "InvalidState",
-                     "NotSupported", "TooManyClients"]
+                     "TooManyClients"]
 
 
 class CommandError(Exception):
@@ -546,7 +546,7 @@ class ControlServer:
         if cmd.name == "stop":
             return self.stop(), None
         if cmd.name == "reset":
-            return self.reset(client), None
+            return self.reset(), None
         raise CommandError("CommandNotFound", f"the command {cmd.name!r} has not been found")
 
     def _run_state(self) -> str:
@@ -582,9 +582,9 @@ class ControlServer:
             "vtl_returns": sched.vtl_returns,
             "single_steps": sched.stepper.count,
             "register_intercepts": sched.intercepts.register_count,
-            # Counted by the reset and kexec flows once they exist (None: not in this build).
-            "resets": _count(sched, "resets"),
-            "kexecs": _count(sched, "kexecs"),
+            "boot_count": p.boot_count,   # VTL0 boots before the current one (resets + kexecs)
+            "resets": sched.resets,
+            "kexecs": sched.kexecs,
             "exits": sched.exits_by_reason(),
             "events": dict(self.events.counts),
             "clients": len(self.clients),
@@ -606,6 +606,7 @@ class ControlServer:
                              "vtl1_region": False, "access": describe(attrs), "attrs": attrs})
         applied = [{"start": s, "end": e, "pages": (e - s) >> 12, "access": describe(a), "attrs": a}
                    for s, e, a in p.backend.runs()]
+        msrs = [{"index": i, "name": n} for i, n in sorted(PINNED_MSRS.items())]
         ctl = p.intercept_control
         ictl = None
         if ctl is not None:
@@ -619,7 +620,10 @@ class ControlServer:
             "vtl0": vtl0,                 # what VTL1 set, as the VMM holds it
             "applied": applied,           # what the backend applied to VTL0's VM
             "intercept_control": ictl,    # None until VTL1 sets it
-            "pinned_msrs": [{"index": i, "name": n} for i, n in sorted(PINNED_MSRS.items())],
+            # Writes to these MSRs exit to the VMM (KVM's MSR filter); while VTL1 is enabled
+            # each is an intercept VTL1 judges (pinned), before that the VMM applies it.
+            "msr_filter": msrs,
+            "pinned_msrs": msrs if p.vtl1_enabled else [],
         }
 
     def subscribe(self, client: _Client,
@@ -662,21 +666,12 @@ class ControlServer:
         self.actions.stop()
         return {"already_stopping": False}
 
-    def reset(self, client: _Client) -> dict[str, Any]:
+    def reset(self) -> dict[str, Any]:
         if self.result is not None or self.sched.stopping:
             raise CommandError("InvalidState", "the run is stopping")
-        try:
-            self.actions.reset(f"control socket (client {client.number})")
-        except NotImplementedError as e:
-            raise CommandError("NotSupported", f"reset: {e}") from None
-        except VmmError as e:
-            raise CommandError("GenericError", f"reset: {e}") from None
-        return {}
-
-
-def _count(obj: object, name: str) -> int | None:
-    value = getattr(obj, name, None)
-    return value if isinstance(value, int) else None
+        # "user", as the lifecycle events name a RESET asked for from outside the guest.
+        self.actions.reset("user")
+        return {}        # asynchronous: a `lifecycle` event (step "reset") follows
 
 
 @contextlib.asynccontextmanager
