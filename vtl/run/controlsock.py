@@ -168,6 +168,10 @@ def _error_line(cls: ErrorClass, desc: str, ident: Any = _NO_ID) -> bytes:
     msg: dict[str, Any] = {"error": {"class": cls, "desc": desc}}
     if ident is not _NO_ID:
         msg["id"] = ident
+        try:
+            return _line(msg)
+        except (ValueError, RecursionError):   # an id that parsed but does not serialize
+            del msg["id"]
     return _line(msg)
 
 
@@ -290,11 +294,12 @@ class _Client:
         feed.scheduled = False          # before draining: a later event wakes us again
         while True:
             batch: list[bytes] = []
-            lost = feed.lost - feed.reported_lost
-            if lost:
-                feed.reported_lost += lost
-                batch.append(_line({"event": "events_lost", "data": {"count": lost, "total": feed.lost},
+            total = feed.lost           # one read: the vCPU thread may count on meanwhile
+            if total > feed.reported_lost:
+                batch.append(_line({"event": "events_lost",
+                                    "data": {"count": total - feed.reported_lost, "total": total},
                                     "timestamp": self.server.now()}))
+                feed.reported_lost = total
             while feed.queue and len(batch) < EVENT_BATCH:
                 batch.append(_event_line(feed.queue.popleft()))
             if not batch:
@@ -367,7 +372,7 @@ class _Client:
         except CommandError as e:
             line = _error_line(e.cls, e.desc, ident)
         except Exception as e:       # a bug here must cost one reply, not the run
-            line = _error_line("GenericError", f"internal error: {type(e).__name__}: {e}", ident)
+            line = _error_line("GenericError", f"internal error: {type(e).__name__}: {str(e)[:200]}", ident)
         await self.reply(line)
         if after is not None:
             after()
