@@ -260,6 +260,7 @@ def test_per_call_events_only_for_the_subscriber_that_asks(guest_images: tuple[P
         plain.ok("query-status")                # events that reached `plain` meanwhile: kept
         seen["plain_events"] = plain.events
         plain.ok("stop")
+        seen["tail"] = list(iter(plain.line, None))      # the last events, then the shutdown line
         plain.close()
         traced.close()
 
@@ -271,6 +272,9 @@ def test_per_call_events_only_for_the_subscriber_that_asks(guest_images: tuple[P
     assert seen["sub"]["trace"] is True and seen["sub"]["kinds"] == ["vtl_call", "vtl_return"]
     assert not [e for e in seen["plain_events"] if e["event"] in controlsock.TRACE_KINDS]
     assert result.reason == "stopped"
+    tail = seen["tail"]
+    assert [m["event"] for m in tail[-2:]] == ["guest_exit", "shutdown"], tail
+    assert tail[-2]["data"]["status"] == STATUS_STOPPED and tail[-2]["data"]["reason"] == "stopped"
 
 
 def test_event_listener_api_is_thread_safe_and_keeps_trace_semantics() -> None:
