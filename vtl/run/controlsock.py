@@ -49,6 +49,11 @@ EVENT_QUEUE = 1024           # events per subscriber waiting to be written; beyo
 EVENT_BATCH = 256            # events per write
 RECV_SIZE = 16384
 SHUTDOWN_GRACE = 1.0         # seconds to flush the last events and the shutdown line
+# After a request took t seconds to handle, no request (of any client) is handled for
+# PACING * t: requests hold the GIL the vCPU thread needs between two KVM_RUNs, and a
+# client that sends them back to back would otherwise slow the guest several times over
+# (query-protections walks every page).  4: requests take at most a fifth of the time.
+PACING = 4.0
 SUN_PATH_MAX = 107           # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 # Every event kind the EventLog can emit (the discriminator of vtl.core.events.Event).
@@ -358,6 +363,20 @@ class _Client:
         raw = raw.rstrip(b"\r")
         if not raw.strip():
             return
+        server = self.server
+        async with server.pacing:        # fair (FIFO): a `stop` waits for at most 8 others
+            await trio.sleep_until(server.resume_at)
+            t0 = time.perf_counter()
+            line, after = self._answer(raw)
+            # The pause is taken before the next request, not here: the reply (e.g. to
+            # `stop`) goes out before what it causes.
+            server.resume_at = trio.current_time() + PACING * (time.perf_counter() - t0)
+        # Outside the lock: a client that does not read blocks here, and only itself.
+        await self.reply(line)
+        if after is not None:
+            after()
+
+    def _answer(self, raw: bytes) -> tuple[bytes, Callable[[], None] | None]:
         ident: Any = _NO_ID
         after: Callable[[], None] | None = None
         try:
@@ -373,9 +392,7 @@ class _Client:
             line = _error_line(e.cls, e.desc, ident)
         except Exception as e:       # a bug here must cost one reply, not the run
             line = _error_line("GenericError", f"internal error: {type(e).__name__}: {str(e)[:200]}", ident)
-        await self.reply(line)
-        if after is not None:
-            after()
+        return line, after
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
@@ -430,6 +447,8 @@ class ControlServer:
         self.connections = 0
         self.refused = 0
         self.stop_by_socket = False
+        self.pacing = trio.Lock()       # one request at a time, after a pause (PACING)
+        self.resume_at = 0.0            # trio clock: when the next request may be handled
 
     def now(self) -> float:
         return self.events.now()
