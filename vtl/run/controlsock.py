@@ -11,7 +11,8 @@ a line (MAX_LINE, longer ones are skipped with an error), the clients (MAX_CLIEN
 are refused), the replies waiting for a client that does not read (REPLY_QUEUE: then we
 stop reading from it, which blocks only that client) and the events waiting for it
 (EVENT_QUEUE: then events are dropped and counted, never queued without bound and never
-waited for on the vCPU thread).
+waited for on the vCPU thread), and the time spent on requests (PACING), which hold the
+GIL the vCPU thread needs.
 """
 
 from __future__ import annotations
