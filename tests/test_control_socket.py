@@ -444,6 +444,7 @@ def test_hostile_clients_get_errors_and_the_run_goes_on(guest_images: tuple[Path
     assert seen["s1"]["events"]["refused"] > seen["s0"]["events"]["refused"]
     assert seen["lost"] >= seen["lost_event"] > 0
     assert seen["final"]["clients"] == 1 and seen["final"]["running"] is True
+    assert seen["final"]["clients_refused"] == len(seen["refused"])
     assert result.reason == "stopped" and result.status == STATUS_STOPPED
     assert not path.exists()
 

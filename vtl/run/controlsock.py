@@ -447,7 +447,6 @@ class ControlServer:
         self.result: RunResult | None = None
         self.connections = 0
         self.refused = 0
-        self.stop_by_socket = False
         self.pacing = trio.Lock()       # one request at a time, after a pause (PACING)
         self.resume_at = 0.0            # trio clock: when the next request may be handled
 
@@ -613,6 +612,7 @@ class ControlServer:
             "exits": sched.exits_by_reason(),
             "events": dict(self.events.counts),
             "clients": len(self.clients),
+            "clients_refused": self.refused,
             "subscription": None if feed is None else {
                 "trace": feed.trace, "kinds": sorted(feed.kinds) if feed.kinds is not None else None,
                 "events_lost": feed.lost},
@@ -687,7 +687,6 @@ class ControlServer:
     def stop(self) -> dict[str, Any]:
         if self.result is not None or self.sched.stopping:
             return {"already_stopping": True}       # the first stop decides the status
-        self.stop_by_socket = True
         self.actions.stop()
         return {"already_stopping": False}
 
