@@ -132,10 +132,14 @@ class BoundSocket:
             raise ControlSocketError(f"--control {path}: cannot bind ({e.strerror or e})") from None
         finally:
             os.umask(old_umask)
-        st = os.lstat(path)
-        self._ident = (st.st_dev, st.st_ino)
-        self.sock.listen(MAX_CLIENTS * 2)
-        self.sock.setblocking(False)
+        try:
+            st = os.lstat(path)
+            self._ident = (st.st_dev, st.st_ino)
+            self.sock.listen(MAX_CLIENTS * 2)
+            self.sock.setblocking(False)
+        except OSError as e:
+            self.sock.close()
+            raise ControlSocketError(f"--control {path}: {e.strerror or e}") from None
         self._closed = False
 
     def close(self) -> None:
