@@ -459,6 +459,12 @@ def test_control_path_that_is_not_a_stale_socket_is_a_usage_error(tmp_path: Path
     cp = vtl_cli("run", "--control", str(f))
     assert cp.returncode == 2 and "not a socket" in cp.stderr and len(cp.stderr.splitlines()) == 1, cp.stderr
     assert f.read_text() == "keep me"
+    link = tmp_path / "link"
+    link.symlink_to(f)
+    for what in (tmp_path, link):                 # a directory, a symlink: never replaced
+        cp = vtl_cli("run", "--control", str(what))
+        assert cp.returncode == 2 and "not a socket" in cp.stderr, cp.stderr
+    assert link.is_symlink()
     cp = vtl_cli("run", "--control", str(tmp_path / "missing" / "c.sock"))
     assert cp.returncode == 2 and "does not exist" in cp.stderr and "Traceback" not in cp.stderr
     cp = vtl_cli("run", "--control", "/tmp/" + "x" * 200)
