@@ -53,5 +53,5 @@ def test_vtl1_only_hypercalls_are_above_the_boundary() -> None:
     for name, value in ABI.constants.items():
         if name.startswith("VTL_HC_") and name != "VTL_HC_VTL1_FIRST":
             vtl1_only = name in {"VTL_HC_GET_VP_REGISTER", "VTL_HC_MODIFY_VTL_PROTECTION",
-                                 "VTL_HC_SET_INTERCEPT_CONTROL"}
+                                 "VTL_HC_SET_INTERCEPT_CONTROL", "VTL_HC_VTL0_RESTART"}
             assert (value >= ABI.VTL_HC_VTL1_FIRST) == vtl1_only, name

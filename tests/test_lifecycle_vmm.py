@@ -1,21 +1,16 @@
-"""The VMM's lifecycle flows on real KVM, driven by guests that need no lifecycle code:
-an emulated RESET on every triple fault (--reset-on-triple-fault), the control flow that
-requests one from outside (Scheduler.request_reset), and what each leaves behind."""
+"""The VMM's RESET on real KVM, driven by a guest that needs no lifecycle code: an
+emulated RESET on every triple fault (--reset-on-triple-fault) and what each leaves
+behind.  A RESET from the user is tested over the control socket
+(tests/test_control_socket.py), the guest-driven flows in tests/test_lifecycle*.py."""
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from tests.vtlrun import run_scenario
-from vtl.core.config import PartitionConfig
-from vtl.core.events import EventLog
-from vtl.core.partition import Partition
 from vtl.lifecycle.state import unprotected
-from vtl.run import control
 
 
 def _fds() -> int:
@@ -41,44 +36,3 @@ def test_triple_fault_resets_again_and_again_without_leaking(guest_images: tuple
 def test_without_the_option_a_triple_fault_ends_the_run(guest_images: tuple[Path, Path]) -> None:
     run = run_scenario(guest_images, "triple-fault")
     assert run.result.reason == "triple_fault" and run.result.resets == 0
-
-
-def test_reset_requested_from_outside_tears_down_vtl1_and_reboots(guest_images: tuple[Path, Path]) -> None:
-    # A long benchmark holds VTL1 enabled and VTL0 busy; a reset from another thread (what
-    # the control socket does) must end VTL1, zero its memory and boot VTL0 from its image.
-    cfg = PartitionConfig(vtl0_image=guest_images[0], vtl1_image=guest_images[1], scenario="bench-null-call",
-                          param=3_000_000)
-    events = EventLog(keep=10_000)
-    with Partition(cfg, events) as p:
-        holder: dict[str, Any] = {}
-
-        def later() -> None:
-            time.sleep(0.5)
-            sched = holder.get("sched")
-            if sched is not None:
-                sched.request_reset("user")
-
-        orig = control.Scheduler
-        class Capturing(orig):  # type: ignore[misc, valid-type]
-            def __init__(self, *a: Any, **kw: Any) -> None:
-                super().__init__(*a, **kw)
-                holder["sched"] = self
-        control.Scheduler = Capturing  # type: ignore[misc]
-        try:
-            t = threading.Thread(target=later)
-            t.start()
-            result, _ = control.run(p, None, timeout=6.0)
-            t.join()
-        finally:
-            control.Scheduler = orig  # type: ignore[misc]
-    steps: list[Any] = events.of_kind("lifecycle")
-    resets = [e for e in steps if e.step == "reset"]
-    assert resets and resets[0].by == "user", [e.step for e in steps]
-    r = resets[0]
-    assert r.before["vtl1_enabled"] and not r.after["vtl1_enabled"]
-    assert unprotected(r.after) and r.after["vtl1_region_zero"]
-    # VTL0 booted again from its image and enabled a new VTL1 with the same measurement.
-    enables = [e for e in steps if e.step == "vtl1_enable"]
-    assert len(enables) >= 2 and enables[-1].ts > r.ts
-    assert enables[-1].after["vtl1_measurement"] == enables[0].after["vtl1_measurement"]
-    assert result.boot_count >= 1

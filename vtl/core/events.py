@@ -11,8 +11,10 @@ tail in memory (`keep`) and counts per kind; the file gets every event.
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Annotated, Any, Literal
 
@@ -197,6 +199,7 @@ class EventLog:
         self._file: IO[str] | None = None
         # Per-call events only when a file listens or a caller asks for them.
         self.trace = trace
+        self._init_listeners()
 
     def open_file(self, path: Path) -> None:
         """Start writing JSON lines to `path` (opened now, truncating it)."""
@@ -218,6 +221,8 @@ class EventLog:
             except OSError as e:
                 self._file = None      # do not try again: the error is reported once
                 raise EventSinkError(f"cannot write events: {e.strerror}") from None
+        if self._listeners:
+            self._notify(event)
 
     @property
     def events(self) -> list[Event]:
@@ -234,3 +239,50 @@ class EventLog:
                 f.close()
             except OSError as e:
                 raise EventSinkError(f"cannot write events: {e.strerror}") from None
+
+    # --- listeners (e.g. the control socket, vtl/run/controlsock.py) -----------------------
+    # emit() runs on the vCPU thread; listeners are added and removed from others.  The
+    # tuple of listeners is replaced, never changed in place, so emit() reads it without a
+    # lock.  A listener must not block (it runs between two KVM_RUNs) and its errors are
+    # counted, never raised into the run.
+
+    def _init_listeners(self) -> None:
+        self._listeners: tuple[Callable[[Event], None], ...] = ()
+        self._listener_lock = threading.Lock()
+        self._tracing_listeners: list[Callable[[Event], None]] = []
+        self._trace_before = False        # `trace` before the first tracing listener came
+        self.listener_errors = 0
+
+    def add_listener(self, fn: Callable[[Event], None], trace: bool = False) -> None:
+        """Call `fn(event)` for every event from now on, on the emitting thread.  `trace`:
+        this listener also wants per-call events, so `trace` is on while it listens (the
+        scheduler reads `trace` through Scheduler.refresh_trace)."""
+        with self._listener_lock:
+            self._listeners = (*self._listeners, fn)
+            if trace:
+                if not self._tracing_listeners:
+                    self._trace_before = self.trace
+                self._tracing_listeners.append(fn)
+                self.trace = True
+
+    def remove_listener(self, fn: Callable[[Event], None]) -> None:
+        """Stop calling `fn` (no-op if it does not listen).  Once no tracing listener is
+        left, `trace` is what it was before the first one came (or on, if a file opened
+        since)."""
+        with self._listener_lock:
+            if fn not in self._listeners:
+                return
+            rest = list(self._listeners)
+            rest.remove(fn)
+            self._listeners = tuple(rest)
+            if fn in self._tracing_listeners:
+                self._tracing_listeners.remove(fn)
+                if not self._tracing_listeners:
+                    self.trace = self._trace_before or self._file is not None
+
+    def _notify(self, event: Event) -> None:
+        for fn in self._listeners:
+            try:
+                fn(event)
+            except Exception:      # a broken listener must not end the run it watches
+                self.listener_errors += 1

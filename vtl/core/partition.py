@@ -131,7 +131,8 @@ class Partition:
         attrs -1 (never mapped in VTL0's VM)."""
         out: list[tuple[int, int, int]] = []
         lo, hi = self.layout.vtl1_base // PAGE_SIZE, self.layout.vtl1_end // PAGE_SIZE
-        attrs = self.vtl0_attrs
+        # A copy (one step under the GIL): the control socket asks while the run changes them.
+        attrs = bytes(self.vtl0_attrs)
         n = len(attrs)
         i = 0
         while i < n:

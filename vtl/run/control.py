@@ -3,27 +3,33 @@
 trio owns the timeout and the signals: SIGINT and SIGTERM stop the guest and the run
 ends as "interrupted" (130) or "terminated" (143), a timeout as "timeout" (124).
 Stopping a vCPU that sits in KVM_RUN takes kvm_run.immediate_exit plus a signal to
-its thread (api.rst, KVM_RUN).
+its thread (api.rst, KVM_RUN).  With `control_path`, trio also serves the control socket
+(vtl/run/controlsock.py, docs/control-socket.md) for the life of the run; its `stop` ends
+the run as "stopped" (5), its `reset` asks the scheduler for an emulated RESET.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
+from pathlib import Path
 
 import trio
 
 from vtl.core.partition import Partition
+from vtl.run import controlsock
 from vtl.run.result import RunResult
 from vtl.run.scheduler import Scheduler
 from vtl.services.console import Console
-from vtl.services.outcomes import STATUS_INTERRUPTED, STATUS_TERMINATED, STATUS_TIMEOUT
+from vtl.services.outcomes import STATUS_INTERRUPTED, STATUS_STOPPED, STATUS_TERMINATED, STATUS_TIMEOUT
 
 KICK_SIGNAL = signal.SIGUSR1
 
 
-async def _supervise(sched: Scheduler, timeout: float | None) -> RunResult:
+async def _supervise(sched: Scheduler, timeout: float | None,
+                     control: controlsock.BoundSocket | None = None) -> RunResult:
     ident: list[int] = []
     done = threading.Event()
 
@@ -56,25 +62,52 @@ async def _supervise(sched: Scheduler, timeout: float | None) -> RunResult:
                     await kick(STATUS_TERMINATED, "terminated", "terminated (SIGTERM)")
                 return
 
+    def kick_once() -> None:
+        # A reset request sets immediate_exit like a stop; one signal ends a KVM_RUN in
+        # progress, and the loop carries on (no re-signalling: the run goes on).
+        if ident and not done.is_set():
+            signal.pthread_kill(ident[0], KICK_SIGNAL)
+
+    def request_reset(by: str) -> None:
+        sched.request_reset(by)
+        kick_once()
+
     async with trio.open_nursery() as nursery:
         if timeout is not None:
             nursery.start_soon(watchdog, timeout)
         nursery.start_soon(on_signal)
-        result = await trio.to_thread.run_sync(worker)
+        actions = controlsock.Actions(
+            stop=lambda: nursery.start_soon(kick, STATUS_STOPPED, "stopped",
+                                            "stopped over the control socket"),
+            reset=request_reset)
+        serving = (controlsock.serving(control, sched, actions) if control is not None
+                   else contextlib.nullcontext(None))
+        async with serving as server:
+            result = await trio.to_thread.run_sync(worker)
+            if server is not None:
+                await server.finish(result)
         nursery.cancel_scope.cancel()
     return result
 
 
 def run(partition: Partition, console: Console | None = None,
-        timeout: float | None = 30.0) -> tuple[RunResult, Scheduler]:
+        timeout: float | None = 30.0, control_path: Path | None = None) -> tuple[RunResult, Scheduler]:
     """Run `partition` until the guest reports an exit status, crashes, times out or is
-    stopped by a signal.  Errors inside the run end it with reason "vmm_error"."""
+    stopped by a signal (or `stop` on the control socket at `control_path`).  Errors
+    inside the run end it with reason "vmm_error".  A control socket that cannot be
+    opened raises controlsock.ControlSocketError before the guest runs; its file is
+    removed when the run ends, however it ends."""
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     sched = Scheduler(partition, console)
+    # Bound here, outside trio: an error is a plain exception before anything runs, and
+    # the finally below removes the file on every way out (signals, timeout, errors).
+    control = controlsock.BoundSocket(control_path) if control_path is not None else None
     old = signal.signal(KICK_SIGNAL, lambda *_: None)  # only to interrupt KVM_RUN (EINTR)
     try:
-        result = trio.run(_supervise, sched, timeout)
+        result = trio.run(_supervise, sched, timeout, control)
     finally:
         signal.signal(KICK_SIGNAL, old)
+        if control is not None:
+            control.close()
     return result, sched

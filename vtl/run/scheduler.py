@@ -441,6 +441,19 @@ class Scheduler:
             ex.complete_io_in(vcpu, b"\xff" * (exit.size * exit.count))
         return None
 
+    # --- for the control plane (vtl/run/control.py, vtl/run/controlsock.py; any thread) ---
+    def refresh_trace(self) -> None:
+        """Re-read `events.trace` after a listener that wants per-call events came or went.
+        The loop reads `_trace` once per VTL call or return, and storing a bool is atomic,
+        so per-call events start (or stop) at the next call or return."""
+        self._trace = self.events.trace
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was requested (signal, timeout, the control socket); the loop may not
+        have seen it yet."""
+        return self._stop_request is not None
+
 
 def _describe(e: Exception) -> str:
     return str(e) if isinstance(e, VmmError) else f"internal error: {type(e).__name__}: {e}"

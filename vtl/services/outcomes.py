@@ -54,6 +54,7 @@ Outcome = Enter | EnableVtl1 | Step | Reset | Stop | None
 STATUS_VMM_ERROR = 1
 STATUS_CRASH = 3        # triple fault, emulation failure, halt without status
 STATUS_STOPPED_BY_VTL1 = 4
+STATUS_STOPPED = 5      # `stop` over the control socket (docs/control-socket.md)
 STATUS_TIMEOUT = 124
 STATUS_INTERRUPTED = 130   # SIGINT
 STATUS_TERMINATED = 143    # SIGTERM

@@ -24,6 +24,7 @@ exit status: 0 = the guest passed; otherwise the guest's own status, or
   2 usage error; for `vtl attack`, an attack that was not blocked
   3 a guest crashed (triple fault, emulation failure, halt)
   4 VTL1 stopped the partition
+  5 stopped over the control socket (`vtl run --control`, command `stop`)
   124 timeout, 130 interrupted (Ctrl-C), 141 output closed (e.g. `| head`), 143 terminated (SIGTERM)
 Docs: README.md, docs/abi.md, docs/architecture.md."""
 
@@ -133,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     _backend(r)
     _lifecycle(r)
     r.add_argument("--quiet", action="store_true", help="do not show or keep the guest console")
+    r.add_argument("--control", type=Path, metavar="PATH",
+                   help="serve a control socket at PATH (a Unix socket, mode 0600) while the guest runs: "
+                        "JSON lines, QMP-like (query-status, query-protections, subscribe to events, "
+                        "reset, stop; docs/control-socket.md).  `stop` ends the run with exit status 5.  "
+                        "A stale socket at PATH is replaced; anything else there, or a missing "
+                        "directory, is a usage error (exit 2).  The file is removed when the run ends")
 
     s = sub.add_parser("scenarios", help="list the scenarios built into a VTL0 image")
     _images(s, vtl1=False)
@@ -235,9 +242,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vtl.core.events import EventLog
     from vtl.core.partition import Partition
     from vtl.run import control
+    from vtl.run.controlsock import ControlSocketError, check_path
     from vtl.services.console import Console
     from vtl.tools.summary import run_summary_lines
 
+    if args.control is not None:
+        try:
+            check_path(args.control)    # before the images load; control.run checks again
+        except ControlSocketError as e:
+            print(f"vtl run: error: {e}", file=sys.stderr)
+            return 2
     out = sys.stderr if args.json else sys.stdout
     writer = _ConsoleWriter(out)
     config = PartitionConfig(vtl0_image=args.vtl0_image,
@@ -256,7 +270,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             _check_scenario(partition, args.scenario)
             if args.events is not None:
                 events.open_file(args.events)
-            result, sched = control.run(partition, console, args.timeout)
+            result, sched = control.run(partition, console, args.timeout, args.control)
+    except ControlSocketError as e:
+        print(f"vtl run: error: {e}", file=sys.stderr)
+        return 2
     finally:
         events.close()
     if isinstance(writer.failed, BrokenPipeError):

@@ -1,0 +1,578 @@
+"""The control socket (docs/control-socket.md): a real client over the real Unix socket
+against a real, long-running guest.  The run happens in the test's main thread (it
+installs signal handlers); the client talks to it from a thread, like an operator would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vtlrun import REPO, vtl_cli
+from vtl.abi import ABI
+from vtl.core.config import PartitionConfig
+from vtl.core.events import EventLog, GuestExit, VtlCall
+from vtl.core.partition import Partition
+from vtl.run import control, controlsock
+from vtl.run.result import RunResult
+from vtl.run.scheduler import Scheduler
+from vtl.services.outcomes import STATUS_STOPPED
+
+pytestmark = pytest.mark.kvm
+
+
+class Client:
+    """A line-oriented client on the plain socket module."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(os.fspath(path))
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []     # events seen while waiting for replies
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> dict[str, Any] | None:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.buf += data
+        raw, self.buf = self.buf.split(b"\n", 1)
+        msg = json.loads(raw)
+        assert isinstance(msg, dict)
+        return msg
+
+    def reply(self) -> dict[str, Any]:
+        """The next reply (events before it are kept in `events`)."""
+        while True:
+            msg = self.line()
+            assert msg is not None, "connection closed before the reply"
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            return msg
+
+    def cmd(self, execute: str, ident: Any = None, **arguments: Any) -> dict[str, Any]:
+        msg: dict[str, Any] = {"execute": execute}
+        if arguments:
+            msg["arguments"] = arguments
+        if ident is not None:
+            msg["id"] = ident
+        self.send_raw(json.dumps(msg).encode() + b"\n")
+        return self.reply()
+
+    def ok(self, execute: str, **arguments: Any) -> dict[str, Any]:
+        r = self.cmd(execute, ident=execute, **arguments)
+        assert "return" in r and r.get("id") == execute, r
+        return r["return"]  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _wait_for(path: Path, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def _connect(path: Path) -> tuple[Client, dict[str, Any]]:
+    c = Client(path)
+    greeting = c.line()
+    assert greeting is not None
+    return c, greeting
+
+
+@contextmanager
+def _partition(images: tuple[Path, Path], scenario: str, param: int,
+               events: EventLog | None = None) -> Iterator[Partition]:
+    cfg = PartitionConfig(vtl0_image=images[0], vtl1_image=images[1], scenario=scenario, param=param)
+    with Partition(cfg, events or EventLog(keep=1000)) as p:
+        yield p
+
+
+def _run_with_client(p: Partition, path: Path, client: Callable[[], None],
+                     timeout: float = 90.0) -> tuple[RunResult, Scheduler]:
+    """Run `p` with the control socket at `path` in this thread, `client` in another; a
+    client that fails still ends the run (by `stop`), and its failure is raised here."""
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            _wait_for(path)
+            client()
+        except BaseException as e:
+            failure.append(e)
+            try:
+                c, _ = _connect(path)
+                c.cmd("stop")
+            except OSError:
+                pass
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    result, sched = control.run(p, None, timeout, control_path=path)
+    t.join(30)
+    assert not t.is_alive(), "the client thread hung"
+    if failure:
+        raise failure[0]
+    return result, sched
+
+
+def _sock_path(tmp_path: Path) -> Path:
+    # sun_path holds 107 bytes; pytest's tmp_path can be long.
+    path = tmp_path / "c.sock"
+    if len(os.fsencode(path)) > controlsock.SUN_PATH_MAX:
+        path = Path(f"/tmp/vtl-ctl-{os.getpid()}-{time.monotonic_ns()}.sock")
+    return path
+
+
+# ---- the commands ---------------------------------------------------------------------------
+def test_status_protections_events_and_stop(guest_images: tuple[Path, Path], tmp_path: Path) -> None:
+    """bench-intercept-allow hardens first (attributes, locked tables, register intercepts)
+    and then makes ~2M intercepted writes: long enough to look at it while it runs."""
+    path = _sock_path(tmp_path)
+    seen: dict[str, Any] = {}
+
+    def client() -> None:
+        c, greeting = _connect(path)
+        assert greeting["vtl"]["abi"] == ABI.VTL_ABI_VERSION and greeting["vtl"]["version"]
+        assert set(greeting["capabilities"]) >= {"query-status", "query-protections", "reset", "stop",
+                                                  "subscribe", "unsubscribe", "query-commands"}
+        assert [x["name"] for x in c.ok("query-commands")["commands"]] == greeting["capabilities"]
+        # Hardened once VTL1 has set the intercept control and the guest writes its audit page.
+        deadline = time.monotonic() + 30
+        while True:
+            prot = c.ok("query-protections")
+            st = c.ok("query-status")
+            if prot["intercept_control"] is not None and st["events"].get("intercept", 0) > 0:
+                break
+            assert time.monotonic() < deadline, (prot, st)
+            time.sleep(0.05)
+        seen["status"], seen["prot"] = st, prot
+        # Events: intercepts and their verdicts stream in, in order, with timestamps.
+        assert c.ok("subscribe", kinds=["intercept", "verdict"]) == {"trace": False,
+                                                                     "kinds": ["intercept", "verdict"]}
+        got = [c.line() for _ in range(20)]
+        seen["events"] = got
+        lost = c.ok("unsubscribe")["events_lost"]
+        assert isinstance(lost, int)
+        seen["status2"] = c.ok("query-status")
+        assert c.ok("stop") == {"already_stopping": False}
+        with suppress(BrokenPipeError):         # the run may be over already
+            c.send_raw(b'{"execute": "stop", "id": 2}\n')
+        # Then the last lines: the second stop's reply if it came before the run ended (the
+        # first stop decides), a shutdown event carrying the result, and EOF.
+        tail = []
+        while (msg := c.line()) is not None:
+            tail.append(msg)
+        seen["tail"] = tail
+
+    with _partition(guest_images, "bench-intercept-allow", 2_000_000) as p:
+        result, sched = _run_with_client(p, path, client)
+        vtl1_measurement = p.vtl1_measurement
+
+    st = seen["status"]
+    assert st["status"] == "running" and st["running"] is True
+    assert st["scenario"] == "bench-intercept-allow" and st["param"] == 2_000_000
+    assert st["vtl1"] == {"available": True, "enabled": True, "measurement": vtl1_measurement}
+    assert len(st["vtl1"]["measurement"]) == 64
+    assert [vp["index"] for vp in st["vps"]] == [0]
+    assert st["vps"][0]["state"] in ("running_vtl0", "in_vtl1") and st["vps"][0]["active_vtl"] in (0, 1)
+    assert st["run_time_s"] > 0 and st["vtl_calls"] > 0 and st["clients"] == 1
+    assert st["subscription"] is None
+    assert seen["status2"]["vtl_returns"] > st["vtl_returns"]     # it kept running meanwhile
+
+    prot = seen["prot"]
+    assert prot["backend"] == p.backend_name
+    runs = prot["vtl0"]
+    assert runs[0]["start"] == 0 and runs[-1]["end"] == p.layout.mem_size
+    assert all(a["end"] == b["start"] for a, b in zip(runs, runs[1:], strict=False))
+    accesses = {r["access"] for r in runs}
+    assert {"r-x", "r--", "rw-"} <= accesses            # text, read-only data, the rest NX
+    vtl1 = [r for r in runs if r["vtl1_region"]]
+    assert [(r["start"], r["end"]) for r in vtl1] == [(p.layout.vtl1_base, p.layout.vtl1_end)]
+    assert prot["applied"]
+    ictl = prot["intercept_control"]
+    assert ictl["flags"] and "cr0" in ictl["registers"] and ictl["priv_pages"] > 0
+    assert {m["name"] for m in prot["pinned_msrs"]} >= {"EFER", "LSTAR"}
+
+    events = seen["events"]
+    assert {e["event"] for e in events} <= {"intercept", "verdict", "events_lost"}
+    assert any(e["event"] == "intercept" and e["data"]["type"] == "memory" for e in events)
+    stamps = [e["timestamp"] for e in events if e["event"] != "events_lost"]
+    assert stamps == sorted(stamps)
+
+    assert result.status == STATUS_STOPPED == 5 and result.reason == "stopped"
+    assert seen["tail"] and seen["tail"][-1]["event"] == "shutdown"
+    for msg in seen["tail"]:
+        assert msg.get("event") or msg == {"return": {"already_stopping": True}, "id": 2}, msg
+    assert seen["tail"][-1]["data"]["status"] == 5 and seen["tail"][-1]["data"]["reason"] == "stopped"
+    assert not path.exists()
+    assert not sched.events._listeners            # every subscriber is gone with its client
+
+
+def test_per_call_events_only_for_the_subscriber_that_asks(guest_images: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    """bench-null-call makes 2M null VTL calls: vtl_call/vtl_return are emitted only while a
+    subscriber asked for trace, and only that subscriber gets them."""
+    path = _sock_path(tmp_path)
+    events = EventLog(keep=0)                  # trace off, as in `vtl run` without --events
+    seen: dict[str, Any] = {}
+
+    def client() -> None:
+        plain, _ = _connect(path)
+        assert plain.ok("subscribe") == {"trace": False, "kinds": None}
+        bad = plain.cmd("subscribe")
+        assert bad["error"]["class"] == "InvalidState", bad
+        seen["trace_before"] = events.trace
+        traced, _ = _connect(path)
+        r = traced.cmd("subscribe", ident=1, kinds=["vtl_call"])
+        assert r["error"]["class"] == "InvalidArgument" and "trace" in r["error"]["desc"], r
+        assert traced.ok("subscribe", trace=True, kinds=["vtl_call", "vtl_return"])["trace"] is True
+        calls: list[dict[str, Any]] = []
+        while len(calls) < 50:
+            msg = traced.line()
+            assert msg is not None
+            assert msg["event"] in ("vtl_call", "vtl_return", "events_lost"), msg
+            if msg["event"] == "vtl_call":
+                calls.append(msg)
+        seen["calls"] = calls
+        seen["trace_on"] = events.trace
+        seen["sub"] = traced.ok("query-status")["subscription"]
+        traced.ok("unsubscribe")
+        seen["trace_off"] = events.trace
+        plain.ok("query-status")                # events that reached `plain` meanwhile: kept
+        seen["plain_events"] = plain.events
+        plain.ok("stop")
+        seen["tail"] = list(iter(plain.line, None))      # the last events, then the shutdown line
+        plain.close()
+        traced.close()
+
+    with _partition(guest_images, "bench-null-call", 2_000_000, events) as p:
+        result, sched = _run_with_client(p, path, client)
+    assert seen["trace_before"] is False
+    assert seen["trace_on"] is True and seen["trace_off"] is False and sched._trace is False
+    assert all(e["data"]["code"] == ABI.VTL_CALL_NOP and e["data"]["vtl"] == 0 for e in seen["calls"])
+    assert seen["sub"]["trace"] is True and seen["sub"]["kinds"] == ["vtl_call", "vtl_return"]
+    assert not [e for e in seen["plain_events"] if e["event"] in controlsock.TRACE_KINDS]
+    assert result.reason == "stopped"
+    tail = seen["tail"]
+    assert [m["event"] for m in tail[-2:]] == ["guest_exit", "shutdown"], tail
+    assert tail[-2]["data"]["status"] == STATUS_STOPPED and tail[-2]["data"]["reason"] == "stopped"
+
+
+def test_event_listener_api_is_thread_safe_and_keeps_trace_semantics() -> None:
+    """EventLog's listeners without KVM: trace is held while a tracing listener listens,
+    restored after; a failing listener is counted and never raised into emit()."""
+    log = EventLog(keep=10)
+    got: list[str] = []
+
+    def broken(_e: object) -> None:
+        raise RuntimeError("boom")
+
+    log.add_listener(got.append)         # type: ignore[arg-type]
+    log.add_listener(broken, trace=True)  # type: ignore[arg-type]
+    assert log.trace is True
+    log.emit(VtlCall(ts=0.0, code=1, arg=2))
+    log.emit(GuestExit(ts=0.1, status=0, reason="guest_exit"))
+    assert [e.kind for e in got] == ["vtl_call", "guest_exit"]    # type: ignore[attr-defined]
+    assert log.listener_errors == 2 and log.counts["vtl_call"] == 1
+    log.remove_listener(broken)          # type: ignore[arg-type]
+    assert log.trace is False
+    log.remove_listener(broken)          # type: ignore[arg-type]  # twice: a no-op
+    log.remove_listener(got.append)      # type: ignore[arg-type]
+    log.emit(VtlCall(ts=0.2, code=1, arg=2))
+    assert len(got) == 2
+    traced = EventLog(trace=True)
+    traced.add_listener(got.append, trace=True)   # type: ignore[arg-type]
+    traced.remove_listener(got.append)            # type: ignore[arg-type]
+    assert traced.trace is True                   # it was on before: it stays on
+
+    # Many threads adding and removing while one emits: nothing lost from the log itself.
+    log2 = EventLog(keep=0)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            fn: Callable[[Any], None] = lambda e: None  # noqa: E731
+            log2.add_listener(fn, trace=True)
+            log2.remove_listener(fn)
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(20000):
+        log2.emit(VtlCall(ts=float(i), code=0, arg=0))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert log2.counts["vtl_call"] == 20000 and log2.listener_errors == 0
+    assert not log2._listeners and log2.trace is False
+
+
+# ---- hostile clients ------------------------------------------------------------------------
+def test_hostile_clients_get_errors_and_the_run_goes_on(guest_images: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:
+    """hypercall-storm refuses an unknown hypercall per iteration, each a `refused` event:
+    a firehose for a subscriber that never reads."""
+    path = _sock_path(tmp_path)
+    seen: dict[str, Any] = {}
+
+    def client() -> None:
+        c, _ = _connect(path)
+        deadline = time.monotonic() + 20
+        while c.ok("query-status")["exits"].get("io:hypercall", 0) == 0:     # the storm is on
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        errors: dict[str, dict[str, Any]] = {}
+
+        def bad(name: str, raw: bytes) -> None:
+            c.send_raw(raw)
+            r = c.reply()
+            assert "error" in r, (name, r)
+            errors[name] = r
+
+        bad("garbage", b"this is not json\n")
+        bad("truncated", b'{"execute": "query-status"\n')
+        bad("not-object", b"[1, 2, 3]\n")
+        bad("number", b"42\n")
+        bad("no-execute", b'{"arguments": {}}\n')
+        bad("execute-not-string", b'{"execute": 7}\n')
+        bad("extra-member", b'{"execute": "query-status", "foo": 1}\n')
+        bad("unknown", b'{"execute": "quit", "id": 1}\n')
+        bad("args-not-object", b'{"execute": "subscribe", "arguments": [true]}\n')
+        bad("args-wrong-type", b'{"execute": "subscribe", "arguments": {"trace": "yes"}, "id": "t"}\n')
+        bad("args-unknown", b'{"execute": "query-status", "arguments": {"verbose": true}}\n')
+        bad("kinds-unknown", b'{"execute": "subscribe", "arguments": {"kinds": ["nope"]}}\n')
+        bad("nan", b'{"execute": "query-status", "id": NaN}\n')
+        bad("not-utf8", b'{"execute": "\xff\xfe"}\n')
+        bad("deep", b"[" * 100_000 + b"\n")            # longer than a line may be, too
+        bad("deep-short", b'{"id": ' + b"[" * 30_000 + b"]" * 30_000 + b', "execute": "x"}\n')
+        bad("huge-int", b'{"execute": "query-status", "id": ' + b"9" * 5000 + b"}\n")
+        bad("unsubscribe-first", b'{"execute": "unsubscribe"}\n')
+        # A line of 1 MiB without a newline for a while: one error, then skipped to the newline.
+        c.send_raw(b"x" * (1 << 20))
+        r = c.reply()
+        assert r["error"]["class"] == "GenericError" and "longer than" in r["error"]["desc"], r
+        c.send_raw(b'y" }\n')                           # the end of that line: ignored
+        blank = b"\r\n   \n"                              # blank lines: ignored
+        c.send_raw(blank)
+        seen["errors"] = errors
+        assert c.ok("query-status")["running"] is True   # the same connection still works
+
+        # 20 more clients: 7 fit beside `c` (8 at most), the rest are told and cut off.
+        extra: list[Client] = []
+        refused: list[dict[str, Any]] = []
+        for _ in range(20):
+            x = Client(path)
+            first = x.line()
+            assert first is not None
+            if "error" in first:
+                refused.append(first)
+                assert x.line() is None              # then closed
+                x.close()
+            else:
+                extra.append(x)
+        seen["accepted"], seen["refused"] = len(extra), refused
+
+        # A subscriber that never reads, with per-call tracing off: the VMM drops and counts.
+        slow = extra[0]
+        slow.send_raw(b'{"execute": "subscribe", "id": "s"}\n')
+        s0 = c.ok("query-status")
+        time.sleep(2.0)
+        s1 = c.ok("query-status")
+        seen["s0"], seen["s1"] = s0, s1
+        # Now read: the subscribe reply, events, and an events_lost notice with the count.
+        got_lost = 0
+        deadline = time.monotonic() + 20
+        while not got_lost:
+            msg = slow.line()
+            assert msg is not None and time.monotonic() < deadline
+            if msg.get("event") == "events_lost":
+                got_lost = msg["data"]["total"]
+        seen["lost_event"] = got_lost
+        lost = slow.ok("unsubscribe")["events_lost"]
+        seen["lost"] = lost
+        # Half a message, then the client vanishes; a client that connects and says nothing.
+        extra[1].send_raw(b'{"execute": "query-st')
+        for x in extra:
+            x.close()
+        time.sleep(0.2)
+        st = c.ok("query-status")
+        seen["final"] = st
+        again, _ = _connect(path)                 # slots are free again
+        again.close()
+        c.ok("stop")
+
+    with _partition(guest_images, "hypercall-storm", 1 << 40) as p:
+        result, sched = _run_with_client(p, path, client, timeout=120)
+
+    errors = seen["errors"]
+    assert errors["unknown"]["error"]["class"] == "CommandNotFound" and errors["unknown"]["id"] == 1
+    assert errors["args-wrong-type"]["error"]["class"] == "InvalidArgument"
+    assert errors["args-wrong-type"]["id"] == "t"
+    assert "trace" in errors["args-wrong-type"]["error"]["desc"]
+    for name in ("args-not-object", "args-unknown", "kinds-unknown"):
+        assert errors[name]["error"]["class"] == "InvalidArgument", errors[name]
+    for name in ("garbage", "truncated", "not-object", "number", "no-execute", "execute-not-string",
+                 "extra-member", "nan", "not-utf8", "deep", "deep-short", "huge-int"):
+        assert errors[name]["error"]["class"] == "GenericError", errors[name]
+        assert "id" not in errors[name] or name in ("deep-short",), errors[name]
+    assert errors["unsubscribe-first"]["error"]["class"] == "InvalidState"
+    assert seen["accepted"] == controlsock.MAX_CLIENTS - 1
+    assert len(seen["refused"]) == 20 - (controlsock.MAX_CLIENTS - 1)
+    assert all(r["error"]["class"] == "TooManyClients" for r in seen["refused"])
+    # The guest kept going the whole time.
+    exits = [s["exits"]["io:hypercall"] for s in (seen["s0"], seen["s1"], seen["final"])]
+    assert exits == sorted(exits) and exits[0] < exits[1] < exits[2]
+    assert seen["s1"]["events"]["refused"] > seen["s0"]["events"]["refused"]
+    assert seen["lost"] >= seen["lost_event"] > 0
+    assert seen["final"]["clients"] == 1 and seen["final"]["running"] is True
+    assert seen["final"]["clients_refused"] == len(seen["refused"])
+    assert result.reason == "stopped" and result.status == STATUS_STOPPED
+    assert not path.exists()
+
+
+# ---- the socket file, through the CLI -------------------------------------------------------
+LONG = ("run", "--scenario", "hypercall-storm", "--param", str(1 << 40), "--quiet")
+
+
+def test_control_path_that_is_not_a_stale_socket_is_a_usage_error(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    cp = vtl_cli("run", "--control", str(f))
+    assert cp.returncode == 2 and "not a socket" in cp.stderr and len(cp.stderr.splitlines()) == 1, cp.stderr
+    assert f.read_text() == "keep me"
+    link = tmp_path / "link"
+    link.symlink_to(f)
+    for what in (tmp_path, link):                 # a directory, a symlink: never replaced
+        cp = vtl_cli("run", "--control", str(what))
+        assert cp.returncode == 2 and "not a socket" in cp.stderr, cp.stderr
+    assert link.is_symlink()
+    cp = vtl_cli("run", "--control", str(tmp_path / "missing" / "c.sock"))
+    assert cp.returncode == 2 and "does not exist" in cp.stderr and "Traceback" not in cp.stderr
+    cp = vtl_cli("run", "--control", "/tmp/" + "x" * 200)
+    assert cp.returncode == 2 and "too long" in cp.stderr
+    # A socket somebody listens on is theirs.
+    path = _sock_path(tmp_path)
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(os.fspath(path))
+    live.listen(1)
+    try:
+        cp = vtl_cli("run", "--control", str(path))
+        assert cp.returncode == 2 and "another process" in cp.stderr, cp.stderr
+        assert path.exists()
+    finally:
+        live.close()
+        path.unlink()
+
+
+def test_stale_socket_is_replaced_and_removed_after_the_run(tmp_path: Path) -> None:
+    path = _sock_path(tmp_path)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(os.fspath(path))
+    stale.close()                                  # the file stays, nobody listens
+    assert path.exists()
+    cp = vtl_cli("run", "--quiet", "--control", str(path))
+    assert cp.returncode == 0, cp.stderr
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("how,status", [("sigterm", 143), ("sigint", 130), ("timeout", 124), ("stop", 5)])
+def test_socket_file_is_removed_however_the_run_ends(tmp_path: Path, how: str, status: int) -> None:
+    path = _sock_path(tmp_path)
+    extra = ("--timeout", "2") if how == "timeout" else ("--timeout", "60")
+    p = subprocess.Popen([sys.executable, "-m", "vtl", *LONG, *extra, "--json", "--control", str(path)],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(path)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        c, _ = _connect(path)
+        assert c.ok("query-status")["running"] is True
+        if how == "sigterm":
+            p.send_signal(signal.SIGTERM)
+        elif how == "sigint":
+            p.send_signal(signal.SIGINT)
+        elif how == "stop":
+            c.ok("stop")
+        out, err = p.communicate(timeout=30)
+        c.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == status, err
+    assert json.loads(out)["status"] == status and "Traceback" not in err
+    assert not path.exists()
+
+
+# ---- reset ----------------------------------------------------------------------------------
+def test_reset_over_the_socket_clears_everything_and_vtl0_boots_again(guest_images: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    """bench-intercept-allow hardens (attributes, locked tables, register intercepts, VTL1
+    pinning the MSRs) and then runs long; `reset` ends VTL1 and every protection, and VTL0
+    boots again from its image (and hardens again: the same scenario)."""
+    path = _sock_path(tmp_path)
+    seen: dict[str, Any] = {}
+
+    def client() -> None:
+        c, _ = _connect(path)
+        deadline = time.monotonic() + 30
+        while c.ok("query-protections")["intercept_control"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        seen["before"] = c.ok("query-status")
+        c.ok("subscribe", kinds=["lifecycle", "vtl_enabled"])
+        assert c.ok("reset") == {}
+        events: list[dict[str, Any]] = list(c.events)
+        while not any(e["event"] == "vtl_enabled" for e in events):
+            msg = c.line()
+            assert msg is not None
+            events.append(msg)
+        seen["events"] = events
+        seen["after"] = c.ok("query-status")
+        c.ok("stop")
+        tail = [m for m in iter(c.line, None)]
+        assert tail[-1]["event"] == "shutdown"
+
+    with _partition(guest_images, "bench-intercept-allow", 2_000_000) as p:
+        result, sched = _run_with_client(p, path, client, timeout=120)
+
+    before, after = seen["before"], seen["after"]
+    assert before["boot_count"] == 0 and before["resets"] == 0 and before["vtl1"]["enabled"]
+    events = seen["events"]
+    steps = [(e["event"], e["data"].get("step")) for e in events]
+    resets = [e for e in events if e["event"] == "lifecycle" and e["data"]["step"] == "reset"]
+    assert len(resets) == 1, steps
+    r = resets[0]["data"]
+    assert r["by"] == "user"
+    assert r["before"]["vtl1_enabled"] and r["before"]["intercept_control"] is not None
+    assert r["before"]["protected_pages"] and r["before"]["msr_pins"]
+    # Everything VTL1 set is gone with it, its memory zeroed; VTL0 is on its second boot.
+    assert not r["after"]["vtl1_enabled"] and r["after"]["vtl1_measurement"] is None
+    assert r["after"]["intercept_control"] is None and not r["after"]["protected_pages"]
+    assert not r["after"]["backend_protected_runs"] and not r["after"]["msr_pins"]
+    assert r["after"]["vtl1_region_zero"] and r["after"]["boot_count"] == 1
+    # Then VTL0 booted again and enabled a new VTL1, measured the same.
+    enabled = [e for e in events if e["event"] == "vtl_enabled"]
+    assert enabled and enabled[-1]["timestamp"] > resets[0]["timestamp"]
+    assert enabled[-1]["data"]["sha256"] == before["vtl1"]["measurement"]
+    assert after["boot_count"] == 1 and after["resets"] == 1 and after["running"] is True
+    assert result.reason == "stopped" and result.resets == 1 and result.boot_count == 1
+    assert not path.exists()
