@@ -627,6 +627,13 @@ uint64_t policy_end_of_boot(void)
 }
 
 /* ---- for lifecycle.c ------------------------------------------------------------------ */
+/* page[] ranges in one REP STOSB: a per-page loop costs ~1 us per page on this host. */
+static void fill_pages(uint64_t first, uint64_t n, uint8_t v)
+{
+	uint8_t *d = &page[first];
+	asm volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(v) : "memory");
+}
+
 uint8_t policy_page(uint64_t gpa) { return (gpa >> 12) < npages() ? page[gpa >> 12] : 0; }
 int policy_locked(void) { return locked; }
 int policy_in_priv(uint64_t gpa) { return in_priv(gpa); }
@@ -641,8 +648,7 @@ uint64_t policy_set(uint64_t gpa, uint64_t pages, uint64_t attrs, uint8_t flags)
 	uint64_t st = apply_range(gpa, pages, attrs);
 	if (st != VTL_OK)
 		return st;
-	for (uint64_t i = 0; i < pages; i++)
-		page[(gpa >> 12) + i] = (uint8_t)(attrs | flags);
+	fill_pages(gpa >> 12, pages, (uint8_t)(attrs | flags));
 	return VTL_OK;
 }
 
@@ -679,8 +685,11 @@ void policy_persist_reset(uint64_t new_priv_gpa, uint64_t new_priv_pages)
 	locked = boot_over = 0;
 	pin.nroots = 0;
 	pin.have_gdtr = pin.have_idtr = pin.have_ldtr = pin.have_tr = 0;
-	for (uint64_t i = 0; i < npages(); i++)
-		page[i] = in_vtl0(i << 12, 4096) ? VTL_MEM_NX : 0;
+	uint64_t v1 = bi->vtl1_base >> 12, v1e = (bi->vtl1_base + bi->vtl1_size) >> 12;
+	fill_pages(0, v1, VTL_MEM_NX);
+	fill_pages(v1, v1e - v1, 0);
+	if (npages() > v1e)
+		fill_pages(v1e, npages() - v1e, VTL_MEM_NX);
 	memset(xmapped, 0, sizeof(xmapped));
 	priv_gpa = new_priv_pages ? new_priv_gpa : 0;
 	priv_pages = new_priv_pages;
