@@ -480,6 +480,33 @@ SCENARIO(sc_module_load, "module-load",
 	pass(name);
 }
 
+/* The lock's W^X holds for a module area too: mapped executable while VTL0 may still
+ * write it (rw- NX for VTL1, which only the tables can enforce on some hosts), the lock is
+ * refused (VTL1: VALUE lock_wx_violations); made NW|NX, it is accepted. */
+SCENARIO(sc_module_area_rw, "module-area-writable",
+	 "a module area mapped executable while still writable: VTL1 refuses the lock until it is NW|NX")
+{
+	const char *name = "module-area-writable";
+	uint64_t m = (uint64_t)module_area[0], pinning = 0, ps = (uint64_t)_priv_start;
+	require_vtl1(name);
+	harden_protect(name);
+	for (int i = 0; i < MODULE_AREA_PAGES; i++) {
+		*pte_for(m + i * 4096ULL) &= ~(1ULL << 63);
+		invlpg(m + i * 4096ULL);
+	}
+	report_value("module_area", m);
+	expect_status(name, "lock_with_writable_area", VTL_CALL_LOCK_PAGE_TABLES, "lock, module area rw- but mapped X",
+		      vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &pinning), VTL_E_POLICY);
+	must(name, "protect_module_area", VTL_CALL_PROTECT, "module area r-- NX (VTL1 fills it)",
+	     prot(m, MODULE_AREA_PAGES, VTL_MEM_NW | VTL_MEM_NX, 0));
+	harden_lock(name, 1);
+	/* And after the lock nothing makes it writable again. */
+	expect_status(name, "protect_area_rw_after_lock", VTL_CALL_PROTECT, "module area rw- after the lock",
+		      prot(m, MODULE_AREA_PAGES, VTL_MEM_NX, 0), VTL_E_POLICY);
+	echo_still_works(name);
+	pass(name);
+}
+
 /* ---- emulated RESET ------------------------------------------------------------------------ */
 static void after_reset(const char *name)
 {

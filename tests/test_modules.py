@@ -89,3 +89,16 @@ def test_a_module_off_the_allowlist_never_reaches_the_area(guest_images: tuple[P
     assert run.memory[(syms["module_area"], 8192)] == bytes(8192)
     assert run.memory[(syms["module_marker"], 8)] == bytes(8)
     assert run.attr_map[syms["module_area"] >> 12] == NW | NX
+
+
+def test_the_lock_refuses_a_writable_module_area_mapped_executable(guest_images: tuple[Path, Path]) -> None:
+    # W^X by the page tables' view: a page they map executable must be unwritable, whatever
+    # VTL1's NX says (this host enforces NX only through the tables).
+    run = run_scenario(guest_images, "module-area-writable")
+    assert run.passed(), "\n".join(run.console[-20:])
+    area = run.report("value", "module_area").value[0]
+    assert run.report("status", "lock_with_writable_area").value[1] == ABI.VTL_E_POLICY
+    assert [r.value[0] for r in run.reports if r.vtl == 1 and r.name == "lock_wx_violations"] == [2]
+    assert run.report("status", "lock_page_tables").value[1] == ABI.VTL_OK
+    assert run.report("status", "protect_area_rw_after_lock").value[1] == ABI.VTL_E_POLICY
+    assert run.attr_map[area >> 12] == NW | NX and run.attr_map[(area >> 12) + 1] == NW | NX
