@@ -118,7 +118,7 @@ def _has_scenario(name: str) -> bool:
 
 
 def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
-              lifecycle_repeats: int = 3) -> BenchReport:
+              lifecycle_repeats: int = 1) -> BenchReport:
     pyf = python_floor(calls)
     vtl = measure_vtl_round_trip(calls)
     icpt = measure_vtl_round_trip(intercepts, scenario="bench-intercept-allow") if intercepts else None

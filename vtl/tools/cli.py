@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allowed secure intercepts to time (default: %(default)s; 0 skips)")
     b.add_argument("--no-protection", action="store_true",
                    help="skip the cost of protecting 1k/16k/64k pages per backend")
-    b.add_argument("--lifecycle", type=_int_in(0, 100, "--lifecycle"), default=3, metavar="N",
+    b.add_argument("--lifecycle", type=_int_in(0, 100, "--lifecycle"), default=1, metavar="N",
                    help="run each lifecycle flow (kexec teardown/persist/deny, RESET, module load) N "
                         "times and report each step's cost (default: %(default)s; 0 skips)")
     b.add_argument("--json", action="store_true")
