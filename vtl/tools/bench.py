@@ -184,5 +184,5 @@ def render_bench(r: BenchReport) -> str:
                   format_costs(r.protection)]
     if r.lifecycle:
         lines += ["", f"Lifecycle steps (each flow {r.lifecycle['repeats']} times; the step alone, from its "
-                  "event), against the KVM floor:", format_lifecycle(r.lifecycle)]
+                  "event):", format_lifecycle(r.lifecycle, v.median_ns)]
     return "\n".join(lines)
