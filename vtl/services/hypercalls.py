@@ -104,8 +104,8 @@ class Hypercalls:
         gpa = vcpu.regs.rdi
         if vp.state is not IN_VTL1_CALL:
             return Reply(int(ABI.VTL_E_INVALID_ARG), "VTL_HC_VTL0_RESTART outside a VTL call VTL1 serves")
-        if not self.p.layout.in_vtl1(gpa, RESTART_SIZE) or not self.p.layout.in_memory(gpa, RESTART_SIZE) \
-                or self.p.layout.in_vtl0(gpa, 1):
+        lay = self.p.layout
+        if not lay.vtl1_base <= gpa <= lay.vtl1_end - RESTART_SIZE:      # wholly in VTL1's region
             return Reply(int(ABI.VTL_E_OUT_OF_RANGE), "struct vtl_restart is not in VTL1's memory")
         raw = self.p.mem.read(gpa, RESTART_SIZE)             # copied once, then checked
         r = abi_ffi.from_buffer("struct vtl_restart *", bytearray(raw))
