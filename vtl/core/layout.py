@@ -8,6 +8,7 @@ Everything a VP boots with (boot info, stack) is per VP.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vmm import x86
 from vmm.errors import VmmError
@@ -155,6 +156,12 @@ def boot_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, vp: int, cr3: int, entry: in
     x86.set_long_mode(sregs, cr3, layout.boot_gdt_gpa(vtl))
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
+    _boot_regs(regs, layout, vtl, vp, entry)
+    vcpu.set_regs(regs)
+
+
+def _boot_regs(regs: Any, layout: Layout, vtl: Vtl, vp: int, entry: int) -> None:
+    """struct kvm_regs at a kernel's entry: RDI = boot info, RSP = boot stack, the rest 0."""
     for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rbp", "r8", "r9", "r10", "r11",
                  "r12", "r13", "r14", "r15"):
         setattr(regs, name, 0)
@@ -162,7 +169,6 @@ def boot_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, vp: int, cr3: int, entry: in
     regs.rdi = layout.boot_info_gpa(vtl, vp)
     regs.rsp = layout.boot_stack_top(vtl, vp)
     regs.rflags = x86.RFLAGS_RESERVED1
-    vcpu.set_regs(regs)
 
 
 def restart_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, vp: int, cr3: int, entry: int) -> None:
@@ -175,14 +181,7 @@ def restart_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, vp: int, cr3: int, entry:
     cr0, cr4, efer = int(s.cr0), int(s.cr4), int(s.efer)
     x86.set_long_mode(s, cr3, layout.boot_gdt_gpa(vtl))
     s.cr0, s.cr4, s.efer = cr0, cr4, efer
-    r = vcpu.regs
-    for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rbp", "r8", "r9", "r10", "r11",
-                 "r12", "r13", "r14", "r15"):
-        setattr(r, name, 0)
-    r.rip = entry
-    r.rdi = layout.boot_info_gpa(vtl, vp)
-    r.rsp = layout.boot_stack_top(vtl, vp)
-    r.rflags = x86.RFLAGS_RESERVED1
+    _boot_regs(vcpu.regs, layout, vtl, vp, entry)
     ev = vcpu.sync.events
     ev.exception.pending = ev.exception.injected = 0
     ev.flags = 0
