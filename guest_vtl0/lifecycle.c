@@ -239,12 +239,7 @@ SCENARIO(sc_after_persist, "kexec-after-persist", "the kernel started by kexec-p
 	 * run.  The protections VTL1 set at the kexec are what harden asks again. */
 	harden_persisted(name);
 	harden_lock(name, 1);
-	plant_marker_code(data_page, EXEC_MARK);
-	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page, (uint64_t)&exec_marker, EXEC_MARK);
-	faulted = try_run(call_fn, data_page, &fi);
-	if (!faulted || exec_marker == EXEC_MARK)
-		attack_succeeded(name, "a data page executed", (uint64_t)data_page);
-	expect_fault(name, "exec_data_page", "execute a data page", faulted, &fi, 14);
+	attack_exec(name, "data_page", "exec_data_page", "execute a data page", data_page, &fi);
 	echo_still_works(name);
 	pass(name);
 }
@@ -284,13 +279,9 @@ SCENARIO(sc_kexec_deny, "kexec-deny",
 	report_status("jump_unvalidated", VTL_CALL_KEXEC_JUMP, st);
 	refused += st == VTL_E_POLICY;
 	/* (e) straight into the image's entry, with code planted there */
-	plant_marker_code((uint8_t *)kreq.entry, EXEC_MARK);
-	report_exec("kexec_entry", kreq.entry, kreq.entry, (uint64_t)&exec_marker, EXEC_MARK);
 	struct fault_info fi;
-	int faulted = try_run(call_fn, (void *)kreq.entry, &fi);
-	if (!faulted || exec_marker == EXEC_MARK)
-		attack_succeeded(name, "the unvalidated image ran", kreq.entry);
-	expect_fault(name, "exec_kexec_entry", "jump into the unvalidated image", faulted, &fi, 14);
+	attack_exec(name, "kexec_entry", "exec_kexec_entry", "jump into the unvalidated image",
+		    (uint8_t *)kreq.entry, &fi);
 	refused++;
 	report_value("refused", refused);       /* 4: (a), (c), (d), (e); (b) sealed */
 	if (refused != 4)

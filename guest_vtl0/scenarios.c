@@ -471,6 +471,20 @@ SCENARIO(sc_w_roai, "write-ro-after-init", "attack: write ro_after_init data aft
 
 void call_fn(void *p) { ((void (*)(void))p)(); }
 
+/* Plant code that stores EXEC_MARK at `code` (EXEC `target_key`, so the VMM reads the
+ * marker back itself), run it: it must #PF without running (FAULT `fault_key`). */
+void attack_exec(const char *name, const char *target_key, const char *fault_key, const char *what,
+		 uint8_t *code, struct fault_info *fi)
+{
+	plant_marker_code(code, EXEC_MARK);
+	report_exec(target_key, (uint64_t)code, (uint64_t)code, (uint64_t)&exec_marker, EXEC_MARK);
+	printf("ATTACK exec=%#lx\n", (uint64_t)code);
+	int faulted = try_run(call_fn, code, fi);
+	if (!faulted || exec_marker == EXEC_MARK)
+		attack_succeeded(name, "planted code ran", (uint64_t)code);
+	expect_fault(name, fault_key, what, faulted, fi, 14);
+}
+
 /* Planted code announces itself: it stores a value into exec_marker (which the VMM reads
  * back after the run, through the EXEC report) and returns. */
 volatile uint64_t exec_marker __attribute__((aligned(8)));
@@ -492,14 +506,8 @@ uint64_t plant_marker_code(uint8_t *p, uint64_t value)
 SCENARIO(sc_x_data, "exec-data-page", "attack: execute code written into a data page (NX in locked tables)")
 {
 	harden("exec-data-page", 1);
-	plant_marker_code(data_page, EXEC_MARK);
-	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page, (uint64_t)&exec_marker, EXEC_MARK);
-	printf("ATTACK exec=%#lx\n", (uint64_t)data_page);
 	struct fault_info fi;
-	int faulted = try_run(call_fn, data_page, &fi);
-	if (!faulted || exec_marker == EXEC_MARK)
-		attack_succeeded("exec-data-page", "the data page executed", (uint64_t)data_page);
-	expect_fault("exec-data-page", "exec_data_page", "execute data page", faulted, &fi, 14);
+	attack_exec("exec-data-page", "data_page", "exec_data_page", "execute data page", data_page, &fi);
 	if (!(fi.error_code & 0x10))
 		fail("exec-data-page", "#PF without the instruction-fetch bit");
 	pass("exec-data-page");

@@ -26,6 +26,8 @@ void attack_succeeded(const char *name, const char *why, uint64_t seen) __attrib
 void attack_write(const char *name, const char *key, const char *what, uint64_t target);
 void write_u64_fn(void *p);
 void call_fn(void *p);
+void attack_exec(const char *name, const char *target_key, const char *fault_key, const char *what,
+		 uint8_t *code, struct fault_info *fi);
 #define EXEC_MARK 0x45584543554D4521ULL
 extern volatile uint64_t exec_marker;
 uint64_t plant_marker_code(uint8_t *p, uint64_t value);
