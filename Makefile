@@ -2,7 +2,11 @@
 # `make setup` is the one set-up command of the README; `make test` the test command.
 
 CC      ?= gcc
+# PYTHON is the interpreter the project's venv is made from (Debian's /usr/bin/python3 or any
+# other CPython 3.11+); everything after set-up runs in the venv, VENV/bin/python.
 PYTHON  ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
 CFLAGS  := -std=gnu11 -O2 -Wall -Wextra -Werror -ffreestanding -fno-pic -fno-pie -fno-stack-protector \
            -fno-asynchronous-unwind-tables -fno-builtin -fno-toplevel-reorder -mno-red-zone -mgeneral-regs-only \
            -mno-sse -mno-mmx -mno-80387 -mcmodel=small -I vtl/abi -I guest_lib
@@ -32,7 +36,7 @@ guest_objs = $(patsubst $(1)/%,$(1)/build/obj/%.o,$(basename $(2))) \
 VTL0_OBJ := $(call guest_objs,guest_vtl0,$(VTL0_SRC))
 VTL1_OBJ := $(call guest_objs,guest_vtl1,$(VTL1_SRC))
 
-.PHONY: all guests bench setup test check clean
+.PHONY: all guests bench install setup test check clean
 all: guests bench
 
 guests: $(VTL0) $(VTL0_KEXEC) $(VTL1) $(MODULES)
@@ -91,22 +95,29 @@ $(foreach image,guest_vtl0 guest_vtl1,$(eval $(call guest_compile_rules,$(image)
 bench:
 	$(MAKE) -C bench
 
-# Installs what the project needs (Debian packages if missing, the Python package with
-# its test tools), builds the guests and runs the main job on them.
-setup:
-	bash scripts/install-deps.sh
-	$(PYTHON) -m pip install -q -e '.[test,plot]'
+# `make install`: what the project needs (Debian packages if missing, a venv with the
+# project and its test tools: scripts/venv.sh, because Debian's Python refuses `pip install`
+# under PEP 668), the guests and the C bench floor.  `make setup` (the README's set-up
+# command) is that, then the main job on the built-in guests.
+install:
+	PYTHON=$(PYTHON) bash scripts/install-deps.sh
+	bash scripts/venv.sh $(PYTHON) $(VENV)
 	$(MAKE) guests
 	-$(MAKE) bench
-	$(PYTHON) -m vtl run
 
-test:
-	$(PYTHON) -m pytest -q
+setup: install
+	$(VPY) -m vtl run
 
-check:
-	ruff check vmm vtl tests
-	mypy vmm vtl tests
+$(VPY):
+	@echo "no venv at $(VENV): run 'make setup' (or 'make install') first" >&2; exit 1
+
+test: $(VPY)
+	$(VPY) -m pytest -q
+
+check: $(VPY)
+	$(VPY) -m ruff check vmm vtl tests
+	$(VPY) -m mypy vmm vtl tests
 
 clean:
-	rm -rf guest_vtl0/build guest_vtl1/build
+	rm -rf guest_vtl0/build guest_vtl1/build   # the venv stays: `rm -rf $(VENV)` for that
 	-$(MAKE) -C bench clean

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Debian packages the project needs: gcc, binutils and make build the freestanding guest
-# kernels and the C bench floor. Installs only what is missing, so a ready machine costs nothing.
+# kernels and the C bench floor; python3-venv gives Debian's Python the venv the project
+# installs into (scripts/venv.sh).  Installs only what is missing, so a ready machine costs
+# nothing.  PYTHON (default python3) is the interpreter the venv will be made from.
 set -euo pipefail
+python=${PYTHON:-python3}
 need=()
 command -v gcc >/dev/null || need+=(gcc)
 command -v ld >/dev/null || need+=(binutils)
 command -v make >/dev/null || need+=(make)
-python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+"$python" -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
     echo "install-deps: installing Debian packages: ${need[*]}"
     sudo_cmd=()

@@ -19,6 +19,12 @@ from vtl.services.console import Console
 from vtl.services.reports import Report
 
 REPO = Path(__file__).resolve().parent.parent
+# How long a test lets a command or a partition run before it calls it hung.  Generous on
+# purpose: a loaded 2-core machine (CI, or a developer running two suites) runs the
+# emulated guests several times slower, and no test may fail for being slow there.  Tests
+# that are *about* a timeout pass their own.
+SAFETY_TIMEOUT = 600.0
+RUN_TIMEOUT = 300.0
 
 
 @dataclass
@@ -49,7 +55,7 @@ class Run:
 
 
 def run_scenario(images: tuple[Path, Path], scenario: str = "", *, vtl1: bool = True, param: int = 0,
-                 timeout: float = 30.0, snapshot: list[tuple[int, int]] | None = None,
+                 timeout: float = RUN_TIMEOUT, snapshot: list[tuple[int, int]] | None = None,
                  backend: Backend | None = None, trust: list[bytes] | None = None,
                  kexec_policy: KexecPolicy = "teardown", staged: Path | None = None,
                  reset_on_triple_fault: bool = False) -> Run:
@@ -75,7 +81,7 @@ def run_scenario(images: tuple[Path, Path], scenario: str = "", *, vtl1: bool = 
 
 
 def vtl_cli(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+            timeout: float = SAFETY_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vtl", *args], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
 

@@ -24,6 +24,7 @@ from vtl.core.partition import Partition
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
 from vtl.tools.lifecycle_bench import format_lifecycle, lifecycle_costs
+from vtl.tools.progress import QUIET, Step
 from vtl.tools.protect_bench import format_costs, protection_costs
 
 TARGET_RATIO = 1.3
@@ -117,24 +118,40 @@ def _has_scenario(name: str) -> bool:
     return name in {s.name for s in scenarios(read_image(default_vtl0_image()))}
 
 
+def bench_steps(intercepts: int = 2000, protection: bool = True, lifecycle_repeats: int = 1) -> int:
+    """How many times run_bench with these arguments tells its Step of a new piece of work."""
+    return 4 + 2 * bool(intercepts) + bool(protection) + bool(lifecycle_repeats)
+
+
 def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
-              lifecycle_repeats: int = 1) -> BenchReport:
+              lifecycle_repeats: int = 1, step: Step = QUIET) -> BenchReport:
+    step("Python floor")
     pyf = python_floor(calls)
+    step(f"{calls} null VTL calls")
     vtl = measure_vtl_round_trip(calls)
-    icpt = measure_vtl_round_trip(intercepts, scenario="bench-intercept-allow") if intercepts else None
     missing: dict[str, str] = {}
-    cr = None
-    if intercepts and _has_scenario("bench-cr-write"):
-        cr = measure_vtl_round_trip(intercepts, scenario="bench-cr-write")
-    elif intercepts:
-        missing["cr_write_round_trip"] = "the VTL0 image has no bench-cr-write scenario"
+    icpt = cr = None
+    if intercepts:
+        step(f"{intercepts} allowed intercepts")
+        icpt = measure_vtl_round_trip(intercepts, scenario="bench-intercept-allow")
+        step(f"{intercepts} allowed CR writes")
+        if _has_scenario("bench-cr-write"):
+            cr = measure_vtl_round_trip(intercepts, scenario="bench-cr-write")
+        else:
+            missing["cr_write_round_trip"] = "the VTL0 image has no bench-cr-write scenario"
+    step("VTL1's lock-time scan")
     try:
         scan: ScanCost | None = measure_scan()
     except VmmError as e:
         scan, missing["scan"] = None, str(e)
+    if protection:
+        step("protecting 1k/16k/64k pages per backend")
     prot = protection_costs() if protection else None
+    if lifecycle_repeats:
+        step(f"lifecycle flows x{lifecycle_repeats}")
     life = lifecycle_costs(lifecycle_repeats).model_dump() if lifecycle_repeats else None
     # Built by the set-up command (`make bench`); never built behind the user's back.
+    step("C floor")
     cf = c_floor(calls, C_FLOOR) if C_FLOOR.exists() else None
     ratio = vtl.median_ns / pyf.median_ns
     return BenchReport(host=f"{platform.node()} {os.uname().release}", calls=calls, vtl_round_trip=vtl,

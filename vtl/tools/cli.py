@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     _images(a)
     _backend(a)
+    a.add_argument("--scenario", nargs="+", metavar="NAME", dest="only",
+                   help="run only these attack scenarios (default: every one the image carries)")
     a.add_argument("--json", action="store_true")
 
     m = sub.add_parser("memmap", help="VTL0's and VTL1's attribute map after a hardened boot",
@@ -346,9 +348,13 @@ def cmd_caps(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vtl.tools.bench import render_bench, run_bench
+    from vtl.tools.bench import bench_steps, render_bench, run_bench
+    from vtl.tools.progress import bar, wanted
 
-    report = run_bench(args.calls, args.intercepts, not args.no_protection, args.lifecycle)
+    protection = not args.no_protection
+    with bar(bench_steps(args.intercepts, protection, args.lifecycle), "vtl bench", "steps",
+             wanted(args.json)) as step:
+        report = run_bench(args.calls, args.intercepts, protection, args.lifecycle, step)
     if args.json:
         _print_json(report.model_dump())
     else:
@@ -375,8 +381,11 @@ def cmd_kexec(args: argparse.Namespace) -> int:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from vtl.tools.attack import render, run_all
+    from vtl.tools.progress import bar, wanted
 
-    results = run_all(args.vtl0_image, args.vtl1_image, args.backend)
+    show = wanted(args.json)
+    results = run_all(args.vtl0_image, args.vtl1_image, args.backend,
+                      progress=lambda n: bar(n, "vtl attack", "scenarios", show), only=args.only)
     if args.json:
         _print_json([r.model_dump() for r in results])
     else:
