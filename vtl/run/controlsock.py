@@ -122,24 +122,34 @@ class BoundSocket:
                 os.unlink(path)
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The socket is bound and listening under a private name in the same directory and
+        # only then renamed to PATH, so that a client which sees PATH can connect: a client
+        # that polls for the file (as QMP clients do) never meets a socket that refuses it
+        # between bind() and listen().
+        # (Where the private name would be too long for a socket address, PATH is bound directly.)
+        temp = path.with_name(f".vtl{os.getpid()}.sock")
+        if len(os.fsencode(temp)) > len(os.fsencode(path)) and len(os.fsencode(temp)) >= 100:
+            temp = path
         # Only our user may connect: the socket can stop and reset the guest.  The umask
         # makes the file 0600 from its creation (a chmod after bind leaves a window).
         old_umask = os.umask(0o177)
         try:
-            self.sock.bind(os.fspath(path))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            self.sock.bind(os.fspath(temp))
+            self.sock.listen(MAX_CLIENTS * 2)
+            self.sock.setblocking(False)
+            st = os.lstat(temp)
+            self._ident = (st.st_dev, st.st_ino)
+            if temp != path:
+                os.rename(temp, path)
         except OSError as e:
             self.sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
             raise ControlSocketError(f"--control {path}: cannot bind ({e.strerror or e})") from None
         finally:
             os.umask(old_umask)
-        try:
-            st = os.lstat(path)
-            self._ident = (st.st_dev, st.st_ino)
-            self.sock.listen(MAX_CLIENTS * 2)
-            self.sock.setblocking(False)
-        except OSError as e:
-            self.sock.close()
-            raise ControlSocketError(f"--control {path}: {e.strerror or e}") from None
         self._closed = False
 
     def close(self) -> None:
