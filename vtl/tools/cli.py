@@ -230,13 +230,6 @@ class _ConsoleWriter:
             raise VmmError(f"cannot write the console: {e.strerror or e}") from None
 
 
-def _same_file(a: Path, b: Path | None) -> bool:
-    try:
-        return b is not None and a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from vtl.core.config import PartitionConfig
     from vtl.core.events import EventLog
@@ -258,9 +251,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                              vtl1_image=None if args.no_vtl1 else args.vtl1_image,
                              mem_size=args.mem, scenario=args.scenario, param=args.param,
                              attr_backend=args.backend, **_lifecycle_config(args))
-    if args.events is not None and any(_same_file(args.events, img) for img in (args.vtl0_image,
-                                                                               config.vtl1_image)):
-        raise VmmError(f"--events {args.events} is one of the guest images; refusing to overwrite it")
     # A guest decides how many events and lines there are: keep none of them in memory
     # beyond a short tail for --json.
     events = EventLog(keep=0)
