@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from vmm.errors import VmmError
 from vtl.core.images import default_vtl0_image, default_vtl1_image
+from vtl.core.layout import MEM_RANGE, LayoutError, check_mem_size
 from vtl.run.result import RunInterrupted
 
 EPILOG = """\
@@ -50,7 +51,15 @@ def _int_in(lo: int, hi: int, what: str) -> Any:
 
 
 def _mib(text: str) -> int:
-    return int(_int_in(1, 1 << 20, "memory size in MiB")(text)) << 20
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    try:
+        check_mem_size(value << 20)
+    except LayoutError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value << 20
 
 
 def _seconds(text: str) -> float:
@@ -130,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
                    help="stop the guest after S seconds (default: %(default)s)")
     r.add_argument("--mem", type=_mib, default=256 << 20, metavar="MiB",
-                   help="guest memory in MiB (default: 256; 64 to 5120)")
+                   help=f"guest memory in MiB (default: 256; {MEM_RANGE})")
     _backend(r)
     _lifecycle(r)
     r.add_argument("--quiet", action="store_true", help="do not show or keep the guest console")
