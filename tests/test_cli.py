@@ -45,7 +45,6 @@ def test_bench_json_has_three_figures_and_ratios() -> None:
 
 
 @pytest.mark.parametrize("args,message", [
-    (("run", "--scenario", "nosuch"), "scenario 'nosuch' is not in"),
     (("run", "--vtl0-image", "/nonexistent.elf"), "no such file"),
 ])
 def test_bad_input_is_one_clear_line(args: tuple[str, ...], message: str) -> None:

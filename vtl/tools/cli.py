@@ -14,8 +14,9 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from vmm.elf import read_image
 from vmm.errors import VmmError
-from vtl.core.images import default_vtl0_image, default_vtl1_image
+from vtl.core.images import UnknownScenario, check_scenario, default_vtl0_image, default_vtl1_image
 from vtl.core.layout import MEM_RANGE, LayoutError, check_mem_size
 from vtl.run.result import RunInterrupted
 
@@ -260,13 +261,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                              vtl1_image=None if args.no_vtl1 else args.vtl1_image,
                              mem_size=args.mem, scenario=args.scenario, param=args.param,
                              attr_backend=args.backend, **_lifecycle_config(args))
+    check_scenario(read_image(config.vtl0_image), args.scenario)     # a usage error, before KVM
     # A guest decides how many events and lines there are: keep none of them in memory
     # beyond a short tail for --json.
     events = EventLog(keep=0)
     console = Console(config.nr_vps, None if args.quiet else writer, keep=0 if args.quiet else 200)
     try:
         with Partition(config, events) as partition:
-            _check_scenario(partition, args.scenario)
             if args.events is not None:
                 events.open_file(args.events)
             result, sched = control.run(partition, console, args.timeout, args.control)
@@ -306,15 +307,6 @@ def _peak_rss_mib() -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _check_scenario(partition: Any, name: str) -> None:
-    from vtl.core.images import scenarios
-
-    known = scenarios(partition.vtl0_image)
-    if name and known and name not in {s.name for s in known}:
-        raise VmmError(f"scenario {name!r} is not in {partition.vtl0_image.path}; "
-                       f"it has: {', '.join(s.name for s in known)}")
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
@@ -422,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as e:
         print(f"vtl {args.command}: {e}", file=sys.stderr)
         return e.status
+    except UnknownScenario as e:
+        print(f"vtl {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # stdout went away (`vtl ... | head`): nothing more to say, and nowhere to say it.
         _silence_stdout()
