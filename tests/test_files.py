@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.vtlrun import vtl_cli
+from tests.vtlrun import REPO, vtl_cli
 from vmm.files import InputFileError, OutputFileError, open_output, read_input
 
 
@@ -113,6 +114,17 @@ def test_non_regular_files_are_refused_in_one_line(tmp_path: Path, args: tuple[s
     cp = vtl_cli("run", args[0], value, "--timeout", "20", timeout=120)
     assert cp.returncode == 1, cp.stderr
     assert needle in _one_line(cp)
+
+
+@pytest.mark.kvm
+def test_events_to_the_file_stdout_writes_to_is_refused(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        cp = subprocess.run([sys.executable, "-m", "vtl", "run", "--events", "/dev/stdout"], cwd=REPO,
+                            text=True, stdout=out, stderr=subprocess.PIPE, timeout=120)
+    err = cp.stderr.strip()
+    assert cp.returncode == 1 and "standard output" in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and log.read_text() == ""
 
 
 @pytest.mark.kvm

@@ -96,6 +96,17 @@ def input_named(path: Path | str) -> str | None:
     return _inputs.get((st.st_dev, st.st_ino))
 
 
+def _std_files() -> set[tuple[int, int]]:
+    out = set()
+    for fd in (1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        out.add((st.st_dev, st.st_ino))
+    return out
+
+
 @overload
 def open_output(path: Path | str, what: str, mode: Literal["w"] = "w") -> IO[str]: ...
 @overload
@@ -124,6 +135,9 @@ def open_output(path: Path | str, what: str, mode: Literal["w", "wb"] = "w") -> 
         source = _inputs.get((st.st_dev, st.st_ino))
         if source is not None:
             raise OutputFileError(f"{name} is the input {source}; refusing to overwrite it")
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in _std_files():
+            raise OutputFileError(f"{name} is the file this command's standard output or error "
+                                  "goes to; the two would overwrite each other")
         if stat.S_ISREG(st.st_mode):
             os.ftruncate(fd, 0)
         os.set_blocking(fd, True)

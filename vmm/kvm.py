@@ -19,8 +19,11 @@ from vmm.errors import KvmIoctlError, KvmUnavailable, VmmError
 from vmm.memory import HostMapping
 from vmm.uapi import ffi, libc
 
+# ioctl numbers -> names for errors: _IOR/_IOW/_IOWR numbers (above 0xFFFF) and the bare
+# _IO(KVMIO, n) ones (0xAE00-0xAEFF: KVM_GET_API_VERSION, KVM_RUN, ...), not the small
+# constants (capabilities, exit reasons) that share the KVM_ prefix.
 _IOCTL_NAMES = {v: k for k, v in vars(u).items()
-                if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
+                if k.startswith("KVM_") and isinstance(v, int) and (v > 0xFFFF or v >> 8 == 0xAE)}
 
 
 def ioctl(fd: int, request: int, arg: Any = 0, name: str | None = None) -> int:

@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scenario parameter (0..2^64-1), e.g. iterations for bench-null-call")
     r.add_argument("--events", type=Path, metavar="FILE",
                    help="write every event (VTL calls/returns, reports, refusals, intercepts, faults, exit) "
-                        "as JSON lines; opened only once the images are loaded")
+                        "as JSON lines to FILE, a regular file or a character device (/dev/null); opened "
+                        "only once the images are loaded, and never over a file the command reads, a "
+                        "FIFO or pipe (a reader that stalls would hold the run past --timeout) or the "
+                        "file stdout already writes to")
     r.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object on stdout (console goes to stderr)")
     r.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
