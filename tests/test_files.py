@@ -38,6 +38,20 @@ def test_an_output_is_refused_if_it_is_an_input_by_any_name(tmp_path: Path) -> N
     assert (tmp_path / "other").read_text() == "x\n"
 
 
+def test_a_deleted_input_s_inode_number_does_not_refuse_a_new_file(tmp_path: Path) -> None:
+    src = tmp_path / "in.bin"
+    src.write_bytes(b"x")
+    read_input(src, "--trust", 100)
+    ino = src.stat().st_ino
+    src.unlink()
+    for i in range(50):                          # the file system may hand the number out again
+        new = tmp_path / f"out{i}"
+        with open_output(new, "--events") as f:
+            f.write("ok\n")
+        if new.stat().st_ino == ino:
+            break
+
+
 def test_inputs_must_be_regular_and_bounded(tmp_path: Path) -> None:
     big = tmp_path / "big"
     big.write_bytes(bytes(101))

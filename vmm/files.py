@@ -35,8 +35,21 @@ class OutputFileError(VmmError):
     """An output file that cannot be written, or that would overwrite an input."""
 
 
-# (st_dev, st_ino) of every file read through read_input, and how it was named.
-_inputs: dict[tuple[int, int], str] = {}
+# (st_dev, st_ino) of every file read through read_input -> how it was named, and its
+# absolute path (a match counts only while that path still is the file: an inode number
+# a deleted input leaves behind can be reused by an unrelated new file).
+_inputs: dict[tuple[int, int], tuple[str, str]] = {}
+
+
+def _input_at(ident: tuple[int, int]) -> str | None:
+    entry = _inputs.get(ident)
+    if entry is None:
+        return None
+    try:
+        st = os.stat(entry[1])
+    except OSError:
+        return None
+    return entry[0] if (st.st_dev, st.st_ino) == ident else None
 
 
 def _kind(mode: int) -> str:
@@ -79,21 +92,12 @@ def read_input(path: Path | str, what: str, limit: int,
             total += len(chunk)
         if total > limit:
             raise error(f"{name} grew past the {limit} bytes it may have while it was read")
-        _inputs[(st.st_dev, st.st_ino)] = name
+        _inputs[(st.st_dev, st.st_ino)] = (name, os.path.abspath(path))
         return b"".join(chunks)
     except OSError as e:
         raise error(f"cannot read {name}: {_why(e)}") from None
     finally:
         os.close(fd)
-
-
-def input_named(path: Path | str) -> str | None:
-    """How the input that `path` is (following symlinks) was named, or None if it is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _inputs.get((st.st_dev, st.st_ino))
 
 
 def _std_files() -> set[tuple[int, int]]:
@@ -132,7 +136,7 @@ def open_output(path: Path | str, what: str, mode: Literal["w", "wb"] = "w") -> 
             raise OutputFileError(f"{name} is {_kind(st.st_mode)}; {what} takes a regular file or a "
                                   "character device such as /dev/null (a reader that stalls would "
                                   "hold the run beyond its timeout)")
-        source = _inputs.get((st.st_dev, st.st_ino))
+        source = _input_at((st.st_dev, st.st_ino))
         if source is not None:
             raise OutputFileError(f"{name} is the input {source}; refusing to overwrite it")
         if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in _std_files():
