@@ -11,7 +11,7 @@
 #define D   (1ULL << 6)
 #define PS  (1ULL << 7)
 #define SMALL_LIMIT (16ULL << 20)
-#define MAX_GIB 4
+#define MAX_GIB (VTL_MEM_MAX >> 30)   /* the VMM refuses more memory (vtl/core/layout.py) */
 
 static uint64_t pml4[512] __attribute__((aligned(4096)));
 static uint64_t pdpt[512] __attribute__((aligned(4096)));
@@ -22,7 +22,7 @@ void paging_init(uint64_t mem_size)
 {
 	uint64_t gib = (mem_size + (1ULL << 30) - 1) >> 30;
 	if (gib > MAX_GIB) {
-		printf("paging: %lu MiB of memory, only %d GiB supported\n", mem_size >> 20, MAX_GIB);
+		printf("paging: %lu MiB of memory, only %d GiB supported\n", mem_size >> 20, (int)MAX_GIB);
 		guest_exit(2);
 	}
 	pml4[0] = (uint64_t)pdpt | P | RW | US | A;

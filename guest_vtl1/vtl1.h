@@ -7,7 +7,7 @@ int in_vtl0(uint64_t gpa, uint64_t len);
 
 /* policy.c: VTL1's memory policy for VTL0.
  * page[] (one byte per VTL0 page; tests/test_fuzz.py reads it): VTL_MEM_* | F_* */
-#define MAX_PAGES (4ULL << 18)          /* 4 GiB of VTL0 memory */
+#define MAX_PAGES (VTL_MEM_MAX >> 12)   /* all of VTL0 memory */
 #define ATTR_MASK 0x07
 #define F_EXEC 0x08                     /* executable for VTL0 per the locked page tables */
 #define F_IMMUTABLE 0x10                /* (a sealed kexec image or loaded module: until unload) */

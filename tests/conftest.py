@@ -1,7 +1,9 @@
 """Shared fixtures.
 
-`@pytest.mark.kvm` tests need a usable /dev/kvm.  Where it is usable they must run:
-a skipped KVM test then fails the session (so CI cannot go green by skipping).
+`@pytest.mark.kvm` tests need a usable /dev/kvm ($VTL_KVM_DEVICE if set), usable as the
+VMM decides it: it opens and answers KVM_GET_API_VERSION (a file that exists but is no
+KVM makes them skip, with the one sentence why).  Where it is usable they must run: a
+skipped KVM test then fails the session (so CI cannot go green by skipping).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vmm.errors import kvm_unavailable_reason
+from vmm.kvm import kvm_unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
 KVM_REASON = kvm_unavailable_reason()

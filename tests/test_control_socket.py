@@ -366,6 +366,12 @@ def test_hostile_clients_get_errors_and_the_run_goes_on(guest_images: tuple[Path
         bad("deep-short", b'{"id": ' + b"[" * 30_000 + b"]" * 30_000 + b', "execute": "x"}\n')
         bad("huge-int", b'{"execute": "query-status", "id": ' + b"9" * 5000 + b"}\n")
         bad("unsubscribe-first", b'{"execute": "unsubscribe"}\n')
+        # A second "execute" used to win (the last key): a `stop` smuggled behind a query.
+        bad("duplicate-execute", b'{"execute": "query-status", "execute": "stop", "id": 2}\n')
+        bad("duplicate-argument", b'{"execute": "subscribe", "arguments": {"trace": false, '
+                                  b'"trace": true}}\n')
+        bad("id-inf", b'{"execute": "query-status", "id": 1e999}\n')    # was an internal ValueError
+        bad("id-too-deep", b'{"execute": "query-status", "id": ' + b"[" * 40 + b"]" * 40 + b"}\n")
         # A line of 1 MiB without a newline for a while: one error, then skipped to the newline.
         c.send_raw(b"x" * (1 << 20))
         r = c.reply()
@@ -431,10 +437,14 @@ def test_hostile_clients_get_errors_and_the_run_goes_on(guest_images: tuple[Path
     for name in ("args-not-object", "args-unknown", "kinds-unknown"):
         assert errors[name]["error"]["class"] == "InvalidArgument", errors[name]
     for name in ("garbage", "truncated", "not-object", "number", "no-execute", "execute-not-string",
-                 "extra-member", "nan", "not-utf8", "deep", "deep-short", "huge-int"):
+                 "extra-member", "nan", "not-utf8", "deep", "deep-short", "huge-int",
+                 "duplicate-execute", "duplicate-argument", "id-inf", "id-too-deep"):
         assert errors[name]["error"]["class"] == "GenericError", errors[name]
+        assert "internal error" not in errors[name]["error"]["desc"], errors[name]
         assert "id" not in errors[name] or name in ("deep-short",), errors[name]
     assert errors["unsubscribe-first"]["error"]["class"] == "InvalidState"
+    assert "duplicate key 'execute'" in errors["duplicate-execute"]["error"]["desc"]
+    assert "1e999 is out of range" in errors["id-inf"]["error"]["desc"]
     assert seen["accepted"] == controlsock.MAX_CLIENTS - 1
     assert len(seen["refused"]) == 20 - (controlsock.MAX_CLIENTS - 1)
     assert all(r["error"]["class"] == "TooManyClients" for r in seen["refused"])

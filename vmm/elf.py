@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmm.errors import GuestImageError
+from vmm.files import read_input
 from vmm.memory import PAGE_SIZE, GuestMemory
 
 ELF_MAGIC = b"\x7fELF"
@@ -96,14 +97,15 @@ def read_image(path: Path | str) -> ElfImage:
     name = path.name
     if not path.exists():
         raise GuestImageError(f"{path}: no such file (build the guests with `make guests`?)")
-    if not path.is_file():
-        raise GuestImageError(f"{path} is not a regular file")
-    size = path.stat().st_size
-    if size > MAX_IMAGE:
+    if path.is_file() and path.stat().st_size > MAX_IMAGE:
         raise GuestImageError(
-            f"{name} is {size >> 20} MiB; guest images are limited to {MAX_IMAGE >> 20} MiB"
+            f"{name} is {path.stat().st_size >> 20} MiB; guest images are limited to {MAX_IMAGE >> 20} MiB"
         )
-    data = path.read_bytes()
+    return parse_image(path, read_input(path, "", MAX_IMAGE, GuestImageError))
+
+
+def parse_image(path: Path, data: bytes) -> ElfImage:
+    """An ELF image from bytes already read (`path` names it in errors)."""
     return _parse(path, data)
 
 

@@ -26,18 +26,3 @@ class KvmIoctlError(VmmError):
 class GuestImageError(VmmError):
     """A guest image that cannot be loaded (not an ELF, wrong machine, out of range)."""
 
-
-def kvm_unavailable_reason(path: str = "/dev/kvm") -> str | None:
-    """One sentence saying why KVM cannot be used here, or None if it can be opened."""
-    if not os.path.exists(path):
-        return (f"{path} does not exist: this host has no KVM (enable virtualization, "
-                "load kvm_intel/kvm_amd, or run inside a VM with nested virtualization)")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EPERM):
-            return (f"{path} exists but this user may not open it ({e.strerror}): "
-                    "add the user to the 'kvm' group or run as root")
-        return f"{path} cannot be opened: {e.strerror}"
-    os.close(fd)
-    return None

@@ -15,12 +15,15 @@ from typing import Any
 
 from vmm import exits
 from vmm import uapi as u
-from vmm.errors import KvmIoctlError, KvmUnavailable, VmmError, kvm_unavailable_reason
+from vmm.errors import KvmIoctlError, KvmUnavailable, VmmError
 from vmm.memory import HostMapping
 from vmm.uapi import ffi, libc
 
+# ioctl numbers -> names for errors: _IOR/_IOW/_IOWR numbers (above 0xFFFF) and the bare
+# _IO(KVMIO, n) ones (0xAE00-0xAEFF: KVM_GET_API_VERSION, KVM_RUN, ...), not the small
+# constants (capabilities, exit reasons) that share the KVM_ prefix.
 _IOCTL_NAMES = {v: k for k, v in vars(u).items()
-                if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
+                if k.startswith("KVM_") and isinstance(v, int) and (v > 0xFFFF or v >> 8 == 0xAE)}
 
 
 def ioctl(fd: int, request: int, arg: Any = 0, name: str | None = None) -> int:
@@ -33,18 +36,56 @@ def ioctl(fd: int, request: int, arg: Any = 0, name: str | None = None) -> int:
     return ret
 
 
+def kvm_device() -> str:
+    """The KVM device this process uses: $VTL_KVM_DEVICE, else /dev/kvm."""
+    return os.environ.get("VTL_KVM_DEVICE") or "/dev/kvm"
+
+
+def _open_kvm(path: str) -> tuple[int, str | None]:
+    """Open `path` and ask it KVM_GET_API_VERSION: (fd, None) if it is a KVM this VMM
+    speaks, else (-1, one sentence saying why not).  The open cannot block (O_NONBLOCK:
+    a FIFO or a tty given as the device) and the probe is the real one: a file that exists
+    but is no KVM (ENOTTY) is as unusable as none."""
+    if not os.path.exists(path):
+        return -1, (f"{path} does not exist: this host has no KVM (enable virtualization, "
+                    "load kvm_intel/kvm_amd, or run inside a VM with nested virtualization)")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return -1, (f"{path} exists but this user may not open it ({e.strerror}): "
+                        "add the user to the 'kvm' group or run as root")
+        return -1, f"{path} cannot be opened: {e.strerror}"
+    version = libc.ioctl(fd, u.KVM_GET_API_VERSION, ffi.cast("unsigned long", 0))
+    if version < 0:
+        err = ffi.errno
+        os.close(fd)
+        return -1, (f"{path} is not a KVM device (KVM_GET_API_VERSION: "
+                    f"{errno.errorcode.get(err, str(err))})")
+    if version != u.KVM_API_VERSION:
+        os.close(fd)
+        return -1, f"{path} speaks KVM API {version}, this VMM needs {u.KVM_API_VERSION}"
+    os.set_blocking(fd, True)
+    return fd, None
+
+
+def kvm_unavailable_reason(path: str | None = None) -> str | None:
+    """One sentence saying why KVM cannot be used here (the device of kvm_device() unless
+    `path` is given), or None if it answers KVM_GET_API_VERSION as this VMM needs."""
+    fd, reason = _open_kvm(path or kvm_device())
+    if fd >= 0:
+        os.close(fd)
+    return reason
+
+
 class Kvm:
     """The /dev/kvm system file descriptor."""
 
     def __init__(self, path: str | None = None) -> None:
-        path = path or os.environ.get("VTL_KVM_DEVICE", "/dev/kvm")
-        reason = kvm_unavailable_reason(path)
-        if reason:
+        path = path or kvm_device()
+        self.fd, reason = _open_kvm(path)
+        if reason is not None:
             raise KvmUnavailable(reason)
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        version = ioctl(self.fd, u.KVM_GET_API_VERSION)
-        if version != u.KVM_API_VERSION:
-            raise KvmUnavailable(f"{path} speaks KVM API {version}, this VMM needs {u.KVM_API_VERSION}")
         self.vcpu_mmap_size = ioctl(self.fd, u.KVM_GET_VCPU_MMAP_SIZE)
         self._cpuid: Any = None
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from vmm import uapi as u
 from vmm import x86
-from vmm.errors import KvmIoctlError, VmmError, kvm_unavailable_reason
+from vmm.errors import KvmIoctlError, VmmError
 from vmm.exits import (
     Debug,
     EmulationFailure,
@@ -22,7 +22,7 @@ from vmm.exits import (
     VcpuExit,
     complete_mmio_read,
 )
-from vmm.kvm import Kvm
+from vmm.kvm import Kvm, kvm_device, kvm_unavailable_reason
 from vmm.memory import PAGE_SIZE as PAGE
 from vmm.scratch import ScratchVm, run_with_watchdog, watchdog_available
 
@@ -259,7 +259,7 @@ def probe_all() -> list[ProbeResult]:
     kvm = Kvm()
     try:
         results = [
-            ProbeResult("kvm", True, f"/dev/kvm, API {u.KVM_API_VERSION}"),
+            ProbeResult("kvm", True, f"{kvm_device()}, API {u.KVM_API_VERSION}"),
             probe_long_mode_pio(),
             probe_sync_regs(kvm),
             probe_readonly_memslot(),

@@ -1,10 +1,56 @@
-"""`python -m vtl`: the command-line interface (vtl/tools/cli.py)."""
+"""`python -m vtl` and the `vtl` command: the command-line interface (vtl/tools/cli.py).
 
+Ctrl-C and SIGTERM are handled from the first line, before anything heavy is imported: a
+signal that lands while the modules load (pydantic, cffi, trio: a good part of a second
+on a loaded machine) is held until they are loaded, then ends the command with its one
+line ("vtl bench: interrupted") and status (130, 143), as it would a moment later.  Only
+the standard library's `signal` and `sys` are imported first.
+"""
+
+import signal
 import sys
+from types import FrameType
 
-try:
-    from vtl.tools.cli import main
-except KeyboardInterrupt:          # Ctrl-C while the modules load: no traceback either
-    sys.exit(130)
+_held: list[int] = []
 
-sys.exit(main())
+
+def _hold(signum: int, frame: FrameType | None) -> None:
+    _held.append(signum)
+
+
+def _command() -> str:
+    """`vtl <command>` as cli.main names it in its lines, from argv alone (argparse is not
+    loaded yet when a signal is held)."""
+    return next((f"vtl {a}" for a in sys.argv[1:] if not a.startswith("-")), "vtl")
+
+
+def _stopped(signum: int) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C does not cut the line
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    word, status = ("terminated", 143) if signum == signal.SIGTERM else ("interrupted", 130)
+    try:
+        sys.stderr.write(f"{_command()}: {word}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+    return status
+
+
+def entry() -> int:
+    old_int = signal.signal(signal.SIGINT, _hold)
+    old_term = signal.signal(signal.SIGTERM, _hold)
+    try:
+        from vtl.tools.cli import main
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if _held:
+        return _stopped(_held[0])
+    try:
+        return main()
+    except KeyboardInterrupt:          # outside the command (parsing its arguments, say)
+        return _stopped(signal.SIGINT)
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

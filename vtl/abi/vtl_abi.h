@@ -325,6 +325,10 @@
 #define VTL1_TRUST_OFF             0x40000    /* VTL1's allowlist: trust_count digests of 32 bytes */
 #define VTL1_IMAGE_MIN_OFF         0x100000   /* VTL1 ELF segments in [BASE+this, BASE+SIZE) */
 #define VTL_MEM_MIN                0x4000000  /* 64 MiB: smallest guest memory        */
+#define VTL_MEM_MAX                0x100000000ULL /* 4 GiB: largest guest memory, what each
+                                                 kernel's own identity map (guest_lib/paging.c)
+                                                 and VTL1's page policy (guest_vtl1/vtl1.h) cover;
+                                                 guest memory is a multiple of 2 MiB between the two */
 
 /* ---- boot_info.flags ------------------------------------------------- */
 #define VTL_BOOT_F_VTL1_AVAILABLE  0x1        /* VTL0: VTL_HC_ENABLE_VTL1 may succeed  */

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from vtl.core.layout import check_mem_size
 
 Backend = Literal["memslot", "host_mapping", "rwx"]
 KexecPolicy = Literal["teardown", "persist", "deny"]
@@ -14,7 +16,7 @@ KexecPolicy = Literal["teardown", "persist", "deny"]
 class PartitionConfig(BaseModel):
     vtl0_image: Path
     vtl1_image: Path | None = None          # None: VTL1 cannot be enabled
-    mem_size: int = Field(default=256 << 20, description="guest memory in bytes")
+    mem_size: int = Field(default=256 << 20, description="guest memory in bytes (layout.MEM_RANGE)")
     nr_vps: int = Field(default=1, ge=1, le=1)  # APs are not started yet
     scenario: str = ""
     param: int = Field(default=0, ge=0, lt=1 << 64)
@@ -24,3 +26,9 @@ class PartitionConfig(BaseModel):
     kexec_policy: KexecPolicy = "teardown"
     staged: Path | None = None              # a file placed in VTL0 memory (boot_info.staged_*)
     reset_on_triple_fault: bool = False     # a VTL0 triple fault is an emulated RESET
+
+    @field_validator("mem_size")
+    @classmethod
+    def _mem_in_range(cls, v: int) -> int:
+        check_mem_size(v)          # raises LayoutError, the one message for the range
+        return v

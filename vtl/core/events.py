@@ -21,6 +21,7 @@ from typing import IO, Annotated, Any, Literal
 from pydantic import BaseModel, Field, TypeAdapter
 
 from vmm.errors import VmmError
+from vmm.files import OutputFileError, open_output
 
 
 class _Event(BaseModel):
@@ -202,11 +203,12 @@ class EventLog:
         self._init_listeners()
 
     def open_file(self, path: Path) -> None:
-        """Start writing JSON lines to `path` (opened now, truncating it)."""
+        """Start writing JSON lines to `path` (opened now, truncating it; never a file this
+        process read, nor a FIFO: vmm/files.py)."""
         try:
-            self._file = open(path, "w")  # noqa: SIM115 - closed by close()
-        except OSError as e:
-            raise EventSinkError(f"cannot write events to {path}: {e.strerror}") from None
+            self._file = open_output(path, "--events")
+        except OutputFileError as e:
+            raise EventSinkError(str(e)) from None
         self.trace = True
 
     def now(self) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -52,3 +53,22 @@ def scenarios(image: ElfImage) -> list[Scenario]:
         out.append(Scenario(name=_cstr(bytes(abi_ffi.buffer(d.name))),
                             description=_cstr(bytes(abi_ffi.buffer(d.description)))))
     return out
+
+
+class UnknownScenario(GuestImageError):
+    """A scenario name the image does not have (a usage error: the CLI exits 2)."""
+
+
+def check_scenario(image: ElfImage, name: str) -> None:
+    """Refuse `name` if the image lists scenarios and it is not one of them, in one line
+    that suggests the nearest names (difflib) instead of listing them all.  "" (the
+    default boot) and images without a scenario table are accepted."""
+    known = [s.name for s in scenarios(image)]
+    if not name or not known or name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    quoted = [repr(c) for c in close]
+    hint = (f"did you mean {', '.join(quoted[:-1])}{' or ' if len(quoted) > 1 else ''}{quoted[-1]}? "
+            if close else "")
+    raise UnknownScenario(f"scenario {name!r} is not in {image.path}; {hint}"
+                          f"`vtl scenarios` lists all {len(known)}")

@@ -17,14 +17,28 @@ from vmm.memory import PAGE_SIZE, GuestMemory
 from vtl.abi import ABI, abi_ffi, abi_struct
 from vtl.core.vtl import Vtl
 
-# The boot page tables live in fixed ABI areas: PML4 + PDPT + one PD per GiB.
-_VTL0_TABLE_PAGES = (ABI.VTL0_BOOT_GDT_GPA - ABI.VTL0_BOOT_TABLES_GPA) // PAGE_SIZE
-_VTL1_TABLE_PAGES = (ABI.VTL1_BOOT_GDT_OFF - ABI.VTL1_BOOT_TABLES_OFF) // PAGE_SIZE
-MEM_MAX = (min(_VTL0_TABLE_PAGES, _VTL1_TABLE_PAGES) - 2) << 30
+# Guest memory: the one range (vtl_abi.h), used by the CLI's --mem, PartitionConfig and
+# the Partition.  VTL_MEM_MAX is what both kernels' own page tables and VTL1's per-page
+# policy cover; the VMM's boot identity maps (fixed ABI areas: PML4 + PDPT + one PD per
+# GiB) must hold at least that much.
+MEM_MIN, MEM_MAX, MEM_STEP = ABI.VTL_MEM_MIN, ABI.VTL_MEM_MAX, 2 << 20
+MEM_RANGE = f"{MEM_MIN >> 20} to {MEM_MAX >> 20} MiB in steps of {MEM_STEP >> 20} MiB"
+_VTL0_TABLES = ABI.VTL0_BOOT_GDT_GPA - ABI.VTL0_BOOT_TABLES_GPA
+_VTL1_TABLES = ABI.VTL1_BOOT_GDT_OFF - ABI.VTL1_BOOT_TABLES_OFF
+if x86.boot_tables_size(MEM_MAX) > min(_VTL0_TABLES, _VTL1_TABLES):
+    raise ImportError(f"vtl_abi.h: VTL_MEM_MAX ({MEM_MAX >> 20} MiB) is more than the boot page "
+                      "table areas can identity-map")
 
 
 class LayoutError(VmmError):
     """A partition configuration the guest-physical layout cannot hold."""
+
+
+def check_mem_size(mem_size: int) -> None:
+    """Refuse a guest memory size outside MEM_RANGE (the message names the range)."""
+    if not MEM_MIN <= mem_size <= MEM_MAX or mem_size % MEM_STEP:
+        got = f"{mem_size >> 20}" if mem_size % (1 << 20) == 0 else f"{mem_size / (1 << 20):.3f}"
+        raise LayoutError(f"guest memory must be {MEM_RANGE} (not {got} MiB)")
 
 
 @dataclass(frozen=True)
@@ -81,13 +95,7 @@ class Layout:
 
 def validate(mem_size: int, nr_vps: int) -> None:
     """Refuse a configuration the fixed ABI areas cannot hold (with the reason)."""
-    if mem_size < ABI.VTL_MEM_MIN or mem_size % (2 << 20):
-        raise LayoutError(f"guest memory must be a multiple of 2 MiB and at least "
-                          f"{ABI.VTL_MEM_MIN >> 20} MiB (got {mem_size >> 20} MiB)")
-    if mem_size > MEM_MAX:
-        raise LayoutError(f"guest memory of {mem_size >> 20} MiB is more than the {MEM_MAX >> 20} MiB "
-                          f"the boot page tables at {ABI.VTL0_BOOT_TABLES_GPA:#x}-"
-                          f"{ABI.VTL0_BOOT_GDT_GPA:#x} can identity-map")
+    check_mem_size(mem_size)
     if not 1 <= nr_vps <= ABI.VTL1_MAX_VPS:
         raise LayoutError(f"{nr_vps} VPs: a partition has 1 to {ABI.VTL1_MAX_VPS}")
 

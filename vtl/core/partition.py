@@ -14,6 +14,7 @@ from vmm import uapi as u
 from vmm.backends import make_backend
 from vmm.elf import ElfImage, check_window, load_image, read_image
 from vmm.errors import GuestImageError
+from vmm.files import read_input
 from vmm.kvm import Kvm, VCpu, Vm
 from vmm.memory import PAGE_SIZE, GuestMemory
 from vmm.regcheck import CpuFeatures, cpuid_entries
@@ -22,7 +23,6 @@ from vtl.abi import ABI
 from vtl.core import layout as lay
 from vtl.core.config import PartitionConfig
 from vtl.core.events import EventLog
-from vtl.core.layout import LayoutError
 from vtl.core.privileged import InterceptControl
 from vtl.core.vp import VirtualProcessor
 from vtl.core.vtl import Vtl, VtlArray
@@ -80,13 +80,7 @@ class Partition:
         before any VM exists.  Written at every VTL0 boot (build_vtl0)."""
         if path is None:
             return 0, b""
-        try:
-            size = path.stat().st_size
-            if size > self.layout.mem_size:
-                raise LayoutError(f"--stage {path}: {size} bytes is more than guest memory")
-            data = path.read_bytes()
-        except OSError as e:
-            raise GuestImageError(f"cannot read {path}: {e.strerror}") from None
+        data = read_input(path, "--stage", self.layout.mem_size, GuestImageError)
         return lay.staged_gpa(self.layout, len(data)), data
 
     def build_vtl0(self) -> None:

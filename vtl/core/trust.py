@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from vmm.elf import read_image
+from vmm.elf import parse_image
 from vmm.errors import VmmError
+from vmm.files import read_input
 from vmm.measure import loaded_image_sha256
 from vmm.memory import PAGE_SIZE
 from vtl.abi import ABI
@@ -48,18 +49,10 @@ def trust_digest(entry: str | Path) -> bytes:
             raise TrustError(f"--trust {text!r}: sha256: takes 64 hex digits")
         return digest
     path = Path(entry)
-    try:
-        size = path.stat().st_size
-        if size > MAX_TRUSTED_FILE:
-            raise TrustError(f"--trust {path}: {size >> 20} MiB is more than the "
-                             f"{MAX_TRUSTED_FILE >> 20} MiB a trusted file may have")
-        with path.open("rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise TrustError(f"--trust {path}: {e.strerror}") from None
-    if head == ELF_MAGIC:
-        return bytes.fromhex(loaded_image_sha256(read_image(path)))
-    return page_padded_sha256(path.read_bytes())
+    data = read_input(path, "--trust", MAX_TRUSTED_FILE, TrustError)
+    if data[:4] == ELF_MAGIC:
+        return bytes.fromhex(loaded_image_sha256(parse_image(path, data)))
+    return page_padded_sha256(data)
 
 
 def trust_list(entries: list[str] | list[Path]) -> list[bytes]:

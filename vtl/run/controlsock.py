@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import socket
 import stat
@@ -45,6 +46,7 @@ from vtl.run.scheduler import Scheduler
 
 MAX_LINE = 64 * 1024         # bytes in one request line, newline excluded
 MAX_CLIENTS = 8
+MAX_DEPTH = 32               # arrays and objects nested in one request (the id included)
 REPLY_QUEUE = 16             # replies not yet written to a client before we stop reading it
 EVENT_QUEUE = 1024           # events per subscriber waiting to be written; beyond: lost
 EVENT_BATCH = 256            # events per write
@@ -197,6 +199,36 @@ def _error_line(cls: ErrorClass, desc: str, ident: Any = _NO_ID) -> bytes:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_number(text: str) -> float:
+    # 1e999 parses to inf, which no reply could echo (JSON has no inf): refused like NaN.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:32]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # The last of two equal keys would win silently: a second "execute" could smuggle a
+    # command past whoever reads the first (RFC 8259 leaves duplicates undefined).
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key[:64]!r}")
+        obj[key] = value
+    return obj
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests arrays and objects (iteratively: no recursion to exhaust)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def _event_line(event: Event) -> bytes:
@@ -416,9 +448,14 @@ def _parse(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise CommandError("GenericError", "the line is not UTF-8") from None
     try:
-        msg = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
+        msg = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_number,
+                         object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise CommandError("GenericError", f"malformed JSON: nested more than {MAX_DEPTH} deep") from None
+    except ValueError as e:    # also: a duplicate key, NaN, 1e999, an integer of > 4300 digits
         raise CommandError("GenericError", f"malformed JSON: {str(e)[:200]}") from None
+    if _depth(msg) > MAX_DEPTH:
+        raise CommandError("GenericError", f"malformed JSON: nested more than {MAX_DEPTH} deep")
     if not isinstance(msg, dict):
         raise CommandError("GenericError", 'expected a JSON object: {"execute": "<command>", '
                            '"arguments": {...}, "id": ...}')

@@ -14,8 +14,10 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from vmm.elf import read_image
 from vmm.errors import VmmError
-from vtl.core.images import default_vtl0_image, default_vtl1_image
+from vtl.core.images import UnknownScenario, check_scenario, default_vtl0_image, default_vtl1_image
+from vtl.core.layout import MEM_RANGE, LayoutError, check_mem_size
 from vtl.run.result import RunInterrupted
 
 EPILOG = """\
@@ -50,7 +52,15 @@ def _int_in(lo: int, hi: int, what: str) -> Any:
 
 
 def _mib(text: str) -> int:
-    return int(_int_in(1, 1 << 20, "memory size in MiB")(text)) << 20
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    try:
+        check_mem_size(value << 20)
+    except LayoutError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value << 20
 
 
 def _seconds(text: str) -> float:
@@ -124,13 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scenario parameter (0..2^64-1), e.g. iterations for bench-null-call")
     r.add_argument("--events", type=Path, metavar="FILE",
                    help="write every event (VTL calls/returns, reports, refusals, intercepts, faults, exit) "
-                        "as JSON lines; opened only once the images are loaded")
+                        "as JSON lines to FILE, a regular file or a character device (/dev/null); opened "
+                        "only once the images are loaded, and never over a file the command reads, a "
+                        "FIFO or pipe (a reader that stalls would hold the run past --timeout) or the "
+                        "file stdout already writes to")
     r.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object on stdout (console goes to stderr)")
     r.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
                    help="stop the guest after S seconds (default: %(default)s)")
     r.add_argument("--mem", type=_mib, default=256 << 20, metavar="MiB",
-                   help="guest memory in MiB (default: 256; 64 to 5120)")
+                   help=f"guest memory in MiB (default: 256; {MEM_RANGE})")
     _backend(r)
     _lifecycle(r)
     r.add_argument("--quiet", action="store_true", help="do not show or keep the guest console")
@@ -232,13 +245,6 @@ class _ConsoleWriter:
             raise VmmError(f"cannot write the console: {e.strerror or e}") from None
 
 
-def _same_file(a: Path, b: Path | None) -> bool:
-    try:
-        return b is not None and a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from vtl.core.config import PartitionConfig
     from vtl.core.events import EventLog
@@ -260,16 +266,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                              vtl1_image=None if args.no_vtl1 else args.vtl1_image,
                              mem_size=args.mem, scenario=args.scenario, param=args.param,
                              attr_backend=args.backend, **_lifecycle_config(args))
-    if args.events is not None and any(_same_file(args.events, img) for img in (args.vtl0_image,
-                                                                               config.vtl1_image)):
-        raise VmmError(f"--events {args.events} is one of the guest images; refusing to overwrite it")
+    check_scenario(read_image(config.vtl0_image), args.scenario)     # a usage error, before KVM
     # A guest decides how many events and lines there are: keep none of them in memory
     # beyond a short tail for --json.
     events = EventLog(keep=0)
     console = Console(config.nr_vps, None if args.quiet else writer, keep=0 if args.quiet else 200)
     try:
         with Partition(config, events) as partition:
-            _check_scenario(partition, args.scenario)
             if args.events is not None:
                 events.open_file(args.events)
             result, sched = control.run(partition, console, args.timeout, args.control)
@@ -309,15 +312,6 @@ def _peak_rss_mib() -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _check_scenario(partition: Any, name: str) -> None:
-    from vtl.core.images import scenarios
-
-    known = scenarios(partition.vtl0_image)
-    if name and known and name not in {s.name for s in known}:
-        raise VmmError(f"scenario {name!r} is not in {partition.vtl0_image.path}; "
-                       f"it has: {', '.join(s.name for s in known)}")
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
@@ -432,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as e:
         print(f"vtl {args.command}: {e}", file=sys.stderr)
         return e.status
+    except UnknownScenario as e:
+        print(f"vtl {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # stdout went away (`vtl ... | head`): nothing more to say, and nowhere to say it.
         _silence_stdout()

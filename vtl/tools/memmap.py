@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from vmm.files import OutputFileError, open_output
 from vmm.memattr import NW, NX, describe
 from vmm.memory import PAGE_SIZE
 from vtl.core.config import Backend, PartitionConfig
@@ -40,9 +41,14 @@ class MemMap(BaseModel):
     vtl1_end: int
 
 
-def _labels(syms: dict[str, int], start: int, attrs: int) -> str:
+PRIV_LABEL = "privileged section"
+
+
+def _labels(syms: dict[str, int], start: int, attrs: int, priv: tuple[int, int]) -> str:
     if attrs == -1:
         return "VTL1 region"
+    if priv[0] <= start < priv[1]:
+        return PRIV_LABEL          # inside the text, but VTL1 locked it apart (VTL0 sees ---)
     for lo, hi, name in (("_text_start", "_text_end", "kernel text"),
                          ("_text_end", "_scenarios_page_end", "rodata"),
                          ("_ro_after_init_start", "_ro_after_init_end", "ro_after_init"),
@@ -65,22 +71,35 @@ def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20, backend: Backend | 
         syms = p.vtl0_image.symbols()
         backend_name = p.backend_name
         layout = p.layout
+        ictl = p.intercept_control
+    # The privileged section as VTL1 declared it (VTL_HC_SET_INTERCEPT_CONTROL), else as
+    # the image's symbols place it.
+    priv = ((ictl.priv_gpa, ictl.priv_end) if ictl is not None and ictl.priv_pages else
+            (syms.get("_priv_start", 0), syms.get("_priv_end", 0)))
     regions = [Region(start=start, end=end, vtl0="none" if a == -1 else describe(a), vtl1="rwx",
-                      label=_labels(syms, start, a)) for start, end, a in runs]
+                      label=_labels(syms, start, a, priv)) for start, end, a in runs]
     nx = ("KVM attributes" if backend_name == "rwx" else
           "VTL0's page tables (NX bits) locked r-- by VTL1, EFER.NXE pinned by the MSR filter")
     return MemMap(mem_size=mem_size, backend=backend_name, regions=regions, nx_enforced_by=nx,
                   vtl1_base=layout.vtl1_base, vtl1_end=layout.vtl1_end)
 
 
-IMAGE_LABELS = ("kernel text", "rodata", "ro_after_init", "data + bss", "page tables (locked)")
+IMAGE_LABELS = ("kernel text", PRIV_LABEL, "rodata", "ro_after_init", "data + bss", "page tables (locked)")
+VTL1_RED = "#b03030"
 
 
-def draw_png(m: MemMap, path: Path, limit: int = 32 << 20) -> None:
-    """Draw the map: above, the first `limit` bytes of guest-physical memory, one bar per
-    VTL's VM; below, VTL0's kernel image up close.  An address axis, each region coloured
-    by what the VTL may do there and labelled, a legend of the attributes, VTL1's region
-    marked."""
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n / (1 << 20):.1f} MiB"
+
+
+def draw_png(m: MemMap, path: Path, detail: int = 32 << 20) -> None:
+    """Draw the map, three panels, each titled with the range it shows: all of guest-physical
+    memory; its first `detail` bytes (low memory, VTL0's image, VTL1's region); VTL0's
+    kernel image up close.  One bar per VTL's VM, each region coloured by what the VTL may
+    do there and labelled (labels never overlap or leave the panel); VTL1's region hatched
+    on VTL0's bar (VTL0's VM does not map it), shown as VTL1's own memory on VTL1's bar.
+    Written through vmm/files.py (never over an input); any write error is an
+    OutputFileError."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -91,7 +110,37 @@ def draw_png(m: MemMap, path: Path, limit: int = 32 << 20) -> None:
             from None
     MiB = 1 << 20
     image = [r for r in m.regions if r.label in IMAGE_LABELS]
-    fig, (top, zoom) = plt.subplots(2, 1, figsize=(13, 7.5), dpi=110, height_ratios=[1.3, 1])
+    detail = min(detail, m.mem_size)
+    fig, axes = plt.subplots(3, 1, figsize=(13, 10), dpi=110, height_ratios=[1, 1.3, 1])
+    whole, top, zoom = axes
+    renderer = fig.canvas.get_renderer()     # type: ignore[attr-defined]
+
+    def place_labels(ax: Any, labels: list[tuple[str, list[tuple[int, float]]]], row: float) -> None:
+        """One text per label (arrows to each of its regions), on the first of four levels
+        (above, below, then further out) where it overlaps no other text, shifted to stay
+        inside the panel."""
+        ax_box = ax.get_window_extent(renderer)
+        placed: list[Any] = []
+        levels = (0.62, -0.62, 0.95, -0.95)
+        for text, members in labels:
+            xs = [x for _, x in members]
+            mid = max(members)[1]
+            for n, dy in enumerate(levels):
+                t = ax.text(mid, row + dy, text, ha="center", va="center", fontsize=7, zorder=5)
+                box = t.get_window_extent(renderer)
+                shift = max(0.0, ax_box.x0 + 2 - box.x0) - max(0.0, box.x1 - (ax_box.x1 - 2))
+                if shift:
+                    x_disp = ax.transData.transform((mid, 0))[0] + shift
+                    t.set_x(ax.transData.inverted().transform((x_disp, 0))[0])
+                    box = t.get_window_extent(renderer)
+                if n == len(levels) - 1 or not any(box.overlaps(o) for o in placed):
+                    break
+                t.remove()
+            placed.append(box.expanded(1.05, 1.1))
+            for x in xs:
+                ax.annotate("", (x, row + (0.3 if dy > 0 else -0.3)), xytext=(t.get_position()[0], row + dy
+                            - (0.12 if dy > 0 else -0.12)),
+                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "#555555"})
 
     def bars(ax: Any, lo: int, hi: int, rows: tuple[tuple[int, str], ...], unit: int,
              min_label: float) -> None:
@@ -99,45 +148,70 @@ def draw_png(m: MemMap, path: Path, limit: int = 32 << 20) -> None:
         for row, vtl in rows:
             for r in shown:
                 start, end = max(r.start, lo), min(r.end, hi)
+                unmapped = getattr(r, vtl) == "none"
                 ax.barh(row, (end - start) / unit, left=start / unit, height=0.6,
-                        color=COLOURS_BY_NAME.get(getattr(r, vtl), "#ff00ff"), edgecolor="white",
-                        linewidth=0.4)
+                        color=COLOURS_BY_NAME.get(getattr(r, vtl), "#ff00ff"),
+                        edgecolor=VTL1_RED if unmapped else "white", linewidth=0 if unmapped else 0.4,
+                        hatch="//" if unmapped else None)
         top_row = max(row for row, _ in rows)
-        labelled = [r for r in shown if (min(r.end, hi) - max(r.start, lo)) >= (hi - lo) * min_label]
-        for i, r in enumerate(labelled):
-            mid = (max(r.start, lo) + min(r.end, hi)) / 2 / unit
-            above = i % 2 == 0
-            y, y_text = (0.3, 0.62) if above else (-0.3, -0.62)
-            ax.annotate(f"{r.label}\n{'unmapped' if r.vtl0 == 'none' else r.vtl0}",
-                        (mid, top_row + y), xytext=(mid, top_row + y_text),
-                        ha="center", va="center", fontsize=7,
-                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "#555555"})
+        # Regions of the same name and access whose middles lie within a tenth of the panel
+        # share one label, placed over the widest of them, with a line to each.
+        labels: list[tuple[str, list[tuple[int, float]]]] = []
+        group: dict[str, list[tuple[int, float]]] = {}
+        for r in shown:
+            a, b = max(r.start, lo), min(r.end, hi)
+            if b - a < (hi - lo) * min_label:
+                continue
+            text = f"{r.label}\n{'unmapped' if r.vtl0 == 'none' else r.vtl0}"
+            mid = (a + b) / 2 / unit
+            if text not in group or mid - group[text][0][1] > (hi - lo) / unit / 10:
+                group[text] = []
+                labels.append((text, group[text]))
+            group[text].append((b - a, mid))
         ax.set_xlim(lo / unit, hi / unit)
+        ax.set_ylim(min(row for row, _ in rows) - 1.2, top_row + 1.2)
+        pending.append((ax, labels, top_row))
 
-    bars(top, 0, limit, ((1, "vtl0"), (0, "vtl1")), MiB, 1 / 40)
-    top.axvspan(m.vtl1_base / MiB, min(m.vtl1_end, limit) / MiB, fill=False, hatch="//",
-                edgecolor="#b03030", linewidth=0)
-    top.text((m.vtl1_base + min(m.vtl1_end, limit)) / 2 / MiB, -0.62,
-             "VTL1's region: VTL1's own memory, never mapped in VTL0's VM", ha="center", fontsize=8,
-             color="#b03030")
+    def vtl1_note(ax: Any, lo: int, hi: int, unit: int) -> None:
+        a, b = max(m.vtl1_base, lo), min(m.vtl1_end, hi)
+        if a < b:
+            ax.text((a + b) / 2 / unit, 0, "VTL1's own memory", ha="center", va="center",
+                    fontsize=7, color=VTL1_RED, zorder=5)
+
+    pending: list[tuple[Any, list[tuple[str, list[tuple[int, float]]]], float]] = []
+    rows = ((1, "vtl0"), (0, "vtl1"))
+    bars(whole, 0, m.mem_size, rows, MiB, 1 / 20)
+    vtl1_note(whole, 0, m.mem_size, MiB)
+    whole.set_yticks([0, 1], ["VTL1's VM", "VTL0's VM"])
+    whole.set_xlabel(f"guest-physical address (MiB): all {_mib(m.mem_size)} of guest memory")
+    whole.set_title(f"Memory attributes after a hardened boot ({m.backend} backend); VTL1's region "
+                    f"(hatched on VTL0's bar) is never mapped in VTL0's VM", fontsize=10)
+    bars(top, 0, detail, rows, MiB, 1 / 40)
+    vtl1_note(top, 0, detail, MiB)
     top.set_yticks([0, 1], ["VTL1's VM", "VTL0's VM"])
-    top.set_ylim(-0.9, 1.9)
-    top.set_xlabel("guest-physical address (MiB)")
-    top.set_title(f"Memory attributes after a hardened boot ({m.backend} backend)", fontsize=10)
+    rest = f" of {_mib(m.mem_size)}" if detail < m.mem_size else ""
+    top.set_xlabel(f"guest-physical address (MiB): the first {_mib(detail)}{rest}")
     if image:
         lo, hi = min(r.start for r in image), max(r.end for r in image)
         bars(zoom, lo, hi, ((0, "vtl0"),), 1024, 0.0)
         zoom.set_yticks([0], ["VTL0's VM"])
-        zoom.set_ylim(-1.0, 1.0)
-        zoom.set_xlabel("guest-physical address (KiB): VTL0's kernel image")
-        zoom.set_title(f"VTL0's image up close; NX: {m.nx_enforced_by}", fontsize=9)
+        zoom.set_xlabel(f"guest-physical address (KiB): VTL0's kernel image, {lo:#x}-{hi:#x}")
+        zoom.set_title(f"NX: {m.nx_enforced_by}", fontsize=9)
     else:
         zoom.set_axis_off()
     fig.legend(handles=[Patch(color=c, label=f"{k}: {LEGEND[k]}") for k, c in COLOURS_BY_NAME.items()],
                loc="lower center", ncol=6, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.canvas.draw()                        # the panels are where they stay: place the labels
+    for ax, labels, row in pending:
+        place_labels(ax, labels, row)
+    try:
+        with open_output(path, "--png", "wb") as f:
+            fig.savefig(f, format="png")
+    except OSError as e:
+        raise OutputFileError(f"cannot write --png {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
 def render(m: MemMap) -> str:
