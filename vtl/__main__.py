@@ -41,6 +41,10 @@ def entry() -> int:
     old_term = signal.signal(signal.SIGTERM, _hold)
     try:
         from vtl.tools.cli import main
+    except ImportError as e:           # a dependency missing: say which, not a traceback
+        sys.stderr.write(f"{_command()}: error: {e} (install the project's dependencies: "
+                         "`make setup`, README.md)\n")
+        return 1
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
