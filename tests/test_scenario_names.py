@@ -27,3 +27,10 @@ def test_unknown_scenario_suggests_the_nearest_in_one_line(guest_images: tuple[P
     assert all(s in err for s in suggested), err
     assert ("did you mean" in err) == bool(suggested), err
     assert "vtl-call-state" not in err and "reset-triple-fault" not in err      # not the whole list
+
+
+def test_attack_scenario_typo_suggests_the_attack_and_runs_nothing(guest_images: tuple[Path, Path]) -> None:
+    cp = vtl_cli("attack", "--scenario", "write-kernel-txt", env={"VTL_KVM_DEVICE": "/nonexistent/kvm"})
+    assert cp.returncode == 2, cp.stderr
+    err = cp.stderr.strip()
+    assert len(err.splitlines()) == 1 and "did you mean 'write-kernel-text'?" in err, err

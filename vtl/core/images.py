@@ -59,6 +59,14 @@ class UnknownScenario(GuestImageError):
     """A scenario name the image does not have (a usage error: the CLI exits 2)."""
 
 
+def near_names(name: str, known: list[str]) -> str:
+    """'did you mean 'a' or 'b'? ' for the names nearest `name` (difflib), or ''."""
+    quoted = [repr(c) for c in difflib.get_close_matches(name, known, n=3, cutoff=0.6)]
+    if not quoted:
+        return ""
+    return f"did you mean {', '.join(quoted[:-1])}{' or ' if len(quoted) > 1 else ''}{quoted[-1]}? "
+
+
 def check_scenario(image: ElfImage, name: str) -> None:
     """Refuse `name` if the image lists scenarios and it is not one of them, in one line
     that suggests the nearest names (difflib) instead of listing them all.  "" (the
@@ -66,9 +74,5 @@ def check_scenario(image: ElfImage, name: str) -> None:
     known = [s.name for s in scenarios(image)]
     if not name or not known or name in known:
         return
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    quoted = [repr(c) for c in close]
-    hint = (f"did you mean {', '.join(quoted[:-1])}{' or ' if len(quoted) > 1 else ''}{quoted[-1]}? "
-            if close else "")
-    raise UnknownScenario(f"scenario {name!r} is not in {image.path}; {hint}"
+    raise UnknownScenario(f"scenario {name!r} is not in {image.path}; {near_names(name, known)}"
                           f"`vtl scenarios` lists all {len(known)}")

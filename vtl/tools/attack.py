@@ -25,12 +25,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from vmm.elf import read_image
-from vmm.errors import VmmError
 from vmm.x86 import VECTOR_NAMES
 from vtl.abi import ABI
 from vtl.core.config import Backend, PartitionConfig
 from vtl.core.events import EventLog
-from vtl.core.images import scenarios
+from vtl.core.images import UnknownScenario, near_names, scenarios
 from vtl.core.partition import Partition
 from vtl.core.vtl import Vtl
 from vtl.run import control
@@ -227,10 +226,12 @@ def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None,
     `progress(total)` gives the Step told of each."""
     found = attack_scenarios(vtl0)
     if only:
-        unknown = sorted(set(only) - {name for name, _ in found})
+        names = [name for name, _ in found]
+        unknown = [n for n in only if n not in names]
         if unknown:
-            raise VmmError(f"not an attack scenario of {vtl0}: {', '.join(unknown)} "
-                           "(`vtl scenarios` lists them; attacks are described 'attack: ...')")
+            raise UnknownScenario(f"{unknown[0]!r} is not an attack scenario of {vtl0}; "
+                                  f"{near_names(unknown[0], names)}`vtl scenarios` lists all (attacks "
+                                  "are described 'attack: ...')")
         found = [(name, expected) for name, expected in found if name in only]
     if not found:
         return [AttackResult(scenario="(none)", expected="", outcome="not run",
