@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.vtlrun import REPO, vtl_cli
+from tests.vtlrun import REPO, RUN_TIMEOUT, SAFETY_TIMEOUT, vtl_cli
 from vtl.abi import ABI
 from vtl.core.config import PartitionConfig
 from vtl.core.events import EventLog, GuestExit, VtlCall
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.kvm
 class Client:
     """A line-oriented client on the plain socket module."""
 
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+    def __init__(self, path: Path, timeout: float = 60.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(os.fspath(path))
@@ -107,7 +107,7 @@ def _partition(images: tuple[Path, Path], scenario: str, param: int,
 
 
 def _run_with_client(p: Partition, path: Path, client: Callable[[], None],
-                     timeout: float = 90.0) -> tuple[RunResult, Scheduler]:
+                     timeout: float = RUN_TIMEOUT) -> tuple[RunResult, Scheduler]:
     """Run `p` with the control socket at `path` in this thread, `client` in another; a
     client that fails still ends the run (by `stop`), and its failure is raised here."""
     failure: list[BaseException] = []
@@ -427,7 +427,7 @@ def test_hostile_clients_get_errors_and_the_run_goes_on(guest_images: tuple[Path
         c.ok("stop")
 
     with _partition(guest_images, "hypercall-storm", 1 << 40) as p:
-        result, sched = _run_with_client(p, path, client, timeout=120)
+        result, sched = _run_with_client(p, path, client, timeout=RUN_TIMEOUT)
 
     errors = seen["errors"]
     assert errors["unknown"]["error"]["class"] == "CommandNotFound" and errors["unknown"]["id"] == 1
@@ -507,7 +507,7 @@ def test_stale_socket_is_replaced_and_removed_after_the_run(tmp_path: Path) -> N
 @pytest.mark.parametrize("how,status", [("sigterm", 143), ("sigint", 130), ("timeout", 124), ("stop", 5)])
 def test_socket_file_is_removed_however_the_run_ends(tmp_path: Path, how: str, status: int) -> None:
     path = _sock_path(tmp_path)
-    extra = ("--timeout", "2") if how == "timeout" else ("--timeout", "60")
+    extra = ("--timeout", "2") if how == "timeout" else ("--timeout", "600")
     p = subprocess.Popen([sys.executable, "-m", "vtl", *LONG, *extra, "--json", "--control", str(path)],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -521,7 +521,7 @@ def test_socket_file_is_removed_however_the_run_ends(tmp_path: Path, how: str, s
             p.send_signal(signal.SIGINT)
         elif how == "stop":
             c.ok("stop")
-        out, err = p.communicate(timeout=30)
+        out, err = p.communicate(timeout=SAFETY_TIMEOUT)
         c.close()
     finally:
         if p.poll() is None:
@@ -562,7 +562,7 @@ def test_reset_over_the_socket_clears_everything_and_vtl0_boots_again(guest_imag
         assert tail[-1]["event"] == "shutdown"
 
     with _partition(guest_images, "bench-intercept-allow", 2_000_000) as p:
-        result, sched = _run_with_client(p, path, client, timeout=120)
+        result, sched = _run_with_client(p, path, client, timeout=RUN_TIMEOUT)
 
     before, after = seen["before"], seen["after"]
     assert before["boot_count"] == 0 and before["resets"] == 0 and before["vtl1"]["enabled"]

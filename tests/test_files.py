@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vtlrun import REPO, vtl_cli
+from tests.vtlrun import REPO, SAFETY_TIMEOUT, vtl_cli
 from vmm.files import InputFileError, OutputFileError, open_output, read_input
 
 
@@ -125,7 +125,7 @@ def test_non_regular_files_are_refused_in_one_line(tmp_path: Path, args: tuple[s
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     value = args[1].format(fifo=fifo, dir=tmp_path)
-    cp = vtl_cli("run", args[0], value, "--timeout", "20", timeout=120)
+    cp = vtl_cli("run", args[0], value, "--timeout", "20", timeout=SAFETY_TIMEOUT)
     assert cp.returncode == 1, cp.stderr
     assert needle in _one_line(cp)
 
@@ -135,7 +135,7 @@ def test_events_to_the_file_stdout_writes_to_is_refused(tmp_path: Path) -> None:
     log = tmp_path / "log"
     with open(log, "w") as out:
         cp = subprocess.run([sys.executable, "-m", "vtl", "run", "--events", "/dev/stdout"], cwd=REPO,
-                            text=True, stdout=out, stderr=subprocess.PIPE, timeout=120)
+                            text=True, stdout=out, stderr=subprocess.PIPE, timeout=SAFETY_TIMEOUT)
     err = cp.stderr.strip()
     assert cp.returncode == 1 and "standard output" in err and len(err.splitlines()) == 1, err
     assert "Traceback" not in err and log.read_text() == ""
@@ -143,7 +143,7 @@ def test_events_to_the_file_stdout_writes_to_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.kvm
 def test_events_to_dev_null_still_runs(guest_images: tuple[Path, Path]) -> None:
-    cp = vtl_cli("run", "--quiet", "--events", os.devnull, timeout=120)
+    cp = vtl_cli("run", "--quiet", "--events", os.devnull, timeout=SAFETY_TIMEOUT)
     assert cp.returncode == 0, cp.stderr
 
 
@@ -155,7 +155,7 @@ def test_memmap_png_that_cannot_be_written_is_one_line_and_status_1(
     os.mkfifo(fifo)
     path = {"dir": str(tmp_path), "image": str(guest_images[0]), "fifo": str(fifo)}.get(target, target)
     before = guest_images[0].read_bytes()
-    cp = vtl_cli("memmap", "--png", path, timeout=120)
+    cp = vtl_cli("memmap", "--png", path, timeout=SAFETY_TIMEOUT)
     assert cp.returncode == 1, (cp.stdout, cp.stderr)
     assert "--png" in _one_line(cp) and "picture:" not in cp.stdout
     assert list(tmp_path.iterdir()) == [fifo]            # nothing written beside the directory

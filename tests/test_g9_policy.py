@@ -152,7 +152,7 @@ def test_fuzz_registers(guest_images: tuple[Path, Path]) -> None:
         run = run_scenario(guest_images, "fuzz-registers", param=100)
         assert run.result.status == 1 and run.report("value", "register_pinning").value[0] == 0
         return
-    run = _passed(run_scenario(guest_images, "fuzz-registers", param=1000, timeout=120))
+    run = _passed(run_scenario(guest_images, "fuzz-registers", param=1000))
     v = {r.name: r.value[0] for r in run.of_kind("value") if r.vtl == 0}
     assert v["attempts"] >= 900 and v["violations"] == 0 and v["restore_faults"] == 0
     assert 0 < v["faults"] < v["attempts"]          # some refused, some (unpinned, same value) allowed

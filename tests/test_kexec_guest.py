@@ -59,7 +59,7 @@ def _kexec(images: tuple[Path, Path], scenario: str, policy: str, *, trusted: bo
            snapshot: list[tuple[int, int]] | None = None) -> Run:
     image = _kexec_image(images)
     return run_scenario(images, scenario, staged=image, kexec_policy=policy,  # type: ignore[arg-type]
-                        trust=[trust_digest(image)] if trusted else [], snapshot=snapshot, timeout=60.0)
+                        trust=[trust_digest(image)] if trusted else [], snapshot=snapshot)
 
 
 def test_vtl1_measures_the_placed_segments_as_the_vmm_measures_the_elf(

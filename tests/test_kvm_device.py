@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vtlrun import REPO, vtl_cli
+from tests.vtlrun import REPO, SAFETY_TIMEOUT, vtl_cli
 from vmm.errors import KvmUnavailable
 from vmm.kvm import Kvm, kvm_unavailable_reason
 
@@ -36,7 +36,7 @@ def test_a_device_that_is_not_kvm_is_one_sentence(tmp_path: Path, kind: str) -> 
     with pytest.raises(KvmUnavailable, match="not a KVM device"):
         Kvm(path)
     for cmd in (("run",), ("caps",), ("bench", "--calls", "100")):
-        cp = vtl_cli(*cmd, env={"VTL_KVM_DEVICE": path}, timeout=120)
+        cp = vtl_cli(*cmd, env={"VTL_KVM_DEVICE": path}, timeout=SAFETY_TIMEOUT)
         assert cp.returncode == 1, (cmd, cp.stderr)
         err = cp.stderr.strip()
         assert err.endswith(f"{path} {SENTENCE}") and len(err.splitlines()) == 1, (cmd, err)
@@ -46,7 +46,7 @@ def test_a_device_that_is_not_kvm_is_one_sentence(tmp_path: Path, kind: str) -> 
 def test_kvm_tests_skip_when_the_device_is_not_kvm() -> None:
     cp = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                          "tests/test_vmm_vm.py"], cwd=REPO, text=True, capture_output=True,
-                        timeout=300, env={**os.environ, "VTL_KVM_DEVICE": os.devnull})
+                        timeout=SAFETY_TIMEOUT, env={**os.environ, "VTL_KVM_DEVICE": os.devnull})
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "skipped" in cp.stdout and "failed" not in cp.stdout and "error" not in cp.stdout.lower()
     assert f"KVM tests skipped: {os.devnull} {SENTENCE}" in cp.stdout

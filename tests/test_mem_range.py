@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vtlrun import vtl_cli
+from tests.vtlrun import SAFETY_TIMEOUT, vtl_cli
 from vtl.abi import ABI
 from vtl.core import layout
 from vtl.core.config import PartitionConfig
@@ -38,7 +38,7 @@ def test_outside_the_range_is_a_usage_error_in_the_parser_and_the_config(mib: in
 @pytest.mark.parametrize("mib", [64, 4096])
 def test_both_edges_boot_on_kvm(guest_images: tuple[Path, Path], mib: int) -> None:
     """VTL0 and VTL1 map all of it (each kernel's own identity map) and VTL1 enables."""
-    cp = vtl_cli("run", "--mem", str(mib), "--json", "--quiet", "--timeout", "120", timeout=300)
+    cp = vtl_cli("run", "--mem", str(mib), "--json", "--quiet", "--timeout", "120", timeout=SAFETY_TIMEOUT)
     assert cp.returncode == 0, cp.stderr
     doc = json.loads(cp.stdout)
     assert doc["status"] == 0 and doc["reason"] == "guest_exit" and doc["vtl1_enabled"], doc
