@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     _images(r)
     r.add_argument("--no-vtl1", action="store_true",
                    help="run without VTL1: the guest's enable request gets VTL_E_DISABLED")
+    r.add_argument("--mode", choices=("vtl", "heki"), default="vtl",
+                   help="vtl: VTL0 and VTL1 as paired VMs, the policy is VTL1's (default); heki: one VM, "
+                        "no VTL1, the VMM in the role of KVM with the Heki patches (KVM_HC_LOCK_CR_UPDATE, "
+                        "KVM_HC_PROTECT_MEMORY on the hypercall port; docs/heki-mode.md)")
     r.add_argument("--scenario", default="", metavar="NAME",
                    help="scenario built into the VTL0 image (see `vtl scenarios`; default: boot)")
     r.add_argument("--param", type=_int_in(0, MAX_PARAM, "--param"), default=0, metavar="N",
@@ -260,6 +264,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                              vtl1_image=None if args.no_vtl1 else args.vtl1_image,
                              mem_size=args.mem, scenario=args.scenario, param=args.param,
                              attr_backend=args.backend, **_lifecycle_config(args))
+    if args.mode == "heki":
+        from vtl.modes.heki import heki_config
+
+        config = heki_config(config)
     if args.events is not None and any(_same_file(args.events, img) for img in (args.vtl0_image,
                                                                                config.vtl1_image)):
         raise VmmError(f"--events {args.events} is one of the guest images; refusing to overwrite it")
@@ -272,7 +280,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             _check_scenario(partition, args.scenario)
             if args.events is not None:
                 events.open_file(args.events)
-            result, sched = control.run(partition, console, args.timeout, args.control)
+            result, sched = control.run(partition, console, args.timeout, args.control,
+                                        **_mode_scheduler(args.mode))
     except ControlSocketError as e:
         print(f"vtl run: error: {e}", file=sys.stderr)
         return 2
@@ -297,6 +306,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"vtl run: error: {result.message}", file=sys.stderr)
         return 1
     return result.status & 0xFF
+
+
+def _mode_scheduler(mode: str) -> dict[str, Any]:
+    """control.run's scheduler for `--mode` (the VTL one unless heki)."""
+    if mode == "heki":
+        from vtl.modes.heki import HekiScheduler
+
+        return {"scheduler": HekiScheduler}
+    return {}
 
 
 def _peak_rss_mib() -> float | None:

@@ -40,7 +40,7 @@ def bar(total: int, what: str, unit: str, enabled: bool) -> Iterator[Step]:
     if not enabled or total <= 0:
         yield QUIET
         return
-    from tqdm import tqdm   # only on a terminal: scripts never pay for the import
+    from tqdm import tqdm  # only on a terminal: scripts never pay for the import
 
     notes: dict[str, int] = {}
     # The size once, from the terminal; 80x24 where it reports none, as a fresh pty does (tqdm
