@@ -286,3 +286,16 @@ def test_cli_run_mode_heki_boots_and_passes() -> None:
     assert statuses["heki_version"] == 1 and statuses["heki_lock_cr0"] == 0
     assert statuses["heki_protect"] == 0
     assert doc["events"].get("heki_configure") == 2
+
+
+def test_caps_says_what_is_real_and_what_is_a_stand_in() -> None:
+    cp = vtl_cli("caps", "--json")
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    parts = {h["part"]: h for h in json.loads(cp.stdout)["heki_mode"]}
+    assert parts["transport"]["kind"] == "stand-in" and "VMCALL" in parts["transport"]["how"]
+    pins = parts["CR0/CR4 pins"]
+    assert pins["kind"] == "stand-in" and "privileged section" in pins["how"]
+    noexec = parts["page no-exec (MEM_ATTR_EXEC clear)"]
+    assert noexec["kind"] == "not enforced on this host" and "MBEC" in noexec["how"]
+    assert parts["page no-write (MEM_ATTR_WRITE clear)"]["kind"] == "real"
+    assert any(h["kind"] == "not protected by Heki" and "CR3" in part for part, h in parts.items())

@@ -115,6 +115,51 @@ def host_cr4(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
     return 0
 
 
+def heki_parts(present: dict[str, bool], backend: str) -> list[dict[str, str | bool]]:
+    """What each part of Heki mode is on this host, for `vtl caps`: `kind` is "real" (the
+    patches' logic, or a mechanism that enforces it here), "stand-in" (a different mechanism
+    in the place of KVM's), "not enforced on this host" or "not protected by Heki"."""
+    vmcall = present.get("vmcall_to_userspace", False)
+    nw = {"rwx": "KVM_SET_MEMORY_ATTRIBUTES NW", "host_mapping": "mprotect(PROT_READ) of the VM's alias",
+          "memslot": "read-only memslots"}.get(backend, backend)
+    regs = present.get("single_step", False) and present.get("unmapped_gpa_fetch", False)
+    return [
+        {"part": "hypercall numbers, argument rules, error codes", "kind": "real", "enforced": True,
+         "how": "KVM_HC_LOCK_CR_UPDATE (13) and KVM_HC_PROTECT_MEMORY (14) checked as heki_lock_cr and "
+                "heki_protect_memory do (RFC v3/v2), plus bounds the patch lacks (loops in next_pa, npages, "
+                "ranges outside memory: its own error codes) and all-or-nothing"},
+        {"part": "transport", "kind": "stand-in", "enforced": True,
+         "how": "the hypercall port (port I/O); in-KVM Heki takes a VMCALL, which "
+                + ("does reach userspace here" if vmcall else "never reaches userspace on this host")},
+        {"part": "page no-write (MEM_ATTR_WRITE clear)", "kind": "real",
+         "enforced": backend in ("host_mapping", "memslot", "rwx"),
+         "how": f"{nw} ({backend} backend) in the place of the EPT's write bit; a violation is the #PF KVM "
+                "injects (error code P|W), here after the write retired (RIP at the next instruction, CR2 = "
+                "the GPA), the write never reaching memory"},
+        {"part": "page no-exec (MEM_ATTR_EXEC clear)", "kind": "not enforced on this host", "enforced": False,
+         "how": "needs MBEC (an EPT attribute); this host has neither MBEC nor EPT attributes for userspace: "
+                "as the patch without MBEC, the page stays executable (event heki_not_enforced)"},
+        {"part": "page no-read (MEM_ATTR_READ clear)", "kind": "not protected by Heki", "enforced": False,
+         "how": "the patch never removes read access (make_spte handles write and exec only); neither does "
+                "the mode"},
+        {"part": "CR0/CR4 pins", "kind": "stand-in", "enforced": regs,
+         "how": "in-KVM Heki: the VMX CR guest/host masks, every MOV to CR0/CR4 exits.  This host gives "
+                "userspace no CR-write exit, so the image's privileged section becomes NR at the first pin "
+                "and the VMM decodes each fetch there and judges it (heki_check_cr: #GP(0), CR unchanged, "
+                "event heki_denial).  Not seen: a CR write by an instruction outside the section (not "
+                "enforced on this host); LMSW/CLTS are not checked, as in the patch"},
+        {"part": "host CR0/CR4 the pins are checked against", "kind": "stand-in", "enforced": True,
+         "how": f"the patch reads the host's own CR0/CR4 (a reviewer objected); the VMM takes CR0 = "
+                f"{HOST_CR0:#x} and CR4's pinnable bits from /proc/cpuinfo ({host_cr4():#x} here)"},
+        {"part": "KVM_CAP_HEKI_CONFIGURE / KVM_CAP_HEKI_DENIAL exits", "kind": "stand-in", "enforced": True,
+         "how": "events heki_configure (reason, cr_pinned) and heki_denial (reason, cr_value) on the event "
+                "stream"},
+        {"part": "CR3, GDTR/IDTR/LDTR/TR, MSRs (LSTAR, EFER), kexec, reboot, modules, page tables",
+         "kind": "not protected by Heki", "enforced": False,
+         "how": "Heki pins none of them and has no kexec/reboot/module flow; the mode protects none of them"},
+    ]
+
+
 def heki_config(config: PartitionConfig) -> PartitionConfig:
     """The partition of a Heki-mode run: one VM (no VTL1 image), boot info announcing Heki."""
     return config.model_copy(update={"vtl1_image": None, "mode": "heki"})
@@ -151,6 +196,27 @@ class HekiMode:
         self.state = HekiState(partition.layout.mem_size // PAGE_SIZE)
         self.hypercalls = 0
         self.denials = 0
+
+    def summary(self) -> dict[str, int | str | None]:
+        """What the host-owned policy holds at the end of a run (`vtl run` shows it)."""
+        st = self.state
+        perms = bytes(st.perms)
+        return {"pinned_cr0": st.pinned_cr0, "pinned_cr4": st.pinned_cr4,
+                "pages_with_permissions": sum(1 for b in perms if b),
+                "pages_read_only": sum(1 for b in perms if b and not b & ABI.MEM_ATTR_WRITE),
+                "pages_immutable": sum(1 for b in perms if b & ABI.MEM_ATTR_IMMUTABLE),
+                "cr_judge": (f"privileged section {st.section[0]:#x} ({st.section[1]} pages)"
+                             if st.section else None),
+                "hypercalls": self.hypercalls, "denials": self.denials}
+
+    def summary_lines(self) -> list[str]:
+        s = self.summary()
+        judged = f"through the {s['cr_judge']}" if s["cr_judge"] else "nowhere (nothing pinned)"
+        return [f"{'heki pins':<14}CR0 {s['pinned_cr0']:#x}, CR4 {s['pinned_cr4']:#x}; "
+                f"CR writes judged {judged}",
+                f"{'heki pages':<14}{s['pages_with_permissions']} with permissions, {s['pages_read_only']} "
+                f"read-only, {s['pages_immutable']} immutable; {s['hypercalls']} Heki hypercalls, "
+                f"{s['denials']} CR writes denied"]
 
     # --- the port --------------------------------------------------------------------
     def hypercall(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:

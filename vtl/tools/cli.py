@@ -299,9 +299,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                    console_line_count=console.lines, events=dict(events.counts),
                    reports=[r.model_dump(exclude={"data"}) for r in sched.reports.records],
                    max_rss_mib=_peak_rss_mib())
+        heki = getattr(sched, "heki", None)       # Heki mode: the host-owned policy at the end
+        if heki is not None:
+            doc.update(mode="heki", heki=heki.summary())
         _print_json(doc)
     else:
-        out.write("\n".join(run_summary_lines(result, args.scenario or "boot", config)) + "\n")
+        lines = run_summary_lines(result, args.scenario or "boot", config)
+        heki = getattr(sched, "heki", None)
+        out.write("\n".join(lines + (heki.summary_lines() if heki is not None else [])) + "\n")
     if result.reason == "vmm_error":
         print(f"vtl run: error: {result.message}", file=sys.stderr)
         return 1
