@@ -298,6 +298,15 @@ class HekiMode:
         self.p.intercept_control = InterceptControl(0, 0, 0, start, pages)
         self._apply(start // PAGE_SIZE, start // PAGE_SIZE + pages)
 
+    def after_reset(self) -> None:
+        """An emulated RESET rebuilt the guest's VM; KVM's pins and memory attributes live in
+        struct kvm, which a reset of the guest keeps (Heki "doesn't handle VM reboot"), so
+        the host-owned policy outlives the kernel that set it: applied again to the new VM."""
+        st = self.state
+        if st.section is not None:
+            self.p.intercept_control = InterceptControl(0, 0, 0, st.section[0], st.section[1])
+        self._apply(0, st.pages)
+
     def judge(self, vp: VirtualProcessor, w: RegisterWrite) -> Fault | None:
         """heki_check_cr for a decoded MOV to CR0/CR4: #GP(0) if a pinned bit would clear."""
         st = self.state
@@ -517,3 +526,9 @@ class HekiScheduler(Scheduler):
             return vtl_hypercall(vp, vcpu)
 
         self._io[ABI.VTL_PORT_HYPERCALL] = hypercall
+
+    def _apply(self, vp: VirtualProcessor, outcome: Outcome) -> None:
+        resets = self.resets
+        super()._apply(vp, outcome)
+        if self.resets != resets:
+            self.heki.after_reset()
