@@ -299,3 +299,15 @@ def test_caps_says_what_is_real_and_what_is_a_stand_in() -> None:
     assert noexec["kind"] == "not enforced on this host" and "MBEC" in noexec["how"]
     assert parts["page no-write (MEM_ATTR_WRITE clear)"]["kind"] == "real"
     assert any(h["kind"] == "not protected by Heki" and "CR3" in part for part, h in parts.items())
+
+
+def test_pins_and_permissions_outlive_the_kernel_across_a_reset(guest_images: tuple[Path, Path]) -> None:
+    """KVM keeps them in struct kvm, which a guest reset keeps ("doesn't handle VM reboot")."""
+    r = run_heki(guest_images[0], "reset-request")
+    assert r.result.boot_count == 1 and r.result.resets == 1
+    assert r.heki.pinned_cr0 == CR0_WP and r.heki.section is not None
+    syms = read_image(guest_images[0]).symbols()
+    text = range(syms["_text_start"] // PAGE_SIZE, syms["_priv_start"] // PAGE_SIZE)
+    assert all(r.vtl0_attrs[i] & NW for i in text), "the rebuilt VM lost the text's no-write"
+    # The rebooted kernel cannot even set up its own tables: Heki's design, observed.
+    assert r.result.reason == "triple_fault", r.result
