@@ -49,6 +49,7 @@ Where this mode differs, and why (each said in docs/heki-mode.md):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,8 @@ ENTRY_SIZE = abi_ffi.sizeof("struct heki_pages")
 PROT = ABI.MEM_ATTR_PROT
 DEFAULT_PERMS = ABI.MEM_ATTR_READ | ABI.MEM_ATTR_WRITE | ABI.MEM_ATTR_EXEC
 PF_PRESENT, PF_WRITE, PF_USER = 0x1, 0x2, 0x4
+# Per-page permissions -> the backend's attributes: NW without MEM_ATTR_WRITE (0: no attribute, RWX).
+_BACKEND_ATTRS = bytes(NW if perm and not perm & ABI.MEM_ATTR_WRITE else 0 for perm in range(256))
 
 
 def neg(errno_: int) -> int:
@@ -416,7 +419,7 @@ class HekiMode:
                 count.pages += hi - lo
                 if count.pages > budget:
                     raise _Refused(neg(ABI.KVM_E2BIG), f"more than {budget} pages")
-                if any(b & ABI.MEM_ATTR_IMMUTABLE for b in new[lo:hi]):
+                if max(new[lo:hi]) >= ABI.MEM_ATTR_IMMUTABLE:     # bit 3, the highest of MEM_ATTR_PROT
                     raise _Refused(neg(ABI.KVM_EPERM), f"immutable permission for GFNs {lo:#x}-{hi:#x}")
                 new[lo:hi] = bytes([perms]) * (hi - lo)
                 touched.append((lo, hi))
@@ -426,24 +429,19 @@ class HekiMode:
         """Pages [lo, hi) as the backend must hold them: NW where Heki removed WRITE (only
         write reaches the EPT without MBEC), NR|NW|NX for the stand-in's section."""
         st, p = self.state, self.p
-        sec = st.section
-        s_lo, s_hi = (sec[0] // PAGE_SIZE, sec[0] // PAGE_SIZE + sec[1]) if sec else (0, 0)
+        want = bytearray(bytes(st.perms[lo:hi]).translate(_BACKEND_ATTRS))
+        if st.section is not None:
+            s_lo = max(lo, st.section[0] // PAGE_SIZE)
+            s_hi = min(hi, st.section[0] // PAGE_SIZE + st.section[1])
+            if s_lo < s_hi:
+                want[s_lo - lo:s_hi - lo] = bytes([ALL]) * (s_hi - s_lo)
         i = lo
-        while i < hi:
-            attrs = self._attrs(i, s_lo, s_hi)
-            j = i + 1
-            while j < hi and self._attrs(j, s_lo, s_hi) == attrs:
-                j += 1
-            if bytes(p.vtl0_attrs[i:j]) != bytes([attrs]) * (j - i):
-                p.backend.set_range(i * PAGE_SIZE, (j - i) * PAGE_SIZE, attrs)
-                p.vtl0_attrs[i:j] = bytes([attrs]) * (j - i)
-            i = j
-
-    def _attrs(self, page: int, s_lo: int, s_hi: int) -> int:
-        if s_lo <= page < s_hi:
-            return ALL
-        perm = self.state.perms[page]
-        return NW if perm and not perm & ABI.MEM_ATTR_WRITE else 0
+        for attrs, run in itertools.groupby(want):
+            n = sum(1 for _ in run)
+            if p.vtl0_attrs[i:i + n] != bytes([attrs]) * n:
+                p.backend.set_range(i * PAGE_SIZE, n * PAGE_SIZE, attrs)
+                p.vtl0_attrs[i:i + n] = bytes([attrs]) * n
+            i += n
 
     # --- a violation: what KVM's mem_attr_fault injects ---------------------------------
     def write_fault(self, vp: VirtualProcessor, vcpu: VCpu, gpa: int) -> None:
