@@ -220,6 +220,12 @@ static uint64_t run_case(int c, const char **name)
 		report_status("pin_smep", KVM_HC_LOCK_CR_UPDATE, st);
 		return lock_cr(4, CR4_SMAP, 0);
 	}
+	case 29:
+		*name = "too_many_pages";          /* 169 entries of 16 MiB each: past the budget */
+		list_reset(&lists[0], NULL);
+		for (int i = 0; i < (int)LIST_ENTRIES; i++)
+			list_add(&lists[0], 0, boot_info->vtl1_base, R);
+		return protect(&lists[0]);
 	default: *name = NULL; return 0;
 	}
 }
@@ -240,7 +246,7 @@ SCENARIO(sc_heki_hc, "heki-hypercalls", "Heki mode: the Heki hypercalls with bad
 		uint64_t st = run_case(c, &key);
 		if (!key)
 			break;
-		report_status(key, c >= 11 && c <= 26 ? KVM_HC_PROTECT_MEMORY : KVM_HC_LOCK_CR_UPDATE, st);
+		report_status(key, (c >= 11 && c <= 26) || c == 29 ? KVM_HC_PROTECT_MEMORY : KVM_HC_LOCK_CR_UPDATE, st);
 		printf("case %d %s -> %ld\n", c, key, (int64_t)st);
 		touch(key, target);
 	}

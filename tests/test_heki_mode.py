@@ -126,6 +126,7 @@ PROTECT_CASES = {
     22: ("perm_unknown", EINVAL),                  # bit 4: beyond MEM_ATTR_PROT
     23: ("all_or_nothing", EINVAL),                # a good entry, then a bad one
     24: ("all_or_nothing_lists", EFAULT),          # a good list, then next_pa past memory
+    29: ("too_many_pages", E2BIG),                 # 169 x 16 MiB: more than the VMM's budget of pages
 }
 
 
