@@ -22,6 +22,12 @@ uint64_t protection_of(uint64_t gpa);
 void harden_protect(const char *name);
 void harden_lock(const char *name, int end_of_boot);
 void harden(const char *name, int end_of_boot);
+/* heki.c: Heki mode (boot_info->flags & VTL_BOOT_F_HEKI): the same hardening through the
+ * Heki hypercalls (docs/heki-mode.md). */
+int heki_mode(void);
+void heki_harden(const char *name, int end_of_boot);
+void heki_still_served(const char *name);
+void heki_boot(void) __attribute__((noreturn));
 void attack_succeeded(const char *name, const char *why, uint64_t seen) __attribute__((noreturn));
 void attack_write(const char *name, const char *key, const char *what, uint64_t target);
 void write_u64_fn(void *p);

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vtl.core.config import Backend, KexecPolicy, PartitionConfig
+from vtl.core.config import Backend, KexecPolicy, Mode, PartitionConfig
 from vtl.core.events import EventLog
 from vtl.core.partition import Partition
+from vtl.modes.heki import HekiScheduler, heki_config
 from vtl.run import control
 from vtl.run.result import RunResult
+from vtl.run.scheduler import Scheduler
 from vtl.services.console import Console
 from vtl.services.reports import Report
 
@@ -58,17 +60,20 @@ def run_scenario(images: tuple[Path, Path], scenario: str = "", *, vtl1: bool = 
                  timeout: float = RUN_TIMEOUT, snapshot: list[tuple[int, int]] | None = None,
                  backend: Backend | None = None, trust: list[bytes] | None = None,
                  kexec_policy: KexecPolicy = "teardown", staged: Path | None = None,
-                 reset_on_triple_fault: bool = False) -> Run:
+                 reset_on_triple_fault: bool = False, mode: Mode = "vtl") -> Run:
     """Run a scenario in a fresh partition; `snapshot` ranges of guest memory are copied
-    before the partition is closed."""
+    before the partition is closed.  `mode="heki"`: one VM, the VMM as KVM with Heki."""
     cfg = PartitionConfig(vtl0_image=images[0], vtl1_image=images[1] if vtl1 else None,
                           scenario=scenario, param=param, attr_backend=backend, trust=trust or [],
                           kexec_policy=kexec_policy, staged=staged,
                           reset_on_triple_fault=reset_on_triple_fault)
+    if mode == "heki":
+        cfg = heki_config(cfg)
     events = EventLog(trace=True, keep=100_000)
     console = Console(cfg.nr_vps, keep=10_000)
     with Partition(cfg, events) as p:
-        result, sched = control.run(p, console, timeout)
+        result, sched = control.run(p, console, timeout,
+                                    scheduler=HekiScheduler if mode == "heki" else Scheduler)
         mem = {(gpa, n): p.mem.read(gpa, n) for gpa, n in (snapshot or [])}
         reports = list(sched.reports.records)
         targets = {}

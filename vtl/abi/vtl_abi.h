@@ -332,6 +332,57 @@
 
 /* ---- boot_info.flags ------------------------------------------------- */
 #define VTL_BOOT_F_VTL1_AVAILABLE  0x1        /* VTL0: VTL_HC_ENABLE_VTL1 may succeed  */
+#define VTL_BOOT_F_HEKI            0x2        /* VTL0: Heki mode (vtl run --mode heki): no VTL1;
+                                                 the VMM plays KVM with the Heki patches and
+                                                 serves KVM_HC_LOCK_CR_UPDATE and
+                                                 KVM_HC_PROTECT_MEMORY (below)            */
+
+/* ---- Heki mode (docs/heki-mode.md): the hypercalls of the Heki RFC patches, with the
+ * patches' numbers, argument layouts and error codes.  In-KVM Heki takes them as VMCALL
+ * (a0..a2 in RBX, RCX, RDX); a VMCALL never reaches userspace on the hosts this project
+ * targets, so here they are carried on VTL_PORT_HYPERCALL like every hypercall: RAX =
+ * number, RDI = a0, RSI = a1, RDX = a2; RAX = the return value (0, a version, or a
+ * negative KVM error code as a two's-complement uint64).  VTL0 only, CPL0 only. ---- */
+#define KVM_HC_LOCK_CR_UPDATE      13     /* RFC v2/v3 (include/uapi/linux/kvm_para.h):
+                                             a0 = CR number (0 or 4), a1 = bits to pin,
+                                             a2 = flags.  CR0 pins must include WP and be set
+                                             in the host's CR0; CR4 pins a subset of SMEP, SMAP,
+                                             UMIP, FSGSBASE, CET, FRED (bits the host's CR4
+                                             lacks are silently dropped).  Pins are OR-ed into
+                                             VM-wide masks, never removed; a MOV to CR0/CR4
+                                             clearing a pinned bit gets #GP(0), CR unchanged.
+                                             -KVM_EINVAL: a0 > U32_MAX, another CR, pin = 0,
+                                             CR0 without WP, bits outside the rules, flags */
+#define KVM_LOCK_CR_UPDATE_VERSION 1      /* a2 flag (1 << 0): with a0 = a1 = 0 returns
+                                             HEKI_ABI_VERSION, pins nothing               */
+#define HEKI_ABI_VERSION           1
+#define KVM_HC_PROTECT_MEMORY      14     /* RFC v2: a0 = GPA of a struct heki_page_list,
+                                             chained by next_pa (0 ends the chain).  Each
+                                             entry sets the permissions of [pa, epa) (page
+                                             aligned, pa < epa).  0, or -KVM_EFAULT (a list or
+                                             its pages not in guest memory), -KVM_E2BIG (more
+                                             lists than guest memory holds pages, e.g. a loop
+                                             in next_pa; npages beyond one page), -KVM_EINVAL
+                                             (misaligned, empty range, permissions 0 or beyond
+                                             MEM_ATTR_PROT, a range outside guest memory),
+                                             -KVM_EPERM (a page already IMMUTABLE).  Here all or
+                                             nothing: on any error nothing changed        */
+#define MEM_ATTR_READ              0x1    /* include/linux/kvm_mem_attr.h (RFC v2)          */
+#define MEM_ATTR_WRITE             0x2
+#define MEM_ATTR_EXEC              0x4    /* without MBEC a no-exec request becomes
+                                             executable (the patch: "Clearing kernel exec
+                                             depends on MBEC"); this host has none        */
+#define MEM_ATTR_IMMUTABLE         0x8    /* the page's permissions never change again    */
+#define MEM_ATTR_PROT              0xF
+#define HEKI_PAGE_LIST_MAX_PAGES   169    /* (4096 - 24) / 24: a list occupies one page    */
+#define KVM_EPERM                  1      /* include/uapi/linux/kvm_para.h; returned negated */
+#define KVM_E2BIG                  7
+#define KVM_EFAULT                 14
+#define KVM_EINVAL                 22
+#define KVM_ENOSYS                 1000
+#define KVM_HEKI_EXIT_REASON_CR0   0x1    /* KVM_CAP_HEKI_CONFIGURE / _DENIAL reasons (RFC v3
+                                             3/5); events heki_configure / heki_denial here */
+#define KVM_HEKI_EXIT_REASON_CR4   0x2
 
 #ifndef __ASSEMBLER__
 /* Handed to each kernel in RDI at entry.  VTL0's at VTL0_BOOT_INFO_GPA,
@@ -477,6 +528,22 @@ struct vtl_report {
     uint64_t data_gpa;       /* STAMPS / BYTES: where the data is               */
     uint64_t data_count;     /* STAMPS: uint64s; BYTES: bytes                   */
     char     text[64];       /* NUL-terminated free text (e.g. why a FAIL)      */
+};
+
+/* KVM_HC_PROTECT_MEMORY's page list (include/linux/heki.h, RFC v2): one page each,
+ * `npages` struct heki_pages right after the header.  `next` is the guest's own pointer,
+ * ignored by the hypervisor; `next_pa` chains the lists (0: the last). */
+struct heki_pages {
+    uint64_t pa;             /* first byte, page aligned                        */
+    uint64_t epa;            /* end (exclusive), page aligned, > pa             */
+    uint64_t permissions;    /* MEM_ATTR_*                                      */
+};
+
+struct heki_page_list {
+    uint64_t next;           /* guest pointer, not read                         */
+    uint64_t next_pa;        /* GPA of the next list, 0 = none                  */
+    uint64_t npages;         /* entries following, at most HEKI_PAGE_LIST_MAX_PAGES */
+    /* struct heki_pages pages[npages]; */
 };
 
 /* A scenario built into a VTL0 image, listed in its ELF section ".vtl_scenarios"

@@ -11,6 +11,7 @@ from vtl.core.layout import check_mem_size
 
 Backend = Literal["memslot", "host_mapping", "rwx"]
 KexecPolicy = Literal["teardown", "persist", "deny"]
+Mode = Literal["vtl", "heki"]     # heki: one VM, the VMM as KVM with the Heki patches (vtl/modes/heki.py)
 
 
 class PartitionConfig(BaseModel):
@@ -26,6 +27,7 @@ class PartitionConfig(BaseModel):
     kexec_policy: KexecPolicy = "teardown"
     staged: Path | None = None              # a file placed in VTL0 memory (boot_info.staged_*)
     reset_on_triple_fault: bool = False     # a VTL0 triple fault is an emulated RESET
+    mode: Mode = "vtl"                      # heki: boot_info announces VTL_BOOT_F_HEKI, no VTL1
 
     @field_validator("mem_size")
     @classmethod

@@ -168,6 +168,49 @@ class Lifecycle(_Event):
     after: dict[str, Any] | None = None
 
 
+class HekiConfigure(_Event):
+    """Heki mode: a KVM_HC_LOCK_CR_UPDATE pinned bits (KVM_CAP_HEKI_CONFIGURE's exit in the
+    RFC v3 patches): `reason` KVM_HEKI_EXIT_REASON_CR0 (1) or _CR4 (2), `cr_pinned` the bits
+    this call pinned (after the patch drops CR4 bits the host's CR4 lacks)."""
+    kind: Literal["heki_configure"] = "heki_configure"
+    reason: int
+    cr_pinned: int
+    requested: int              # a1 as the guest gave it
+    pinned_total: int           # the VM-wide mask after the call
+
+
+class HekiDenial(_Event):
+    """Heki mode: a MOV to CR0/CR4 would clear a pinned bit (KVM_CAP_HEKI_DENIAL's exit):
+    the guest gets #GP(0), the CR is unchanged."""
+    kind: Literal["heki_denial"] = "heki_denial"
+    reason: int                 # KVM_HEKI_EXIT_REASON_CR0 / _CR4
+    cr_value: int               # the denied value
+    pinned: int                 # the pinned bits it would clear some of
+    rip: int
+
+
+class HekiHypercall(_Event):
+    """Heki mode: one KVM_HC_LOCK_CR_UPDATE / KVM_HC_PROTECT_MEMORY and what it returned
+    (`ret` as the guest's RAX reads it, signed); for page lists, what was applied."""
+    kind: Literal["heki_hypercall"] = "heki_hypercall"
+    nr: int
+    args: list[int]
+    ret: int
+    reason: str = ""            # why an error
+    lists: int = 0
+    entries: int = 0
+    pages: int = 0
+
+
+class HekiNotEnforced(_Event):
+    """Heki mode: the guest asked for a protection this host cannot give (no-execute needs
+    an EPT/MBEC attribute): what the patch does instead, and why."""
+    kind: Literal["heki_not_enforced"] = "heki_not_enforced"
+    what: str
+    why: str
+    pages: int = 0
+
+
 class GuestExit(_Event):
     kind: Literal["guest_exit"] = "guest_exit"
     status: int
@@ -176,7 +219,8 @@ class GuestExit(_Event):
 
 Event = Annotated[VtlEnabled | VtlCall | VtlReturn | GuestFault | RefusedRequest | GuestReport
                   | ProtectionChanged | InterceptControlSet | RegisterWritten | SingleStepped
-                  | SecureIntercept | InterceptVerdict | Lifecycle | GuestExit,
+                  | SecureIntercept | InterceptVerdict | Lifecycle | GuestExit
+                  | HekiConfigure | HekiDenial | HekiHypercall | HekiNotEnforced,
                   Field(discriminator="kind")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 

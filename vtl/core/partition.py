@@ -97,6 +97,8 @@ class Partition:
         vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR, u.KVM_MSR_EXIT_REASON_FILTER)
         self._msr_filter = vm.set_msr_filter(deny_write=list(PINNED_MSRS))
         flags = ABI.VTL_BOOT_F_VTL1_AVAILABLE if self.vtl1_image else 0
+        if self.config.mode == "heki":      # the interface VTL0 hardens itself through
+            flags |= ABI.VTL_BOOT_F_HEKI
         cr3 = lay.write_boot_tables(self.mem, self.layout, Vtl.VTL0)
         for vp in self.vps:
             lay.write_boot_info(self.mem, self.layout, Vtl.VTL0, vp=vp.index, nr_vps=len(self.vps),

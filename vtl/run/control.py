@@ -14,6 +14,7 @@ import contextlib
 import math
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -91,7 +92,9 @@ async def _supervise(sched: Scheduler, timeout: float | None,
 
 
 def run(partition: Partition, console: Console | None = None,
-        timeout: float | None = 30.0, control_path: Path | None = None) -> tuple[RunResult, Scheduler]:
+        timeout: float | None = 30.0, control_path: Path | None = None,
+        scheduler: Callable[[Partition, Console | None], Scheduler] = Scheduler
+        ) -> tuple[RunResult, Scheduler]:
     """Run `partition` until the guest reports an exit status, crashes, times out or is
     stopped by a signal (or `stop` on the control socket at `control_path`).  Errors
     inside the run end it with reason "vmm_error".  A control socket that cannot be
@@ -99,7 +102,7 @@ def run(partition: Partition, console: Console | None = None,
     removed when the run ends, however it ends."""
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    sched = Scheduler(partition, console)
+    sched = scheduler(partition, console)        # a mode's scheduler (vtl/modes) or the VTL one
     # Bound here, outside trio: an error is a plain exception before anything runs, and
     # the finally below removes the file on every way out (signals, timeout, errors).
     control = controlsock.BoundSocket(control_path) if control_path is not None else None

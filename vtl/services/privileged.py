@@ -23,6 +23,8 @@ there in any other mode gets #GP(0).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from vmm.decode import MASK32, NotPrivileged, Op, Privileged, Truncated, decode
 from vmm.kvm import VCpu
 from vmm.memattr import NR
@@ -68,6 +70,8 @@ class PrivilegedSection:
         self.p, self.events, self.intercepts = partition, events, intercepts
         self.registers = registers or intercepts.registers
         self.view = view or intercepts.view
+        # Heki mode: the host judges register writes instead of VTL1 (None: VTL1 does).
+        self.host_judge: Callable[[VirtualProcessor, RegisterWrite], Fault | None] | None = None
 
     # --- VTL_HC_SET_INTERCEPT_CONTROL -------------------------------------------------
     def set_control(self, vp: VirtualProcessor, gpa: int) -> tuple[int, str]:
@@ -137,7 +141,11 @@ class PrivilegedSection:
         if isinstance(w, Fault):
             return self._fault(vp, vcpu, rip, w, d.op.value if d.op is not Op.MOV_CR else f"mov to cr{d.cr}")
         ctl = self.p.intercept_control
-        if ctl is not None and ctl.judges(w.reg, w.old, w.new):
+        if self.host_judge is not None:       # a mode whose host owns the policy (vtl/modes/heki.py)
+            denied = self.host_judge(vp, w)
+            if denied is not None:
+                return self._fault(vp, vcpu, rip, denied, w.name)
+        elif ctl is not None and ctl.judges(w.reg, w.old, w.new):
             return self.intercepts.register(vp, vcpu, w)
         fault = self.registers.apply(vcpu, w, allowed=False)
         if fault is not None:

@@ -40,9 +40,17 @@ class Strategy(BaseModel):
     why: str
 
 
+class HekiPart(BaseModel):
+    part: str
+    kind: str          # real | stand-in | not enforced on this host | not protected by Heki
+    enforced: bool
+    how: str
+
+
 class Caps(BaseModel):
     mechanisms: list[Mechanism]
     strategies: list[Strategy]
+    heki_mode: list[HekiPart] = []     # vtl run --mode heki (docs/heki-mode.md)
 
 
 def default_backend(present: dict[str, bool]) -> str:
@@ -125,7 +133,11 @@ def strategies_for(present: dict[str, bool]) -> list[Strategy]:
 def probe_caps() -> Caps:
     mechs = [Mechanism(name=r.name, present=r.present, detail=r.detail, kind=_kind(r.name))
              for r in probe_all()]
-    return Caps(mechanisms=mechs, strategies=strategies_for({m.name: m.present for m in mechs}))
+    from vtl.modes.heki import heki_parts
+
+    present = {m.name: m.present for m in mechs}
+    return Caps(mechanisms=mechs, strategies=strategies_for(present),
+                heki_mode=[HekiPart.model_validate(x) for x in heki_parts(present, default_backend(present))])
 
 
 def render_caps(caps: Caps) -> str:
@@ -144,4 +156,9 @@ def render_caps(caps: Caps) -> str:
         lines.append(f"  {s.protection}: {state}")
         lines.append(f"      strategy: {s.strategy}")
         lines.append(f"      why: {s.why}")
+    if caps.heki_mode:
+        lines += ["", "Heki mode (vtl run --mode heki): the real mechanism and the stand-ins:"]
+        for h in caps.heki_mode:
+            lines.append(f"  {h.part}: {h.kind}")
+            lines.append(f"      {h.how}")
     return "\n".join(lines)

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     _images(r)
     r.add_argument("--no-vtl1", action="store_true",
                    help="run without VTL1: the guest's enable request gets VTL_E_DISABLED")
+    r.add_argument("--mode", choices=("vtl", "heki"), default="vtl",
+                   help="vtl: VTL0 and VTL1 as paired VMs, the policy is VTL1's (default); heki: one VM, "
+                        "no VTL1, the VMM in the role of KVM with the Heki patches (KVM_HC_LOCK_CR_UPDATE, "
+                        "KVM_HC_PROTECT_MEMORY on the hypercall port; docs/heki-mode.md)")
     r.add_argument("--scenario", default="", metavar="NAME",
                    help="scenario built into the VTL0 image (see `vtl scenarios`; default: boot)")
     r.add_argument("--param", type=_int_in(0, MAX_PARAM, "--param"), default=0, metavar="N",
@@ -267,6 +271,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                              mem_size=args.mem, scenario=args.scenario, param=args.param,
                              attr_backend=args.backend, **_lifecycle_config(args))
     check_scenario(read_image(config.vtl0_image), args.scenario)     # a usage error, before KVM
+    if args.mode == "heki":
+        from vtl.modes.heki import heki_config
+
+        config = heki_config(config)
     # A guest decides how many events and lines there are: keep none of them in memory
     # beyond a short tail for --json.
     events = EventLog(keep=0)
@@ -275,7 +283,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with Partition(config, events) as partition:
             if args.events is not None:
                 events.open_file(args.events)
-            result, sched = control.run(partition, console, args.timeout, args.control)
+            result, sched = control.run(partition, console, args.timeout, args.control,
+                                        **_mode_scheduler(args.mode))
     except ControlSocketError as e:
         print(f"vtl run: error: {e}", file=sys.stderr)
         return 2
@@ -293,13 +302,27 @@ def cmd_run(args: argparse.Namespace) -> int:
                    console_line_count=console.lines, events=dict(events.counts),
                    reports=[r.model_dump(exclude={"data"}) for r in sched.reports.records],
                    max_rss_mib=_peak_rss_mib())
+        heki = getattr(sched, "heki", None)       # Heki mode: the host-owned policy at the end
+        if heki is not None:
+            doc.update(mode="heki", heki=heki.summary())
         _print_json(doc)
     else:
-        out.write("\n".join(run_summary_lines(result, args.scenario or "boot", config)) + "\n")
+        lines = run_summary_lines(result, args.scenario or "boot", config)
+        heki = getattr(sched, "heki", None)
+        out.write("\n".join(lines + (heki.summary_lines() if heki is not None else [])) + "\n")
     if result.reason == "vmm_error":
         print(f"vtl run: error: {result.message}", file=sys.stderr)
         return 1
     return result.status & 0xFF
+
+
+def _mode_scheduler(mode: str) -> dict[str, Any]:
+    """control.run's scheduler for `--mode` (the VTL one unless heki)."""
+    if mode == "heki":
+        from vtl.modes.heki import HekiScheduler
+
+        return {"scheduler": HekiScheduler}
+    return {}
 
 
 def _peak_rss_mib() -> float | None:

@@ -8,7 +8,10 @@ from vtl.run.result import RunResult
 
 def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig) -> list[str]:
     verdict = "PASS" if result.status == 0 else "FAIL"
-    if result.vtl1_enabled:
+    heki = config.mode == "heki"
+    if heki:
+        vtl1 = "none: Heki mode, the VMM in the role of KVM with the Heki patches (docs/heki-mode.md)"
+    elif result.vtl1_enabled:
         vtl1 = f"enabled, SHA-256 {result.vtl1_measurement} ({config.vtl1_image})"
     elif config.vtl1_image is None:
         vtl1 = "disabled (--no-vtl1)"
@@ -24,7 +27,8 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
         f"result        {verdict}: {result.message} ({result.reason})",
         f"scenario      {scenario}",
         f"VTL1          {vtl1}",
-        f"protections   {result.backend} backend (VTL0's memory as VTL1 sets it; `vtl caps`)",
+        f"protections   {result.backend} backend (VTL0's memory as "
+        f"{'the host-owned Heki policy' if heki else 'VTL1'} sets it; `vtl caps`)",
         *([f"lifecycle     {result.boot_count} reboots of VTL0 ({result.resets} resets, "
             f"{result.kexecs} kexecs)"] if result.boot_count else []),
         f"VTL switches  {result.vtl_switches} ({result.vtl_calls} calls, {result.vtl_returns} returns)",
