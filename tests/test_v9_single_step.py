@@ -60,7 +60,7 @@ def test_pages_are_opened_for_the_step_and_restored_exactly() -> None:
     b = FakeBackend()
     v = FakeVcpu(Debug(1, P0 + 1, 0, 0))
     s = _stepper(b)
-    assert s.step(v, Step(P0, (P0, P1))) == Debug(1, P0 + 1, 0, 0)  # type: ignore[arg-type]
+    assert s.step(v, Step(P0, (P0, P1))).exit == Debug(1, P0 + 1, 0, 0)  # type: ignore[arg-type]
     assert b.calls == [(P0, NW), (P1, NW), (P1, ALL), (P0, ALL)]     # r-x for one instruction
     assert v.stepping == [True, False] and s.count == 1
 
