@@ -110,7 +110,8 @@ class Intercepts:
             insn = w.insn[:16]
             m.insn_len = w.length
             m.reg, m.old_value, m.new_value = w.reg, w.old, w.new
-            m.old_limit, m.new_limit = w.old_limit, w.new_limit
+            m.old_limit, m.new_limit = w.old_limit & 0xFFFFFFFF, w.new_limit & 0xFFFFFFFF
+            m.old_base, m.new_base = w.old_base, w.new_base
         else:
             insn = b"" if p.rip_after else self._vtl0_bytes(s.cr3, p.rip, 15)
         m.insn_bytes[0:len(insn)] = insn

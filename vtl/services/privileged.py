@@ -178,8 +178,9 @@ class PrivilegedSection:
             return gp(f"{d.op.value} at CPL{ctx.cpl}")
 
         def write(reg: int, old: int, new: int, old_limit: int = 0, new_limit: int = 0,
-                  segment: SegmentLoad | None = None) -> RegisterWrite:
-            return RegisterWrite(reg, old, new, rip, d.length, insn, old_limit, new_limit, segment)
+                  segment: SegmentLoad | None = None, old_base: int = 0, new_base: int = 0) -> RegisterWrite:
+            return RegisterWrite(reg, old, new, rip, d.length, insn, old_limit, new_limit, segment,
+                                 old_base, new_base)
 
         def operand(n: int) -> bytes | Fault:
             assert d.mem is not None and d.address is not None
@@ -239,7 +240,8 @@ class PrivilegedSection:
             if isinstance(seg, Fault):
                 return seg
             reg, old = (ABI.VTL_REG_TR, s.tr) if d.op is Op.LTR else (ABI.VTL_REG_LDTR, s.ldt)
-            return write(reg, int(old.selector), sel, segment=seg)
+            return write(reg, int(old.selector), sel, old_limit=int(old.limit), new_limit=seg.limit,
+                         segment=seg, old_base=int(old.base), new_base=seg.base)
         # XSETBV
         index = gprs[1] & MASK32
         value = (gprs[2] & MASK32) << 32 | (gprs[0] & MASK32)
