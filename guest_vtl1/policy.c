@@ -22,7 +22,10 @@
  *     protection it came with, and never grants access to immutable, executable,
  *     page-table or privileged-section pages;
  *   - from the lock on, CR0.PE/WP/PG, CR4 (all but MCE/PGE/PCE/VMXE), CR3 (locked root),
- *     XCR0, GDTR/IDTR/LDTR/TR and EFER keep their values; the syscall MSRs from
+ *     XCR0, GDTR/IDTR/LDTR/TR and EFER keep their values, and what GDTR/IDTR/LDTR/TR
+ *     load (GDT, IDT, TSS, LDT: base, limit and contents) stays as it was: LLDT/LTR are
+ *     judged by the descriptor's base and limit, the tables' pages are immutable, and
+ *     no gate, handler, stack or table lies in the privileged section; the syscall MSRs from
  *     END_OF_BOOT; every value VTL1 allows is checked first (canonical, reserved bits);
  *     CR0/CR4/EFER/XCR0 stay pinned across a kexec with the persist policy ("carried");
  *   - nothing touching VTL1's region, no protection change after END_OF_BOOT but
@@ -571,7 +574,9 @@ static uint64_t check_descriptor_tables(uint64_t root)
 {
 	ndesc = desc_violations = 0;
 	uint64_t gdt = pin.gdtr, idt = pin.idtr, tss = pin.tr_base, ldt = pin.ldtr_base;
-	if (!desc_range(root, gdt, pin.gdtr_limit + 1, "GDT") || !desc_range(root, idt, pin.idtr_limit + 1, "IDT"))
+	/* An IDT too short for one gate delivers nothing (every event is a triple fault). */
+	if (!desc_range(root, gdt, pin.gdtr_limit + 1, "GDT") ||
+	    (pin.idtr_limit >= 15 && !desc_range(root, idt, pin.idtr_limit + 1, "IDT")))
 		return VTL_E_POLICY;
 	if ((pin.tr & ~3ULL) && !desc_range(root, tss, pin.tr_limit + 1, "TSS"))
 		return VTL_E_POLICY;
