@@ -104,6 +104,23 @@ def test_a_gate_into_the_section_refuses_the_step(tmp_path: Path) -> None:
     assert any("IDT vector 1 leads" in e.reason for e in r.events("refused"))
 
 
+def test_a_gate_changed_between_two_steps_is_seen(tmp_path: Path) -> None:
+    """The VMM reuses a step's plan only while everything it read is unchanged: a gate
+    VTL0 rewrites (outside the section) after one step is judged at the next."""
+    g = Guest()
+    _setup(g)
+    before = g.try_("p_nops")
+    _gate(g, "idt+16*6(%rip)", "p_cr4")
+    attack = g.try_("p_ud2", CR4 | PGE, policy=DENY_GP)
+    g.asm("        call setup_idt")
+    after = g.try_("p_ud2")
+    r = run_guest(tmp_path, g)
+    _ok(r)
+    _cr4_kept(r)
+    assert r.fault(before) is None and r.fault(attack) == GP0 and r.fault(after) == UD
+    assert any("IDT vector 6 leads" in e.reason for e in r.events("refused"))
+
+
 def test_a_step_that_rewrites_a_gate_and_then_faults_changes_nothing(tmp_path: Path) -> None:
     """`rep movsb` in the section copies a gate #PF -> the section's MOV to CR4 over
     VTL0's own (writable) gate 14 and then reads past the end of mapped memory (#PF

@@ -70,6 +70,9 @@ class PrivilegedSection:
         self.p, self.events, self.intercepts = partition, events, intercepts
         self.registers = registers or intercepts.registers
         self.view = view or intercepts.view
+        # The last step plan and every input it was computed from (see _delivery).
+        self._plan: tuple[tuple[int, ...], list[tuple[int, bytes]], dict[int, int],
+                          tuple[tuple[int, ...], tuple[int, ...]] | str] | None = None
 
     # --- VTL_HC_SET_INTERCEPT_CONTROL -------------------------------------------------
     def set_control(self, vp: VirtualProcessor, gpa: int) -> tuple[int, str]:
@@ -364,14 +367,38 @@ class PrivilegedSection:
 
     def _delivery(self, vcpu: VCpu, opened: set[int]) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
         """(pages to make NR, pages to make NW) for a step that maps `opened`, or why the
-        step may not be made."""
+        step may not be made.  The plan is a function of the registers in `key`, the guest
+        memory it read (IDT, TSS, every page-table entry of its walks) and the attributes
+        of the pages it looked at: the last plan is reused only while every one of those
+        inputs is byte for byte what it was (steps are frequent: every `ret` of the
+        section)."""
         if not opened:
             return (), ()
+        s = vcpu.sregs
+        key = (int(s.cr3), int(s.idt.base), int(s.idt.limit), int(s.tr.base), int(s.tr.limit),
+               int(s.cr4) & CR4_LA57, *sorted(opened))
+        mem, attrs = self.p.mem, self.p.vtl0_attrs
+        last = self._plan
+        if last is not None and last[0] == key and all(attrs[pg] == a for pg, a in last[2].items()) \
+                and all(mem.read(g, len(b)) == b for g, b in last[1]):
+            return last[3]
+        reads: list[tuple[int, bytes]] = []
+        seen: dict[int, int] = {}
+        plan = self._plan_delivery(vcpu, opened, reads, seen)
+        self._plan = (key, reads, {pg: attrs[pg] for pg in seen}, plan)
+        return plan
+
+    def _plan_delivery(self, vcpu: VCpu, opened: set[int], reads: list[tuple[int, bytes]],
+                       seen: dict[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+        """_delivery's work; `reads` collects (GPA, bytes) of every memory read it depends
+        on, `seen` the page frames whose attributes it looked at."""
         s = vcpu.sregs
         lay, mem, attrs = self.p.layout, self.p.mem, self.p.vtl0_attrs
         cr3 = int(s.cr3)
         tables: set[int] = set()
         cache: dict[int, int | None] = {}
+        for frame in opened:
+            seen[frame // PAGE_SIZE] = 0
 
         def raw(gpa: int) -> bool:       # what the CPU can read during the step: VTL0 memory
             return lay.in_vtl0(gpa, 8)
@@ -386,7 +413,9 @@ class PrivilegedSection:
                 except paging.PageFault:
                     cache[vpage] = None
                 else:
-                    tables.update(e & ~(PAGE_SIZE - 1) for e in t.entries)
+                    for e in t.entries:
+                        tables.add(e & ~(PAGE_SIZE - 1))
+                        reads.append((e, mem.read(e, 8)))
                     g = t.gpa & ~(PAGE_SIZE - 1)
                     cache[vpage] = g if lay.in_vtl0(g, PAGE_SIZE) else None
             return cache[vpage]
@@ -402,7 +431,9 @@ class PrivilegedSection:
                     return None
                 if check and g in opened:
                     return f"{g:#x}"
-                out += mem.read(g + (gva & (PAGE_SIZE - 1)), chunk)
+                data = mem.read(g + (gva & (PAGE_SIZE - 1)), chunk)
+                reads.append((g + (gva & (PAGE_SIZE - 1)), data))
+                out += data
                 gva, n = (gva + chunk) & MASK64, n - chunk
             return bytes(out)
 
@@ -450,8 +481,11 @@ class PrivilegedSection:
                         return (f"VTL0's IDT vector {v} delivers on a stack at {top:#x}, in the "
                                 f"privileged-section page {sg:#x} a single step would map: the step "
                                 "is refused")
+            seen[g // PAGE_SIZE] = 0
             if not attrs[g // PAGE_SIZE] & NR:
                 guard_nr.add(g)
+        for frame in tables | idt_pages:
+            seen[frame // PAGE_SIZE] = 0
         guard_nw = {g for g in tables | idt_pages
                     if lay.in_vtl0(g, PAGE_SIZE) and g not in opened and not attrs[g // PAGE_SIZE] & NW
                     and g not in guard_nr}
