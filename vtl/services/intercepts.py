@@ -127,11 +127,13 @@ class Intercepts:
             "memory" if p.type == ABI.VTL_INTERCEPT_MEMORY else "msr" if p.type == ABI.VTL_INTERCEPT_MSR
             else "register")
         if w is not None:
-            limits = w.reg in (ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR)
+            segment = w.reg in (ABI.VTL_REG_LDTR, ABI.VTL_REG_TR)
+            limits = segment or w.reg in (ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR)
             event = SecureIntercept(
                 ts=self.events.now(), vp=vp.index, vtl=0, type=kind, access="write", rip=p.rip,
                 reg=w.name, old=w.old, new=w.new, old_limit=w.old_limit if limits else None,
-                new_limit=w.new_limit if limits else None, insn_len=w.length)
+                new_limit=w.new_limit if limits else None, old_base=w.old_base if segment else None,
+                new_base=w.new_base if segment else None, insn_len=w.length)
         else:
             event = SecureIntercept(
                 ts=self.events.now(), vp=vp.index, vtl=0, type=kind, access=ACCESS_NAMES[p.access],

@@ -197,6 +197,8 @@ def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
         else:
             what = f"{(i.reg or 'register').upper()} {i.old:#x} -> {i.new:#x}" if i.old is not None \
                 else (i.reg or "register").upper()
+            if getattr(i, "new_base", None) is not None:
+                what += f" (base {i.old_base:#x} -> {i.new_base:#x})"
             via = "privileged section"
         answer = "no verdict" if v is None else (
             VECTOR_NAMES.get(v.vector, f"vector {v.vector}") if v.verdict == "inject_fault" else v.verdict)
