@@ -557,9 +557,12 @@ static void desc_address(uint64_t root, uint64_t va, uint64_t len, const char *w
 
 static uint64_t read_u64_va(uint64_t root, uint64_t va, int *ok)
 {
-	uint64_t v = 0;
+	uint64_t v = 0, pa;
+	if ((va & 0xFFF) <= 0xFF8) {         /* one page: one walk (each costs ~50 instructions) */
+		*ok = vtl0_translate(root, va, &pa) && in_vtl0(pa, 8);
+		return *ok ? *(const volatile uint64_t *)pa : 0;
+	}
 	for (int i = 0; i < 8; i++) {
-		uint64_t pa;
 		if (!vtl0_translate(root, va + i, &pa) || !in_vtl0(pa, 1)) {
 			*ok = 0;
 			return 0;
