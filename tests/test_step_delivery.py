@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.v9guest import DENY_GP, HAVE_BINUTILS, IDT, PRIV, TAIL, Guest, GuestRun, run_guest
+from tests.v9guest import DENY_GP, HAVE_BINUTILS, IDT, PRIV, SEL_TSS, TAIL, TSS, Guest, GuestRun, run_guest
 from vmm import regcheck as rc
 from vtl.abi import ABI
 
@@ -102,6 +102,24 @@ def test_a_gate_into_the_section_refuses_the_step(tmp_path: Path) -> None:
     _cr4_kept(r)
     assert r.fault(attack) == GP0
     assert any("IDT vector 1 leads" in e.reason for e in r.events("refused"))
+
+
+def test_an_ist_stack_inside_the_section_refuses_the_step(tmp_path: Path) -> None:
+    """Gate 6 delivers on IST1, and the TSS's IST1 points into the section page the step
+    maps: refused (#GP(0)), whatever the handler."""
+    g = Guest()
+    g.asm(f"""
+        lgdt gdtr_new(%rip); mov ${SEL_TSS:#x}, %ax; ltr %ax
+        movabs ${PRIV + 0x800:#x}, %rax; mov %rax, {TSS + 0x24:#x}
+        movb $1, idt+16*6+4(%rip)""")
+    _setup(g)
+    attack = g.try_("p_ud2")
+    g.asm(f"        movb $0, idt+16*6+4(%rip); movq $0, {TSS + 0x24:#x}")
+    after = g.try_("p_ud2")
+    r = run_guest(tmp_path, g)
+    _ok(r)
+    assert r.fault(attack) == GP0 and r.fault(after) == UD
+    assert any("delivers on a stack" in e.reason for e in r.events("refused"))
 
 
 def test_a_gate_changed_between_two_steps_is_seen(tmp_path: Path) -> None:
