@@ -47,7 +47,8 @@ def _cr4_kept(r: GuestRun) -> None:
     assert r.sregs.cr4 == CR4, f"CR4 {int(r.sregs.cr4):#x}: the section's MOV to CR4 ran unjudged"
 
 
-def test_an_exception_in_a_step_stops_at_its_handler_before_it_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["host_mapping", "memslot"])
+def test_an_exception_in_a_step_stops_at_its_handler_before_it_runs(tmp_path: Path, backend: str) -> None:
     """#PF from a stepped load and #UD from a stepped INTO: delivered through VTL0's
     gates, the step ends at the handler's first byte (nothing of it ran with the section
     mapped), and the handler then runs as usual and sees the fault hardware raised."""
@@ -56,8 +57,9 @@ def test_an_exception_in_a_step_stops_at_its_handler_before_it_runs(tmp_path: Pa
     pf = g.try_("p_load", 0x7FFF_0000_0000)
     ud = g.try_("p_into")
     ok = g.try_("p_nops")
-    r = run_guest(tmp_path, g)
+    r = run_guest(tmp_path, g, backend=backend)  # type: ignore[arg-type]
     _ok(r)
+    assert r.run.result.backend == backend
     assert r.fault(pf) == (14, 0) and r.results[pf][2:] == (r.symbols["p_load"], 0x7FFF_0000_0000)
     assert r.fault(ud) == UD and r.results[ud][2] == r.symbols["p_into"]
     assert r.fault(ok) is None

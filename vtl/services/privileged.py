@@ -328,7 +328,9 @@ class PrivilegedSection:
     def event_delivered(self, vcpu: VCpu, step: Step, exit: VcpuExit) -> bool:
         """Did the step end at the first fetch of a guarded handler (an event was delivered
         while the section was mapped, and none of its handler ran)?"""
-        if not step.guard_nr or not isinstance(exit, EmulationFailure):
+        # A fetch from a protected page is an emulation failure on this host, and a
+        # KVM_EXIT_MEMORY_FAULT at that page on an EPT host.
+        if not step.guard_nr or not isinstance(exit, (EmulationFailure, MemoryFault)):
             return False
         rip = int(vcpu.regs.rip)
         if rip == step.rip:
@@ -338,7 +340,10 @@ class PrivilegedSection:
                               readable=lambda g: self.p.layout.in_vtl0(g, 8)).gpa
         except paging.PageFault:
             return False
-        return gpa & ~(PAGE_SIZE - 1) in step.guard_nr
+        page = gpa & ~(PAGE_SIZE - 1)
+        if isinstance(exit, MemoryFault) and exit.gpa & ~(PAGE_SIZE - 1) != page:
+            return False
+        return page in step.guard_nr
 
     def unsteppable(self, vp: VirtualProcessor, vcpu: VCpu, step: Step, exit: VcpuExit) -> Outcome:
         """The step of the instruction at `step.rip` ended in an emulation failure at that
