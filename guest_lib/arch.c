@@ -24,11 +24,20 @@ struct __attribute__((packed)) idt_gate {
  * its Accessed bit preset, and the TSS is busy from the LTR below).  VTL1 links
  * .data..ro_after_init into its ordinary data. */
 #define RO_AFTER_INIT __attribute__((section(".data..ro_after_init")))
-static uint64_t gdt[11] __attribute__((aligned(16))) RO_AFTER_INIT;
-static struct idt_gate idt[32] __attribute__((aligned(16))) RO_AFTER_INIT;
-static struct tss64 tss __attribute__((aligned(16))) RO_AFTER_INIT;
-static struct tss64 tss2 __attribute__((aligned(16))) RO_AFTER_INIT;
-static uint64_t ldt[2] __attribute__((aligned(16))) RO_AFTER_INIT;
+/* In one page of their own: VTL1 makes the pages that pinned GDTR/IDTR/LDTR/TR read
+ * read-only at the lock, and other ro_after_init data stays writable until END_OF_BOOT. */
+static struct __attribute__((aligned(4096))) desc_tables {
+	uint64_t gdt[11] __attribute__((aligned(16)));
+	struct idt_gate idt[32] __attribute__((aligned(16)));
+	struct tss64 tss __attribute__((aligned(16)));
+	struct tss64 tss2 __attribute__((aligned(16)));
+	uint64_t ldt[2] __attribute__((aligned(16)));
+} tables RO_AFTER_INIT;          /* sizeof = 4096: nothing else shares the page */
+#define gdt tables.gdt
+#define idt tables.idt
+#define tss tables.tss
+#define tss2 tables.tss2
+#define ldt tables.ldt
 static uint8_t exception_stack[16384] __attribute__((aligned(16)));
 static uint8_t df_stack[8192] __attribute__((aligned(16)));
 extern uint64_t isr_table[32];

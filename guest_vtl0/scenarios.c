@@ -1558,3 +1558,259 @@ SCENARIO(sc_stray, "lock-refuses-stray-cr-write",
 	echo_still_works(name);
 	pass(name);
 }
+
+/* ---- what runs while the privileged section is mapped, and what pinned descriptor-table
+ * registers load (issue 14): gates, IST/RSP0 stacks and tables into the section, the
+ * GDT, IDT and TSS rewritten after the lock or behind a pinned selector before it ---- */
+struct gate64 {
+	uint16_t off_lo, sel;
+	uint8_t ist, type;
+	uint16_t off_mid;
+	uint32_t off_hi, zero;
+};
+struct poke { volatile uint64_t *at; uint64_t value; };
+static void poke_fn(void *p) { struct poke *k = p; *k->at = k->value; }
+static void lgdt_raw(uint64_t p) { priv_lgdt((const struct desc_ptr *)p); }
+
+static struct gate64 *idt_now(void) { struct desc_ptr d; sidt(&d); return (struct gate64 *)d.base; }
+static uint64_t *gdt_now(void) { struct desc_ptr d; sgdt(&d); return (uint64_t *)d.base; }
+static uint64_t desc_base(const uint64_t *d)
+{
+	return ((d[0] >> 16) & 0xFFFFFF) | ((d[0] >> 56) & 0xFF) << 24 | (d[1] & 0xFFFFFFFFULL) << 32;
+}
+static uint64_t desc_limit(const uint64_t *d) { return (d[0] & 0xFFFF) | ((d[0] >> 48) & 0xF) << 16; }
+static uint64_t with_base(uint64_t d0, uint64_t base)
+{
+	return (d0 & ~0xFF0000FFFFFF0000ULL) | (base & 0xFFFFFF) << 16 | ((base >> 24) & 0xFF) << 56;
+}
+static uint64_t gate_lo(struct gate64 g, uint64_t handler)
+{
+	g.off_lo = (uint16_t)handler;
+	g.off_mid = (uint16_t)(handler >> 16);
+	uint64_t lo;
+	memcpy(&lo, &g, 8);
+	return lo;
+}
+/* A byte of the section that is a RET (priv_write_cr0 is `mov %rdi,%cr0; ret`). */
+static uint64_t section_ret(void) { return (uint64_t)priv_write_cr0 + 3; }
+
+/* Write `value` at `at` (TARGET `key` first): it must #PF (W) and change nothing. */
+static void poke_refused(const char *name, const char *key, const char *what, volatile uint64_t *at,
+			 uint64_t value)
+{
+	uint64_t old = *at;
+	report_target(key, (uint64_t)at, 8, old);
+	printf("ATTACK %s: %#lx at %#lx -> %#lx\n", what, old, (uint64_t)at, value);
+	struct poke k = { at, value };
+	struct fault_info fi;
+	int faulted = try_run(poke_fn, &k, &fi);
+	if (*at != old)
+		attack_succeeded(name, "the write landed", *at);
+	expect_fault(name, key, what, faulted, &fi, 14);
+}
+
+/* A RET in the section whose return address is not canonical: the step raises #GP. */
+static void step_gp_fn(void *root)
+{
+	asm volatile("movq %0, %%rdi\n\t"
+		     "movabs $0x8000000000000000, %%rax\n\t"
+		     "pushq %%rax\n\t"
+		     "jmp *%1" :: "r"(root), "r"(section_ret()) : "rax", "rdi", "memory");
+}
+
+SCENARIO(sc_gate_section, "idt-gate-into-section",
+	 "attack: point the #GP gate at the section's MOV to CR3, then fault in a single step there")
+{
+	const char *name = "idt-gate-into-section";
+	harden(name, 0);                 /* before END_OF_BOOT: ro_after_init still writable */
+	volatile uint64_t *g13 = (volatile uint64_t *)&idt_now()[13];
+	uint64_t cr3 = read_cr3(), root = own_root(name, 0);
+	plant_marker_code(data_page, EXEC_MARK);
+	report_exec("data_page", (uint64_t)data_page, (uint64_t)data_page, (uint64_t)&exec_marker, EXEC_MARK);
+	report_register("cr3", VTL_REG_CR3, cr3, 0);
+	poke_refused(name, "idt_gate_13", "IDT gate 13 -> priv_write_cr3", g13,
+		     gate_lo(*(struct gate64 *)g13, (uint64_t)priv_write_cr3));
+	/* Whatever the gate says: a #GP inside a step, RDI = the attacker's root. */
+	struct fault_info fi;
+	int faulted = try_run(step_gp_fn, (void *)root, &fi);
+	if (read_cr3() != cr3) {
+		struct fault_info ran;
+		try_run(call_fn, data_page, &ran);
+		attack_succeeded(name, "CR3 loaded through a gate into the section", read_cr3());
+	}
+	expect_fault(name, "step_gp", "RET to a non-canonical address in the section", faulted, &fi, 13);
+	echo_still_works(name);
+	pass(name);
+}
+
+/* The lock must be refused while `why`; then `undo` and the lock must succeed. */
+static void lock_refused(const char *name, const char *key)
+{
+	uint64_t ps = (uint64_t)_priv_start, pinning = 0;
+	uint64_t st = vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &pinning);
+	report_status(key, VTL_CALL_LOCK_PAGE_TABLES, st);
+	printf("lock -> %s\n", vtl_status_name(st));
+	if (st == VTL_OK)
+		attack_succeeded(name, "VTL1 locked with a descriptor table leading into the section", st);
+}
+
+SCENARIO(sc_gate_lock, "idt-gate-into-section-at-lock",
+	 "attack: IDT gates into the privileged section when VTL1 locks (the lock is refused)")
+{
+	const char *name = "idt-gate-into-section-at-lock";
+	require_vtl1(name);
+	harden_protect(name);
+	struct gate64 *idt = idt_now();
+	report_register("cr3", VTL_REG_CR3, read_cr3(), 0);
+	uint64_t saved[2];
+	memcpy(saved, &idt[13], 16);
+	uint64_t lo = gate_lo(idt[13], (uint64_t)priv_write_cr3);
+	memcpy(&idt[13], &lo, 8);
+	lock_refused(name, "lock_gate_in_section");
+	memcpy(&idt[13], saved, 16);
+	/* A handler that starts before the section and runs into it counts too. */
+	lo = gate_lo(idt[6], (uint64_t)_priv_start - 4);
+	memcpy(saved, &idt[6], 16);
+	memcpy(&idt[6], &lo, 8);
+	lock_refused(name, "lock_gate_into_section_end");
+	memcpy(&idt[6], saved, 16);
+	harden_lock(name, 1);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_ist_lock, "ist-into-section-at-lock",
+	 "attack: an IST or RSP0 stack inside the privileged section when VTL1 locks (refused)")
+{
+	const char *name = "ist-into-section-at-lock";
+	require_vtl1(name);
+	harden_protect(name);
+	uint64_t *tss = (uint64_t *)desc_base(&gdt_now()[TSS_SEL / 8]);
+	volatile uint64_t *ist1 = (volatile uint64_t *)((uint8_t *)tss + 0x24);
+	volatile uint64_t *rsp0 = (volatile uint64_t *)((uint8_t *)tss + 0x04);
+	uint64_t top = (uint64_t)_priv_start + 0x800, old_ist = *ist1, old_rsp0 = *rsp0;
+	report_register("tr_base", VTL_REG_TR_BASE, (uint64_t)tss, 0x67);
+	*ist1 = top;                      /* the #DF gate's IST1 */
+	lock_refused(name, "lock_ist_in_section");
+	*ist1 = old_ist;
+	*rsp0 = top;
+	lock_refused(name, "lock_rsp0_in_section");
+	*rsp0 = old_rsp0;
+	harden_lock(name, 1);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_table_base_section, "table-base-in-section",
+	 "attack: IDTR, then GDTR, based inside the privileged section when VTL1 locks (refused)")
+{
+	const char *name = "table-base-in-section";
+	require_vtl1(name);
+	harden_protect(name);
+	static struct desc_ptr old_idt, old_gdt, evil;
+	sidt(&old_idt);
+	sgdt(&old_gdt);
+	report_register("idtr", VTL_REG_IDTR, old_idt.base, old_idt.limit);
+	report_register("gdtr", VTL_REG_GDTR, old_gdt.base, old_gdt.limit);
+	evil.limit = old_idt.limit;
+	evil.base = (uint64_t)_priv_start;
+	priv_lidt(&evil);                 /* before the lock: VTL0 is still trusted */
+	lock_refused(name, "lock_idt_in_section");
+	priv_lidt(&old_idt);
+	evil.limit = old_gdt.limit;
+	priv_lgdt(&evil);                 /* no segment is reloaded until the GDT is back */
+	lock_refused(name, "lock_gdt_in_section");
+	priv_lgdt(&old_gdt);
+	harden_lock(name, 1);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_tss_rewrite, "tss-rewrite-after-lock",
+	 "attack: rewrite RSP0 and IST1 of the loaded TSS after the lock (TSS read-only from the lock)")
+{
+	const char *name = "tss-rewrite-after-lock";
+	harden(name, 0);
+	uint8_t *tss = (uint8_t *)desc_base(&gdt_now()[TSS_SEL / 8]);
+	poke_refused(name, "tss_rsp0", "TSS RSP0", (volatile uint64_t *)(tss + 0x04), (uint64_t)data_page + 4096);
+	poke_refused(name, "tss_ist1", "TSS IST1", (volatile uint64_t *)(tss + 0x24), (uint64_t)data_page + 4096);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_gdt_rewrite, "gdt-rewrite-after-lock",
+	 "attack: rewrite the GDT's TSS and LDT descriptors after the lock, then LGDT the pinned GDTR")
+{
+	const char *name = "gdt-rewrite-after-lock";
+	harden(name, 0);
+	uint64_t *gdt = gdt_now();
+	poke_refused(name, "gdt_tss_desc", "GDT TSS descriptor -> the spare TSS", (volatile uint64_t *)&gdt[TSS_SEL / 8],
+		     with_base(gdt[TSS_SEL / 8], desc_base(&gdt[TSS2_SEL / 8])) & ~(2ULL << 40));
+	poke_refused(name, "gdt_ldt_desc", "GDT LDT descriptor -> a data page", (volatile uint64_t *)&gdt[LDT_SEL / 8],
+		     with_base(gdt[LDT_SEL / 8], (uint64_t)data_page));
+	/* The pinned GDTR again: allowed, and it loads the unchanged table. */
+	static struct desc_ptr g;
+	sgdt(&g);
+	report_register("gdtr", VTL_REG_GDTR, g.base, g.limit);
+	struct fault_info fi;
+	if (try_reg_write(lgdt_raw, (uint64_t)&g, &fi))
+		fail(name, "LGDT of the pinned GDTR refused");
+	echo_still_works(name);
+	pass(name);
+}
+
+static uint64_t evil_ldt[2] __attribute__((aligned(16))) = { 0, 0x00CFF3000000FFFFULL };
+
+SCENARIO(sc_lldt_behind, "lldt-repointed-before-lock",
+	 "attack: load the LDT, repoint its GDT descriptor before the lock, LLDT the pinned selector after")
+{
+	const char *name = "lldt-repointed-before-lock";
+	require_vtl1(name);
+	harden_protect(name);
+	uint64_t *d = &gdt_now()[LDT_SEL / 8];
+	uint64_t base = desc_base(d), limit = desc_limit(d);
+	priv_lldt(LDT_SEL);               /* before the lock: LDTR = 0x38, base = the real LDT */
+	d[0] = with_base(d[0], (uint64_t)evil_ldt);
+	d[1] = (uint64_t)evil_ldt >> 32;
+	harden_lock(name, 1);
+	report_register("ldtr_base", VTL_REG_LDTR_BASE, base, limit);
+	printf("ATTACK lldt %#x: descriptor now %#lx, pinned base %#lx\n", LDT_SEL, (uint64_t)evil_ldt, base);
+	struct fault_info fi;
+	int faulted = try_reg_write(lldt_fn, LDT_SEL, &fi);
+	expect_fault(name, "lldt", "LLDT of the pinned selector, repointed descriptor", faulted, &fi, 13);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_ltr_behind, "ltr-repointed-before-lock",
+	 "attack: repoint the loaded TSS's GDT descriptor (available again) before the lock, LTR after")
+{
+	const char *name = "ltr-repointed-before-lock";
+	require_vtl1(name);
+	harden_protect(name);
+	uint64_t *gdt = gdt_now(), *d = &gdt[TSS_SEL / 8];
+	uint64_t base = desc_base(d), limit = desc_limit(d), evil = desc_base(&gdt[TSS2_SEL / 8]);
+	d[0] = with_base(d[0], evil) & ~(2ULL << 40);     /* busy -> available, the spare TSS */
+	d[1] = evil >> 32;
+	harden_lock(name, 1);
+	report_register("tr_base", VTL_REG_TR_BASE, base, limit);
+	printf("ATTACK ltr %#x: descriptor now %#lx (available), pinned base %#lx\n", TSS_SEL, evil, base);
+	struct fault_info fi;
+	int faulted = try_reg_write(ltr_fn, TSS_SEL, &fi);
+	expect_fault(name, "ltr", "LTR of the pinned selector, repointed descriptor", faulted, &fi, 13);
+	echo_still_works(name);
+	pass(name);
+}
+
+SCENARIO(sc_step_int3, "section-unsteppable",
+	 "attack: run the section's INT3 bytes (not steppable here): #UD, the partition runs on")
+{
+	const char *name = "section-unsteppable";
+	harden(name, 1);
+	report_register("cr3", VTL_REG_CR3, read_cr3(), 0);
+	struct fault_info fi;
+	int faulted = try_run(call_fn, _priv_start, &fi);
+	expect_fault(name, "section_int3", "INT3 in the privileged section", faulted, &fi, 6);
+	echo_still_works(name);
+	pass(name);
+}

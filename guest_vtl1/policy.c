@@ -22,7 +22,10 @@
  *     protection it came with, and never grants access to immutable, executable,
  *     page-table or privileged-section pages;
  *   - from the lock on, CR0.PE/WP/PG, CR4 (all but MCE/PGE/PCE/VMXE), CR3 (locked root),
- *     XCR0, GDTR/IDTR/LDTR/TR and EFER keep their values; the syscall MSRs from
+ *     XCR0, GDTR/IDTR/LDTR/TR and EFER keep their values, and what GDTR/IDTR/LDTR/TR
+ *     load (GDT, IDT, TSS, LDT: base, limit and contents) stays as it was: LLDT/LTR are
+ *     judged by the descriptor's base and limit, the tables' pages are immutable, and
+ *     no gate, handler, stack or table lies in the privileged section; the syscall MSRs from
  *     END_OF_BOOT; every value VTL1 allows is checked first (canonical, reserved bits);
  *     CR0/CR4/EFER/XCR0 stay pinned across a kexec with the persist policy ("carried");
  *   - nothing touching VTL1's region, no protection change after END_OF_BOOT but
@@ -71,6 +74,10 @@ static int pinning;
 static struct {
 	uint64_t cr0, cr4, efer, xcr0, gdtr, idtr, ldtr, tr;
 	int have_xcr0, have_gdtr, have_idtr, have_ldtr, have_tr;
+	/* What the descriptor-table registers load, read from the VMM at the lock: a
+	 * pinned register is judged by its base and limit, not only by its value. */
+	uint64_t gdtr_limit, idtr_limit, ldtr_base, ldtr_limit, tr_base, tr_limit;
+	int have_tables;
 	uint64_t roots[MAX_ROOTS];
 	int nroots;
 } pin;
@@ -467,6 +474,146 @@ static uint64_t set_intercept_control(uint32_t flags)
 	return hypercall(VTL_HC_SET_INTERCEPT_CONTROL, (uint64_t)&ictl, 0, 0, NULL);
 }
 
+/* ---- the memory pinned registers read ---------------------------------------------
+ * GDTR, IDTR, LDTR and TR take effect through memory: the GDT (descriptors LLDT/LTR
+ * load), the IDT (gates: where every exception and interrupt goes), the TSS (RSP0 and
+ * the IST stacks) and the LDT.  At the lock VTL1 checks them through the locked tables
+ * and makes their pages NW|NX and immutable, so that what a pinned register loads can
+ * never change; and no gate, handler, IST or RSP0 stack, and no table itself, may lie
+ * in the privileged section (a step there maps the section: register-intercepts.md). */
+#define MAX_DESC_PAGES 64
+static uint64_t desc_pages[MAX_DESC_PAGES];
+static uint64_t ndesc, desc_violations;
+
+/* VTL0's translation of `va` through the tables at `root` (the walk above made sure
+ * they are VTL0 memory); 0 if not mapped. */
+static int vtl0_translate(uint64_t root, uint64_t va, uint64_t *pa)
+{
+	uint64_t t = root;
+	for (int shift = 39; shift >= 12; shift -= 9) {
+		if (!in_vtl0(t, 4096))
+			return 0;
+		uint64_t e = ((const volatile uint64_t *)t)[(va >> shift) & 511];
+		if (!(e & PTE_P))
+			return 0;
+		if (shift == 21 && (e & PTE_PS)) {
+			*pa = (e & PTE_ADDR & ~0x1FFFFFULL) | (va & 0x1FFFFF);
+			return 1;
+		}
+		t = e & PTE_ADDR;
+	}
+	*pa = t | (va & 0xFFF);
+	return 1;
+}
+
+static void desc_violation(const char *what, uint64_t va)
+{
+	if (desc_violations++ < 4)
+		printf("lock: %s at %#lx lies in the privileged section\n", what, va);
+}
+
+/* [va, va+len) of a table a pinned register reads: every page mapped, VTL0's, outside
+ * the section; recorded for protection.  0 = refused. */
+static int desc_range(uint64_t root, uint64_t va, uint64_t len, const char *what)
+{
+	for (uint64_t p = va & ~0xFFFULL; p < va + len; p += 4096) {
+		uint64_t pa;
+		if (!vtl0_translate(root, p, &pa) || !in_vtl0(pa & ~0xFFFULL, 4096)) {
+			printf("lock: the %s page at %#lx is not mapped to VTL0 memory\n", what, p);
+			return 0;
+		}
+		pa &= ~0xFFFULL;
+		if (in_priv(pa)) {
+			desc_violation(what, p);
+			continue;
+		}
+		int seen = 0;
+		for (uint64_t i = 0; i < ndesc; i++)
+			seen |= desc_pages[i] == pa;
+		if (seen)
+			continue;
+		if (ndesc >= MAX_DESC_PAGES) {
+			printf("lock: descriptor tables span more than %d pages\n", MAX_DESC_PAGES);
+			return 0;
+		}
+		desc_pages[ndesc++] = pa;
+	}
+	return 1;
+}
+
+/* A code or stack address the CPU may reach through a gate: not in the section. */
+static void desc_address(uint64_t root, uint64_t va, uint64_t len, const char *what)
+{
+	for (uint64_t a = va; ; a = (a | 0xFFF) + 1) {
+		uint64_t pa;
+		if (vtl0_translate(root, a, &pa) && in_priv(pa)) {
+			desc_violation(what, va);
+			return;
+		}
+		if ((a | 0xFFF) >= va + len - 1)
+			return;
+	}
+}
+
+static uint64_t read_u64_va(uint64_t root, uint64_t va, int *ok)
+{
+	uint64_t v = 0, pa;
+	if ((va & 0xFFF) <= 0xFF8) {         /* one page: one walk (each costs ~50 instructions) */
+		*ok = vtl0_translate(root, va, &pa) && in_vtl0(pa, 8);
+		return *ok ? *(const volatile uint64_t *)pa : 0;
+	}
+	for (int i = 0; i < 8; i++) {
+		if (!vtl0_translate(root, va + i, &pa) || !in_vtl0(pa, 1)) {
+			*ok = 0;
+			return 0;
+		}
+		v |= (uint64_t)*(const volatile uint8_t *)pa << (8 * i);
+	}
+	*ok = 1;
+	return v;
+}
+
+static uint64_t check_descriptor_tables(uint64_t root)
+{
+	ndesc = desc_violations = 0;
+	uint64_t gdt = pin.gdtr, idt = pin.idtr, tss = pin.tr_base, ldt = pin.ldtr_base;
+	/* An IDT too short for one gate delivers nothing (every event is a triple fault). */
+	if (!desc_range(root, gdt, pin.gdtr_limit + 1, "GDT") ||
+	    (pin.idtr_limit >= 15 && !desc_range(root, idt, pin.idtr_limit + 1, "IDT")))
+		return VTL_E_POLICY;
+	if ((pin.tr & ~3ULL) && !desc_range(root, tss, pin.tr_limit + 1, "TSS"))
+		return VTL_E_POLICY;
+	if ((pin.ldtr & ~3ULL) && !desc_range(root, ldt, pin.ldtr_limit + 1, "LDT"))
+		return VTL_E_POLICY;
+	/* The stacks the TSS names: RSP0-2 and IST1-7 (the frame below each top). */
+	for (uint64_t slot = 0; (pin.tr & ~3ULL) && slot < 10; slot++) {
+		uint64_t off = 4 + 8 * (slot < 3 ? slot : slot + 1);
+		if (off + 8 > pin.tr_limit + 1)
+			break;
+		int ok;
+		uint64_t top = read_u64_va(root, tss + off, &ok);
+		if (ok && top)
+			desc_address(root, top - 64, 64, slot < 3 ? "an RSP0-2 stack" : "an IST stack");
+	}
+	/* Every gate's handler (its first 15 bytes). */
+	for (uint64_t v = 0; v < 256 && 16 * v + 15 <= pin.idtr_limit; v++) {
+		int ok1, ok2;
+		uint64_t lo = read_u64_va(root, idt + 16 * v, &ok1), hi = read_u64_va(root, idt + 16 * v + 8, &ok2);
+		uint64_t type = (lo >> 40) & 0xF;
+		if (!ok1 || !ok2 || !((lo >> 47) & 1) || (type != 0xE && type != 0xF))
+			continue;
+		uint64_t target = (lo & 0xFFFF) | ((lo >> 48) & 0xFFFF) << 16 | (hi & 0xFFFFFFFFULL) << 32;
+		desc_address(root, target, 15, "an IDT gate's handler");
+	}
+	if (desc_violations) {
+		report_value("lock_idt_violations", desc_violations);
+		printf("lock refused: %lu descriptor-table entries lead into the privileged section\n",
+		       desc_violations);
+		return VTL_E_POLICY;
+	}
+	return VTL_OK;
+}
+
 static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out);
 
 uint64_t policy_lock_page_tables(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out)
@@ -501,6 +648,15 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 	if (vp_reg(VTL_REG_CR0, &cr0) != VTL_OK || vp_reg(VTL_REG_CR3, &cr3) != VTL_OK ||
 	    vp_reg(VTL_REG_CR4, &cr4) != VTL_OK || vp_reg(VTL_REG_EFER, &efer) != VTL_OK)
 		return VTL_E_INVALID_ARG;
+	pin.have_tables = 0;
+	if (vp_reg(VTL_REG_GDTR, &pin.gdtr) != VTL_OK || vp_reg(VTL_REG_IDTR, &pin.idtr) != VTL_OK ||
+	    vp_reg(VTL_REG_LDTR, &pin.ldtr) != VTL_OK || vp_reg(VTL_REG_TR, &pin.tr) != VTL_OK ||
+	    vp_reg(VTL_REG_GDTR_LIMIT, &pin.gdtr_limit) != VTL_OK ||
+	    vp_reg(VTL_REG_IDTR_LIMIT, &pin.idtr_limit) != VTL_OK ||
+	    vp_reg(VTL_REG_LDTR_BASE, &pin.ldtr_base) != VTL_OK ||
+	    vp_reg(VTL_REG_LDTR_LIMIT, &pin.ldtr_limit) != VTL_OK ||
+	    vp_reg(VTL_REG_TR_BASE, &pin.tr_base) != VTL_OK || vp_reg(VTL_REG_TR_LIMIT, &pin.tr_limit) != VTL_OK)
+		return VTL_E_INVALID_ARG;   /* a VMM that cannot say what the tables are: no lock */
 	if (!(efer & EFER_NXE))
 		return VTL_E_POLICY;    /* NX bits would mean nothing */
 	if ((cr0 & CR0_PINNED) != CR0_PINNED)
@@ -532,6 +688,21 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 	for (uint64_t i = 0; i < ntables; i++)
 		if (check_range(tables[i], 1, VTL_MEM_NW | VTL_MEM_NX, 0) != VTL_OK || in_priv(tables[i]))
 			return VTL_E_IMMUTABLE;
+	st = check_descriptor_tables(root);
+	if (st != VTL_OK)
+		return st;
+	/* The descriptor-table pages become NW|NX (immutable), but those VTL0 cannot write
+	 * already (its text, rodata): must be data VTL1 may seal. */
+	static uint64_t seal[MAX_DESC_PAGES];
+	uint64_t nseal = 0;
+	for (uint64_t i = 0; i < ndesc; i++) {
+		uint8_t a = page[desc_pages[i] >> 12];
+		if (a & VTL_MEM_NW)
+			continue;
+		if (a & (F_IMMUTABLE | F_EXEC) || policy_xmapped(desc_pages[i]))
+			return VTL_E_IMMUTABLE;
+		seal[nseal++] = desc_pages[i];
+	}
 
 	/* Register pinning.  VTL_E_INVALID_CODE: this VMM cannot decode the privileged
 	 * section; the section then stays executable for VTL0 and registers are unpinned. */
@@ -559,6 +730,18 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 		record(tables[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
 		page[tables[i] >> 12] |= F_TABLE;
 	}
+	if (nseal) {
+		st = vmm_protect((uint64_t)seal, nseal, VTL_MEM_NW | VTL_MEM_NX, 0);
+		if (st != VTL_OK) {
+			if (pinning)
+				set_intercept_control(0);
+			pinning = 0;
+			return st;
+		}
+		for (uint64_t i = 0; i < nseal; i++)
+			record(seal[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
+	}
+	pin.have_tables = 1;
 	for (uint64_t k = 0; k < nxleaves; k++)
 		for (uint64_t off = 0; off < xleaves[k].size; off += 4096) {
 			uint64_t pa = xleaves[k].pa + off;
@@ -593,16 +776,14 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 	pin.nroots = 1;
 	if (pinning) {   /* where the VMM reads them; else each intercept's old value is the pin */
 		pin.have_xcr0 = vp_reg(VTL_REG_XCR0, &pin.xcr0) == VTL_OK;
-		pin.have_gdtr = vp_reg(VTL_REG_GDTR, &pin.gdtr) == VTL_OK;
-		pin.have_idtr = vp_reg(VTL_REG_IDTR, &pin.idtr) == VTL_OK;
-		pin.have_ldtr = vp_reg(VTL_REG_LDTR, &pin.ldtr) == VTL_OK;
-		pin.have_tr = vp_reg(VTL_REG_TR, &pin.tr) == VTL_OK;
+		pin.have_gdtr = pin.have_idtr = pin.have_ldtr = pin.have_tr = 1;   /* read above */
 	}
 	*pinning_out = (uint64_t)pinning;
 	report_value("locked_table_pages", ntables);
 	report_value("scan_bytes", scanned << 12);     /* every byte VTL0 can execute */
 	report_value("scan_ticks", scan_ticks);        /* TSC ticks the scan took */
 	report_value("register_pinning", (uint64_t)pinning);
+	report_value("descriptor_table_pages", ndesc);
 	printf("VTL0 page tables locked: %lu table pages read-only, CR3 %#lx, EFER %#lx pinned; "
 	       "%lu executable pages scanned; privileged section %#lx (+%lu pages) %s\n",
 	       ntables, cr3, efer, scanned, priv_gpa, priv_pages,
@@ -694,7 +875,7 @@ void policy_persist_reset(uint64_t new_priv_gpa, uint64_t new_priv_pages)
 	carried = 1;
 	locked = boot_over = 0;
 	pin.nroots = 0;
-	pin.have_gdtr = pin.have_idtr = pin.have_ldtr = pin.have_tr = 0;
+	pin.have_gdtr = pin.have_idtr = pin.have_ldtr = pin.have_tr = pin.have_tables = 0;
 	uint64_t v1 = bi->vtl1_base >> 12, v1e = (bi->vtl1_base + bi->vtl1_size) >> 12;
 	fill_pages(0, v1, VTL_MEM_NX);
 	fill_pages(v1, v1e - v1, 0);
@@ -815,18 +996,27 @@ static const char *judge_register(const struct vtl_intercept *m)
 	case VTL_REG_IDTR: {
 		int have = m->reg == VTL_REG_GDTR ? pin.have_gdtr : pin.have_idtr;
 		uint64_t base = m->reg == VTL_REG_GDTR ? pin.gdtr : pin.idtr;
+		uint64_t limit = m->reg == VTL_REG_GDTR ? pin.gdtr_limit : pin.idtr_limit;
 		if (!canonical(v))
 			return "non-canonical base";
-		if (v != old || m->new_limit != m->old_limit || (have && v != base))
+		if (v != old || m->new_limit != m->old_limit || (have && v != base) ||
+		    (pin.have_tables && m->new_limit != limit))
 			return "descriptor tables are fixed at the lock";
 		return NULL;
 	}
 	case VTL_REG_LDTR:
 	case VTL_REG_TR: {
-		int have = m->reg == VTL_REG_LDTR ? pin.have_ldtr : pin.have_tr;
-		uint64_t sel = m->reg == VTL_REG_LDTR ? pin.ldtr : pin.tr;
+		int ldtr = m->reg == VTL_REG_LDTR;
+		int have = ldtr ? pin.have_ldtr : pin.have_tr;
+		uint64_t sel = ldtr ? pin.ldtr : pin.tr;
 		if ((v >> 16) || v != old || (have && v != sel))
 			return "LDTR/TR are fixed at the lock";
+		/* Judged by what it loads: the descriptor behind the selector, as the VMM read
+		 * it (and will load it), must hold the base and limit pinned at the lock. */
+		if (pin.have_tables && (v & ~3ULL) &&
+		    (m->new_base != (ldtr ? pin.ldtr_base : pin.tr_base) ||
+		     m->new_limit != (ldtr ? pin.ldtr_limit : pin.tr_limit)))
+			return "LDTR/TR load only the table pinned at the lock (base and limit)";
 		return NULL;
 	}
 	default:

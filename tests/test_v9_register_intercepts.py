@@ -254,9 +254,13 @@ def test_descriptor_tables(tmp_path: Path) -> None:
     assert regs[0][0] == ABI.VTL_REG_GDTR and regs[0][2] == GDT and regs[0][3] == GDT_ENTRIES * 8 - 1
     assert regs[0][1] == 0x9000 and r.log[0].old_limit == 23          # the boot GDT
     assert (ABI.VTL_REG_IDTR, IDT, IDT, 511) in regs
-    assert (ABI.VTL_REG_LDTR, 0, SEL_LDT, 0) in regs and (ABI.VTL_REG_TR, 0, SEL_TSS, 0) in regs
-    assert (ABI.VTL_REG_LDTR, SEL_LDT, SEL_LDT, 0) in regs                # LLDT from memory
+    # LDTR/TR: the selector, and what its descriptor loads (base, limit) as the VMM read it.
+    assert (ABI.VTL_REG_LDTR, 0, SEL_LDT, 0xF) in regs and (ABI.VTL_REG_TR, 0, SEL_TSS, 0x67) in regs
+    assert (ABI.VTL_REG_LDTR, SEL_LDT, SEL_LDT, 0xF) in regs              # LLDT from memory
     assert (ABI.VTL_REG_LDTR, SEL_LDT, 0, 0) in regs                      # null
+    bases = {(int(m.reg), int(m.new_value)): int(m.new_base) for m in r.log}
+    assert bases[(ABI.VTL_REG_LDTR, SEL_LDT)] == LDT and bases[(ABI.VTL_REG_TR, SEL_TSS)] == TSS
+    assert bases[(ABI.VTL_REG_LDTR, 0)] == 0
     refused = " ".join(e.reason for e in r.events("refused"))
     assert "VTL1 memory" in refused and "no-access" in refused
 

@@ -60,7 +60,7 @@ def test_pages_are_opened_for_the_step_and_restored_exactly() -> None:
     b = FakeBackend()
     v = FakeVcpu(Debug(1, P0 + 1, 0, 0))
     s = _stepper(b)
-    assert s.step(v, Step(P0, (P0, P1))) == Debug(1, P0 + 1, 0, 0)  # type: ignore[arg-type]
+    assert s.step(v, Step(P0, (P0, P1))).exit == Debug(1, P0 + 1, 0, 0)  # type: ignore[arg-type]
     assert b.calls == [(P0, NW), (P1, NW), (P1, ALL), (P0, ALL)]     # r-x for one instruction
     assert v.stepping == [True, False] and s.count == 1
 
@@ -109,3 +109,23 @@ def test_privileged_instructions_at_cpl3_and_ud_before_gp(guest_images: tuple[An
                 got = section._prepare(vcpu, ctx, d, bytes.fromhex(code), [0x80010033] * 16)  # type: ignore[arg-type]
                 vector = got.vector if isinstance(got, Fault) else None
                 assert vector == want, (cpl, code, got)
+
+
+def _events(**kw: int) -> Any:
+    ev = SimpleNamespace(exception=SimpleNamespace(injected=0, pending=0),
+                         interrupt=SimpleNamespace(injected=0), nmi=SimpleNamespace(injected=0, pending=0),
+                         smi=SimpleNamespace(pending=0))
+    for path, value in kw.items():
+        part, field = path.split("_", 1)
+        setattr(getattr(ev, part), field, value)
+    return SimpleNamespace(sync=SimpleNamespace(events=ev))
+
+
+@pytest.mark.parametrize("pending", ["exception_injected", "exception_pending", "interrupt_injected",
+                                     "nmi_injected"])
+def test_no_step_while_an_event_waits_for_delivery(pending: str) -> None:
+    """An event KVM will deliver first is delivered with the section NR: no step (None:
+    VTL0 resumes, and the fetch comes back once its handler returns)."""
+    from vtl.services.privileged import PrivilegedSection
+    section = PrivilegedSection.__new__(PrivilegedSection)
+    assert section.plan_step(None, _events(**{pending: 1}), P0, None) is None  # type: ignore[arg-type]

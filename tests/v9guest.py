@@ -98,6 +98,14 @@ p_lock:   .byte 0xf0, 0x0f, 0x22, 0xc7; ret
 p_cr5:    .byte 0x0f, 0x22, 0xef; ret
 p_long:   .fill 13, 1, 0x66; .byte 0x0f, 0x22, 0xc7; ret
 p_jmp_tail: jmp tail_ret
+p_load:   mov (%rdi), %rax; ret
+p_movsb:  rep movsb; ret
+p_int3:   int3; ret
+p_int1:   .byte 0xf1; ret
+p_int80:  int $0x80; ret
+p_into:   .byte 0xce; ret
+p_syscall: syscall; ret
+p_sysenter: sysenter; ret
 """
 
 

@@ -107,6 +107,15 @@
 #define VTL_REG_LDTR               11     /* selector                                       */
 #define VTL_REG_TR                 12     /* selector                                       */
 #define VTL_REG_CR0_LOW            13     /* LMSW / CLTS: a write of CR0 bits 0-3 only      */
+/* What a descriptor-table register loaded, beyond its value above (read only, through
+ * VTL_HC_GET_VP_REGISTER: VTL1 pins a table by what it holds, not by its selector).
+ * LDTR/TR: the base and limit in the hidden part, as the CPU uses them. */
+#define VTL_REG_GDTR_LIMIT         0x20
+#define VTL_REG_IDTR_LIMIT         0x21
+#define VTL_REG_LDTR_BASE          0x22
+#define VTL_REG_LDTR_LIMIT         0x23
+#define VTL_REG_TR_BASE            0x24
+#define VTL_REG_TR_LIMIT           0x25
 
 /* ---- VTL call codes (RAX at VTL_PORT_CALL; served by the VTL1 kernel) - */
 #define VTL_CALL_NOP               0x00   /* returns VTL_OK                           */
@@ -449,8 +458,10 @@ struct vtl_intercept {
     uint32_t reserved1;
     uint64_t old_value;      /* CRn/XCR0: the value; GDTR/IDTR: base; LDTR/TR: selector */
     uint64_t new_value;
-    uint32_t old_limit;      /* GDTR/IDTR                                       */
+    uint32_t old_limit;      /* GDTR/IDTR; LDTR/TR: the descriptor's limit      */
     uint32_t new_limit;
+    uint64_t old_base;       /* LDTR/TR: the base loaded now and the base the   */
+    uint64_t new_base;       /*   new selector's GDT descriptor holds (as read) */
 };
 
 struct vtl_control {

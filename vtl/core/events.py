@@ -107,8 +107,10 @@ class SecureIntercept(_Event):
     reg: str | None = None
     old: int | None = None            # the value (GDTR/IDTR: base; LDTR/TR: selector)
     new: int | None = None
-    old_limit: int | None = None      # GDTR/IDTR
+    old_limit: int | None = None      # GDTR/IDTR; LDTR/TR: the descriptor limits
     new_limit: int | None = None
+    old_base: int | None = None       # LDTR/TR: loaded now, and what the new descriptor holds
+    new_base: int | None = None
     insn_len: int | None = None
 
 

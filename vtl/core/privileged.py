@@ -75,7 +75,9 @@ class SegmentLoad:
 class RegisterWrite:
     """A register write by one VTL0 instruction at `rip` (`length` bytes, `insn`), with the
     architectural checks already passed.  `reg` is a VTL_REG_* (or REG_CR2/REG_CR8);
-    old/new are the value (GDTR/IDTR: base, LDTR/TR: selector), limits for GDTR/IDTR."""
+    old/new are the value (GDTR/IDTR: base, LDTR/TR: selector), limits for GDTR/IDTR and
+    LDTR/TR; old_base/new_base for LDTR/TR: the base loaded now and the one the new
+    descriptor holds, read once (the VMM applies exactly `segment`, what VTL1 judged)."""
     reg: int
     old: int
     new: int
@@ -85,6 +87,8 @@ class RegisterWrite:
     old_limit: int = 0
     new_limit: int = 0
     segment: SegmentLoad | None = None
+    old_base: int = 0
+    new_base: int = 0
 
     @property
     def name(self) -> str:

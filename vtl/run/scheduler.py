@@ -301,19 +301,25 @@ class Scheduler:
         byte that stopped it."""
         vcpu = vp.current
         assert vcpu is not None and vp.state is RUNNING_VTL0
-        exit = self.stepper.step(vcpu, step)
+        end = self.stepper.step(vcpu, step)
+        exit = end.exit
         self.exit_counts["single_step"] += 1
         rip = int(vcpu.regs.rip)
+        delivered = self.privileged.event_delivered(vcpu, step, exit)
         if self._trace:
             self.events.emit(SingleStepped(ts=self.events.now(), vp=vp.index, vtl=0, rip=step.rip,
-                                           next_rip=rip, exit=exit.name))
-        if isinstance(exit, ex.Debug):
+                                           next_rip=rip, exit="event" if delivered else exit.name))
+        if isinstance(exit, ex.Debug) or delivered:
+            # An event delivered during the step stopped at its handler's first byte (a
+            # guarded page): VTL0 resumes there, the section NR again.
             return None
+        if end.guarded is not None:
+            return self.privileged.guarded_access(vp, vcpu, step, exit, end.guarded)
         if isinstance(exit, ex.EmulationFailure) and rip == step.rip:
             if step.blocked_gva is not None:
                 return self.privileged.blocked_fetch(vp, vcpu, step.blocked_gva)
-            return self.exits.crash(vp, "crash", f"VTL0 instruction at RIP {rip:#x} in the privileged "
-                                     "section could not be emulated even when mapped", rip)
+            # This host cannot execute it (INT3, INT n, ICEBP, SYSENTER here): nothing ran.
+            return self.privileged.unsteppable(vp, vcpu, step, exit)
         if isinstance(exit, ex.RunError):
             return self._run_failed(vp, vcpu, exit.errno)
         if isinstance(exit, ex.Interrupted):

@@ -110,7 +110,8 @@ class Intercepts:
             insn = w.insn[:16]
             m.insn_len = w.length
             m.reg, m.old_value, m.new_value = w.reg, w.old, w.new
-            m.old_limit, m.new_limit = w.old_limit, w.new_limit
+            m.old_limit, m.new_limit = w.old_limit & 0xFFFFFFFF, w.new_limit & 0xFFFFFFFF
+            m.old_base, m.new_base = w.old_base, w.new_base
         else:
             insn = b"" if p.rip_after else self._vtl0_bytes(s.cr3, p.rip, 15)
         m.insn_bytes[0:len(insn)] = insn
@@ -126,11 +127,13 @@ class Intercepts:
             "memory" if p.type == ABI.VTL_INTERCEPT_MEMORY else "msr" if p.type == ABI.VTL_INTERCEPT_MSR
             else "register")
         if w is not None:
-            limits = w.reg in (ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR)
+            segment = w.reg in (ABI.VTL_REG_LDTR, ABI.VTL_REG_TR)
+            limits = segment or w.reg in (ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR)
             event = SecureIntercept(
                 ts=self.events.now(), vp=vp.index, vtl=0, type=kind, access="write", rip=p.rip,
                 reg=w.name, old=w.old, new=w.new, old_limit=w.old_limit if limits else None,
-                new_limit=w.new_limit if limits else None, insn_len=w.length)
+                new_limit=w.new_limit if limits else None, old_base=w.old_base if segment else None,
+                new_base=w.new_base if segment else None, insn_len=w.length)
         else:
             event = SecureIntercept(
                 ts=self.events.now(), vp=vp.index, vtl=0, type=kind, access=ACCESS_NAMES[p.access],

@@ -26,10 +26,17 @@ class Step:
     """Single-step VTL0's instruction at `rip` (in the privileged section) with the
     privileged-section pages `pages` (GPAs) executable for that one instruction.
     `blocked_gva`: the first byte within 15 of `rip` that VTL0 may not fetch (None: all
-    may be); a step that cannot fetch its instruction ends as a fetch of that byte."""
+    may be); a step that cannot fetch its instruction ends as a fetch of that byte.
+    For the step only, `guard_nr` pages (the first byte of every IDT gate's handler) are
+    made NR, so that an event delivered during the step ends it at the handler's first
+    fetch, and `guard_nw` pages (the IDT and the page tables that map it and the
+    handlers) NW, so that the instruction cannot change where an event goes
+    (privileged.PrivilegedSection.plan_step)."""
     rip: int
     pages: tuple[int, ...]
     blocked_gva: int | None = None
+    guard_nr: tuple[int, ...] = ()
+    guard_nw: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmm.decode import MASK32, NotPrivileged, Op, Privileged, Truncated, decode
+from vmm import paging
+from vmm.decode import MASK32, MASK64, NotPrivileged, Op, Privileged, Truncated, decode
+from vmm.exits import EmulationFailure, MemoryFault, VcpuExit
 from vmm.kvm import VCpu
-from vmm.memattr import NR
+from vmm.memattr import NR, NW
 from vmm.memory import PAGE_SIZE
 from vmm.regcheck import (
     CR0_PE,
@@ -72,6 +74,9 @@ class PrivilegedSection:
         self.view = view or intercepts.view
         # Heki mode: the host judges register writes instead of VTL1 (None: VTL1 does).
         self.host_judge: Callable[[VirtualProcessor, RegisterWrite], Fault | None] | None = None
+        # The last step plan and every input it was computed from (see _delivery).
+        self._plan: tuple[tuple[int, ...], list[tuple[int, bytes]], dict[int, int],
+                          tuple[tuple[int, ...], tuple[int, ...]] | str] | None = None
 
     # --- VTL_HC_SET_INTERCEPT_CONTROL -------------------------------------------------
     def set_control(self, vp: VirtualProcessor, gpa: int) -> tuple[int, str]:
@@ -130,10 +135,7 @@ class PrivilegedSection:
             return self.blocked_fetch(vp, vcpu, insn.blocked_gva)
         if isinstance(d, NotPrivileged):
             insn.scan()
-            conflict = self._idt_conflict(ctx, vcpu, insn.section_pages)
-            if conflict:
-                return self._fault(vp, vcpu, rip, gp(conflict, refusal=True), "single step")
-            return Step(rip, tuple(insn.section_pages), insn.blocked_gva)
+            return self.plan_step(vp, vcpu, rip, insn)
         if not isinstance(d, Privileged):             # TooLong
             return self._fault(vp, vcpu, rip, gp(f"instruction longer than 15 bytes ({d.length})"),
                                "privileged instruction")
@@ -187,8 +189,9 @@ class PrivilegedSection:
             return gp(f"{d.op.value} at CPL{ctx.cpl}")
 
         def write(reg: int, old: int, new: int, old_limit: int = 0, new_limit: int = 0,
-                  segment: SegmentLoad | None = None) -> RegisterWrite:
-            return RegisterWrite(reg, old, new, rip, d.length, insn, old_limit, new_limit, segment)
+                  segment: SegmentLoad | None = None, old_base: int = 0, new_base: int = 0) -> RegisterWrite:
+            return RegisterWrite(reg, old, new, rip, d.length, insn, old_limit, new_limit, segment,
+                                 old_base, new_base)
 
         def operand(n: int) -> bytes | Fault:
             assert d.mem is not None and d.address is not None
@@ -248,7 +251,8 @@ class PrivilegedSection:
             if isinstance(seg, Fault):
                 return seg
             reg, old = (ABI.VTL_REG_TR, s.tr) if d.op is Op.LTR else (ABI.VTL_REG_LDTR, s.ldt)
-            return write(reg, int(old.selector), sel, segment=seg)
+            return write(reg, int(old.selector), sel, old_limit=int(old.limit), new_limit=seg.limit,
+                         segment=seg, old_base=int(old.base), new_base=seg.base)
         # XSETBV
         index = gprs[1] & MASK32
         value = (gprs[2] & MASK32) << 32 | (gprs[0] & MASK32)
@@ -302,41 +306,200 @@ class PrivilegedSection:
                            avl=(d0 >> 52) & 1, unusable=0, busy_gpa=busy_gpa, busy_writable=busy_writable)
 
     # --- single-step safety -----------------------------------------------------------
-    def _idt_conflict(self, ctx: Context, vcpu: VCpu, pages: list[int]) -> str | None:
-        """A single step that raises an exception (or is INT n) also runs the first
-        instruction of the handler on this host; if a gate of VTL0's IDT leads into the
-        pages mapped for the step, that instruction would run unjudged.  Returns why the
-        step may not be made, or None.  Gates VTL0's IDT holds in memory VTL0 may not read
-        cannot be delivered through either, and are skipped."""
-        if not pages:
-            return None
-        idt = vcpu.sregs.idt
-        base, count = int(idt.base), min(256, (int(idt.limit) + 1) // 16)
-        opened = set(pages)
-        seen: dict[int, int | None] = {}           # GVA page -> GPA page (None: not fetchable)
+    def plan_step(self, vp: VirtualProcessor, vcpu: VCpu, rip: int, insn: InsnBytes) -> Outcome:
+        """The Step for a non-privileged instruction of the section, or why not.
 
-        def gpa_page(gva: int) -> int | None:
-            page = gva & ~(PAGE_SIZE - 1)
-            if page not in seen:
-                t = self.view.translate(ctx, page, Access.SYSTEM)
-                seen[page] = None if isinstance(t, Fault) else t & ~(PAGE_SIZE - 1)
-            return seen[page]
+        While the section is mapped for a step, nothing but that one instruction may run.
+        On this host a step that raises an exception (or an INT n, an interrupt, a #DB
+        from DR7) also runs the first instruction of the handler: so every handler is made
+        NR for the step (`guard_nr`), and an event delivered during it ends the step at the
+        handler's first fetch (the scheduler then resumes VTL0 there, the section NR
+        again).  A gate, IDT or stack in the pages the step maps cannot be guarded and
+        refuses the step; so does a pending NMI/SMI.  What the CPU reads to deliver an
+        event is judged as the CPU will read it during the step: guest memory itself,
+        through VTL0's page tables, with the opened pages readable (never through VTL0's
+        view, which hides the NR section).  The IDT and every page-table page of those
+        translations are made NW for the step (`guard_nw`), so that the instruction
+        cannot rewrite a gate or a mapping and then fault through it."""
+        ev = vcpu.sync.events
+        if ev.exception.injected or ev.exception.pending or ev.interrupt.injected or ev.nmi.injected:
+            return None           # deliver the event first, with the section NR; the fetch comes back
+        if ev.nmi.pending or ev.smi.pending:
+            return self._fault(vp, vcpu, rip, gp("an NMI or SMI is pending: no single step", refusal=True),
+                               "single step")
+        plan = self._delivery(vcpu, set(insn.section_pages))
+        if isinstance(plan, str):
+            return self._fault(vp, vcpu, rip, gp(plan, refusal=True), "single step")
+        guard_nr, guard_nw = plan
+        return Step(rip, tuple(insn.section_pages), insn.blocked_gva, guard_nr, guard_nw)
 
-        whole = self.view.read(ctx, base, 16 * count, Access.SYSTEM)
+    def event_delivered(self, vcpu: VCpu, step: Step, exit: VcpuExit) -> bool:
+        """Did the step end at the first fetch of a guarded handler (an event was delivered
+        while the section was mapped, and none of its handler ran)?"""
+        # A fetch from a protected page is an emulation failure on this host, and a
+        # KVM_EXIT_MEMORY_FAULT at that page on an EPT host.
+        if not step.guard_nr or not isinstance(exit, (EmulationFailure, MemoryFault)):
+            return False
+        rip = int(vcpu.regs.rip)
+        if rip == step.rip:
+            return False
+        try:
+            gpa = paging.walk(self.p.mem, int(vcpu.sregs.cr3), rip,
+                              readable=lambda g: self.p.layout.in_vtl0(g, 8)).gpa
+        except paging.PageFault:
+            return False
+        page = gpa & ~(PAGE_SIZE - 1)
+        if isinstance(exit, MemoryFault) and exit.gpa & ~(PAGE_SIZE - 1) != page:
+            return False
+        return page in step.guard_nr
+
+    def unsteppable(self, vp: VirtualProcessor, vcpu: VCpu, step: Step, exit: VcpuExit) -> Outcome:
+        """The step of the instruction at `step.rip` ended in an emulation failure at that
+        instruction, with every byte of it fetchable: this host cannot execute it (INT3,
+        INT n, ICEBP, SYSENTER).  Nothing ran; VTL0 gets #UD at the instruction, as from a
+        CPU without that instruction, never a crash of the partition."""
+        raw = getattr(exit, "insn", b"") or b""
+        return self._fault(vp, vcpu, step.rip,
+                           Fault(VEC_UD, None, f"the instruction at {step.rip:#x} in the privileged section "
+                                 f"(bytes {raw[:15].hex() or 'unknown'}) cannot be single-stepped on this "
+                                 "host", refusal=True), "single step")
+
+    def guarded_access(self, vp: VirtualProcessor, vcpu: VCpu, step: Step, exit: VcpuExit,
+                       page: int) -> Outcome:
+        """The stepped instruction wrote a page guarded for the step (the IDT, a page table
+        of the delivery, a handler's page) that VTL0 itself may write: the write is
+        dropped and VTL0 gets #GP(0), after the instruction as for every refused write."""
+        why = (f"a single-stepped instruction of the privileged section at {step.rip:#x} writes "
+               f"GPA page {page:#x}, which exception delivery reads (IDT, page tables, handlers)")
+        if isinstance(exit, MemoryFault):
+            # RIP is at the instruction; nothing was written.
+            return self._fault(vp, vcpu, step.rip, gp(why, refusal=True), "single step")
+        self.intercepts.refuse.fault(vp, vcpu, "single step", why, VEC_GP, 0, at_port_insn=False,
+                                     gpa=page, access="write")
+        return None
+
+    def _delivery(self, vcpu: VCpu, opened: set[int]) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+        """(pages to make NR, pages to make NW) for a step that maps `opened`, or why the
+        step may not be made.  The plan is a function of the registers in `key`, the guest
+        memory it read (IDT, TSS, every page-table entry of its walks) and the attributes
+        of the pages it looked at: the last plan is reused only while every one of those
+        inputs is byte for byte what it was (steps are frequent: every `ret` of the
+        section)."""
+        if not opened:
+            return (), ()
+        s = vcpu.sregs
+        key = (int(s.cr3), int(s.idt.base), int(s.idt.limit), int(s.tr.base), int(s.tr.limit),
+               int(s.cr4) & CR4_LA57, *sorted(opened))
+        mem, attrs = self.p.mem, self.p.vtl0_attrs
+        last = self._plan
+        if last is not None and last[0] == key and all(attrs[pg] == a for pg, a in last[2].items()) \
+                and all(mem.read(g, len(b)) == b for g, b in last[1]):
+            return last[3]
+        reads: list[tuple[int, bytes]] = []
+        seen: dict[int, int] = {}
+        plan = self._plan_delivery(vcpu, opened, reads, seen)
+        self._plan = (key, reads, {pg: attrs[pg] for pg in seen}, plan)
+        return plan
+
+    def _plan_delivery(self, vcpu: VCpu, opened: set[int], reads: list[tuple[int, bytes]],
+                       seen: dict[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+        """_delivery's work; `reads` collects (GPA, bytes) of every memory read it depends
+        on, `seen` the page frames whose attributes it looked at."""
+        s = vcpu.sregs
+        lay, mem, attrs = self.p.layout, self.p.mem, self.p.vtl0_attrs
+        cr3 = int(s.cr3)
+        tables: set[int] = set()
+        cache: dict[int, int | None] = {}
+        for frame in opened:
+            seen[frame // PAGE_SIZE] = 0
+
+        def raw(gpa: int) -> bool:       # what the CPU can read during the step: VTL0 memory
+            return lay.in_vtl0(gpa, 8)
+
+        def page_of(gva: int) -> int | None:
+            """The GPA page of `gva` as the CPU translates it in the step, or None."""
+            gva &= MASK64
+            vpage = gva & ~(PAGE_SIZE - 1)
+            if vpage not in cache:
+                try:
+                    t = paging.walk(mem, cr3, vpage, readable=raw)
+                except paging.PageFault:
+                    cache[vpage] = None
+                else:
+                    for e in t.entries:
+                        tables.add(e & ~(PAGE_SIZE - 1))
+                        reads.append((e, mem.read(e, 8)))
+                    g = t.gpa & ~(PAGE_SIZE - 1)
+                    cache[vpage] = g if lay.in_vtl0(g, PAGE_SIZE) else None
+            return cache[vpage]
+
+        def read(gva: int, n: int, check: bool = True) -> bytes | str | None:
+            """n bytes at `gva` as the CPU reads them in the step (None: it cannot; a str:
+            they lie in a page the step maps)."""
+            out = bytearray()
+            while n > 0:
+                chunk = min(n, PAGE_SIZE - (gva & (PAGE_SIZE - 1)))
+                g = page_of(gva)
+                if g is None:
+                    return None
+                if check and g in opened:
+                    return f"{g:#x}"
+                data = mem.read(g + (gva & (PAGE_SIZE - 1)), chunk)
+                reads.append((g + (gva & (PAGE_SIZE - 1)), data))
+                out += data
+                gva, n = (gva + chunk) & MASK64, n - chunk
+            return bytes(out)
+
+        base, limit = int(s.idt.base), int(s.idt.limit)
+        count = min(256, (limit + 1) // 16)
+        raw_idt = bytearray()
+        for v in range(0, count, 16):                # 16 gates at a time
+            n = min(16, count - v)
+            got = read(base + 16 * v, 16 * n)
+            if isinstance(got, str):
+                return (f"VTL0's IDT at {base:#x} lies in the privileged-section page {got} a single "
+                        "step would map: the step is refused")
+            raw_idt += got if got is not None else bytes(16 * n)   # unreadable: no gate the CPU can use
+        idt_pages = {g for v in range(0, count) for g in (page_of(base + 16 * v),) if g is not None}
+        tss_base, tss_limit = int(s.tr.base), int(s.tr.limit)
+
+        def stack(slot: int) -> int | None:          # TSS RSP0 (slot 0) or ISTn (slot 3 + n)
+            off = 4 + 8 * slot
+            if off + 8 > tss_limit + 1:
+                return None
+            got = read(tss_base + off, 8, check=False)
+            return int.from_bytes(got, "little") if isinstance(got, bytes) else None
+
+        guard_nr: set[int] = set()
         for v in range(count):
-            if isinstance(whole, Fault):                   # part of it unreadable: gate by gate
-                raw = self.view.read(ctx, (base + 16 * v) & ((1 << 64) - 1), 16, Access.SYSTEM)
-                if isinstance(raw, Fault):
-                    continue
-            else:
-                raw = whole[16 * v:16 * v + 16]
-            lo, hi = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+            lo = int.from_bytes(raw_idt[16 * v:16 * v + 8], "little")
+            hi = int.from_bytes(raw_idt[16 * v + 8:16 * v + 16], "little")
             if not (lo >> 47) & 1 or (lo >> 40) & 0xF not in (0xE, 0xF):
                 continue
             target = (lo & 0xFFFF) | ((lo >> 48) & 0xFFFF) << 16 | (hi & 0xFFFFFFFF) << 32
-            for addr in (target, target + 14):
-                g = gpa_page(addr & ((1 << 64) - 1))
-                if g is not None and g in opened:
-                    return (f"VTL0's IDT vector {v} leads to {target:#x}, in the privileged-section page "
-                            f"{g:#x} a single step would map: the step is refused")
-        return None
+            g = page_of(target)
+            if g is None:
+                continue                             # the fetch faults: another gate, checked too
+            if g in opened:
+                return (f"VTL0's IDT vector {v} leads to {target:#x}, in the privileged-section page "
+                        f"{g:#x} a single step would map: the step is refused")
+            ist = (lo >> 32) & 7
+            for slot in (0, 3 + ist) if ist else (0,):
+                top = stack(slot)
+                if top is None:
+                    continue
+                for a in (top - 8, top - 64):
+                    sg = page_of(a)
+                    if sg is not None and sg in opened:
+                        return (f"VTL0's IDT vector {v} delivers on a stack at {top:#x}, in the "
+                                f"privileged-section page {sg:#x} a single step would map: the step "
+                                "is refused")
+            seen[g // PAGE_SIZE] = 0
+            if not attrs[g // PAGE_SIZE] & NR:
+                guard_nr.add(g)
+        for frame in tables | idt_pages:
+            seen[frame // PAGE_SIZE] = 0
+        guard_nw = {g for g in tables | idt_pages
+                    if lay.in_vtl0(g, PAGE_SIZE) and g not in opened and not attrs[g // PAGE_SIZE] & NW
+                    and g not in guard_nr}
+        return tuple(sorted(guard_nr)), tuple(sorted(guard_nw))

@@ -45,6 +45,11 @@ def read_register(vcpu: VCpu, reg: int) -> tuple[int, int] | None:
         return int(s.idt.base), int(s.idt.limit)
     if reg == ABI.VTL_REG_XCR0:
         return read_xcr0(vcpu), 0
+    hidden = {ABI.VTL_REG_GDTR_LIMIT: s.gdt.limit, ABI.VTL_REG_IDTR_LIMIT: s.idt.limit,
+              ABI.VTL_REG_LDTR_BASE: s.ldt.base, ABI.VTL_REG_LDTR_LIMIT: s.ldt.limit,
+              ABI.VTL_REG_TR_BASE: s.tr.base, ABI.VTL_REG_TR_LIMIT: s.tr.limit}
+    if reg in hidden:
+        return int(hidden[reg]), 0
     return None
 
 

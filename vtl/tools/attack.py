@@ -63,7 +63,8 @@ STATUS_NAMES = ABI.names("VTL_E_")
 REG_NAMES = {v: k[len("VTL_REG_"):] for k, v in ABI.constants.items() if k.startswith("VTL_REG_")}
 # Registers whose writes only the privileged-section scheme can stop on this host.
 PINNED_BY_INTERCEPT_CONTROL = {ABI.VTL_REG_CR0, ABI.VTL_REG_CR3, ABI.VTL_REG_CR4, ABI.VTL_REG_XCR0,
-                               ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR, ABI.VTL_REG_LDTR, ABI.VTL_REG_TR}
+                               ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR, ABI.VTL_REG_LDTR, ABI.VTL_REG_TR,
+                               ABI.VTL_REG_LDTR_BASE, ABI.VTL_REG_TR_BASE}
 
 
 class AttackResult(BaseModel):
@@ -123,7 +124,8 @@ def _registers(p: Partition, vp: int) -> dict[int, tuple[int, int]]:
     regs = {ABI.VTL_REG_CR0: (s.cr0, 0), ABI.VTL_REG_CR3: (s.cr3, 0), ABI.VTL_REG_CR4: (s.cr4, 0),
             ABI.VTL_REG_EFER: (s.efer, 0), ABI.VTL_REG_GDTR: (s.gdt.base, s.gdt.limit),
             ABI.VTL_REG_IDTR: (s.idt.base, s.idt.limit), ABI.VTL_REG_LDTR: (s.ldt.selector, 0),
-            ABI.VTL_REG_TR: (s.tr.selector, 0)}
+            ABI.VTL_REG_TR: (s.tr.selector, 0), ABI.VTL_REG_LDTR_BASE: (s.ldt.base, s.ldt.limit),
+            ABI.VTL_REG_TR_BASE: (s.tr.base, s.tr.limit)}
     get_xcrs = getattr(vcpu, "get_xcrs", None)
     if get_xcrs is not None:
         regs[ABI.VTL_REG_XCR0] = (get_xcrs().get(0, 0), 0)
@@ -160,7 +162,7 @@ def read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str]
             if held is None:
                 continue
             checked.append(name)
-            limited = reg in (ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR)
+            limited = reg in (ABI.VTL_REG_GDTR, ABI.VTL_REG_IDTR, ABI.VTL_REG_LDTR_BASE, ABI.VTL_REG_TR_BASE)
             if held[0] != old or (limited and held[1] != old_limit):
                 changed.append(f"{name} now {held[0]:#x}" + (f"/{held[1]:#x}" if limited else "")
                                + f" (was {old:#x})")
@@ -200,6 +202,8 @@ def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
         else:
             what = f"{(i.reg or 'register').upper()} {i.old:#x} -> {i.new:#x}" if i.old is not None \
                 else (i.reg or "register").upper()
+            if getattr(i, "new_base", None) is not None:
+                what += f" (base {i.old_base:#x} -> {i.new_base:#x})"
             via = "privileged section"
         answer = "no verdict" if v is None else (
             VECTOR_NAMES.get(v.vector, f"vector {v.vector}") if v.verdict == "inject_fault" else v.verdict)
