@@ -35,6 +35,7 @@ from vtl.core.vtl import Vtl
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
 from vtl.services.reports import Report
+from vtl.tools.expectations import BLOCKED, category
 from vtl.tools.progress import QUIET, Step
 
 # What a hardened partition should do, for the scenarios whose description does not say.
@@ -76,6 +77,10 @@ class AttackResult(BaseModel):
     guest_status: int
     vmm_checked: list[str]      # what the VMM read back itself
     changed: list[str]          # what it found changed
+    mode: str = "vtl"           # vtl | heki (docs/heki-mode.md)
+    category: str = ""          # vtl/tools/expectations.py
+    expected_outcome: str = BLOCKED   # what the mode's design should give (never the verdict)
+    as_expected: bool = False   # the observed outcome is the expected one for this mode
 
 
 def attack_scenarios(vtl0: Path) -> list[tuple[str, str]]:
@@ -112,7 +117,8 @@ def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Ba
     else:
         outcome = "blocked"
     return AttackResult(scenario=scenario, expected=expected, outcome=outcome, mechanism=mechanism,
-                        guest_status=result.status, vmm_checked=checked, changed=changed)
+                        guest_status=result.status, vmm_checked=checked, changed=changed,
+                        category=category(scenario).name, as_expected=outcome == BLOCKED)
 
 
 def _registers(p: Partition, vp: int) -> dict[int, tuple[int, int]]:
@@ -225,9 +231,11 @@ def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
 
 def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None,
             progress: Callable[[int], AbstractContextManager[Step]] | None = None,
-            only: list[str] | None = None) -> list[AttackResult]:
+            only: list[str] | None = None,
+            run: Callable[[str, str], AttackResult] | None = None) -> list[AttackResult]:
     """Every attack of the image (or those named in `only`), in the image's order;
-    `progress(total)` gives the Step told of each."""
+    `progress(total)` gives the Step told of each; `run(name, expected)` runs one (default:
+    run_attack in VTL mode; vtl/tools/heki_attack.py passes Heki mode's)."""
     found = attack_scenarios(vtl0)
     if only:
         names = [name for name, _ in found]
@@ -245,7 +253,8 @@ def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None,
     with (progress or (lambda n: nullcontext(QUIET)))(len(found)) as step:
         for name, expected in found:
             step(name)
-            results.append(run_attack(name, expected, vtl0, vtl1, backend))
+            results.append(run(name, expected) if run is not None
+                           else run_attack(name, expected, vtl0, vtl1, backend))
             step(name, results[-1].outcome)
     return results
 

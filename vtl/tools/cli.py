@@ -87,6 +87,12 @@ def _backend(p: argparse.ArgumentParser) -> None:
                         "`vtl caps` finds working: rwx, else host_mapping, else memslot)")
 
 
+def _mode(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--mode", choices=("vtl", "heki"), default="vtl",
+                   help=f"vtl: VTL0 and VTL1 as paired VMs, the policy is VTL1's (default); heki: one VM, no "
+                        f"VTL1, the VMM as KVM with the Heki patches (docs/heki-mode.md); {what}")
+
+
 def _lifecycle(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust", nargs="+", default=[], metavar="FILE",
                    help="VTL1's allowlist, provisioned at launch in its boot data: an ELF file stands for "
@@ -176,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     _backend(a)
     a.add_argument("--scenario", nargs="+", metavar="NAME", dest="only",
                    help="run only these attack scenarios (default: every one the image carries)")
+    _mode(a, "in Heki mode each outcome is compared with what Heki's design gives (an attack Heki does "
+             "not cover is expected to succeed) and the exit status is 2 if any outcome differs")
     a.add_argument("--json", action="store_true")
 
     m = sub.add_parser("memmap", help="VTL0's and VTL1's attribute map after a hardened boot",
@@ -401,6 +409,18 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from vtl.tools.progress import bar, wanted
 
     show = wanted(args.json)
+    if args.mode == "heki":
+        from vtl.tools.heki_attack import render_heki, run_all_heki
+
+        results = run_all_heki(args.vtl0_image, args.backend,
+                               progress=lambda n: bar(n, "vtl attack --mode heki", "scenarios", show),
+                               only=args.only)
+        if args.json:
+            _print_json([r.model_dump() for r in results])
+        else:
+            print(render_heki(results))
+        # Exit 2 if any outcome is not the one Heki's design gives.
+        return 0 if all(r.as_expected for r in results) else 2
     results = run_all(args.vtl0_image, args.vtl1_image, args.backend,
                       progress=lambda n: bar(n, "vtl attack", "scenarios", show), only=args.only)
     if args.json:
