@@ -143,3 +143,37 @@ def vm_lifecycle_floor(samples: int = 20, mem_bytes: int = 256 << 20) -> VmLifec
     return VmLifecycleFloor(median_us=round(statistics.median(s), 1), p10_us=round(s[len(s) // 10], 1),
                             p90_us=round(s[min(len(s) - 1, 9 * len(s) // 10)], 1), mem_bytes=mem_bytes,
                             samples=samples)
+
+
+# In-kernel exits (`vtl compare`): a guest instruction KVM handles without any exit to
+# userspace, BATCH per RDTSC stamp, R15 = stamp array, R12 = batches.  What a CR write
+# costs in-KVM Heki (handle_cr, heki_check_cr) on this host, against which the Heki
+# mode's userspace stand-in is read.
+INKERNEL_GUESTS = {
+    # xor eax, eax: no exit at all; the loop's own cost, to read the others against
+    "loop": bytes.fromhex("0f3148c1e2204809d04989074983c7084d85e4741241bd6400000031c041ffcd75f949ffccebd9"
+                          "e7f4f4"),
+    # xor eax, eax; cpuid
+    "cpuid": bytes.fromhex("0f3148c1e2204809d04989074983c7084d85e4741441bd6400000031c00fa241ffcd75f749ffcc"
+                           "ebd7e7f4f4"),
+    # mov rax, cr0; mov cr0, rax (the same value: allowed, and handled by KVM itself)
+    "mov_cr0": bytes.fromhex("0f3148c1e2204809d04989074983c7084d85e4741641bd640000000f20c00f22c041ffcd75f549"
+                             "ffccebd5e7f4f4"),
+}
+
+
+def inkernel_floor(instruction: str, count: int) -> FloorResult:
+    """Per instruction, for `count` executions of INKERNEL_GUESTS[instruction] in a scratch
+    VM: KVM_RUN returns once, at the end (an exit to userspace on the way is an error)."""
+    batches = max(1, count // BATCH)
+    with ScratchVm(INKERNEL_GUESTS[instruction], mem_size=MEM, code_gpa=CODE_GPA,
+                   regs={"r15": STAMPS_GPA, "r12": batches}) as s:
+        t0 = time.perf_counter()
+        exit_ = s.run(timeout=60.0)
+        wall = time.perf_counter() - t0
+        run = s.vcpu.run
+        if run.exit_reason != u.KVM_EXIT_IO or run.io.port != PORT_DONE:
+            raise VmmError(f"in-kernel floor ({instruction}) stopped with {exit_!r}, not at its end")
+        raw = s.mem.read(STAMPS_GPA, (batches + 1) * 8)
+        stamps = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+        return stats(stamps, s.vcpu.tsc_khz(), batches * BATCH, wall)
