@@ -221,6 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the guest after S seconds (default: %(default)s)")
     k.add_argument("--json", action="store_true", help="the whole report, timeline included, as JSON")
 
+    cm = sub.add_parser("compare", help="every attack and lifecycle scenario and the costs, VTL mode beside "
+                        "Heki mode, in one run",
+                        description="Run every attack and lifecycle scenario of the VTL0 image in both modes "
+                        "(VTL: VTL1 owns the policy; Heki: one VM, the VMM as KVM with the Heki patches, "
+                        "docs/heki-mode.md), each in a fresh partition, and show each outcome as the VMM "
+                        "observed it, the mechanism that decided it, and where the modes differ.  Then the "
+                        "costs in both modes beside floors measured in the same run, including the in-kernel "
+                        "exit floor that stands for what in-KVM Heki pays (docs/compare.md).  Exit 0 when "
+                        "every outcome is what its mode's design gives, 2 otherwise.", formatter_class=fmt)
+    _images(cm)
+    cm.add_argument("--scenario", nargs="+", metavar="NAME", dest="only",
+                    help="compare only these scenarios (default: every attack and lifecycle scenario)")
+    cm.add_argument("--ops", type=_int_in(100, 100_000, "--ops"), default=1000, metavar="N",
+                    help="operations per cost row (CR writes, violations; default: %(default)s)")
+    cm.add_argument("--calls", type=_int_in(100, MAX_CALLS, "--calls"), default=10_000, metavar="N",
+                    help="null calls and floor round trips to time (default: %(default)s)")
+    cm.add_argument("--png", type=Path, metavar="FILE",
+                    help="also draw the outcome matrix and the costs (needs matplotlib)")
+    cm.add_argument("--json", action="store_true")
+
     b = sub.add_parser("bench", help="VTL round-trip cost against floors measured in the same run")
     b.add_argument("--calls", type=_int_in(100, MAX_CALLS, "--calls"), default=100_000, metavar="N",
                    help="null VTL calls to time (default: %(default)s; 100 to 10^7)")
@@ -447,8 +467,27 @@ def cmd_memmap(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "scenarios": cmd_scenarios, "caps": cmd_caps, "bench": cmd_bench,
-            "attack": cmd_attack, "memmap": cmd_memmap, "kexec": cmd_kexec}
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vtl.tools.compare import draw_png, render, run_compare
+    from vtl.tools.progress import bar, wanted
+
+    show = wanted(args.json)
+    rep = run_compare(args.vtl0_image, args.vtl1_image, args.only, args.ops, args.calls,
+                      progress=lambda n: bar(n, "vtl compare", "steps", show))
+    if args.png:
+        draw_png(rep, args.png)
+    if args.json:
+        _print_json({**rep.model_dump(), "summary": rep.summary()})
+    else:
+        print(render(rep))
+        if args.png:
+            print(f"picture: {args.png}")
+    ok = all(r.vtl.as_expected and r.heki.as_expected for r in rep.scenarios)
+    return 0 if ok else 2
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "scenarios": cmd_scenarios, "caps": cmd_caps,
+            "bench": cmd_bench, "attack": cmd_attack, "memmap": cmd_memmap, "kexec": cmd_kexec}
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -43,7 +43,7 @@ CATEGORIES: tuple[Category, ...] = (
     # allowlist): Heki has no VTL1, so the VMM refuses the first VTL request.
     Category("needs VTL1", r"vtl1|^vtl-|^enable-|^unknown-(call-code|hypercall)$|^ask-|^protect-list|"
              r"^confused-deputy|^stale-audit|-(before|at)-(eob|lock)$|^table-base-in-section$|"
-             r"^write-ro-after-init$|^exec-page-writable",
+             r"^write-ro-after-init$|^exec-page-writable|^reset-triple-fault$",
              NOT_APPLICABLE, "the scenario needs VTL1 (a VTL call, VTL1's lock or END_OF_BOOT); Heki has "
              "none: the VMM refuses the request (VTL_E_DISABLED / VTL_E_NOT_ENABLED), nothing changes"),
     Category("CR0/CR4 pin", r"^clear-cr(0-wp|4-(smep|smap|umip|fsgsbase))$", BLOCKED,

@@ -22,8 +22,14 @@ from vtl.core.trust import trust_digest
 from vtl.modes.heki import HekiScheduler, heki_config
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
-from vtl.tools.expectations import LIFECYCLE_OUTLIVED, LIFECYCLE_PASSED, NOT_APPLICABLE, category, \
-    expected_outcome
+from vtl.run.scheduler import Scheduler
+from vtl.tools.expectations import (
+    LIFECYCLE_OUTLIVED,
+    LIFECYCLE_PASSED,
+    NOT_APPLICABLE,
+    category,
+    expected_outcome,
+)
 
 FAILED = "failed"
 
@@ -42,7 +48,7 @@ class LifecycleResult(BaseModel):
     boots: int
     resets: int
     kexecs: int
-    after: dict[str, Any]      # what the VMM holds at the end
+    after: dict[str, Any]  # what the VMM holds at the end
 
 
 def lifecycle_config(scenario: str, vtl0: Path, vtl1: Path | None) -> PartitionConfig:
@@ -53,32 +59,41 @@ def lifecycle_config(scenario: str, vtl0: Path, vtl1: Path | None) -> PartitionC
         image = default_kexec_image()
         flow = scenario.removeprefix("kexec-")
         policy: KexecPolicy = flow if flow in ("teardown", "persist", "deny") else "teardown"  # type: ignore[assignment]
-        extra = {"staged": image, "trust": [trust_digest(image)] if image.is_file() else [],
-                 "kexec_policy": policy}
+        extra = {
+            "staged": image,
+            "trust": [trust_digest(image)] if image.is_file() else [],
+            "kexec_policy": policy,
+        }
     elif scenario == "module-load":
         build = vtl0.parent
-        extra = {"trust": [trust_digest(build / m) for m in ("module.bin", "module-priv.bin")
-                           if (build / m).is_file()]}
+        extra = {
+            "trust": [
+                trust_digest(build / m) for m in ("module.bin", "module-priv.bin") if (build / m).is_file()
+            ]
+        }
     elif scenario == "reset-triple-fault":
         extra = {"reset_on_triple_fault": True}
     return PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario=scenario, **extra)
 
 
-def run_lifecycle(scenario: str, mode: str, vtl0: Path, vtl1: Path, timeout: float = 120.0) -> LifecycleResult:
+def run_lifecycle(
+    scenario: str, mode: str, vtl0: Path, vtl1: Path, timeout: float = 120.0
+) -> LifecycleResult:
     cfg = lifecycle_config(scenario, vtl0, vtl1)
     heki = mode == "heki"
     if heki:
         cfg = heki_config(cfg)
     events = EventLog(trace=False, keep=100_000)
     with Partition(cfg, events) as p:
-        result, sched = control.run(p, None, timeout, **({"scheduler": HekiScheduler} if heki else {}))
+        result, sched = control.run(p, None, timeout, scheduler=HekiScheduler if heki else Scheduler)
         raise_if_interrupted(result)
         attrs = bytes(p.vtl0_attrs)
         after: dict[str, Any] = {"protected_pages": sum(1 for a in attrs if a)}
-        if heki:
-            s = getattr(sched, "heki").summary()
-            after.update(pinned_cr0=s["pinned_cr0"], pinned_cr4=s["pinned_cr4"],
-                         immutable_pages=s["pages_immutable"])
+        if isinstance(sched, HekiScheduler):
+            s = sched.heki.summary()
+            after.update(
+                pinned_cr0=s["pinned_cr0"], pinned_cr4=s["pinned_cr4"], immutable_pages=s["pages_immutable"]
+            )
         else:
             after.update(vtl1_enabled=result.vtl1_enabled, register_pins=p.intercept_control is not None)
     refusals: list[Any] = events.of_kind("refused")
@@ -89,7 +104,8 @@ def run_lifecycle(scenario: str, mode: str, vtl0: Path, vtl1: Path, timeout: flo
         outcome, mech = LIFECYCLE_PASSED, f"{restarts}; the last kernel passed; at the end {held}"
     elif result.boot_count and heki and (after.get("pinned_cr0") or after.get("immutable_pages")):
         outcome = LIFECYCLE_OUTLIVED
-        mech = f"{restarts}; the next kernel ended {result.reason} ({result.message}); still held by the host: {held}"
+        mech = (f"{restarts}; the next kernel ended {result.reason} ({result.message}); still held by the "
+                f"host: {held}")
     elif missing and result.status != 0:
         r = missing[-1]
         why = r.reason.replace(" (--no-vtl1)", "")
@@ -97,22 +113,42 @@ def run_lifecycle(scenario: str, mode: str, vtl0: Path, vtl1: Path, timeout: flo
     else:
         outcome, mech = FAILED, f"{result.reason}: {result.message}; {restarts}; at the end {held}"
     want, why = expected_outcome(scenario, mode)
-    return LifecycleResult(scenario=scenario, mode=mode, category=category(scenario).name,
-                           expected_outcome=want, expected=why, outcome=outcome, mechanism=mech,
-                           as_expected=outcome == want, reason=result.reason, guest_status=result.status,
-                           boots=result.boot_count, resets=result.resets, kexecs=result.kexecs, after=after)
+    return LifecycleResult(
+        scenario=scenario,
+        mode=mode,
+        category=category(scenario).name,
+        expected_outcome=want,
+        expected=why,
+        outcome=outcome,
+        mechanism=mech,
+        as_expected=outcome == want,
+        reason=result.reason,
+        guest_status=result.status,
+        boots=result.boot_count,
+        resets=result.resets,
+        kexecs=result.kexecs,
+        after=after,
+    )
 
 
 def _held(after: dict[str, Any], heki: bool) -> str:
     if heki:
-        return (f"CR0 pin {after['pinned_cr0']:#x}, CR4 pin {after['pinned_cr4']:#x}, "
-                f"{after['immutable_pages']} immutable pages, {after['protected_pages']} pages read-only")
-    return (f"{after['protected_pages']} protected pages, VTL1 {'running' if after['vtl1_enabled'] else 'gone'}"
-            f"{', registers pinned' if after['register_pins'] else ''}")
+        return (
+            f"CR0 pin {after['pinned_cr0']:#x}, CR4 pin {after['pinned_cr4']:#x}, "
+            f"{after['immutable_pages']} immutable pages, {after['protected_pages']} pages read-only"
+        )
+    return (
+        f"{after['protected_pages']} protected pages, VTL1 {'running' if after['vtl1_enabled'] else 'gone'}"
+        f"{', registers pinned' if after['register_pins'] else ''}"
+    )
 
 
 def render_one(r: LifecycleResult) -> str:
-    return "\n".join([f"vtl kexec --mode {r.mode}: scenario {r.scenario}",
-                      f"  observed: {r.outcome}: {r.mechanism}",
-                      f"  {r.mode} should give: {r.expected_outcome}: {r.expected}",
-                      f"  verdict: {'as expected' if r.as_expected else 'NOT as expected'}"])
+    return "\n".join(
+        [
+            f"vtl kexec --mode {r.mode}: scenario {r.scenario}",
+            f"  observed: {r.outcome}: {r.mechanism}",
+            f"  {r.mode} should give: {r.expected_outcome}: {r.expected}",
+            f"  verdict: {'as expected' if r.as_expected else 'NOT as expected'}",
+        ]
+    )
