@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _backend(m)
     m.add_argument("--png", type=Path, metavar="FILE",
                    help="also draw the map (needs matplotlib: pip install '.[plot]')")
+    _mode(m, "in Heki mode the map is the host-owned page permissions as this host enforces them")
     m.add_argument("--json", action="store_true")
 
     k = sub.add_parser("kexec", help="run a kexec flow (teardown, persist, deny) and show its timeline",
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     _backend(k)
     k.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
                    help="stop the guest after S seconds (default: %(default)s)")
+    _mode(k, "heki: the same kexec scenario under Heki, which has no kexec flow nor authentication: what "
+             "the VMM observed and what Heki's design gives (exit 0 when they agree)")
     k.add_argument("--json", action="store_true", help="the whole report, timeline included, as JSON")
 
     cm = sub.add_parser("compare", help="every attack and lifecycle scenario and the costs, VTL mode beside "
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lifecycle", type=_int_in(0, 100, "--lifecycle"), default=1, metavar="N",
                    help="run each lifecycle flow (kexec teardown/persist/deny, RESET, module load) N "
                         "times and report each step's cost (default: %(default)s; 0 skips)")
+    _mode(b, "heki: the Heki-mode costs (null Heki hypercall, allowed and refused CR writes, a memory "
+             "violation, protecting pages, a hardened boot) beside the userspace and in-kernel exit floors "
+             "(as `vtl compare`'s cost table, one mode)")
     b.add_argument("--json", action="store_true")
     return p
 
@@ -396,6 +402,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from vtl.tools.bench import bench_steps, render_bench, run_bench
     from vtl.tools.progress import bar, wanted
 
+    if args.mode == "heki":
+        from vtl.core.images import default_vtl0_image, default_vtl1_image
+        from vtl.tools.compare import cost_steps, render_costs, run_costs
+
+        with bar(cost_steps(("heki",)), "vtl bench --mode heki", "steps", wanted(args.json)) as step:
+            costs, floors, part, missing = run_costs(default_vtl0_image(), default_vtl1_image(),
+                                                     calls=min(args.calls, 100_000), step=step,
+                                                     modes=("heki",))
+        if args.json:
+            _print_json({"mode": "heki", "costs": [c.model_dump() for c in costs],
+                         "floors": [f.model_dump() for f in floors],
+                         "partition": {k: v.model_dump() for k, v in part.items()}, "not_measured": missing})
+        else:
+            print("\n".join(render_costs(costs, floors, part, missing)))
+        return 0
     protection = not args.no_protection
     with bar(bench_steps(args.intercepts, protection, args.lifecycle), "vtl bench", "steps",
              wanted(args.json)) as step:
@@ -415,6 +436,16 @@ def cmd_kexec(args: argparse.Namespace) -> int:
     image = args.image or default_kexec_image()
     if not image.is_file():
         raise VmmError(f"--image {image}: no such file" + ("" if args.image else " (run `make guests`)"))
+    if args.mode == "heki":
+        from vtl.tools.lifecycle_compare import render_one, run_lifecycle
+
+        lr = run_lifecycle(f"kexec-{args.flow}", "heki", args.vtl0_image, args.vtl1_image,
+                           timeout=args.timeout, staged=image)
+        if args.json:
+            _print_json(lr.model_dump())
+        else:
+            print(render_one(lr))
+        return 0 if lr.as_expected else 2
     rep = run_flow(args.flow, args.vtl0_image, args.vtl1_image, image, trusted=not args.untrusted,
                    extra_trust=trust_list(args.trust), backend=args.backend, timeout=args.timeout)
     if args.json:
@@ -454,7 +485,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_memmap(args: argparse.Namespace) -> int:
     from vtl.tools.memmap import build, render
 
-    mm = build(args.vtl0_image, args.vtl1_image, backend=args.backend)
+    if args.mode == "heki":
+        from vtl.core.config import PartitionConfig
+        from vtl.tools.heki_memmap import heki_build
+
+        mm = heki_build(PartitionConfig(vtl0_image=args.vtl0_image, scenario="harden",
+                                        attr_backend=args.backend))
+    else:
+        mm = build(args.vtl0_image, args.vtl1_image, backend=args.backend)
     if args.png:
         from vtl.tools.memmap import draw_png
         draw_png(mm, args.png)

@@ -338,12 +338,18 @@ def _floor(key: str, what: str, f: FloorResult) -> Floor:
     return Floor(key=key, what=what, median_ns=f.median_ns, p10_ns=f.p10_ns, p90_ns=f.p90_ns)
 
 
-COST_STEPS = 14
+
+
+def cost_steps(modes: tuple[str, ...] = MODES) -> int:
+    """How many times run_costs tells its Step of a new piece of work."""
+    return 4 + 5 * len(modes)
 
 
 def run_costs(
-    vtl0: Path, vtl1: Path, ops: int = 1000, calls: int = 10000, step: Step = QUIET
+    vtl0: Path, vtl1: Path, ops: int = 1000, calls: int = 10000, step: Step = QUIET,
+    modes: tuple[str, ...] = MODES,
 ) -> tuple[list[CostRow], list[Floor], dict[str, PartitionCost], dict[str, str]]:
+    """The cost rows for `modes` (both, or one for `vtl bench --mode heki`), and the floors."""
     missing: dict[str, str] = {}
     step("floors: Python and C KVM_RUN ping-pong")
     floors = [
@@ -376,23 +382,26 @@ def run_costs(
     net_cpuid = max(0.0, ik["cpuid"].median_ns - ik["loop"].median_ns)
     part: dict[str, PartitionCost] = {}
     boot: dict[str, Timing] = {}
-    for mode in MODES:
+    for mode in modes:
         step(f"hardened boot ({mode})")
         boot[mode], part[mode] = hardened_boot(mode, vtl0, vtl1)
     rows = [
         CostRow(
             key="hardened_boot",
             what="boot + hardening (the `harden` run, wall, per run)",
-            vtl=boot["vtl"],
-            heki=boot["heki"],
+            vtl=boot.get("vtl"),
+            heki=boot.get("heki"),
             how="VMM clock around a whole run: VTL mode enables VTL1 (a VM), VTL1 protects and locks; "
             "Heki mode pins CRs and sends one page list",
         )
     ]
-    step("null VTL call (vtl)")
-    null_vtl = stamped("vtl", "bench-null-call", "null_call", calls, vtl0, vtl1)
-    step("null Heki hypercall (heki)")
-    null_heki = stamped("heki", "bench-heki-null", "heki_null", calls, vtl0, vtl1)
+    null_vtl = null_heki = None
+    if "vtl" in modes:
+        step("null VTL call (vtl)")
+        null_vtl = stamped("vtl", "bench-null-call", "null_call", calls, vtl0, vtl1)
+    if "heki" in modes:
+        step("null Heki hypercall (heki)")
+        null_heki = stamped("heki", "bench-heki-null", "heki_null", calls, vtl0, vtl1)
     rows.append(
         CostRow(
             key="null_call",
@@ -435,8 +444,8 @@ def run_costs(
             "in-kernel exit)",
         ),
     ):
-        timings: dict[str, Timing | None] = {}
-        for mode in MODES:
+        timings: dict[str, Timing | None] = {"vtl": None, "heki": None}
+        for mode in modes:
             step(f"{what} ({mode})")
             try:
                 timings[mode] = stamped(mode, scenario, stamp, ops, vtl0, vtl1)
@@ -458,8 +467,8 @@ def run_costs(
             CostRow(
                 key=f"protect_{layout}",
                 what=f"protecting {PROTECT_PAGES} pages read-only, {layout}",
-                vtl=protect_cost("vtl", layout, PROTECT_PAGES, vtl0, vtl1),
-                heki=protect_cost("heki", layout, PROTECT_PAGES, vtl0, vtl1),
+                vtl=protect_cost("vtl", layout, PROTECT_PAGES, vtl0, vtl1) if "vtl" in modes else None,
+                heki=protect_cost("heki", layout, PROTECT_PAGES, vtl0, vtl1) if "heki" in modes else None,
                 how="the VMM's handling of one request on its clock (VTL_HC_MODIFY_VTL_PROTECTION from VTL1 "
                 "/ KVM_HC_PROTECT_MEMORY page lists), through the same attribute backend; the guest's "
                 "transitions are the null-call row",
@@ -478,7 +487,7 @@ def run_compare(
 ) -> CompareReport:
     t0 = time.perf_counter()
     found = compare_scenarios(vtl0, only)
-    total = 2 * len(found) + COST_STEPS
+    total = 2 * len(found) + cost_steps()
     from contextlib import nullcontext
 
     with (progress or (lambda n: nullcontext(QUIET)))(total) as step:
@@ -529,27 +538,30 @@ def render(r: CompareReport) -> str:
         f"VTL {s['as_expected']['vtl']}/{s['scenarios']}, Heki {s['as_expected']['heki']}/{s['scenarios']} "
         "((!) marks an outcome that is not; Heki's expectation: vtl/tools/expectations.py)"
     )
-    lines += [
-        "",
-        'Costs (median; "in-KVM" = the in-kernel exit floor measured here, what in-KVM Heki pays '
-        "instead of the userspace stand-in)",
-        f"  {'what':<54} {'VTL mode':>10} {'Heki mode':>10} {'in-KVM':>10}",
-    ]
-    for c in r.costs:
-        ikvm = "-" if c.heki_in_kvm_ns is None else _fmt_ns(c.heki_in_kvm_ns)
-        lines.append(f"  {c.what:<54} {_us(c.vtl):>10} {_us(c.heki):>10} {ikvm:>10}")
-    for mode, pc in r.partition.items():
-        lines.append(
-            f"  partition, {mode:<4} mode: {pc.vms} VM(s), {pc.vcpus} vCPU(s), +{pc.rss_mib} MiB RSS "
-            "(booted and hardened)"
-        )
-    lines += ["", "Floors measured in the same run (median):"]
-    for f in r.floors:
-        lines.append(f"  {f.what:<74} {_fmt_ns(f.median_ns):>10}")
-    for what, why in r.not_measured.items():
-        lines.append(f"  not measured: {what}: {why}")
+    lines.append("")
+    lines += render_costs(r.costs, r.floors, r.partition, r.not_measured)
     lines.append(f"\n{r.command} ({r.wall_s:.0f} s)")
     return "\n".join(lines)
+
+
+def render_costs(costs: list[CostRow], floors: list[Floor], partition: dict[str, PartitionCost],
+                 not_measured: dict[str, str]) -> list[str]:
+    lines = ['Costs (median; "in-KVM" = the in-kernel exit floor measured here, what in-KVM Heki pays '
+             "instead of the userspace stand-in)",
+             f"  {'what':<54} {'VTL mode':>10} {'Heki mode':>10} {'in-KVM':>10}"]
+    for c in costs:
+        ikvm = "-" if c.heki_in_kvm_ns is None else _fmt_ns(c.heki_in_kvm_ns)
+        lines.append(f"  {c.what:<54} {_us(c.vtl):>10} {_us(c.heki):>10} {ikvm:>10}")
+    for mode, pc in partition.items():
+        lines.append(f"  partition, {mode:<4} mode: {pc.vms} VM(s), {pc.vcpus} vCPU(s), +{pc.rss_mib} MiB "
+                     "RSS "
+                     "(booted and hardened)")
+    lines += ["", "Floors measured in the same run (median):"]
+    for f in floors:
+        lines.append(f"  {f.what:<74} {_fmt_ns(f.median_ns):>10}")
+    for what, why in not_measured.items():
+        lines.append(f"  not measured: {what}: {why}")
+    return lines
 
 
 def deciding(mechanism: str, n: int = 64) -> str:

@@ -51,12 +51,13 @@ class LifecycleResult(BaseModel):
     after: dict[str, Any]  # what the VMM holds at the end
 
 
-def lifecycle_config(scenario: str, vtl0: Path, vtl1: Path | None) -> PartitionConfig:
+def lifecycle_config(scenario: str, vtl0: Path, vtl1: Path | None,
+                     staged: Path | None = None) -> PartitionConfig:
     """What a lifecycle scenario needs to run as designed (tests/test_kexec_guest.py,
     tests/test_modules.py set up the same)."""
     extra: dict[str, Any] = {}
     if scenario.startswith("kexec-"):
-        image = default_kexec_image()
+        image = staged or default_kexec_image()
         flow = scenario.removeprefix("kexec-")
         policy: KexecPolicy = flow if flow in ("teardown", "persist", "deny") else "teardown"  # type: ignore[assignment]
         extra = {
@@ -76,10 +77,9 @@ def lifecycle_config(scenario: str, vtl0: Path, vtl1: Path | None) -> PartitionC
     return PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario=scenario, **extra)
 
 
-def run_lifecycle(
-    scenario: str, mode: str, vtl0: Path, vtl1: Path, timeout: float = 120.0
-) -> LifecycleResult:
-    cfg = lifecycle_config(scenario, vtl0, vtl1)
+def run_lifecycle(scenario: str, mode: str, vtl0: Path, vtl1: Path, timeout: float = 120.0,
+                  staged: Path | None = None) -> LifecycleResult:
+    cfg = lifecycle_config(scenario, vtl0, vtl1, staged)
     heki = mode == "heki"
     if heki:
         cfg = heki_config(cfg)

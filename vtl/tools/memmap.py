@@ -39,6 +39,7 @@ class MemMap(BaseModel):
     nx_enforced_by: str
     vtl1_base: int
     vtl1_end: int
+    mode: str = "vtl"      # vtl | heki (one VM: the host-owned Heki policy, docs/heki-mode.md)
 
 
 PRIV_LABEL = "privileged section"
@@ -60,6 +61,7 @@ def _labels(syms: dict[str, int], start: int, attrs: int, priv: tuple[int, int])
 
 
 def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20, backend: Backend | None = None) -> MemMap:
+    """VTL mode's map (Heki mode's: vtl/tools/heki_memmap.py)."""
     cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario="harden", mem_size=mem_size,
                           attr_backend=backend)
     with Partition(cfg, EventLog()) as p:
@@ -179,22 +181,29 @@ def draw_png(m: MemMap, path: Path, detail: int = 32 << 20) -> None:
                     fontsize=7, color=VTL1_RED, zorder=5)
 
     pending: list[tuple[Any, list[tuple[str, list[tuple[int, float]]]], float]] = []
-    rows = ((1, "vtl0"), (0, "vtl1"))
+    heki = m.mode == "heki"
+    rows = ((0, "vtl0"),) if heki else ((1, "vtl0"), (0, "vtl1"))
+    ticks: tuple[list[int], list[str]] = (([0], ["the VM (Heki)"]) if heki else
+                                          ([0, 1], ["VTL1's VM", "VTL0's VM"]))
     bars(whole, 0, m.mem_size, rows, MiB, 1 / 20)
-    vtl1_note(whole, 0, m.mem_size, MiB)
-    whole.set_yticks([0, 1], ["VTL1's VM", "VTL0's VM"])
+    if not heki:
+        vtl1_note(whole, 0, m.mem_size, MiB)
+    whole.set_yticks(*ticks)
     whole.set_xlabel(f"guest-physical address (MiB): all {_mib(m.mem_size)} of guest memory")
-    whole.set_title(f"Memory attributes after a hardened boot ({m.backend} backend); VTL1's region "
-                    f"(hatched on VTL0's bar) is never mapped in VTL0's VM", fontsize=10)
+    whole.set_title(f"Memory attributes after a hardened boot ({m.backend} backend); " + (
+                    "Heki mode, the host's page permissions as enforced here (hatched: not guest memory)"
+                    if heki else
+                    "VTL1's region (hatched on VTL0's bar) is never mapped in VTL0's VM"), fontsize=10)
     bars(top, 0, detail, rows, MiB, 1 / 40)
-    vtl1_note(top, 0, detail, MiB)
-    top.set_yticks([0, 1], ["VTL1's VM", "VTL0's VM"])
+    if not heki:
+        vtl1_note(top, 0, detail, MiB)
+    top.set_yticks(*ticks)
     rest = f" of {_mib(m.mem_size)}" if detail < m.mem_size else ""
     top.set_xlabel(f"guest-physical address (MiB): the first {_mib(detail)}{rest}")
     if image:
         lo, hi = min(r.start for r in image), max(r.end for r in image)
         bars(zoom, lo, hi, ((0, "vtl0"),), 1024, 0.0)
-        zoom.set_yticks([0], ["VTL0's VM"])
+        zoom.set_yticks([0], ["the VM (Heki)" if heki else "VTL0's VM"])
         zoom.set_xlabel(f"guest-physical address (KiB): VTL0's kernel image, {lo:#x}-{hi:#x}")
         zoom.set_title(f"NX: {m.nx_enforced_by}", fontsize=9)
     else:
@@ -215,8 +224,12 @@ def draw_png(m: MemMap, path: Path, detail: int = 32 << 20) -> None:
 
 
 def render(m: MemMap) -> str:
-    lines = [f"VTL0's memory as VTL1 left it after a hardened boot ({m.mem_size >> 20} MiB, "
-             f"{m.backend} backend); VTL1's VM maps all of it rwx",
+    head = (f"Heki mode: the guest's memory as the host-owned Heki policy left it after a hardened boot "
+            f"({m.mem_size >> 20} MiB, {m.backend} backend), as this host enforces it; no VTL1"
+            if m.mode == "heki" else
+            f"VTL0's memory as VTL1 left it after a hardened boot ({m.mem_size >> 20} MiB, "
+            f"{m.backend} backend); VTL1's VM maps all of it rwx")
+    lines = [head,
              f"  {'start':>10}  {'end':>10}  {'pages':>6}  VTL0  label"]
     for r in m.regions:
         lines.append(f"  {r.start:#10x}  {r.end:#10x}  {(r.end - r.start) // PAGE_SIZE:6}  "
