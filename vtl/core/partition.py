@@ -71,8 +71,11 @@ class Partition:
         return vm
 
     def new_vcpu(self, vm: Vm, index: int) -> VCpu:
+        """A vCPU with the supported CPUID; its reset state is kept (`reset_state`) so that
+        a kexec can start the next kernel from it (`VCpu.reset_state`; layout.restart_vcpu)."""
         vcpu = vm.create_vcpu(index)
         vcpu.set_cpuid(self.kvm.supported_cpuid())
+        vcpu.reset_state = vcpu.capture_reset_state()
         return vcpu
 
     def _stage(self, path: Path | None) -> tuple[int, bytes]:

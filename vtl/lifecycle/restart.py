@@ -1,9 +1,10 @@
 """VTL0 restarts at a new kernel's entry (VTL_HC_VTL0_RESTART, the end of a kexec).
 
 VTL1 asked for it while serving VTL0's KEXEC_JUMP and has already protected what it
-wants protected (persist); with the teardown flag VTL1 ends first.  VTL0's vCPU gets
-the boot state at the new entry with CR0/CR4/EFER/XCR0 carried over, and a boot info
-that names the new kernel's image, its scenario and parameter, and boot_count + 1."""
+wants protected (persist); with the teardown flag VTL1 ends first.  VTL0's vCPU starts
+from its reset state with the boot state at the new entry and CR0/CR4/EFER/XCR0 carried
+over (docs/lifecycle.md, "The vCPU at the new entry"), and a boot info that names the new
+kernel's image, its scenario and parameter, and boot_count + 1."""
 
 from __future__ import annotations
 
