@@ -328,6 +328,10 @@
 
 /* ---- boot_info.flags ------------------------------------------------- */
 #define VTL_BOOT_F_VTL1_AVAILABLE  0x1        /* VTL0: VTL_HC_ENABLE_VTL1 may succeed  */
+#define VTL_BOOT_F_VTL1_PERSISTS   0x2        /* VTL0: VTL1 is already running, kept from the
+                                                 previous kernel by a persist kexec: VTL calls
+                                                 work now, VTL_HC_ENABLE_VTL1 returns
+                                                 VTL_E_ALREADY_ENABLED (never with _AVAILABLE) */
 
 #ifndef __ASSEMBLER__
 /* Handed to each kernel in RDI at entry.  VTL0's at VTL0_BOOT_INFO_GPA,

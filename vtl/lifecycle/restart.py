@@ -22,7 +22,9 @@ def restart_vtl0(p: Partition, req: RestartRequest) -> None:
     p.boot_count += 1
     layout = p.layout
     cr3 = lay.write_boot_tables(p.mem, layout, Vtl.VTL0)
-    flags = ABI.VTL_BOOT_F_VTL1_AVAILABLE if p.vtl1_image is not None and not p.vtl1_enabled else 0
+    # The new kernel learns what it finds: a VTL1 it may enable, or the one that persisted.
+    flags = (ABI.VTL_BOOT_F_VTL1_PERSISTS if p.vtl1_enabled else
+             ABI.VTL_BOOT_F_VTL1_AVAILABLE if p.vtl1_image is not None else 0)
     staged_gpa, staged = p.staged
     for vp in p.vps:
         lay.write_boot_info(p.mem, layout, Vtl.VTL0, vp=vp.index, nr_vps=len(p.vps),
