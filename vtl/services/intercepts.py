@@ -42,7 +42,10 @@ GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 ACCESS_NAMES = {ABI.VTL_ACCESS_READ: "read", ABI.VTL_ACCESS_WRITE: "write", ABI.VTL_ACCESS_EXECUTE: "execute"}
 # Vectors VTL1 may choose, and which of them push an error code.
-INJECTABLE = {0, 1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 21}
+# Not 3 (#BP) and 4 (#OF): only INT3 and INTO raise them, as software exceptions, whose
+# delivery needs an instruction length a verdict does not have (VM entry refuses one of 0
+# where IA32_VMX_MISC[30] is clear).
+INJECTABLE = {0, 1, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 21}
 WITH_ERROR_CODE = {8, 10, 11, 12, 13, 14, 17, 21}
 MSG_SIZE = abi_ffi.sizeof("struct vtl_intercept")
 
@@ -52,7 +55,7 @@ def verdict_problem(verdict: int, vector: int, has_ec: int, ec: int, cr2: int, *
     """Why VTL1's answer (vtl_intercept.verdict .. fault_cr2) is not one hardware would take,
     or None.  Every field is checked, for every verdict: the fault fields are reserved (0)
     unless the verdict injects a fault; a fault is an exception vector the CPU can deliver
-    (0-31 but NMI, 9, 15, 20 and 22-31), with an error code exactly when that vector pushes
+    (0-31 but NMI, #BP and #OF, 9, 15, 20 and 22-31), with an error code exactly when it pushes
     one; the code's bits 31:16 are reserved (VM entry refuses them), #DF and #AC push 0,
     #PF's reserved bits 14:8 are 0 and #CP's code is 1-6 (bit 15 ENCL aside); CR2 is for
     #PF only and is a canonical linear address."""
