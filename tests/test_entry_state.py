@@ -138,7 +138,8 @@ def dirty(v: VCpu, kvm: Kvm, features: CpuFeatures) -> dict[str, Any]:
     for idx in kvm.msr_index_list():
         cur = v.get_msrs([idx])[idx]
         wanted = cur + (1 << 40) if idx == MSR_TSC else None
-        cands = [cur ^ 0x1000, cur ^ 0x10, cur ^ 1, cur ^ 2, 0xFFFF_FFFF_8123_4000, 0x0007_0406_0007_0506, 6]
+        cands = [cur ^ 0x1000, cur ^ 0x10, cur ^ 1, cur ^ 2, 0xFFFF_FFFF_8123_4000, 0x0007_0406_0007_0506, 6,
+                 0xF3, 0x3]
         for cand in ([wanted] if wanted else []) + cands:
             try:
                 v.set_msrs({idx: cand})
@@ -247,8 +248,10 @@ def _compare(flow: Flow, fresh: State, *, cr0: int, cr4: int, efer: int, xcr0: i
     assert e.xsave == fresh.xsave
     # MSRs: a new vCPU's, but across a kexec the TSC and TSC_ADJUST, which run on (a RESET is
     # a new VM: its TSC is a new vCPU's, counting from KVM's value at creation).
+    # The test changed most of them (25 of the 40 on the development host; KVM will not let
+    # the host change the others: LBR records, capability MSRs, ...).
     dirtied = flow.dirtied["msrs"]
-    assert len(dirtied) >= 20, dirtied           # the test did change most of them
+    assert len(dirtied) >= 20, dirtied
     for idx in flow.msr_list:
         if idx == MSR_TSC:
             assert new_vm or e.msrs[idx] >= b.msrs[idx], "the TSC went back"
