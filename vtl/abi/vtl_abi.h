@@ -83,7 +83,8 @@
                                            call it serves, VTL0 restarts at `entry` in the
                                            boot state (RDI = boot info, RSP = boot stack, the
                                            VMM's identity map and GDT) with its CR0, CR4,
-                                           EFER and XCR0 carried over; with
+                                           EFER and XCR0 carried over, everything else as
+                                           at the vCPU's RESET (docs/lifecycle.md); with
                                            VTL_RESTART_F_TEARDOWN VTL1 ends first: its VM and
                                            vCPUs destroyed, every VTL0 protection and register
                                            intercept cleared, its region zeroed.  RAX =
