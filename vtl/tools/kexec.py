@@ -96,8 +96,8 @@ def run_flow(flow: Flow, vtl0: Path, vtl1: Path, image: Path, *, trusted: bool =
     # VTL1 says why it refused a kexec call through the report channel (guest_vtl1/lifecycle.c).
     why = [r for r in reports if r.vtl == 1 and r.kind == "status" and r.name.startswith("kexec_")]
     steps = [_step(e, why) for e in lifecycle]
-    expected_refusal = not trusted and flow != "deny"
-    refused = _refused(flow, steps)
+    expected_refusal = not trusted
+    refused = _refused(steps) if flow != "deny" or expected_refusal else None
     if expected_refusal:
         checks = _refusal_checks(result, lifecycle, refused)
     elif refused is not None:
@@ -125,11 +125,9 @@ def _step(e: Lifecycle, why: list[Any]) -> Step:
                 duration_us=e.duration_us, detail=e.detail, before=e.before, after=e.after, refusal=refusal)
 
 
-def _refused(flow: Flow, steps: list[Step]) -> str | None:
-    """The kexec call VTL1 refused in a teardown or persist flow, with its reason (the deny
-    flow's refusals are its checks)."""
-    if flow == "deny":
-        return None
+def _refused(steps: list[Step]) -> str | None:
+    """The first kexec call VTL1 refused, with its reason (in the deny flow with a trusted
+    image the refusals are the flow's checks instead)."""
     s = next((s for s in steps
               if s.step in ("kexec_validate", "kexec_jump") and s.status not in (None, "VTL_OK")), None)
     if s is None:
