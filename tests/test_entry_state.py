@@ -1,7 +1,7 @@
 """A kexec or a RESET defines the whole vCPU state (issue 14, item 3).
 
-Just before a persist kexec (at VTL0's KEXEC_JUMP call, VTL0's vCPU parked) and just
-before a RESET, the test dirties every register KVM reports for VTL0's vCPU through KVM's
+Just before a kexec, persist and teardown (at VTL0's KEXEC_JUMP call, VTL0's vCPU
+parked), and just before a RESET, the test dirties every register KVM reports for VTL0's vCPU through KVM's
 own set calls: GPRs, RFLAGS, segments, TR, LDTR, GDTR/IDTR, CR2, CR8, APIC base, pending
 interrupts, debug registers, XCR0, the FPU/XSAVE image, every MSR of KVM_GET_MSR_INDEX_LIST
 that KVM lets change, and the pending events (an exception, an NMI, an interrupt shadow).
@@ -272,11 +272,12 @@ def _dirtied_everything(flow: Flow) -> None:
     assert int.from_bytes(b.xsave[0:2], "little") == 0x27F
 
 
-def test_persist_kexec_starts_the_new_kernel_from_the_documented_state(
-        guest_images: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("policy", ["persist", "teardown"])
+def test_kexec_starts_the_new_kernel_from_the_documented_state(
+        guest_images: tuple[Path, Path], policy: str) -> None:
     image = guest_images[0].parent / "vtl0-kexec.elf"
-    cfg = PartitionConfig(vtl0_image=guest_images[0], vtl1_image=guest_images[1], scenario="kexec-persist",
-                          trust=[trust_digest(image)], kexec_policy="persist", staged=image)
+    cfg = PartitionConfig(vtl0_image=guest_images[0], vtl1_image=guest_images[1], scenario=f"kexec-{policy}",
+                          trust=[trust_digest(image)], kexec_policy=policy, staged=image)  # type: ignore[arg-type]
     flow = run_flow(cfg, lambda ev: isinstance(ev, VtlCall) and ev.code == ABI.VTL_CALL_KEXEC_JUMP,
                     "vtl0_restart", reset=False)
     _dirtied_everything(flow)
@@ -285,7 +286,7 @@ def test_persist_kexec_starts_the_new_kernel_from_the_documented_state(
     assert flow.entry_rip == entry
     _compare(flow, fresh_state(flow.msr_list), cr0=d["cr0"], cr4=d["cr4"], efer=d["efer"], xcr0=d["xcr0"],
              entry=entry)
-    # The new kernel ran its scenario to the end under VTL1's persisting protections.
+    # The new kernel ran its scenario to the end (persist: under VTL1's protections).
     assert (flow.result.reason, flow.result.status) == ("guest_exit", 0), flow.result
 
 
