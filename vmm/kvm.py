@@ -48,6 +48,7 @@ class Kvm:
             raise KvmUnavailable(f"{path} speaks KVM API {version}, this VMM needs {u.KVM_API_VERSION}")
         self.vcpu_mmap_size = ioctl(self.fd, u.KVM_GET_VCPU_MMAP_SIZE)
         self._cpuid: Any = None
+        self._msr_list: list[int] | None = None
 
     def check_extension(self, cap: int) -> int:
         return ioctl(self.fd, u.KVM_CHECK_EXTENSION, cap)
@@ -69,7 +70,7 @@ class Kvm:
 
     def msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU (cached)."""
-        if getattr(self, "_msr_list", None) is None:
+        if self._msr_list is None:
             n = 256
             while True:
                 lst = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
@@ -79,8 +80,7 @@ class Kvm:
                 if ffi.errno != errno.E2BIG or n > 65536:
                     raise KvmIoctlError("KVM_GET_MSR_INDEX_LIST", ffi.errno)
                 n = int(lst.nmsrs) if int(lst.nmsrs) > n else n * 2
-            self._msr_list: list[int] | None = [int(lst.indices[i]) for i in range(int(lst.nmsrs))]
-        assert self._msr_list is not None
+            self._msr_list = [int(lst.indices[i]) for i in range(int(lst.nmsrs))]
         return list(self._msr_list)
 
     def create_vm(self) -> Vm:
