@@ -83,7 +83,8 @@
                                            call it serves, VTL0 restarts at `entry` in the
                                            boot state (RDI = boot info, RSP = boot stack, the
                                            VMM's identity map and GDT) with its CR0, CR4,
-                                           EFER and XCR0 carried over; with
+                                           EFER and XCR0 carried over, everything else as
+                                           at the vCPU's RESET (docs/lifecycle.md); with
                                            VTL_RESTART_F_TEARDOWN VTL1 ends first: its VM and
                                            vCPUs destroyed, every VTL0 protection and register
                                            intercept cleared, its region zeroed.  RAX =
@@ -345,6 +346,10 @@
                                                  the VMM plays KVM with the Heki patches and
                                                  serves KVM_HC_LOCK_CR_UPDATE and
                                                  KVM_HC_PROTECT_MEMORY (below)            */
+#define VTL_BOOT_F_VTL1_PERSISTS   0x4        /* VTL0: VTL1 is already running, kept from the
+                                                 previous kernel by a persist kexec: VTL calls
+                                                 work now, VTL_HC_ENABLE_VTL1 returns
+                                                 VTL_E_ALREADY_ENABLED (never with _AVAILABLE) */
 
 /* ---- Heki mode (docs/heki-mode.md): the hypercalls of the Heki RFC patches, with the
  * patches' numbers, argument layouts and error codes.  In-KVM Heki takes them as VMCALL
