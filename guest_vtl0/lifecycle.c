@@ -1,4 +1,4 @@
-/* Lifecycle scenarios (issue 10, DESIGN section 7): VTL1's SHA-256, kexec of
+/* Lifecycle scenarios (issue 10, docs/design.md section 7): VTL1's SHA-256, kexec of
  * VTL1-authenticated images (teardown, persist, deny), modules after END_OF_BOOT, and
  * emulated RESET.  As everywhere, every observation is reported before it is judged and
  * attack targets are named (TARGET, EXEC, REGISTER) so that the VMM checks them itself;

@@ -1,4 +1,4 @@
-/* VTL1's side of the partition lifecycle (DESIGN section 7): the allowlist provisioned at
+/* VTL1's side of the partition lifecycle (docs/design.md section 7): the allowlist provisioned at
  * launch, kexec of VTL1-authenticated images (teardown, persist, deny) and new code after
  * boot (modules).
  *

@@ -6,7 +6,7 @@
  * cffi.  Keep that part to what cffi's cdef understands: integer #defines
  * with literal values and structs of fixed-width types with explicit padding.
  *
- * Transport (DESIGN section 3): port I/O on the ports below, always from CPL0
+ * Transport (docs/design.md section 3): port I/O on the ports below, always from CPL0
  * with an 8- or 32-bit OUT whose port is an immediate (`out %al, $port` or
  * `out %eax, $port`).  Register conventions:
  *   VTL call     (VTL0): RAX = call code, RCX = first argument; RDX, RSI, RDI,
@@ -61,7 +61,7 @@
                                              VTL_E_OUT_OF_RANGE (report or data not readable
                                              by the caller), VTL_E_NO_RESOURCES (the run's
                                              report budget is spent).  See docs/abi.md. */
-#define VTL_HC_RESET               0x0004 /* either VTL: emulated RESET of the partition (DESIGN
+#define VTL_HC_RESET               0x0004 /* either VTL: emulated RESET of the partition (docs/design.md
                                              section 7).  Does not return: VTL1 (if any) is
                                              destroyed, every VTL0 protection and register
                                              intercept cleared, VTL1's region zeroed, and VTL0
@@ -202,7 +202,7 @@
 #define VTL_PROTECT_F_RANGES       0x1    /* request entries are vtl_gpa_range, not GPAs */
 #define VTL_PROTECT_MAX_PER_CALL   4096   /* entries the VMM processes per hypercall  */
 
-/* ---- lifecycle (DESIGN section 7) ------------------------------------- */
+/* ---- lifecycle (docs/design.md section 7) ------------------------------------- */
 #define VTL_KEXEC_POLICY_TEARDOWN  0      /* VTL1 validates, then ends itself; VTL0 starts
                                              the new kernel with no VTL1 (it may enable a
                                              new one)                                     */

@@ -2,7 +2,7 @@
 
 This is the only place that changes a VP's state (`_transition`) and so decides which
 vCPU of a VP runs next.  Services handle exits and return outcomes; the scheduler
-applies them.  A switch moves the shared state of DESIGN section 4 through the synced
+applies them.  A switch moves the shared state of design §4 through the synced
 registers in kvm_run (KVM_CAP_SYNC_REGS), so it adds no ioctl:
 
   shared:  RAX RBX RCX RDX RSI RDI RBP R8-R15, CR2
