@@ -1,4 +1,4 @@
-/* Lifecycle scenarios (issue 10, DESIGN section 7): VTL1's SHA-256, kexec of
+/* Lifecycle scenarios (issue 10, docs/design.md section 7): VTL1's SHA-256, kexec of
  * VTL1-authenticated images (teardown, persist, deny), modules after END_OF_BOOT, and
  * emulated RESET.  As everywhere, every observation is reported before it is judged and
  * attack targets are named (TARGET, EXEC, REGISTER) so that the VMM checks them itself;
@@ -230,7 +230,11 @@ SCENARIO(sc_after_persist, "kexec-after-persist", "the kernel started by kexec-p
 	struct fault_info fi;
 	int faulted = try_reg_write(priv_write_cr0, old & ~CR0_WP, &fi);
 	expect_register_kept(name, "write_cr0", "mov to CR0 clearing WP", faulted, &fi, old, read_cr0());
-	/* VTL1 is the same one: already enabled, still serving. */
+	/* VTL1 is the same one: the boot info says so, already enabled, still serving. */
+	report_value("vtl1_persists_flag", (boot_info->flags & VTL_BOOT_F_VTL1_PERSISTS) != 0);
+	report_value("vtl1_available_flag", (boot_info->flags & VTL_BOOT_F_VTL1_AVAILABLE) != 0);
+	if (!(boot_info->flags & VTL_BOOT_F_VTL1_PERSISTS) || (boot_info->flags & VTL_BOOT_F_VTL1_AVAILABLE))
+		fail(name, "the boot info does not say that VTL1 persisted");
 	expect_status(name, "enable_vtl1_again", VTL_HC_ENABLE_VTL1, "VTL_HC_ENABLE_VTL1",
 		      hypercall(VTL_HC_ENABLE_VTL1, 0, 0, 0, NULL), VTL_E_ALREADY_ENABLED);
 	/* VTL1 keeps every page but the text NX.  Where the host has no NX memory attribute

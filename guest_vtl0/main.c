@@ -68,6 +68,7 @@ void kmain(struct vtl_boot_info *bi)
 	printf("VTL0 kernel up: %lu MiB, image %#lx-%#lx, VTL1 region %#lx-%#lx, VTL1 %s, CR4 %#lx, XCR0 %#lx\n",
 	       bi->mem_size >> 20, bi->image_start, bi->image_end, bi->vtl1_base,
 	       bi->vtl1_base + bi->vtl1_size,
+	       (bi->flags & VTL_BOOT_F_VTL1_PERSISTS) ? "running (persisted across the kexec)" :
 	       (bi->flags & VTL_BOOT_F_VTL1_AVAILABLE) ? "available" : "not available", read_cr4(), xcr0_boot);
 	const char *name = bi->scenario[0] ? bi->scenario : "boot";
 	for (const struct vtl_scenario_desc *s = _scenarios_start; s < _scenarios_end; s++) {

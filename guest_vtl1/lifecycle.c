@@ -1,4 +1,4 @@
-/* VTL1's side of the partition lifecycle (DESIGN section 7): the allowlist provisioned at
+/* VTL1's side of the partition lifecycle (docs/design.md section 7): the allowlist provisioned at
  * launch, kexec of VTL1-authenticated images (teardown, persist, deny) and new code after
  * boot (modules).
  *
@@ -158,23 +158,26 @@ static void kexec_restore(uint32_t nseg)
 }
 
 /* The request as copied: shape, bounds, entry, privileged section (persist).  Nothing
- * touched yet. */
-static int kexec_request_ok(void)
+ * touched yet.  NULL, or what is wrong (at most 63 bytes: a report's text). */
+static const char *kexec_request_problem(void)
 {
 	const struct vtl_kexec_request *r = &kreq;
 	uint64_t prev_end = VTL0_IMAGE_MIN, pages = 0;
 	int entry_ok = 0, priv_ok = r->priv_pages == 0;
-	if (r->nr_segments < 1 || r->nr_segments > VTL_KEXEC_MAX_SEGMENTS || r->reserved0 ||
-	    !has_nul(r->scenario, sizeof(r->scenario)))
-		return 0;
+	if (r->nr_segments < 1 || r->nr_segments > VTL_KEXEC_MAX_SEGMENTS)
+		return "request: not 1 to VTL_KEXEC_MAX_SEGMENTS segments";
+	if (r->reserved0)
+		return "request: reserved0 is not 0";
+	if (!has_nul(r->scenario, sizeof(r->scenario)))
+		return "request: scenario not NUL-terminated";
 	if (r->priv_pages && ((r->priv_gpa & 0xFFF) || r->priv_pages > PRIV_MAX_PAGES))
-		return 0;
+		return "request: privileged section misaligned or too large";
 	for (uint32_t i = 0; i < r->nr_segments; i++) {
 		const struct vtl_kexec_segment *s = &r->seg[i];
 		if ((s->paddr & 0xFFF) || s->reserved || (s->flags & ~7U) || !s->memsz || s->filesz > s->memsz)
-			return 0;
+			return "request: a segment misaligned, empty or with bad fields";
 		if (s->paddr < prev_end || s->memsz > VTL1_BASE || s->paddr > bi->vtl1_base - PAGE_UP(s->memsz))
-			return 0;       /* ascending, not overlapping, in the image window */
+			return "request: segments overlap or leave the image window";
 		prev_end = s->paddr + PAGE_UP(s->memsz);
 		pages += seg_pages(s);
 		if (!(s->flags & VTL_SEG_X))
@@ -185,7 +188,29 @@ static int kexec_request_ok(void)
 		    r->priv_gpa - s->paddr <= PAGE_UP(s->memsz) - (r->priv_pages << 12))
 			priv_ok = 1;    /* (no sum that could wrap) */
 	}
-	return entry_ok && priv_ok && pages <= KEXEC_MAX_PAGES && in_vtl0(r->seg[0].paddr, prev_end - r->seg[0].paddr);
+	if (!entry_ok)
+		return "request: entry not in an executable segment";
+	if (!priv_ok)
+		return "request: privileged section not in an executable segment";
+	if (pages > KEXEC_MAX_PAGES)
+		return "request: more pages than VTL1 seals for one image";
+	if (!in_vtl0(r->seg[0].paddr, prev_end - r->seg[0].paddr))
+		return "request: segments not in VTL0 memory";
+	return NULL;
+}
+
+/* A refused kexec call: VTL1's reason goes to the VMM and its tools through the report
+ * channel (STATUS, name = the call, value[0] = code, value[1] = status, text = why) and
+ * to people on the console. */
+static uint64_t kexec_refused;      /* console lines cost an exit per byte: a VTL0 that asks
+				       in a loop gets the first few and every 1000th */
+static uint64_t kexec_refuse(const char *call, uint64_t code, uint64_t st, const char *why)
+{
+	kexec_refused++;
+	if (kexec_refused <= 12 || kexec_refused % 1000 == 0)
+		printf("%s refused: %s\n", call, why);
+	report(VTL_REPORT_STATUS, call, code, st, 0, 0, why);
+	return st;
 }
 
 /* Seal every segment page NW|NX (immutable in VTL1's map), remembering what it had. */
@@ -263,23 +288,28 @@ static uint64_t kexec_scan(void)
 	return bad;
 }
 
+#define VALIDATE(st, why) kexec_refuse("kexec_validate", VTL_CALL_KEXEC_VALIDATE, (st), (why))
+
 uint64_t kexec_validate(uint64_t req_gpa)
 {
-	if (kx.valid)
-		return VTL_E_POLICY;            /* one image at a time: KEXEC_UNLOAD first */
-	if (vtl0_read(&kreq, req_gpa, sizeof(kreq)) != VTL_OK || !kexec_request_ok())
-		return VTL_E_INVALID_ARG;
+	if (kx.valid)                   /* one image at a time */
+		return VALIDATE(VTL_E_POLICY, "an image is validated already: KEXEC_UNLOAD first");
+	if (vtl0_read(&kreq, req_gpa, sizeof(kreq)) != VTL_OK)
+		return VALIDATE(VTL_E_INVALID_ARG, "request: not in memory VTL0 may read");
+	const char *bad = kexec_request_problem();
+	if (bad)
+		return VALIDATE(VTL_E_INVALID_ARG, bad);
 	int persist = kexec_policy == VTL_KEXEC_POLICY_PERSIST;
 	if (persist) {                  /* the new kernel's protection must be expressible */
 		if (!kreq.priv_pages)
-			return VTL_E_INVALID_ARG;
+			return VALIDATE(VTL_E_INVALID_ARG, "the image has no privileged section for persist to judge");
 		for (uint32_t i = 0; i < kreq.nr_segments; i++)
 			if ((kreq.seg[i].flags & (VTL_SEG_W | VTL_SEG_X)) == (VTL_SEG_W | VTL_SEG_X))
-				return VTL_E_POLICY;
+				return VALIDATE(VTL_E_POLICY, "a segment is writable and executable");
 	}
 	uint64_t st = kexec_seal();
 	if (st != VTL_OK)
-		return st;
+		return VALIDATE(st, "a segment page cannot be sealed (protected or executable)");
 	uint8_t digest[32];
 	uint64_t t0 = rdtsc();
 	int clean = kexec_measure(digest);
@@ -294,9 +324,8 @@ uint64_t kexec_validate(uint64_t req_gpa)
 			  !trusted(digest) ? "not on the allowlist" :
 			  persist && kexec_scan() ? "privileged instructions outside its privileged section" : NULL;
 	if (why) {
-		printf("kexec image refused: %s\n", why);
 		kexec_restore(kreq.nr_segments);
-		return VTL_E_POLICY;
+		return VALIDATE(VTL_E_POLICY, why);
 	}
 	kx.valid = 1;
 	printf("kexec image validated: %u segments, %lu pages sealed, entry %#lx\n", kreq.nr_segments, kx.pages,
@@ -307,7 +336,7 @@ uint64_t kexec_validate(uint64_t req_gpa)
 uint64_t kexec_unload(void)
 {
 	if (!kx.valid)
-		return VTL_E_POLICY;
+		return kexec_refuse("kexec_unload", VTL_CALL_KEXEC_UNLOAD, VTL_E_POLICY, "no validated image");
 	kexec_restore(kreq.nr_segments);
 	kx.valid = 0;
 	return VTL_OK;
@@ -363,22 +392,28 @@ static uint64_t kexec_persist(void)
 
 uint64_t kexec_jump(void)
 {
-	if (!kx.valid || kexec_policy == VTL_KEXEC_POLICY_DENY) {
-		printf("kexec jump refused: %s\n", kx.valid ? "the policy is deny" : "no validated image");
-		return VTL_E_POLICY;
-	}
+	if (!kx.valid || kexec_policy == VTL_KEXEC_POLICY_DENY)
+		return kexec_refuse("kexec_jump", VTL_CALL_KEXEC_JUMP, VTL_E_POLICY,
+				    kx.valid ? "the kexec policy is deny" : "no validated image");
 	uint64_t st;
 	if (kexec_policy == VTL_KEXEC_POLICY_TEARDOWN) {
 		st = request_restart(VTL_RESTART_F_TEARDOWN);
 		printf("kexec (teardown) to %#lx: %s\n", kreq.entry, vtl_status_name(st));
 		if (st == VTL_OK)
 			kx.valid = 0;
+		else
+			kexec_refuse("kexec_jump", VTL_CALL_KEXEC_JUMP, st, "the VMM refused VTL_HC_VTL0_RESTART");
 		return st;
 	}
 	st = kexec_persist();
-	if (st == VTL_OK)
+	const char *why = st != VTL_OK ? "protecting the new kernel failed" : NULL;
+	if (st == VTL_OK) {
 		st = request_restart(0);
+		why = st != VTL_OK ? "the VMM refused VTL_HC_VTL0_RESTART" : NULL;
+	}
 	printf("kexec (persist) to %#lx: %s\n", kreq.entry, vtl_status_name(st));
+	if (why)
+		kexec_refuse("kexec_jump", VTL_CALL_KEXEC_JUMP, st, why);
 	kx.valid = 0;
 	return st;
 }

@@ -47,7 +47,7 @@ void policy_persist_reset(uint64_t new_priv_gpa, uint64_t new_priv_pages);
  * returns the VMM's status, sets the pinning state. */
 uint64_t policy_persist_pin(void);
 
-/* lifecycle.c: the allowlist, kexec, modules (DESIGN section 7). */
+/* lifecycle.c: the allowlist, kexec, modules (docs/design.md section 7). */
 void lifecycle_init(void);
 uint64_t sha256_call(uint64_t gpa, uint64_t len, uint64_t out);
 uint64_t kexec_validate(uint64_t req_gpa);

@@ -38,7 +38,9 @@ def test_malicious_vtl0_10000_requests(guest_images: tuple[Path, Path]) -> None:
     assert tally["requests"] == 10000 and tally["accepted"] + tally["refused"] == 10000
     assert run.report("status", "end_of_boot").value[1] == ABI.VTL_OK
     assert run.report("value", "echo_rcx").value[0] == 0x1235       # VTL1 still serves calls
-    assert not [r for r in run.of_kind("status") if r.vtl == 1]     # the VMM refused none of VTL1's requests
+    # The VMM refused none of VTL1's requests (VTL1's own STATUS reports are its reasons for
+    # the kexec calls it refused).
+    assert not [r for r in run.of_kind("status") if r.vtl == 1 and not r.name.startswith("kexec_")]
     # VTL1's code and read-only data are byte for byte what was loaded.
     for gpa, size in code:
         seg = next(s for s in vtl1.segments if s.gpa == gpa)

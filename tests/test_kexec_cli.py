@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
-from tests.vtlrun import vtl_cli
+from tests.vtlrun import REPO, vtl_cli
 
 
 def test_teardown_flow_passes_with_a_timeline_of_every_step() -> None:
@@ -24,10 +26,49 @@ def test_teardown_flow_passes_with_a_timeline_of_every_step() -> None:
     assert all(s["duration_us"] > 0 for s in rep["steps"])
 
 
-def test_an_untrusted_image_fails_the_flow_with_status_2_and_says_why() -> None:
+def test_an_untrusted_image_is_refused_as_expected_and_passes() -> None:
+    """--untrusted: VTL1's refusal is the expected result, so it is a pass (exit 0) that says
+    so, with VTL1's own reason (its report, not console text)."""
     cp = vtl_cli("kexec", "--flow", "teardown", "--untrusted")
-    assert cp.returncode == 2, cp.stderr
-    assert "FAIL" in cp.stdout and "VTL_E_POLICY" in cp.stdout and "Traceback" not in cp.stderr
+    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr
+    assert "FAIL" not in cp.stdout and "Traceback" not in cp.stderr
+    assert "result: PASS: refused as expected (kexec_validate: VTL_E_POLICY (VTL1: not on the allowlist))" \
+        in cp.stdout.splitlines()
+    cp = vtl_cli("kexec", "--flow", "persist", "--untrusted", "--json")
+    rep = json.loads(cp.stdout)
+    assert cp.returncode == 0 and rep["passed"] and rep["expected_refusal"]
+    (val,) = [s for s in rep["steps"] if s["step"] == "kexec_validate"]
+    assert val["status"] == "VTL_E_POLICY" and val["refusal"] == "not on the allowlist"
+
+
+def test_an_image_vtl1_refuses_says_vtl1s_reason(tmp_path: Path) -> None:
+    """A VTL0 image without a privileged section under persist: one FAIL line that gives
+    VTL1's reason, exit 2."""
+    src, lds = tmp_path / "my.s", tmp_path / "my.ld"
+    src.write_text(".section .text, \"ax\"\n.globl _start\n_start: xor %eax, %eax\n out %eax, $0xF4\n")
+    lds.write_text("ENTRY(_start)\nSECTIONS { . = 0x800000; .text : { *(.text) } "
+                   "/DISCARD/ : { *(.note*) *(.comment) } }\n")
+    elf = tmp_path / "my.elf"
+    subprocess.run(["as", "--64", "-o", str(tmp_path / "my.o"), str(src)], check=True)
+    subprocess.run(["ld", "-static", "--build-id=none", "-z", "max-page-size=0x1000", "-T", str(lds), "-o",
+                    str(elf), str(tmp_path / "my.o")], check=True)
+    cp = vtl_cli("kexec", "--flow", "persist", "--image", str(elf))
+    assert cp.returncode == 2, cp.stdout[-2000:] + cp.stderr
+    fails = [ln for ln in cp.stdout.splitlines() if ln.strip().startswith("FAIL")]
+    why = "VTL1: the image has no privileged section for persist to judge"
+    assert len(fails) == 1 and "kexec_validate: VTL_E_INVALID_ARG" in fails[0] and why in fails[0], cp.stdout
+    assert cp.stdout.splitlines()[-1].startswith("result: FAIL: VTL1 refused the kexec at kexec_validate")
+
+
+def test_vtl_run_summary_says_what_happened_to_vtl1() -> None:
+    image = str(REPO / "guest_vtl0" / "build" / "vtl0-kexec.elf")
+    cp = vtl_cli("run", "--scenario", "kexec-persist", "--kexec-policy", "persist", "--trust", image,
+                 "--stage", image, "--quiet")
+    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr
+    assert "              history: enabled → kept across a kexec (persist)" in cp.stdout.splitlines()
+    cp = vtl_cli("run", "--scenario", "kexec-teardown", "--trust", image, "--stage", image, "--json")
+    assert json.loads(cp.stdout)["vtl1_history"] == ["enabled", "torn down at a kexec (teardown)",
+                                                     "enabled again"]
 
 
 def test_a_missing_image_is_one_line_and_status_1() -> None:

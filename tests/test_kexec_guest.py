@@ -23,7 +23,7 @@ from tests.vtlrun import Run, run_scenario
 from vmm.elf import read_image
 from vmm.measure import loaded_image_sha256
 from vmm.memattr import NR, NW, NX
-from vtl.abi import ABI
+from vtl.abi import ABI, abi_ffi
 from vtl.core.trust import trust_digest
 from vtl.lifecycle.state import unprotected
 
@@ -67,6 +67,7 @@ def test_vtl1_measures_the_placed_segments_as_the_vmm_measures_the_elf(
     # Teardown: VTL1 validates, ends itself; the new kernel finds no VTL1, no protection.
     image = _kexec_image(guest_images)
     run = _passed(_kexec(guest_images, "kexec-teardown", "teardown"))
+    assert run.result.vtl1_history == ["enabled", "torn down at a kexec (teardown)", "enabled again"]
     (m,) = _vtl1_report(run, "bytes", "kexec_measurement")
     assert m.data == trust_digest(image) == bytes.fromhex(loaded_image_sha256(read_image(image)))
     assert [e.status for e in _steps(run, "kexec_validate")] == [ABI.VTL_OK]
@@ -103,8 +104,16 @@ def test_kexec_persist_protects_the_new_kernel_before_its_first_instruction(
     image = _kexec_image(guest_images)
     syms, old = _syms(image), _syms(guest_images[0])
     marker = syms["exec_marker"]
-    run = _passed(_kexec(guest_images, "kexec-persist", "persist", snapshot=[(marker, 8)]))
+    flags_gpa = ABI.VTL0_BOOT_INFO_GPA + abi_ffi.offsetof("struct vtl_boot_info", "flags")
+    run = _passed(_kexec(guest_images, "kexec-persist", "persist", snapshot=[(marker, 8), (flags_gpa, 8)]))
     assert not _steps(run, "vtl1_teardown")
+    # The new kernel's boot info (read back by the VMM) says that VTL1 persisted, not that
+    # one may be enabled; its enable request was refused as already enabled.
+    flags = int.from_bytes(run.memory[(flags_gpa, 8)], "little")
+    assert flags == ABI.VTL_BOOT_F_VTL1_PERSISTS
+    refused = [e for e in run.events.of_kind("refused")
+               if e.response == "VTL_E_ALREADY_ENABLED"]  # type: ignore[union-attr]
+    assert len(refused) == 1 and run.result.vtl1_history == ["enabled", "kept across a kexec (persist)"]
     (jump,) = _steps(run, "kexec_jump")
     (restart,) = _steps(run, "vtl0_restart")
     assert jump.status == ABI.VTL_OK
@@ -142,6 +151,10 @@ def test_kexec_deny_refuses_every_path_and_changes_nothing(guest_images: tuple[P
     image = _kexec_image(guest_images)
     marker = _syms(guest_images[0])["exec_marker"]
     run = _passed(_kexec(guest_images, "kexec-deny", "deny", snapshot=[(marker, 8)]))
+    # VTL1 said why each jump was refused (its STATUS reports, in the run's VTL1 history).
+    assert run.result.vtl1_history == ["enabled",
+                                       "kexec refused: VTL_E_POLICY (VTL1: the kexec policy is deny)",
+                                       "kexec refused: VTL_E_POLICY (VTL1: no validated image)"]
     st = {k: run.report("status", k).value[1] for k in
           ("validate_tampered", "validate_trusted", "jump_denied", "kexec_unload", "jump_unvalidated")}
     assert st == {"validate_tampered": ABI.VTL_E_POLICY, "validate_trusted": ABI.VTL_OK,
@@ -198,7 +211,14 @@ def test_malformed_and_unsealable_requests_are_refused_with_nothing_sealed(
     # VTL1 reports a measurement only for an image it could measure whole: the valid one
     # (the one with a byte past its file size was refused while measuring).
     assert len(_vtl1_report(run, "bytes", "kexec_measurement")) == 1
-    assert not [r for r in run.of_kind("status") if r.vtl == 1]     # the VMM refused VTL1 nothing
+    # VTL1 said why it refused each request (a STATUS report named after the call, with its
+    # reason); the VMM refused VTL1 nothing (no other STATUS of VTL1's).
+    own = [r for r in run.of_kind("status") if r.vtl == 1]
+    assert all(r.name in ("kexec_validate", "kexec_unload") and r.text for r in own), own
+    refused = [e for e in _steps(run, "kexec_validate") if e.status != ABI.VTL_OK]
+    assert [r.value[1] for r in own if r.name == "kexec_validate"] == [e.status for e in refused]
+    assert {"request: entry not in an executable segment", "request: scenario not NUL-terminated",
+            "bytes past a segment's file size"} <= {r.text for r in own}
 
 
 @pytest.mark.parametrize("scenario,triple", [("reset-request", False), ("reset-triple-fault", True)])

@@ -295,7 +295,7 @@ def test_bad_requests_raise_vmm_errors(vm_mem: tuple[Vm, GuestMemory]) -> None:
 @pytest.mark.kvm
 def test_make_backend_chooses_by_probing_and_honours_explicit_kinds(vm_mem: tuple[Vm, GuestMemory]) -> None:
     vm, mem = vm_mem
-    # This host: no RWX attributes, host mapping probes working (DESIGN section 2).
+    # This host: no RWX attributes, host mapping probes working (design §2).
     assert default_backend_kind(vm) == "host_mapping"
     b = make_backend(None, vm, mem, [(0, 4 * MiB)])
     assert isinstance(b, HostMappingBackend) and b.name == "host_mapping"

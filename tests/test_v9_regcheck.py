@@ -124,12 +124,38 @@ def test_table_base_canonical() -> None:
 
 
 def test_features_from_cpuid() -> None:
-    entries = [(1, 0, 0, 0, 1 << 26 | 1 << 17, 0), (7, 0, 0, 1 << 7 | 1 << 20, 1 << 2, 0),
-               (0xD, 0, 0x7, 0, 0, 0), (0x80000008, 0, 0x3027, 0, 0, 0)]
+    entries = [(1, 0, 0, 0, 1 << 26 | 1 << 17 | 1 << 21, 0), (7, 0, 0, 1 << 7 | 1 << 20, 1 << 2, 0),
+               (0xD, 0, 0x7, 0, 0, 0), (0x80000008, 0, 0x3027, 0, 0, 0),
+               (0x80000001, 0, 0, 0, 0, 1 << 11 | 1 << 20 | 1 << 29)]
     f = rc.CpuFeatures.from_cpuid(entries)
     want = rc.CR4_ALWAYS | rc.CR4_OSXSAVE | rc.CR4_PCIDE | rc.CR4_SMEP | rc.CR4_SMAP | rc.CR4_UMIP
-    assert f == rc.CpuFeatures(want, 39, 0x7)
-    assert rc.CpuFeatures.from_cpuid([]) == rc.CpuFeatures(rc.CR4_ALWAYS, 36, 1)
+    assert f == rc.CpuFeatures(want, 39, 0x7, 0xD01, True)     # EFER: SCE LME LMA NXE
+    assert rc.CpuFeatures.from_cpuid([]) == rc.CpuFeatures(rc.CR4_ALWAYS, 36, 1, 0, False)
+
+
+def test_wrmsr_as_the_guest_writes_it() -> None:
+    """What a guest's WRMSR may not do even where a host write (KVM_SET_MSRS) may."""
+    f = rc.CpuFeatures(efer_allowed=0xD01, maxphyaddr=39)
+    pg, la57 = rc.CR0_PG | rc.CR0_PE, rc.CR4_LA57
+    assert rc.check_wrmsr(0xC0000080, 0xD01, old=0xD01, cr0=pg, cr4=0, features=f) is None
+    assert rc.check_wrmsr(0xC0000080, 0x501, old=0xD01, cr0=pg, cr4=0, features=f) is None   # NXE off
+    assert "LME changed while paging" in (rc.check_wrmsr(0xC0000080, 0xC01, old=0xD01, cr0=pg, cr4=0,
+                                                         features=f) or "")
+    assert "does not support" in (rc.check_wrmsr(0xC0000080, 0xD01 | 1 << 12, old=0xD01, cr0=pg, cr4=0,
+                                                 features=f) or "")
+    assert rc.check_wrmsr(0xC0000082, 0x0000_8000_0000_0000, old=0, cr0=pg, cr4=0, features=f) is not None
+    assert rc.check_wrmsr(0xC0000082, 0x00FF_8000_0000_0000, old=0, cr0=pg, cr4=la57, features=f) is None
+    assert rc.check_wrmsr(0x176, 0xFFFF_FFFF_8100_0000, old=0, cr0=pg, cr4=0, features=f) is None
+    assert rc.check_wrmsr(0xC0000084, 1 << 32, old=0, cr0=pg, cr4=0, features=f) is not None
+    base = 0xFEE00900
+    assert rc.check_wrmsr(0x1B, base, old=base, cr0=pg, cr4=0, features=f) is None
+    assert rc.check_wrmsr(0x1B, base | 1 << 9, old=base, cr0=pg, cr4=0, features=f) is not None
+    assert rc.check_wrmsr(0x1B, base | 1 << 10, old=base, cr0=pg, cr4=0, features=f) is not None  # no x2APIC
+    assert rc.check_wrmsr(0x1B, 1 << 39 | 0x900, old=base, cr0=pg, cr4=0, features=f) is not None
+    x2 = rc.CpuFeatures(x2apic=True)
+    assert rc.check_wrmsr(0x1B, base | 1 << 10, old=base, cr0=pg, cr4=0, features=x2) is None
+    assert rc.check_wrmsr(0x1B, base & ~(1 << 11) | 1 << 10, old=base, cr0=pg, cr4=0, features=x2) is not None
+    assert rc.check_wrmsr(0x1B, base, old=base | 1 << 10, cr0=pg, cr4=0, features=x2) is not None
 
 
 @pytest.mark.kvm

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import heapq
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from vmm import exits
@@ -88,6 +89,7 @@ class Kvm:
             raise KvmUnavailable(reason)
         self.vcpu_mmap_size = ioctl(self.fd, u.KVM_GET_VCPU_MMAP_SIZE)
         self._cpuid: Any = None
+        self._msr_list: list[int] | None = None
 
     def check_extension(self, cap: int) -> int:
         return ioctl(self.fd, u.KVM_CHECK_EXTENSION, cap)
@@ -106,6 +108,21 @@ class Kvm:
                 nent *= 2
             self._cpuid = cpuid
         return self._cpuid
+
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU (cached)."""
+        if self._msr_list is None:
+            n = 256
+            while True:
+                lst = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
+                lst.nmsrs = n
+                if libc.ioctl(self.fd, u.KVM_GET_MSR_INDEX_LIST, lst) == 0:
+                    break
+                if ffi.errno != errno.E2BIG or n > 65536:
+                    raise KvmIoctlError("KVM_GET_MSR_INDEX_LIST", ffi.errno)
+                n = int(lst.nmsrs) if int(lst.nmsrs) > n else n * 2
+            self._msr_list = [int(lst.indices[i]) for i in range(int(lst.nmsrs))]
+        return list(self._msr_list)
 
     def create_vm(self) -> Vm:
         return Vm(self, ioctl(self.fd, u.KVM_CREATE_VM, 0))
@@ -241,6 +258,26 @@ class Vm:
             self.fd = -1
 
 
+# MSRs a vCPU's reset state does not define: the time-stamp counter and its adjust MSR
+# run on across INIT (SDM vol. 3, "IA-32 processor states following power-up, reset, or
+# INIT": INIT leaves the TSC alone), so a state restored from ResetState keeps them.
+MSR_TSC, MSR_TSC_ADJUST = 0x10, 0x3B
+TIME_MSRS = frozenset({MSR_TSC, MSR_TSC_ADJUST})
+
+
+@dataclass(frozen=True)
+class ResetState:
+    """A vCPU's state as KVM creates it (kvm_vcpu_reset: the RESET state), captured before
+    it first runs: what a vCPU that has run can be put back to without a new VM."""
+    regs: bytes
+    sregs: bytes
+    events: bytes
+    debugregs: bytes
+    xsave: bytes
+    xcrs: dict[int, int]
+    msrs: dict[int, int]          # every MSR of KVM_GET_MSR_INDEX_LIST KVM reported
+
+
 class VCpu:
     """One vCPU and its mmapped kvm_run, with KVM_CAP_SYNC_REGS enabled for every exit."""
 
@@ -265,6 +302,7 @@ class VCpu:
         self.cs: Any = self.sregs.cs
         self.words: Any = ffi.cast("uint32_t *", ptr)   # [2] exit_reason, [8] io dir|size|port
         self.run.kvm_valid_regs = self.SYNC_ALL
+        self.reset_state: ResetState | None = None     # capture_reset_state(), by its owner
 
     # --- state -------------------------------------------------------------
     def get_regs(self) -> Any:
@@ -298,6 +336,30 @@ class VCpu:
 
     def set_fpu(self, f: Any) -> None:
         ioctl(self.fd, u.KVM_SET_FPU, f)
+
+    def get_debugregs(self) -> Any:
+        d = ffi.new("struct kvm_debugregs *")
+        ioctl(self.fd, u.KVM_GET_DEBUGREGS, d)
+        return d
+
+    def set_debugregs(self, d: Any) -> None:
+        ioctl(self.fd, u.KVM_SET_DEBUGREGS, d)
+
+    def get_xsave(self) -> bytes:
+        """KVM_GET_XSAVE: the legacy 4 KiB XSAVE image (x87, SSE, AVX, ...)."""
+        x = ffi.new("struct kvm_xsave *")
+        ioctl(self.fd, u.KVM_GET_XSAVE, x)
+        return bytes(ffi.buffer(x))
+
+    def set_xsave(self, image: bytes) -> None:
+        x = ffi.new("struct kvm_xsave *")
+        ffi.memmove(x, image, min(len(image), ffi.sizeof(x[0])))
+        ioctl(self.fd, u.KVM_SET_XSAVE, x)
+
+    def get_mp_state(self) -> int:
+        m = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, u.KVM_GET_MP_STATE, m)
+        return int(m.mp_state)
 
     def set_cpuid(self, cpuid: Any) -> None:
         ioctl(self.fd, u.KVM_SET_CPUID2, cpuid)
@@ -337,6 +399,46 @@ class VCpu:
             x.xcrs[i].xcr = index
             x.xcrs[i].value = value
         ioctl(self.fd, u.KVM_SET_XCRS, x)
+
+    def capture_reset_state(self) -> ResetState:
+        """The state of a vCPU that has not run yet (call it right after creation and
+        KVM_SET_CPUID2)."""
+        def raw(obj: Any) -> bytes:
+            return bytes(ffi.buffer(obj))
+        return ResetState(raw(self.get_regs()), raw(self.get_sregs()), raw(self.get_events()),
+                          raw(self.get_debugregs()), self.get_xsave(), self.get_xcrs(),
+                          self.get_msrs(self.vm.kvm.msr_index_list()))
+
+    def load_reset_state(self, rs: ResetState, *, xcr0: int | None = None) -> None:
+        """Put this vCPU back in `rs` without running it: the registers, segments and pending
+        events through the synced registers (applied at the next KVM_RUN, which also drops a
+        PIO it had left to complete since RIP moved), the debug registers, the FPU/XSAVE image,
+        XCR0 (`xcr0` if given: carried instead) and every MSR KVM saves through their ioctls.
+        The TSC and TSC_ADJUST run on (TIME_MSRS).  The caller then sets what it defines
+        itself (a kernel's entry registers)."""
+        ffi.memmove(ffi.addressof(self.regs), rs.regs, len(rs.regs))
+        ffi.memmove(ffi.addressof(self.sregs), rs.sregs, len(rs.sregs))
+        ev = self.sync.events
+        ffi.memmove(ffi.addressof(ev), rs.events, len(rs.events))
+        # Make KVM take every field: NMI pending, interrupt shadow, SIPI vector, SMM (as
+        # KVM_GET_VCPU_EVENTS marked them valid at creation); no exception payload.
+        ev.flags &= ~u.KVM_VCPUEVENT_VALID_PAYLOAD
+        self.run.cr8 = 0
+        self.run.request_interrupt_window = 0
+        self.run.kvm_dirty_regs = self.SYNC_ALL
+        d = ffi.new("struct kvm_debugregs *")
+        ffi.memmove(d, rs.debugregs, len(rs.debugregs))
+        self.set_debugregs(d)
+        self.set_xsave(rs.xsave)
+        xcrs = dict(rs.xcrs)
+        if xcr0 is not None:
+            xcrs[0] = xcr0
+        self.set_xcrs(xcrs)
+        keep = [i for i in rs.msrs if i not in TIME_MSRS]
+        now = self.get_msrs(keep)
+        changed = {i: rs.msrs[i] for i in keep if now.get(i) != rs.msrs[i]}
+        if changed:
+            self.set_msrs(changed)
 
     def set_single_step(self, enable: bool) -> None:
         d = ffi.new("struct kvm_guest_debug *")

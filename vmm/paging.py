@@ -1,6 +1,6 @@
 """Software walk of x86-64 4-level guest page tables.
 
-KVM_TRANSLATE is not dependable across hosts (DESIGN section 2), and the VMM
+KVM_TRANSLATE is not dependable across hosts (design §2), and the VMM
 needs permissions too, so it reads the guest's tables from guest memory itself.
 """
 

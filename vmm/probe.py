@@ -178,7 +178,7 @@ def _skip_to(s: ScratchVm, rip: int) -> None:
 
 
 def probe_host_mapping() -> ProbeResult:
-    """Protections through mprotect on the VM's own alias of guest memory (DESIGN section 2):
+    """Protections through mprotect on the VM's own alias of guest memory (design §2):
     a write to a PROT_READ page, a read of a PROT_NONE page and a fetch from one must all
     come back to userspace with memory unchanged.  Accepted forms: MMIO exits and emulation
     failure (this host), or KVM_RUN -EFAULT with KVM_EXIT_MEMORY_FAULT (mainline EPT)."""

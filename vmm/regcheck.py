@@ -18,7 +18,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from vmm.x86 import EFER_LMA
+from vmm.x86 import (
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    EFER_SCE,
+    MSR_APIC_BASE,
+    MSR_CSTAR,
+    MSR_EFER,
+    MSR_LSTAR,
+    MSR_SFMASK,
+    MSR_SYSENTER_EIP,
+    MSR_SYSENTER_ESP,
+)
 
 MASK64 = (1 << 64) - 1
 
@@ -67,12 +79,29 @@ _CR4_GATES: tuple[tuple[int, int, str, int, int], ...] = (
 CpuidEntry = tuple[int, int, int, int, int, int]   # function, index, eax, ebx, ecx, edx
 
 
+# EFER bits and the CPUID bit (leaf 0x80000001, or as given) that makes each valid.
+EFER_SVME, EFER_LMSLE, EFER_FFXSR, EFER_TCE, EFER_AUTOIBRS = 1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 21
+_EFER_GATES: tuple[tuple[int, int, str, int, int], ...] = (
+    (0x80000001, 0, "edx", 11, EFER_SCE),
+    (0x80000001, 0, "edx", 29, EFER_LME | EFER_LMA),
+    (0x80000001, 0, "edx", 20, EFER_NXE),
+    (0x80000001, 0, "ecx", 2, EFER_SVME),
+    (0x80000001, 0, "edx", 25, EFER_FFXSR),
+    (0x80000001, 0, "ecx", 17, EFER_TCE),
+    (0x80000021, 0, "eax", 8, EFER_AUTOIBRS),
+)
+# IA32_APIC_BASE: BSP (8), x2APIC mode (10, with CPUID.1:ECX.21), enable (11), base 12+.
+APIC_BASE_BSP, APIC_BASE_EXTD, APIC_BASE_EN = 1 << 8, 1 << 10, 1 << 11
+
+
 @dataclass(frozen=True, slots=True)
 class CpuFeatures:
     """What a vCPU's CPUID allows for the registers checked here."""
     cr4_allowed: int = CR4_ALWAYS
     maxphyaddr: int = 36
     xcr0_supported: int = XFEATURE_FP | XFEATURE_SSE
+    efer_allowed: int = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE
+    x2apic: bool = False
 
     @classmethod
     def from_cpuid(cls, entries: Iterable[CpuidEntry]) -> CpuFeatures:
@@ -87,7 +116,12 @@ class CpuFeatures:
         maxphy = ext["eax"] & 0xFF if ext and ext["eax"] & 0xFF else 36
         xsave = regs.get((0xD, 0))
         xcr0 = (xsave["eax"] | xsave["edx"] << 32) if xsave else 0
-        return cls(allowed, maxphy, (xcr0 | XFEATURE_FP) & MASK64)
+        efer = 0
+        for fn, idx, reg, bit, e in _EFER_GATES:
+            if regs.get((fn, idx), {}).get(reg, 0) >> bit & 1:
+                efer |= e
+        x2apic = bool(regs.get((1, 0), {}).get("ecx", 0) >> 21 & 1)
+        return cls(allowed, maxphy, (xcr0 | XFEATURE_FP) & MASK64, efer, x2apic)
 
 
 def cpuid_entries(cpuid2: Any) -> list[CpuidEntry]:
@@ -192,4 +226,46 @@ def check_table_base(base: int, *, cr4: int = 0, what: str = "descriptor table")
     """LGDT/LIDT in 64-bit mode: the base must be canonical."""
     if not canonical(base, bool(cr4 & CR4_LA57)):
         return f"{what} base {base:#x} is not canonical"
+    return None
+
+
+_CANONICAL_MSRS = {MSR_LSTAR: "LSTAR", MSR_CSTAR: "CSTAR", MSR_SYSENTER_EIP: "SYSENTER_EIP",
+                   MSR_SYSENTER_ESP: "SYSENTER_ESP"}
+
+
+def check_wrmsr(index: int, value: int, *, old: int, cr0: int, cr4: int,
+                features: CpuFeatures) -> str | None:
+    """A guest's WRMSR of the MSRs this project filters (x86.PINNED_MSRS), as the CPU judges
+    it: a VMM that completes a filtered WRMSR through KVM_SET_MSRS writes as the host, which
+    KVM checks less (EFER.LME may change under paging, APIC_BASE takes reserved bits), and a
+    state no guest could reach makes KVM refuse the vCPU's next KVM_SET_SREGS.  `old` is the
+    MSR's current value."""
+    value &= MASK64
+    if index == MSR_EFER:
+        reserved = value & ~features.efer_allowed
+        if reserved:
+            return f"EFER value {value:#x} sets bits {reserved:#x} this vCPU does not support"
+        if cr0 & CR0_PG and (value ^ old) & EFER_LME:
+            return "EFER.LME changed while paging is on"
+        return None
+    if index in _CANONICAL_MSRS:
+        if not canonical(value, bool(cr4 & CR4_LA57)):
+            return f"{_CANONICAL_MSRS[index]} value {value:#x} is not canonical"
+        return None
+    if index == MSR_SFMASK and value >> 32:
+        return f"SFMASK value {value:#x} sets reserved bits 63:32"
+    if index == MSR_APIC_BASE:
+        reserved = (0xFF | 1 << 9 | (0 if features.x2apic else APIC_BASE_EXTD)
+                    | (MASK64 >> features.maxphyaddr << features.maxphyaddr))
+        if value & reserved:
+            return f"APIC_BASE value {value:#x} sets reserved bits {value & reserved:#x}"
+        mode = value & (APIC_BASE_EN | APIC_BASE_EXTD)
+        cur = old & (APIC_BASE_EN | APIC_BASE_EXTD)
+        if mode == APIC_BASE_EXTD:
+            return "APIC_BASE enables x2APIC mode with the APIC disabled"
+        if cur == APIC_BASE_EN | APIC_BASE_EXTD and mode == APIC_BASE_EN:
+            return "APIC_BASE leaves x2APIC mode for xAPIC mode without disabling the APIC"
+        if cur == 0 and mode == APIC_BASE_EN | APIC_BASE_EXTD:
+            return "APIC_BASE enters x2APIC mode from a disabled APIC"
+        return None
     return None

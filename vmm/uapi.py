@@ -67,6 +67,11 @@ struct kvm_fpu {
     uint16_t last_opcode; uint64_t last_ip; uint64_t last_dp;
     uint8_t xmm[16][16]; uint32_t mxcsr; uint32_t pad2;
 };
+struct kvm_debugregs { uint64_t db[4]; uint64_t dr6; uint64_t dr7; uint64_t flags; uint64_t reserved[9]; };
+struct kvm_xsave { uint32_t region[1024]; };
+struct kvm_lapic_state { char regs[1024]; };
+struct kvm_mp_state { uint32_t mp_state; };
+struct kvm_msr_list { uint32_t nmsrs; uint32_t indices[]; };
 struct kvm_xcr { uint32_t xcr; uint32_t reserved; uint64_t value; };
 struct kvm_xcrs { uint32_t nr_xcrs; uint32_t flags; struct kvm_xcr xcrs[16]; uint64_t padding[16]; };
 struct kvm_translation {
@@ -161,6 +166,7 @@ KVM_SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, "uint64_t")
 KVM_RUN = _io(0x80)
+KVM_GET_MSR_INDEX_LIST = _iowr(0x02, "struct kvm_msr_list")
 KVM_GET_REGS = _ior(0x81, "struct kvm_regs")
 KVM_SET_REGS = _iow(0x82, "struct kvm_regs")
 KVM_GET_SREGS = _ior(0x83, "struct kvm_sregs")
@@ -171,9 +177,15 @@ KVM_SET_MSRS = _iow(0x89, "struct kvm_msrs")
 KVM_GET_FPU = _ior(0x8C, "struct kvm_fpu")
 KVM_SET_FPU = _iow(0x8D, "struct kvm_fpu")
 KVM_SET_CPUID2 = _iow(0x90, "struct kvm_cpuid2")
+KVM_GET_LAPIC = _ior(0x8E, "struct kvm_lapic_state")
+KVM_GET_MP_STATE = _ior(0x98, "struct kvm_mp_state")
 KVM_SET_GUEST_DEBUG = _iow(0x9B, "struct kvm_guest_debug")
 KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
+KVM_GET_DEBUGREGS = _ior(0xA1, "struct kvm_debugregs")
+KVM_SET_DEBUGREGS = _iow(0xA2, "struct kvm_debugregs")
+KVM_GET_XSAVE = _ior(0xA4, "struct kvm_xsave")
+KVM_SET_XSAVE = _iow(0xA5, "struct kvm_xsave")
 KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
 KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
 KVM_GET_TSC_KHZ = _io(0xA3)
@@ -191,7 +203,9 @@ KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_SET_GUEST_DEBUG = 23
 KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_XSAVE = 55
 KVM_CAP_XCRS = 56
+KVM_CAP_DEBUGREGS = 50
 KVM_CAP_INTERNAL_ERROR_DATA = 40
 KVM_CAP_HYPERV = 44
 KVM_CAP_READONLY_MEM = 81
@@ -236,12 +250,15 @@ KVM_SYNC_X86_SREGS = 1 << 1
 KVM_SYNC_X86_EVENTS = 1 << 2
 
 KVM_MAX_XCRS = 16
+KVM_MP_STATE_RUNNABLE = 0
 
 KVM_GUESTDBG_ENABLE = 0x00000001
 KVM_GUESTDBG_SINGLESTEP = 0x00000002
 
 KVM_VCPUEVENT_VALID_NMI_PENDING = 0x00000001
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x00000002
 KVM_VCPUEVENT_VALID_SHADOW = 0x00000004
+KVM_VCPUEVENT_VALID_SMM = 0x00000008
 KVM_VCPUEVENT_VALID_PAYLOAD = 0x00000010
 
 KVM_MSR_EXIT_REASON_INVAL = 1 << 0

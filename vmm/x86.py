@@ -24,7 +24,7 @@ MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = (
     0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084)
 MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
 MSR_APIC_BASE = 0x1B
-# MSRs a kernel-integrity monitor pins (Heki, DESIGN section 6): syscall entry points,
+# MSRs a kernel-integrity monitor pins (Heki, design §6): syscall entry points,
 # EFER (NXE, LME) and the APIC base.
 PINNED_MSRS = {MSR_EFER: "EFER", MSR_STAR: "STAR", MSR_LSTAR: "LSTAR", MSR_CSTAR: "CSTAR",
                MSR_SFMASK: "SFMASK", MSR_SYSENTER_CS: "SYSENTER_CS", MSR_SYSENTER_ESP: "SYSENTER_ESP",

@@ -6,7 +6,7 @@
  * cffi.  Keep that part to what cffi's cdef understands: integer #defines
  * with literal values and structs of fixed-width types with explicit padding.
  *
- * Transport (DESIGN section 3): port I/O on the ports below, always from CPL0
+ * Transport (docs/design.md section 3): port I/O on the ports below, always from CPL0
  * with an 8- or 32-bit OUT whose port is an immediate (`out %al, $port` or
  * `out %eax, $port`).  Register conventions:
  *   VTL call     (VTL0): RAX = call code, RCX = first argument; RDX, RSI, RDI,
@@ -61,7 +61,7 @@
                                              VTL_E_OUT_OF_RANGE (report or data not readable
                                              by the caller), VTL_E_NO_RESOURCES (the run's
                                              report budget is spent).  See docs/abi.md. */
-#define VTL_HC_RESET               0x0004 /* either VTL: emulated RESET of the partition (DESIGN
+#define VTL_HC_RESET               0x0004 /* either VTL: emulated RESET of the partition (docs/design.md
                                              section 7).  Does not return: VTL1 (if any) is
                                              destroyed, every VTL0 protection and register
                                              intercept cleared, VTL1's region zeroed, and VTL0
@@ -83,7 +83,8 @@
                                            call it serves, VTL0 restarts at `entry` in the
                                            boot state (RDI = boot info, RSP = boot stack, the
                                            VMM's identity map and GDT) with its CR0, CR4,
-                                           EFER and XCR0 carried over; with
+                                           EFER and XCR0 carried over, everything else as
+                                           at the vCPU's RESET (docs/lifecycle.md); with
                                            VTL_RESTART_F_TEARDOWN VTL1 ends first: its VM and
                                            vCPUs destroyed, every VTL0 protection and register
                                            intercept cleared, its region zeroed.  RAX =
@@ -201,7 +202,7 @@
 #define VTL_PROTECT_F_RANGES       0x1    /* request entries are vtl_gpa_range, not GPAs */
 #define VTL_PROTECT_MAX_PER_CALL   4096   /* entries the VMM processes per hypercall  */
 
-/* ---- lifecycle (DESIGN section 7) ------------------------------------- */
+/* ---- lifecycle (docs/design.md section 7) ------------------------------------- */
 #define VTL_KEXEC_POLICY_TEARDOWN  0      /* VTL1 validates, then ends itself; VTL0 starts
                                              the new kernel with no VTL1 (it may enable a
                                              new one)                                     */
@@ -345,6 +346,10 @@
                                                  the VMM plays KVM with the Heki patches and
                                                  serves KVM_HC_LOCK_CR_UPDATE and
                                                  KVM_HC_PROTECT_MEMORY (below)            */
+#define VTL_BOOT_F_VTL1_PERSISTS   0x4        /* VTL0: VTL1 is already running, kept from the
+                                                 previous kernel by a persist kexec: VTL calls
+                                                 work now, VTL_HC_ENABLE_VTL1 returns
+                                                 VTL_E_ALREADY_ENABLED (never with _AVAILABLE) */
 
 /* ---- Heki mode (docs/heki-mode.md): the hypercalls of the Heki RFC patches, with the
  * patches' numbers, argument layouts and error codes.  In-KVM Heki takes them as VMCALL

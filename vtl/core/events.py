@@ -156,7 +156,7 @@ class InterceptVerdict(_Event):
 
 
 class Lifecycle(_Event):
-    """A step of a lifecycle flow (DESIGN section 7): kexec validation and jump, VTL1's
+    """A step of a lifecycle flow (design §7): kexec validation and jump, VTL1's
     teardown, VTL0's restart, RESET, module validation/load/unload, VTL1's enable.
     `before`/`after`: the protections and pins the VMM holds and reads from KVM
     (vtl/lifecycle/state.py); `duration_us`: the step alone, without the snapshots."""

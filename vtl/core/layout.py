@@ -180,17 +180,18 @@ def _boot_regs(regs: Any, layout: Layout, vtl: Vtl, vp: int, entry: int) -> None
 
 
 def restart_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, vp: int, cr3: int, entry: int) -> None:
-    """Put a vCPU that has run back in the boot state at `entry`, keeping CR0, CR4 and EFER
-    (and XCR0, which is not touched) as they are: a kexec jump, not a RESET.  Written into
-    the synced registers (KVM_CAP_SYNC_REGS) so the next KVM_RUN loads them; an
-    instruction KVM had left to complete (the VTL call's OUT) is dropped, because RIP
-    moved (complete_fast_pio_out checks it)."""
+    """Start a vCPU that has run at a new kernel's `entry` (a kexec): from its reset state
+    (`vcpu.reset_state`, captured when KVM created it: every register, debug register, FPU/XSAVE byte,
+    MSR and pending event as KVM defines them at RESET; the TSC runs on), then the kernel
+    entry contract (long mode, identity map, boot GDT, RDI = boot info, RSP = boot stack),
+    carrying only CR0, CR4, EFER and XCR0 from the old kernel (the CPU configuration the
+    pins protect).  docs/lifecycle.md lists the state ("The vCPU at the new entry")."""
     s = vcpu.sregs
     cr0, cr4, efer = int(s.cr0), int(s.cr4), int(s.efer)
+    xcr0 = vcpu.get_xcrs().get(0, 1)
+    if vcpu.reset_state is None:
+        raise VmmError("a vCPU without its reset state cannot be restarted")
+    vcpu.load_reset_state(vcpu.reset_state, xcr0=xcr0)
     x86.set_long_mode(s, cr3, layout.boot_gdt_gpa(vtl))
     s.cr0, s.cr4, s.efer = cr0, cr4, efer
     _boot_regs(vcpu.regs, layout, vtl, vp, entry)
-    ev = vcpu.sync.events
-    ev.exception.pending = ev.exception.injected = 0
-    ev.flags = 0
-    vcpu.run.kvm_dirty_regs = vcpu.SYNC_ALL

@@ -71,8 +71,11 @@ class Partition:
         return vm
 
     def new_vcpu(self, vm: Vm, index: int) -> VCpu:
+        """A vCPU with the supported CPUID; its reset state is kept (`reset_state`) so that
+        a kexec can start the next kernel from it (`VCpu.reset_state`; layout.restart_vcpu)."""
         vcpu = vm.create_vcpu(index)
         vcpu.set_cpuid(self.kvm.supported_cpuid())
+        vcpu.reset_state = vcpu.capture_reset_state()
         return vcpu
 
     def _stage(self, path: Path | None) -> tuple[int, bytes]:
@@ -96,9 +99,7 @@ class Partition:
         # Writes to the pinned MSRs exit to the VMM, which asks VTL1 once it exists.
         vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR, u.KVM_MSR_EXIT_REASON_FILTER)
         self._msr_filter = vm.set_msr_filter(deny_write=list(PINNED_MSRS))
-        flags = ABI.VTL_BOOT_F_VTL1_AVAILABLE if self.vtl1_image else 0
-        if self.config.mode == "heki":      # the interface VTL0 hardens itself through
-            flags |= ABI.VTL_BOOT_F_HEKI
+        flags = self.boot_flags()
         cr3 = lay.write_boot_tables(self.mem, self.layout, Vtl.VTL0)
         for vp in self.vps:
             lay.write_boot_info(self.mem, self.layout, Vtl.VTL0, vp=vp.index, nr_vps=len(self.vps),
@@ -108,6 +109,16 @@ class Partition:
             vcpu = self.new_vcpu(vm, vp.index)
             lay.boot_vcpu(vcpu, self.layout, Vtl.VTL0, vp.index, cr3, img.entry)
             vp.add_vcpu(Vtl.VTL0, vcpu)
+
+    def boot_flags(self) -> int:
+        """boot_info.flags for a VTL0 kernel starting now (at boot, or after a kexec): what
+        it finds, a VTL1 it may enable or the one that persisted, and the interface it
+        hardens itself through (Heki mode)."""
+        flags = (ABI.VTL_BOOT_F_VTL1_PERSISTS if self.vtl1_enabled else
+                 ABI.VTL_BOOT_F_VTL1_AVAILABLE if self.vtl1_image is not None else 0)
+        if self.config.mode == "heki":
+            flags |= ABI.VTL_BOOT_F_HEKI
+        return flags
 
     # --- views ----------------------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """Register intercepts as data: what VTL1 judges (`InterceptControl`, set by
 VTL_HC_SET_INTERCEPT_CONTROL and kept on the Partition) and one decoded register write
 of a VTL0 instruction in the privileged section (`RegisterWrite`), checked and ready to
-apply or to hand to VTL1 (DESIGN section 6)."""
+apply or to hand to VTL1 (design §6)."""
 
 from __future__ import annotations
 

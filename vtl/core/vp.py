@@ -1,6 +1,6 @@
 """A virtual processor: one vCPU per enabled VTL, and the one state that says which runs.
 
-A VP's state (DESIGN section 10, as Firecracker's vCPU state machine) is exactly one of:
+A VP's state (design §10, as Firecracker's vCPU state machine) is exactly one of:
 
   running VTL0                        VTL0's vCPU runs
   in VTL1 (entry: enable)             VTL1 initialises; its first VTL return completes

@@ -1,4 +1,4 @@
-"""The guest-initiated enable flow (VTL_HC_ENABLE_VTL1, DESIGN section 4).
+"""The guest-initiated enable flow (VTL_HC_ENABLE_VTL1, design §4).
 
 VTL0 asks; the VMM clears VTL1's region, loads and measures the VTL1 image,
 creates VTL1's VM (which maps all memory) with one vCPU per VP, and hands each VP

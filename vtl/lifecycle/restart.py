@@ -1,13 +1,13 @@
 """VTL0 restarts at a new kernel's entry (VTL_HC_VTL0_RESTART, the end of a kexec).
 
 VTL1 asked for it while serving VTL0's KEXEC_JUMP and has already protected what it
-wants protected (persist); with the teardown flag VTL1 ends first.  VTL0's vCPU gets
-the boot state at the new entry with CR0/CR4/EFER/XCR0 carried over, and a boot info
-that names the new kernel's image, its scenario and parameter, and boot_count + 1."""
+wants protected (persist); with the teardown flag VTL1 ends first.  VTL0's vCPU starts
+from its reset state with the boot state at the new entry and CR0/CR4/EFER/XCR0 carried
+over (docs/lifecycle.md, "The vCPU at the new entry"), and a boot info that names the new
+kernel's image, its scenario and parameter, and boot_count + 1."""
 
 from __future__ import annotations
 
-from vtl.abi import ABI
 from vtl.core import layout as lay
 from vtl.core.partition import Partition
 from vtl.core.vp import RestartRequest
@@ -21,7 +21,7 @@ def restart_vtl0(p: Partition, req: RestartRequest) -> None:
     p.boot_count += 1
     layout = p.layout
     cr3 = lay.write_boot_tables(p.mem, layout, Vtl.VTL0)
-    flags = ABI.VTL_BOOT_F_VTL1_AVAILABLE if p.vtl1_image is not None and not p.vtl1_enabled else 0
+    flags = p.boot_flags()
     staged_gpa, staged = p.staged
     for vp in p.vps:
         lay.write_boot_info(p.mem, layout, Vtl.VTL0, vp=vp.index, nr_vps=len(p.vps),

@@ -1,2 +1,2 @@
-"""Alternative partition modes.  Next: the in-KVM Heki comparison mode (DESIGN section 8),
-a single VM in which the VMM plays KVM with the Heki patches, run by the same tools."""
+"""Alternative partition modes, run by the same tools as the VTL design: `heki` (design §8,
+docs/heki-mode.md), a single VM in which the VMM plays KVM with the Heki patches."""

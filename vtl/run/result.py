@@ -26,6 +26,14 @@ class RunResult(BaseModel):
     kexecs: int = 0                 # VTL0 restarts at a new kernel (VTL_HC_VTL0_RESTART)
     trust: list[str] = []           # VTL1's allowlist (hex SHA-256) as provisioned
     kexec_policy: str = "teardown"
+    # What happened to VTL1, in order: "enabled", "kept across a kexec (persist)", "torn down
+    # at a kexec (teardown)", "torn down by a RESET (<by>)", "kexec refused: <status>
+    # (VTL1: <why>)"; at most VTL1_HISTORY_MAX entries, the rest counted.
+    vtl1_history: list[str] = []
+    vtl1_history_omitted: int = 0
+
+
+VTL1_HISTORY_MAX = 32
 
 
 class RunInterrupted(Exception):

@@ -2,7 +2,7 @@
 
 This is the only place that changes a VP's state (`_transition`) and so decides which
 vCPU of a VP runs next.  Services handle exits and return outcomes; the scheduler
-applies them.  A switch moves the shared state of DESIGN section 4 through the synced
+applies them.  A switch moves the shared state of design §4 through the synced
 registers in kvm_run (KVM_CAP_SYNC_REGS), so it adds no ioctl:
 
   shared:  RAX RBX RCX RDX RSI RDI RBP R8-R15, CR2
@@ -47,7 +47,7 @@ from vtl.lifecycle.restart import restart_vtl0
 from vtl.lifecycle.state import record_step, snapshot
 from vtl.lifecycle.teardown import teardown_vtl1
 from vtl.run.exits import ExitDispatcher
-from vtl.run.result import RunResult
+from vtl.run.result import VTL1_HISTORY_MAX, RunResult
 from vtl.run.step import SingleStepper
 from vtl.services.console import Console
 from vtl.services.hypercalls import Hypercalls
@@ -71,6 +71,7 @@ LIFECYCLE_CALLS = {ABI.VTL_CALL_KEXEC_VALIDATE: "kexec_validate", ABI.VTL_CALL_K
                    ABI.VTL_CALL_MODULE_LOAD: "module_load", ABI.VTL_CALL_MODULE_UNLOAD: "module_unload",
                    ABI.VTL_CALL_LOCK_PAGE_TABLES: "lock_page_tables", ABI.VTL_CALL_END_OF_BOOT: "end_of_boot"}
 
+STATUS_NAMES = {**ABI.names("VTL_E_"), ABI.VTL_OK: "VTL_OK"}
 EXIT_IO, IO_OUT = u.KVM_EXIT_IO, u.KVM_EXIT_IO_OUT
 SYNC_REGS, SYNC_SREGS = u.KVM_SYNC_X86_REGS, u.KVM_SYNC_X86_SREGS
 VTL_ENTRY_CALL = ABI.VTL_ENTRY_CALL
@@ -104,6 +105,8 @@ class Scheduler:
         self._reset_request: Reset | None = None        # from the control socket
         self.resets = 0
         self.kexecs = 0
+        self.vtl1_history: list[str] = []              # RunResult.vtl1_history
+        self.vtl1_history_omitted = 0
         # Lifecycle VTL calls in flight per VP: (step, snapshot before, start time).
         self._steps: dict[int, tuple[str, dict[str, Any], float]] = {}
         self._lock = threading.Lock()                  # stop requests vs. vCPU creation
@@ -195,12 +198,15 @@ class Scheduler:
             case Enter(state):
                 self._transition(vp, state)
             case EnableVtl1():
+                self._vtl1_event("enabled again" if self.vtl1_history else "enabled")
                 with self._lock:
                     record_step(self.p, "vtl1_enable", "vtl0", lambda: enable_vtl1(self.p, vp), vp=vp.index,
                                 detail="VTL_HC_ENABLE_VTL1: VTL1's VM built, image loaded and measured")
                     self._rekick()
                 self._transition(vp, IN_VTL1_ENABLE)
             case Reset(by, detail):
+                if self.p.vtl1_enabled:
+                    self._vtl1_event(f"torn down by a RESET ({by})")
                 with self._lock:
                     record_step(self.p, "reset", by, lambda: reset_partition(self.p), vp=vp.index,
                                 detail=detail or "emulated RESET")
@@ -211,6 +217,12 @@ class Scheduler:
                     self._transition(each, RUNNING_VTL0)
             case Stop():
                 self._finish(vp, outcome)
+
+    def _vtl1_event(self, what: str) -> None:
+        if len(self.vtl1_history) < VTL1_HISTORY_MAX:
+            self.vtl1_history.append(what)
+        else:
+            self.vtl1_history_omitted += 1
 
     def _rekick(self) -> None:
         """A stop requested while vCPUs were being replaced must reach the new ones.
@@ -231,6 +243,9 @@ class Scheduler:
             return
         name, before, t0 = step
         dt = (time.perf_counter() - t0) * 1e6
+        if name == "kexec_jump" and status not in (None, ABI.VTL_OK):
+            self._vtl1_event(f"kexec refused: {STATUS_NAMES.get(status, hex(status or 0))}"
+                             f"{self._vtl1_reason('kexec_jump', status)}")
         self.events.emit(Lifecycle(ts=self.events.now(), vp=vp.index, vtl=0, step=name, by="vtl0",
                                    status=status, detail=detail, duration_us=round(dt, 1),
                                    before=before, after=snapshot(self.p)))
@@ -249,6 +264,15 @@ class Scheduler:
                         detail=f"VTL0 starts at {req.entry:#x} (scenario {req.scenario!r})")
             self._rekick()
         self.kexecs += 1
+        self._vtl1_event("torn down at a kexec (teardown)" if req.teardown
+                         else "kept across a kexec (persist)")
+
+    def _vtl1_reason(self, name: str, status: int | None) -> str:
+        """VTL1's own reason for refusing `name`: the text of its last STATUS report of it."""
+        for r in reversed(self.reports.records):
+            if r.vtl == 1 and r.kind == "status" and r.name == name and r.value[1] == status:
+                return f" (VTL1: {r.text})" if r.text else ""
+        return ""
 
     def _finish(self, vp: VirtualProcessor, stop: Stop) -> None:
         if vp.state.name == "stopped":
@@ -269,7 +293,8 @@ class Scheduler:
             vtl1_measurement=self.p.vtl1_measurement, backend=self.p.backend_name,
             single_steps=self.stepper.count, register_intercepts=self.intercepts.register_count,
             boot_count=self.p.boot_count, resets=self.resets, kexecs=self.kexecs,
-            trust=[d.hex() for d in self.p.config.trust], kexec_policy=self.p.config.kexec_policy)
+            trust=[d.hex() for d in self.p.config.trust], kexec_policy=self.p.config.kexec_policy,
+            vtl1_history=list(self.vtl1_history), vtl1_history_omitted=self.vtl1_history_omitted)
 
     def exits_by_reason(self) -> dict[str, int]:
         out = dict(self.exit_counts)

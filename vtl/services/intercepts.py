@@ -25,7 +25,8 @@ from vmm import uapi as u
 from vmm.errors import KvmIoctlError, VmmError
 from vmm.kvm import VCpu
 from vmm.memory import PAGE_SIZE
-from vmm.x86 import VEC_GP, VEC_PF
+from vmm.regcheck import CR4_LA57, canonical, check_wrmsr
+from vmm.x86 import VEC_GP, VEC_PF, VECTOR_NAMES
 from vtl.abi import ABI, abi_ffi
 from vtl.core.events import EventLog, InterceptVerdict, RegisterWritten, SecureIntercept
 from vtl.core.partition import Partition
@@ -41,9 +42,53 @@ GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 ACCESS_NAMES = {ABI.VTL_ACCESS_READ: "read", ABI.VTL_ACCESS_WRITE: "write", ABI.VTL_ACCESS_EXECUTE: "execute"}
 # Vectors VTL1 may choose, and which of them push an error code.
-INJECTABLE = {0, 1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 21}
+# Not 3 (#BP) and 4 (#OF): only INT3 and INTO raise them, as software exceptions, whose
+# delivery needs an instruction length a verdict does not have (VM entry refuses one of 0
+# where IA32_VMX_MISC[30] is clear).
+INJECTABLE = {0, 1, 5, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 21}
 WITH_ERROR_CODE = {8, 10, 11, 12, 13, 14, 17, 21}
 MSG_SIZE = abi_ffi.sizeof("struct vtl_intercept")
+
+
+def verdict_problem(verdict: int, vector: int, has_ec: int, ec: int, cr2: int, *,
+                    la57: bool = False) -> str | None:
+    """Why VTL1's answer (vtl_intercept.verdict .. fault_cr2) is not one hardware would take,
+    or None.  Every field is checked, for every verdict: the fault fields are reserved (0)
+    unless the verdict injects a fault; a fault is an exception vector the CPU can deliver
+    (0-31 but NMI, #BP and #OF, 9, 15, 20 and 22-31), with an error code exactly when it pushes
+    one; the code's bits 31:16 are reserved (VM entry refuses them), #DF and #AC push 0,
+    #PF's reserved bits 14:8 are 0 and #CP's code is 1-6 (bit 15 ENCL aside); CR2 is for
+    #PF only and is a canonical linear address."""
+    if verdict not in (ABI.VTL_VERDICT_INJECT_FAULT, ABI.VTL_VERDICT_ALLOW, ABI.VTL_VERDICT_STOP):
+        return f"verdict {verdict:#x} is not VTL_VERDICT_INJECT_FAULT, _ALLOW or _STOP"
+    if verdict != ABI.VTL_VERDICT_INJECT_FAULT:
+        if vector or has_ec or ec or cr2:
+            return (f"fault fields set with verdict {verdict} (vector {vector:#x}, has_error_code "
+                    f"{has_ec:#x}, error code {ec:#x}, CR2 {cr2:#x}): reserved (0) unless injecting")
+        return None
+    name = VECTOR_NAMES.get(vector, f"vector {vector:#x}")
+    if vector not in INJECTABLE:
+        return f"{name} is not an exception VTL1 may inject"
+    if has_ec not in (0, 1):
+        return f"fault_has_error_code {has_ec:#x} is neither 0 nor 1"
+    if bool(has_ec) != (vector in WITH_ERROR_CODE):
+        return f"{name} {'pushes' if vector in WITH_ERROR_CODE else 'has no'} error code, " \
+               f"fault_has_error_code is {has_ec}"
+    if not has_ec and ec:
+        return f"error code {ec:#x} given for {name}, which has none"
+    if ec >> 16:
+        return f"{name} error code {ec:#x} sets reserved bits 31:16"
+    if vector in (8, 17) and ec:
+        return f"{name} error code {ec:#x}: it is always 0"
+    if vector == VEC_PF and ec & 0x7F00:
+        return f"#PF error code {ec:#x} sets reserved bits 14:8"
+    if vector == 21 and not 1 <= ec & 0x7FFF <= 6:
+        return f"#CP error code {ec:#x} is not one of 1-6"
+    if vector != VEC_PF and cr2:
+        return f"CR2 {cr2:#x} given for {name}: only #PF sets CR2"
+    if not canonical(cr2, la57):
+        return f"CR2 {cr2:#x} is not a canonical address"
+    return None
 
 
 def _regs(vcpu: VCpu) -> tuple[tuple[str, int], ...]:
@@ -76,20 +121,34 @@ class Intercepts:
     def msr(self, vp: VirtualProcessor, vcpu: VCpu, index: int, value: int) -> Outcome:
         if not self.p.vtl1_enabled:
             # No VTL1 to ask: the VMM applies the write (the filter only exists to ask VTL1).
-            self._write_msr(vcpu, index, value)
+            self._write_msr(vp, vcpu, index, value)
             return None
         return self._deliver(vp, vcpu, PendingIntercept(ABI.VTL_INTERCEPT_MSR, ABI.VTL_ACCESS_WRITE, 0, 8,
                                                         value, vcpu.regs.rip, False, _regs(vcpu), msr=index))
 
-    @staticmethod
-    def _write_msr(vcpu: VCpu, index: int, value: int) -> None:
-        """Complete a filtered WRMSR; a value KVM refuses (non-canonical, reserved bits)
-        becomes the #GP hardware would raise, never a VMM error."""
+    def _write_msr(self, vp: VirtualProcessor, vcpu: VCpu, index: int, value: int) -> None:
+        """Complete a filtered WRMSR as the guest's own write: a value the CPU refuses
+        (vmm.regcheck.check_wrmsr: reserved bits, non-canonical, EFER.LME changed under
+        paging) or that KVM refuses becomes the #GP hardware would raise, never a VMM error.
+        KVM_SET_MSRS writes as the host, which KVM checks less than a guest's WRMSR: a value
+        only the host may write (EFER without LME while paging) would leave a state KVM
+        refuses at the vCPU's next register sync (KVM_RUN -EINVAL)."""
+        run = vcpu.run
+        s = vcpu.sregs
         try:
-            vcpu.set_msrs({index: value})
-            vcpu.run.msr.error = 0
+            old = vcpu.get_msrs([index]).get(index, 0)
+            problem = check_wrmsr(index, value, old=old, cr0=int(s.cr0), cr4=int(s.cr4),
+                                  features=self.p.cpu_features)
+            if problem is None:
+                vcpu.set_msrs({index: value})
         except KvmIoctlError:
-            vcpu.run.msr.error = 1
+            problem = "KVM refused the value"
+        if problem is not None:
+            run.msr.error = 1          # KVM injects #GP(0) at the WRMSR
+            self.refuse.injected(vp, VEC_GP, 0, int(vcpu.regs.rip), problem, request=f"wrmsr {index:#x}",
+                                 vtl=Vtl.VTL0)
+            return
+        run.msr.error = 0
 
     def _deliver(self, vp: VirtualProcessor, vcpu: VCpu, p: PendingIntercept) -> Outcome:
         ctl = vp.ctl
@@ -163,44 +222,47 @@ class Intercepts:
     # --- VTL1's answer --------------------------------------------------------------
     def complete(self, vp: VirtualProcessor, p: PendingIntercept) -> Outcome:
         """VTL1 made its VTL return: apply the verdict to VTL0 (whose registers were never
-        handed to VTL1's vCPU, so they come back exactly as they were)."""
+        handed to VTL1's vCPU, so they come back exactly as they were).  A verdict with any
+        field hardware would not take (verdict_problem) is applied to nothing: the partition
+        stops as VTL1's doing, with the reason."""
         m = vp.ctl.intercept
         verdict, vector = int(m.verdict), int(m.fault_vector)
-        has_ec, ec, cr2 = bool(m.fault_has_error_code), int(m.fault_error_code), int(m.fault_cr2)
+        has_ec, ec, cr2 = int(m.fault_has_error_code), int(m.fault_error_code), int(m.fault_cr2)
         v0 = vp.vcpus[Vtl.VTL0]
         assert v0 is not None
         ev = self.events
+        what = f"{p.write.name} register" if p.write is not None else \
+            "MSR" if p.type == ABI.VTL_INTERCEPT_MSR else ACCESS_NAMES[p.access]
+        problem = verdict_problem(verdict, vector, has_ec, ec, cr2, la57=bool(int(v0.sregs.cr4) & CR4_LA57))
+        if problem is not None:
+            ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="invalid", detail=problem))
+            return Stop(STATUS_STOPPED_BY_VTL1, "stopped_by_vtl1", f"VTL1 stopped the partition: its verdict "
+                        f"on the {what} intercept at RIP {p.rip:#x} is invalid ({problem})")
         if verdict == ABI.VTL_VERDICT_STOP:
             ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="stop"))
-            what = f"{p.write.name} register" if p.write is not None else ACCESS_NAMES[p.access]
             return Stop(STATUS_STOPPED_BY_VTL1, "stopped_by_vtl1", f"VTL1 stopped the partition on a "
                         f"{what} intercept at RIP {p.rip:#x}")
+        ec_or_none = ec if has_ec else None
         if p.write is not None:
-            return self._complete_register(vp, v0, p.write, verdict, vector, has_ec, ec, cr2)
+            return self._complete_register(vp, v0, p.write, verdict, vector, ec_or_none, cr2)
         if verdict == ABI.VTL_VERDICT_ALLOW:
-            problem = self._allow(v0, p)
-            if problem is None:
+            refused = self._allow(vp, v0, p)
+            if refused is None:
                 ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="allow"))
                 return None
-            verdict_name: Literal["inject_fault", "invalid"] = "invalid"
-            detail, vector, has_ec, ec = problem, VEC_GP, True, 0
-        elif verdict == ABI.VTL_VERDICT_INJECT_FAULT and vector in INJECTABLE \
-                and has_ec == (vector in WITH_ERROR_CODE) and 0 <= ec < 1 << 32:
-            verdict_name, detail = "inject_fault", ""
+            verdict_name: Literal["inject_fault", "allow"] = "allow"
+            detail, vector, ec_or_none = f"{refused}: #GP(0) instead", VEC_GP, 0
         else:
-            # A malformed verdict is VTL1's bug; the safe answer is to deny.
-            verdict_name, detail = "invalid", (f"verdict {verdict}, vector {vector}, error code "
-                                               f"{'set' if has_ec else 'unset'}: denied with #GP(0)")
-            vector, has_ec, ec = VEC_GP, True, 0
-        self._inject(v0, p, vector, ec if has_ec else None, cr2)
+            verdict_name, detail = "inject_fault", ""
+        self._inject(v0, p, vector, ec_or_none, cr2)
         ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict=verdict_name, vector=vector,
-                                 error_code=ec if has_ec else None, detail=detail))
-        self.refuse.injected(vp, vector, ec if has_ec else None, int(v0.regs.rip),
-                             f"VTL1 denied a {ACCESS_NAMES[p.access]} intercept", vtl=Vtl.VTL0)
+                                 error_code=ec_or_none, detail=detail))
+        self.refuse.injected(vp, vector, ec_or_none, int(v0.regs.rip),
+                             f"VTL1 denied a {what} intercept", vtl=Vtl.VTL0)
         return None
 
     def _complete_register(self, vp: VirtualProcessor, v0: VCpu, w: RegisterWrite, verdict: int,
-                           vector: int, has_ec: bool, ec: int, cr2: int) -> Outcome:
+                           vector: int, ec: int | None, cr2: int) -> Outcome:
         """ALLOW: write the register and move RIP past the instruction (a value KVM refuses
         is #GP(0) instead); INJECT_FAULT: the fault at the instruction, nothing written."""
         ev = self.events
@@ -214,18 +276,9 @@ class Intercepts:
                                      error_code=fault.error_code, detail=f"{fault.reason}: #GP(0) instead"))
             self.inject(vp, v0, fault, w.rip)
             return None
-        if verdict == ABI.VTL_VERDICT_INJECT_FAULT and vector in INJECTABLE \
-                and has_ec == (vector in WITH_ERROR_CODE) and 0 <= ec < 1 << 32:
-            name: Literal["inject_fault", "invalid"] = "inject_fault"
-            fault = Fault(vector, ec if has_ec else None, f"VTL1 denied a {w.name} write",
-                          cr2=cr2 if vector == VEC_PF else None)
-            detail = ""
-        else:
-            name, detail = "invalid", (f"verdict {verdict}, vector {vector}, error code "
-                                       f"{'set' if has_ec else 'unset'}: denied with #GP(0)")
-            fault = Fault(VEC_GP, 0, f"VTL1 gave an invalid verdict on a {w.name} write")
-        ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict=name, vector=fault.vector,
-                                 error_code=fault.error_code, detail=detail))
+        fault = Fault(vector, ec, f"VTL1 denied a {w.name} write", cr2=cr2 if vector == VEC_PF else None)
+        ev.emit(InterceptVerdict(ts=ev.now(), vp=vp.index, vtl=1, verdict="inject_fault", vector=fault.vector,
+                                 error_code=fault.error_code))
         self.inject(vp, v0, fault, w.rip)
         return None
 
@@ -246,10 +299,10 @@ class Intercepts:
         self.refuse.injected(vp, fault.vector, fault.error_code, rip, fault.reason, request=request,
                              vtl=Vtl.VTL0)
 
-    def _allow(self, v0: VCpu, p: PendingIntercept) -> str | None:
+    def _allow(self, vp: VirtualProcessor, v0: VCpu, p: PendingIntercept) -> str | None:
         run = v0.run
         if p.type == ABI.VTL_INTERCEPT_MSR:
-            self._write_msr(v0, p.msr, p.data)
+            self._write_msr(vp, v0, p.msr, p.data)
             return None
         if p.access == ABI.VTL_ACCESS_WRITE:
             if p.rip_after:   # memslot: KVM handed us the write; do it on the backing memory

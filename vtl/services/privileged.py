@@ -1,5 +1,5 @@
-"""The privileged section: register pinning on a host without CR-write exits (DESIGN
-section 6).
+"""The privileged section: register pinning on a host without CR-write exits (design
+§6).
 
 VTL1 names VTL0's privileged section and the register writes it judges with
 VTL_HC_SET_INTERCEPT_CONTROL (`set_control`), and keeps the section NR for VTL0.  Every

@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the next kernel (default: the built-in VTL0 kernel linked at 8 MiB, "
                         "guest_vtl0/build/vtl0-kexec.elf)")
     k.add_argument("--untrusted", action="store_true",
-                   help="do not put the next kernel on VTL1's allowlist (its validation is refused)")
+                   help="do not put the next kernel on VTL1's allowlist: VTL1's refusal to validate "
+                        "it, with nothing changed, is then the expected result (exit 0)")
     k.add_argument("--trust", nargs="+", default=[], metavar="FILE",
                    help="more allowlist entries, as for `vtl run --trust`")
     _images(k)

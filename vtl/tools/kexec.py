@@ -47,6 +47,7 @@ class Step(BaseModel):
     detail: str
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+    refusal: str | None = None      # VTL1's reason for a refused step (its STATUS report)
 
 
 class Check(BaseModel):
@@ -66,6 +67,8 @@ class KexecReport(BaseModel):
     steps: list[Step]
     checks: list[Check]
     passed: bool
+    expected_refusal: bool          # --untrusted: VTL1's refusal of the image is the pass
+    refused: str | None             # "step: STATUS (VTL1: why)" when VTL1 refused the flow
     console_tail: list[str]
 
 
@@ -90,18 +93,64 @@ def run_flow(flow: Flow, vtl0: Path, vtl1: Path, image: Path, *, trusted: bool =
         changed, checked, _ = read_back(p, reports)
     fresh = loaded_image_sha256(read_image(vtl1))
     lifecycle: list[Any] = events.of_kind("lifecycle")
-    steps = [_step(e) for e in lifecycle]
-    checks = _checks(flow, result, lifecycle, fresh, changed, checked)
+    # VTL1 says why it refused a kexec call through the report channel (guest_vtl1/lifecycle.c).
+    why = [r for r in reports if r.vtl == 1 and r.kind == "status" and r.name.startswith("kexec_")]
+    steps = [_step(e, why) for e in lifecycle]
+    expected_refusal = not trusted
+    refused = _refused(steps) if flow != "deny" or expected_refusal else None
+    if expected_refusal:
+        checks = _refusal_checks(result, lifecycle, refused)
+    elif refused is not None:
+        checks = [Check(ok=False, what="VTL1 accepted the image and the jump", observed=refused)]
+    else:
+        checks = _checks(flow, result, lifecycle, fresh, changed, checked)
     passed = all(c.ok for c in checks)
     return KexecReport(flow=flow, scenario=scenario, image=str(image), image_sha256=digest.hex(),
                        trusted=trusted, kexec_policy=flow, result=result, steps=steps, checks=checks,
-                       passed=passed, console_tail=list(console.tail))
+                       passed=passed, expected_refusal=expected_refusal, refused=refused,
+                       console_tail=list(console.tail))
 
 
-def _step(e: Lifecycle) -> Step:
+def _step(e: Lifecycle, why: list[Any]) -> Step:
+    """One timeline row; a refused kexec call takes VTL1's reason (the first unused STATUS
+    report of VTL1 with the step's name and status)."""
+    refusal = None
+    if e.step.startswith("kexec_") and e.status not in (None, ABI.VTL_OK):
+        match = next((r for r in why if r.name == e.step and r.value[1] == e.status), None)
+        if match is not None:
+            why.remove(match)
+            refusal = match.text
     return Step(t_ms=round(e.ts * 1000, 3), step=e.step, by=e.by,
                 status=None if e.status is None else STATUS_NAMES.get(e.status, str(e.status)),
-                duration_us=e.duration_us, detail=e.detail, before=e.before, after=e.after)
+                duration_us=e.duration_us, detail=e.detail, before=e.before, after=e.after, refusal=refusal)
+
+
+def _refused(steps: list[Step]) -> str | None:
+    """The first kexec call VTL1 refused, with its reason (in the deny flow with a trusted
+    image the refusals are the flow's checks instead)."""
+    s = next((s for s in steps
+              if s.step in ("kexec_validate", "kexec_jump") and s.status not in (None, "VTL_OK")), None)
+    if s is None:
+        return None
+    return f"{s.step}: {s.status} (VTL1: {s.refusal or 'gave no reason'})"
+
+
+def _refusal_checks(result: RunResult, lc: list[Any], refused: str | None) -> list[Check]:
+    """--untrusted: the image is not on VTL1's allowlist, so the pass is VTL1's refusal with
+    nothing changed."""
+    val = [e for e in lc if e.step == "kexec_validate"]
+    same = bool(val) and all(e.before["digest"] == e.after["digest"] for e in val)
+    restarts = [e for e in lc if e.step == "vtl0_restart"]
+    return [
+        Check(ok=refused is not None and refused.startswith("kexec_validate"),
+              what="VTL1 refused to validate the image that is not on its allowlist",
+              observed=refused or "not refused"),
+        Check(ok=same, what="every protection and pin is as before the validation (compared whole)",
+              observed=f"{val[0].before['digest'][:16]}… -> {val[-1].after['digest'][:16]}…" if val
+              else "no validation step"),
+        Check(ok=not restarts and result.kexecs == 0, what="VTL0 never restarted",
+              observed=f"{result.kexecs} kexec(s)"),
+    ]
 
 
 def _first(events: list[Any], step: str) -> Any:
@@ -197,12 +246,21 @@ def render(rep: KexecReport) -> str:
         lines.append(f"  {'':>9}  {'':<{w}}  {'':<4}  {'':<18}  {'':>9}  -> {_summary(s.after)}")
         if s.detail:
             lines.append(f"  {'':>9}  {'':<{w}}  {'':<4}  {'':<18}  {'':>9}     ({s.detail})")
+        if s.refusal:
+            lines.append(f"  {'':>9}  {'':<{w}}  {'':<4}  {'':<18}  {'':>9}     VTL1: {s.refusal}")
     lines.append("")
     lines.append("checks (observed by the VMM):")
     for c in rep.checks:
         lines.append(f"  {'ok  ' if c.ok else 'FAIL'}  {c.what}: {c.observed}")
     lines.append("")
-    lines.append(f"result: {'PASS' if rep.passed else 'FAIL'} ({rep.result.message}; "
-                 f"{rep.result.kexecs} kexec, {rep.result.boot_count} reboot(s) of VTL0, "
-                 f"{rep.result.wall_s:.3f} s)")
+    if rep.expected_refusal:
+        verdict = (f"PASS: refused as expected ({rep.refused})" if rep.passed else
+                   f"FAIL: the untrusted image was not refused as expected ({rep.refused or 'not refused'})")
+    elif rep.refused is not None:
+        verdict = f"FAIL: VTL1 refused the kexec at {rep.refused}"
+    else:
+        verdict = f"{'PASS' if rep.passed else 'FAIL'} ({rep.result.message}"
+        verdict += f"; {rep.result.kexecs} kexec, {rep.result.boot_count} reboot(s) of VTL0, " \
+                   f"{rep.result.wall_s:.3f} s)"
+    lines.append(f"result: {verdict}")
     return "\n".join(lines)

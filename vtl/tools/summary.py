@@ -20,6 +20,10 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
     if config.vtl1_image is not None:
         trusted = ", ".join(d[:16] + "…" for d in result.trust) or "nothing (--trust)"
         vtl1 += f"\n              allowlist: {trusted}; kexec policy {result.kexec_policy}"
+    if result.kexecs or result.resets or any(h.startswith("kexec") for h in result.vtl1_history):
+        # What happened to VTL1 across the run's kexecs and resets.
+        more = f", and {result.vtl1_history_omitted} more" if result.vtl1_history_omitted else ""
+        vtl1 += "\n              history: " + (" → ".join(result.vtl1_history) or "never enabled") + more
     exits = ", ".join(f"{k} {v}" for k, v in sorted(result.exits.items(), key=lambda kv: -kv[1]))
     return [
         "",
