@@ -51,9 +51,9 @@ CATEGORIES: tuple[Category, ...] = (
              "the MOV gets #GP(0), the CR unchanged"),
     Category("kernel read-only memory", r"^write-(kernel-text|rodata)$", BLOCKED,
              "KVM_HC_PROTECT_MEMORY: text R-X immutable, rodata R--: the write is a #PF from KVM"),
-    Category("refused by the CPU", r"^lmsw-|non-canonical", BLOCKED,
+    Category("refused by the CPU", r"^lmsw-|non-canonical|^clear-efer-lme$", BLOCKED,
              "the CPU (KVM) refuses the value in any mode (LMSW cannot clear PE, CR0.PG needs PE, LSTAR "
-             "must be canonical); not Heki's doing"),
+             "must be canonical, EFER.LME cannot change while paging is on); not Heki's doing"),
     Category("execute data", r"^exec-data|^mov-cr-outside-section$", BLOCKED,
              "the attacker leaves the kernel's own page tables as they are: their NX bit stops the fetch "
              "(Heki would add an EPT no-exec with MBEC, which this host lacks)"),
