@@ -511,8 +511,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from vtl.tools.progress import bar, wanted
 
     show = wanted(args.json)
+    command = ("python3 -m vtl compare" + (f" --scenario {' '.join(args.only)}" if args.only else "")
+               + (f" --ops {args.ops}" if args.ops != 1000 else "")
+               + (f" --calls {args.calls}" if args.calls != 10_000 else ""))
     rep = run_compare(args.vtl0_image, args.vtl1_image, args.only, args.ops, args.calls,
-                      progress=lambda n: bar(n, "vtl compare", "steps", show))
+                      progress=lambda n: bar(n, "vtl compare", "steps", show), command=command)
     if args.png:
         draw_png(rep, args.png)
     if args.json:

@@ -484,6 +484,7 @@ def run_compare(
     ops: int = 1000,
     calls: int = 10000,
     progress: Callable[[int], Any] | None = None,
+    command: str = COMMAND,
 ) -> CompareReport:
     t0 = time.perf_counter()
     found = compare_scenarios(vtl0, only)
@@ -495,7 +496,7 @@ def run_compare(
         costs, floors, part, missing = run_costs(vtl0, vtl1, ops, calls, step)
     return CompareReport(
         host=f"{platform.node()} {os.uname().release}",
-        command=COMMAND,
+        command=command,
         scenarios=rows,
         costs=costs,
         floors=floors,
@@ -564,6 +565,14 @@ def render_costs(costs: list[CostRow], floors: list[Floor], partition: dict[str,
     return lines
 
 
+LIFECYCLE_SHORT = (("0 kexec, ", ""), (", 0 reset", ""),
+                   ("the last kernel passed; at the end ", "passed; then "),
+                   ("the next kernel ended ", "next kernel: "), ("still held by the host: ", "host keeps "),
+                   ("VTL1 is not enabled ", ""), ("VTL1 is disabled for this partition ", ""),
+                   ("; at the end ", "; "), ("(VTL0 triple-faulted (KVM_EXIT_SHUTDOWN) near RIP ", "(RIP "),
+                   ("0 reset; ", ""), ("no VTL1: -> ", "no VTL1 -> "))
+
+
 def deciding(mechanism: str, n: int = 64) -> str:
     """The deciding mechanism in a few words, for the text table (the JSON keeps it whole)."""
     m = mechanism
@@ -571,8 +580,11 @@ def deciding(mechanism: str, n: int = 64) -> str:
         items = [i for i in m.removeprefix("changed: ").split("; ") if not i.startswith("nothing")]
         subjects = [i.split(" now")[0].split(" ran")[0].removesuffix(" at") for i in items]
         short = "not stopped: " + ", ".join(subjects)
-    elif "kexec," in m:
+    elif "kexec," in m:                       # a lifecycle row: the counts, how it ended, what is held
         short = m
+        for old, new in LIFECYCLE_SHORT:
+            short = short.replace(old, new)
+        n = 84
     else:
         head = m.split(": ")[0]
         tail = m.rsplit("->", 1)[1].split(";")[0].split(" (")[0].strip() if "->" in m else ""
