@@ -39,5 +39,10 @@ else
     printf '%s\n' "$want" > "$marker"
 fi
 
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,plot]'
+# editable_mode=compat: the venv finds the project through a plain path line in a .pth
+# file.  The default (a finder module imported by site.py at every start) costs ~50 ms of
+# imports before `vtl` runs, a window in which Ctrl-C gets Python's traceback instead of
+# the command's one line (tests/test_robustness.py, test_startup_signals.py).
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,plot]' \
+    --config-settings editable_mode=compat
 echo "venv: $venv ready ($("$venv/bin/python" -V), from $want); the CLI is $venv/bin/vtl"

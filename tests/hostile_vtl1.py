@@ -19,7 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.v9guest import ICPT, NRDATA, PRIV, VTL0_LDS, VTL1_LDS, Guest, _off, link, vtl0_source
+from tests.v9guest import (
+    ICPT,
+    NRDATA,
+    PRIV,
+    VTL0_LDS,
+    VTL1_DO_PROTECT,
+    VTL1_LDS,
+    Guest,
+    _off,
+    link,
+    vtl0_source,
+)
 from vmm import regcheck as rc
 from vmm.elf import read_image
 from vtl.abi import ABI
@@ -89,23 +100,7 @@ do_control:
         out %al, $0xF3
         mov %rax, 8(%rbx)
         jmp back
-do_protect:
-        lea prot_list(%rip), %rdi
-        mov %rsi, (%rdi)
-        mov %r8, 8(%rdi)
-        lea prot_req(%rip), %rdi
-        movl $0, (%rdi)
-        mov %edx, 4(%rdi)
-        movl $1, 8(%rdi)
-        movl $1, 12(%rdi)
-        movq $0, 16(%rdi)
-        lea prot_list(%rip), %rax
-        mov %rax, 24(%rdi)
-        mov $0x102, %eax
-        out %al, $0xF3
-        mov %rax, 8(%rbx)
-        jmp back
-intercept:
+{VTL1_DO_PROTECT}intercept:
         mov answered(%rip), %rax
         incq answered(%rip)
         xor %edx, %edx

@@ -35,6 +35,26 @@ from vtl.services.console import Console
 
 HAVE_BINUTILS = all(shutil.which(t) for t in ("as", "ld"))
 
+# VTL1's handler of the test call that protects R8 pages at RSI with attributes RDX
+# (VTL_HC_MODIFY_VTL_PROTECTION, 0x102, on a one-entry page list); shared by the test VTL1s.
+VTL1_DO_PROTECT = """do_protect:
+        lea prot_list(%rip), %rdi
+        mov %rsi, (%rdi)
+        mov %r8, 8(%rdi)
+        lea prot_req(%rip), %rdi
+        movl $0, (%rdi)
+        mov %edx, 4(%rdi)
+        movl $1, 8(%rdi)
+        movl $1, 12(%rdi)
+        movq $0, 16(%rdi)
+        lea prot_list(%rip), %rax
+        mov %rax, 24(%rdi)
+        mov $0x102, %eax
+        out %al, $0xF3
+        mov %rax, 8(%rbx)
+        jmp back
+"""
+
 PRIV = 0x202000             # the privileged section (one page)
 TAIL = 0x203000             # code after it (crossing tests)
 TABLES = 0x205000           # GDT, TSSs, LDT, pseudo-descriptors
@@ -384,23 +404,7 @@ do_control_at:
         out %al, $0xF3
         mov %rax, 8(%rbx)
         jmp back
-do_protect:
-        lea prot_list(%rip), %rdi
-        mov %rsi, (%rdi)
-        mov %r8, 8(%rdi)
-        lea prot_req(%rip), %rdi
-        movl $0, (%rdi)
-        mov %edx, 4(%rdi)
-        movl $1, 8(%rdi)
-        movl $1, 12(%rdi)
-        movq $0, 16(%rdi)
-        lea prot_list(%rip), %rax
-        mov %rax, 24(%rdi)
-        mov $0x102, %eax
-        out %al, $0xF3
-        mov %rax, 8(%rbx)
-        jmp back
-intercept:
+{VTL1_DO_PROTECT}intercept:
         lea {v}(%rbx), %rsi
         mov log_count(%rip), %rcx
         cmp $64, %rcx
