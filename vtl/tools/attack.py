@@ -218,14 +218,20 @@ def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
     if refused:
         r = refused[-1]
         return f"VMM refusal: {r.reason} -> {r.response}"
+    return guest_reported_fault(reports, "VTL0", "NX in VTL0 page tables locked r-- by VTL1, EFER.NXE pinned",
+                                "")
+
+
+def guest_reported_fault(reports: list[Report], where: str, nx_why: str, after: str) -> str:
+    """What the guest's own reports say stopped it, labelled guest-reported (they never
+    decide an outcome): a #PF on a fetch (NX, for `nx_why`), or the last fault it took."""
     faults = [r for r in reports if r.kind == "fault"]
     if any(r.value[0] == 14 and r.value[1] & 0x10 for r in faults):
-        return ("CPU #PF(fetch) inside VTL0 (guest-reported): NX in VTL0 page tables locked r-- by VTL1, "
-                "EFER.NXE pinned")
+        return f"CPU #PF(fetch) inside {where} (guest-reported): {nx_why}"
     if faults:
         f = faults[-1]
-        return (f"CPU {VECTOR_NAMES.get(f.value[0], f'vector {f.value[0]}')} inside VTL0 before any exit "
-                "(guest-reported)")
+        return (f"CPU {VECTOR_NAMES.get(f.value[0], f'vector {f.value[0]}')} inside {where} before any exit "
+                f"(guest-reported){after}")
     return ""
 
 

@@ -29,7 +29,6 @@ from pydantic import BaseModel
 
 from vmm.elf import read_image
 from vmm.errors import VmmError
-from vmm.files import OutputFileError, open_output
 from vmm.floor import FloorResult, c_floor, inkernel_floor, python_floor
 from vmm.memory import PAGE_SIZE
 from vtl.abi import ABI, abi_ffi
@@ -45,6 +44,7 @@ from vtl.run.scheduler import Scheduler
 from vtl.services.protection import Vtl0Protection
 from vtl.tools.attack import attack_scenarios, run_attack
 from vtl.tools.expectations import LIFECYCLE
+from vtl.tools.figures import save_png
 from vtl.tools.heki_attack import run_heki_attack
 from vtl.tools.lifecycle_compare import run_lifecycle
 from vtl.tools.progress import QUIET, Step
@@ -716,13 +716,7 @@ def draw_png(r: CompareReport, path: Path) -> None:
     cx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=7.5, frameon=False)
     cx.grid(axis="x", which="both", alpha=0.25)
     fig.subplots_adjust(left=0.14, right=0.98, top=1 - 1.1 / height, bottom=2.0 / height)
-    try:
-        with open_output(path, "--png", "wb") as out:
-            fig.savefig(out, format="png")
-    except OSError as e:
-        raise OutputFileError(f"cannot write --png {path}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
+    save_png(fig, path)
 
 
 def _wrap(text: str, width: int) -> str:

@@ -18,7 +18,6 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from vmm.x86 import VECTOR_NAMES
 from vtl.core.config import Backend, PartitionConfig
 from vtl.core.events import EventLog
 from vtl.core.partition import Partition
@@ -26,7 +25,7 @@ from vtl.modes.heki import HekiScheduler, heki_config
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
 from vtl.services.reports import Report
-from vtl.tools.attack import AttackResult, read_back, run_all
+from vtl.tools.attack import AttackResult, guest_reported_fault, read_back, run_all
 from vtl.tools.expectations import (
     BLOCKED,
     NOT_APPLICABLE,
@@ -97,15 +96,8 @@ def heki_mechanism(events: EventLog, reports: list[Report], backend: str) -> str
     if refused:
         r = refused[-1]
         return f"the CPU's own checks (decoded by the VMM, not Heki's): {r.reason} -> {r.response}"
-    faults = [r for r in reports if r.kind == "fault"]
-    if any(r.value[0] == 14 and r.value[1] & 0x10 for r in faults):
-        return ("CPU #PF(fetch) inside the guest (guest-reported): NX in the kernel's own page tables, "
-                "which Heki does not lock")
-    if faults:
-        f = faults[-1]
-        vec = VECTOR_NAMES.get(f.value[0], f"vector {f.value[0]}")
-        return f"CPU {vec} inside the guest before any exit (guest-reported), not Heki's"
-    return "none observed"
+    return guest_reported_fault(reports, "the guest", "NX in the kernel's own page tables, which Heki does "
+                                "not lock", ", not Heki's") or "none observed"
 
 
 def run_all_heki(vtl0: Path, backend: Backend | None = None,

@@ -8,7 +8,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from vmm.files import OutputFileError, open_output
 from vmm.memattr import NW, NX, describe
 from vmm.memory import PAGE_SIZE
 from vtl.core.config import Backend, PartitionConfig
@@ -16,6 +15,7 @@ from vtl.core.events import EventLog
 from vtl.core.partition import Partition
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
+from vtl.tools.figures import save_png
 
 # What a VTL may do in a region -> colour, and what it means.
 COLOURS_BY_NAME = {"rwx": "#e6e6e6", "rw-": "#6ebe6e", "r-x": "#5078dc", "r--": "#f0c83c",
@@ -214,13 +214,7 @@ def draw_png(m: MemMap, path: Path, detail: int = 32 << 20) -> None:
     fig.canvas.draw()                        # the panels are where they stay: place the labels
     for ax, labels, row in pending:
         place_labels(ax, labels, row)
-    try:
-        with open_output(path, "--png", "wb") as f:
-            fig.savefig(f, format="png")
-    except OSError as e:
-        raise OutputFileError(f"cannot write --png {path}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
+    save_png(fig, path)
 
 
 def render(m: MemMap) -> str:
