@@ -66,6 +66,22 @@
                                              destroyed, every VTL0 protection and register
                                              intercept cleared, VTL1's region zeroed, and VTL0
                                              restarts from its image with boot_count + 1. */
+#define VTL_HC_START_VP            0x0005 /* RDI = GPA of a struct vtl_start_vp (in memory the
+                                             caller may read): start an offline AP, after the
+                                             TLFS's HvCallStartVirtualProcessor.  VTL0 may call
+                                             it while VTL1 is not enabled; once it is, only
+                                             VTL1 may (VTL0 asks it: VTL_CALL_START_AP), and the
+                                             AP's VTL1 initialises first (entry reason NONE,
+                                             as at enable), then its VTL0 starts at rip in
+                                             long mode on cr3 with RSP = rsp, RDI = arg, the
+                                             boot GDT, everything else as at the vCPU's RESET.
+                                             RAX = VTL_OK (the AP starts asynchronously),
+                                             VTL_E_INVALID_ARG (no such AP, the boot VP, flags,
+                                             rip outside VTL0's image, rsp or cr3 outside VTL0
+                                             memory or cr3 not page aligned),
+                                             VTL_E_OUT_OF_RANGE (request not readable),
+                                             VTL_E_ACCESS_DENIED (VTL0 with VTL1 enabled),
+                                             VTL_E_BUSY (the AP is already started). */
 #define VTL_HC_GET_VP_REGISTER     0x0101 /* VTL1: RDI = vp, RSI = VTL_REG_*; RDX = value */
 #define VTL_HC_MODIFY_VTL_PROTECTION 0x0102 /* VTL1: RDI = GPA of struct vtl_protect_request
                                            (in VTL1 memory).  RAX = status, RDX = index of
@@ -236,6 +252,7 @@
 #define VTL_E_NO_RESOURCES         10     /* e.g. the host's memslots are exhausted   */
 #define VTL_E_IMMUTABLE            11     /* VTL1 policy: the page is locked for good */
 #define VTL_E_POLICY               12     /* VTL1 policy: e.g. W+X, or boot is over   */
+#define VTL_E_BUSY                 13     /* the VP is not in the state asked for     */
 
 /* ---- report channel (VTL_HC_REPORT), in the spirit of KVM selftests' ucall ----
  * Guests tell the VMM results and measurements as records, never as console text.
@@ -498,6 +515,16 @@ struct vtl_kexec_request {
     uint64_t param;          /* the new kernel's boot_info.param ...            */
     char     scenario[48];   /* ... and boot_info.scenario: its "command line"  */
     struct vtl_kexec_segment seg[8];  /* VTL_KEXEC_MAX_SEGMENTS                  */
+};
+
+/* VTL_HC_START_VP's argument. */
+struct vtl_start_vp {
+    uint32_t vp_index;       /* 1 .. nr_vps - 1 (VP0 is the boot VP)            */
+    uint32_t flags;          /* 0                                               */
+    uint64_t rip;            /* in VTL0's image (boot_info.image_start/end)     */
+    uint64_t rsp;            /* in VTL0 memory                                  */
+    uint64_t cr3;            /* page aligned, in VTL0 memory                    */
+    uint64_t arg;            /* RDI at rip                                      */
 };
 
 /* VTL_HC_VTL0_RESTART's argument, in VTL1 memory. */

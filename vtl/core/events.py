@@ -213,6 +213,15 @@ class HekiNotEnforced(_Event):
     pages: int = 0
 
 
+class VpStarted(_Event):
+    """An AP started (VTL_HC_START_VP): where its VTL0 begins; `vtl1`: its VTL1 initialises first."""
+    kind: Literal["vp_started"] = "vp_started"
+    rip: int
+    rsp: int
+    cr3: int
+    vtl1: bool
+
+
 class GuestExit(_Event):
     kind: Literal["guest_exit"] = "guest_exit"
     status: int
@@ -221,7 +230,7 @@ class GuestExit(_Event):
 
 Event = Annotated[VtlEnabled | VtlCall | VtlReturn | GuestFault | RefusedRequest | GuestReport
                   | ProtectionChanged | InterceptControlSet | RegisterWritten | SingleStepped
-                  | SecureIntercept | InterceptVerdict | Lifecycle | GuestExit
+                  | SecureIntercept | InterceptVerdict | Lifecycle | VpStarted | GuestExit
                   | HekiConfigure | HekiDenial | HekiHypercall | HekiNotEnforced,
                   Field(discriminator="kind")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
@@ -246,6 +255,7 @@ class EventLog:
         self._file: IO[str] | None = None
         # Per-call events only when a file listens or a caller asks for them.
         self.trace = trace
+        self._emit_lock = threading.RLock()     # a listener may emit (RLock)
         self._init_listeners()
 
     def open_file(self, path: Path) -> None:
@@ -261,16 +271,19 @@ class EventLog:
         return round(time.monotonic() - self.t0, 6)
 
     def emit(self, event: Event) -> None:
-        self.counts[event.kind] += 1
-        self.recent.append(event)
-        if self._file is not None:
-            try:
-                self._file.write(event.model_dump_json() + "\n")
-            except OSError as e:
-                self._file = None      # do not try again: the error is reported once
-                raise EventSinkError(f"cannot write events: {e.strerror}") from None
-        if self._listeners:
-            self._notify(event)
+        """From any VP's thread: one event at a time, so counts, the tail and the file's
+        lines stay whole and in one order."""
+        with self._emit_lock:
+            self.counts[event.kind] += 1
+            self.recent.append(event)
+            if self._file is not None:
+                try:
+                    self._file.write(event.model_dump_json() + "\n")
+                except OSError as e:
+                    self._file = None      # do not try again: the error is reported once
+                    raise EventSinkError(f"cannot write events: {e.strerror}") from None
+            if self._listeners:
+                self._notify(event)
 
     @property
     def events(self) -> list[Event]:
@@ -278,7 +291,7 @@ class EventLog:
         return list(self.recent)
 
     def of_kind(self, kind: str) -> list[Event]:
-        return [e for e in self.recent if e.kind == kind]
+        return [e for e in list(self.recent) if e.kind == kind]   # a copy: VPs append meanwhile
 
     def close(self) -> None:
         if self._file is not None:

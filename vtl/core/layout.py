@@ -195,3 +195,16 @@ def restart_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, vp: int, cr3: int, entry:
     x86.set_long_mode(s, cr3, layout.boot_gdt_gpa(vtl))
     s.cr0, s.cr4, s.efer = cr0, cr4, efer
     _boot_regs(vcpu.regs, layout, vtl, vp, entry)
+
+
+def start_vcpu(vcpu: VCpu, layout: Layout, vtl: Vtl, *, cr3: int, rip: int, rsp: int, arg: int) -> None:
+    """An AP's first instruction (VTL_HC_START_VP): from the vCPU's reset state, long mode
+    on `cr3` with the boot GDT, RIP = `rip`, RSP = `rsp`, RDI = `arg`, the other GPRs 0."""
+    if vcpu.reset_state is None:
+        raise VmmError("a vCPU without its reset state cannot be started")
+    vcpu.load_reset_state(vcpu.reset_state)
+    s = vcpu.sregs
+    x86.set_long_mode(s, cr3, layout.boot_gdt_gpa(vtl))
+    regs = vcpu.regs
+    _boot_regs(regs, layout, vtl, 0, rip)
+    regs.rsp, regs.rdi = rsp, arg

@@ -8,6 +8,7 @@ vCPU per enabled VTL; the scheduler (vtl/run/scheduler.py) decides which of them
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from vmm import uapi as u
@@ -24,7 +25,7 @@ from vtl.core import layout as lay
 from vtl.core.config import PartitionConfig
 from vtl.core.events import EventLog
 from vtl.core.privileged import InterceptControl
-from vtl.core.vp import VirtualProcessor
+from vtl.core.vp import OFFLINE, RUNNING_VTL0, VirtualProcessor
 from vtl.core.vtl import Vtl, VtlArray
 
 
@@ -48,10 +49,14 @@ class Partition:
         self.cpu_features = CpuFeatures.from_cpuid(cpuid_entries(self.kvm.supported_cpuid()))
         self.mem = GuestMemory(config.mem_size)
         self.vms: VtlArray[Vm | None] = VtlArray(lambda _: None)
-        self.vps = [VirtualProcessor(i) for i in range(config.nr_vps)]
+        # VP0 boots; the APs wait offline until VTL0 starts them (VTL_HC_START_VP).
+        self.vps = [VirtualProcessor(i, state=RUNNING_VTL0 if i == 0 else OFFLINE)
+                    for i in range(config.nr_vps)]
         self.vtl1_measurement: str | None = None
         # VTL0's attributes as VTL1 set them, one byte per page (NR/NW/NX bits).
         self.vtl0_attrs = bytearray(config.mem_size // PAGE_SIZE)
+        # Held while the backend and vtl0_attrs change (VPs' VTL1s may protect at once).
+        self.attr_lock = threading.RLock()
         # Which register writes of VTL0 VTL1 judges, and VTL0's privileged section
         # (VTL_HC_SET_INTERCEPT_CONTROL); None until VTL1 sets it.
         self.intercept_control: InterceptControl | None = None

@@ -7,6 +7,8 @@ A VP's state (design §10, as Firecracker's vCPU state machine) is exactly one o
                                       VTL0's VTL_HC_ENABLE_VTL1
   in VTL1 (entry: call)               VTL0 made a VTL call
   in VTL1 (entry: intercept, pending) VTL1 judges `pending`; its VTL return applies the verdict
+  offline                             an AP not started yet (or again, after a RESET
+                                      or a kexec): no vCPU runs
   stopped (status, reason, message)   the run is over
 
 The scheduler (vtl/run/scheduler.py) is the only code that changes it, through one
@@ -15,6 +17,7 @@ transition function; everything else reads it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -81,6 +84,9 @@ class VpState:
 RUNNING_VTL0 = VpState("running_vtl0", Vtl.VTL0)
 IN_VTL1_ENABLE = VpState("in_vtl1", Vtl.VTL1, Entry.ENABLE)
 IN_VTL1_CALL = VpState("in_vtl1", Vtl.VTL1, Entry.CALL)
+# An AP before its boot VP starts it (VTL_HC_START_VP), and after a RESET or kexec: no
+# vCPU runs; its runner waits (vtl/run/runner.py).
+OFFLINE = VpState("offline", None)
 
 
 def in_vtl1_intercept(pending: PendingIntercept) -> VpState:
@@ -120,6 +126,11 @@ class VirtualProcessor:
     current: VCpu | None = None         # the vCPU of state.vtl (None once stopped)
     # VTL_HC_VTL0_RESTART: what VTL1 asked for, applied at its VTL return.
     restart: RestartRequest | None = None
+    # This VP's counters (each written only by the VP's own thread; the run sums them).
+    vtl_calls: int = 0
+    vtl_returns: int = 0
+    port_counts: list[int] = field(default_factory=lambda: [0] * 65536)   # I/O exits by port
+    exit_counts: Counter[str] = field(default_factory=Counter)           # other exits by name
 
     def add_vcpu(self, vtl: Vtl, vcpu: VCpu) -> None:
         self.vcpus[vtl] = vcpu

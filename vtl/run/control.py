@@ -22,20 +22,17 @@ import trio
 from vtl.core.partition import Partition
 from vtl.run import controlsock
 from vtl.run.result import RunResult
+from vtl.run.runner import KICK_SIGNAL
 from vtl.run.scheduler import Scheduler
 from vtl.services.console import Console
 from vtl.services.outcomes import STATUS_INTERRUPTED, STATUS_STOPPED, STATUS_TERMINATED, STATUS_TIMEOUT
 
-KICK_SIGNAL = signal.SIGUSR1
-
 
 async def _supervise(sched: Scheduler, timeout: float | None,
                      control: controlsock.BoundSocket | None = None) -> RunResult:
-    ident: list[int] = []
     done = threading.Event()
 
     def worker() -> RunResult:
-        ident.append(threading.get_ident())
         try:
             return sched.run()
         finally:
@@ -43,11 +40,10 @@ async def _supervise(sched: Scheduler, timeout: float | None,
 
     async def kick(status: int, reason: str, message: str) -> None:
         sched.request_stop(status, reason, message)
-        # Re-signal until the thread leaves KVM_RUN; immediate_exit covers the race
-        # where the signal lands between two KVM_RUNs.
+        # Re-signal until every VP has left KVM_RUN; the request queue and immediate_exit
+        # cover the race where a signal lands between two KVM_RUNs (vtl/run/runner.py).
         while not done.is_set():
-            if ident:
-                signal.pthread_kill(ident[0], KICK_SIGNAL)
+            sched.kick_all()
             await trio.sleep(0.05)
 
     async def watchdog(seconds: float) -> None:
@@ -63,15 +59,9 @@ async def _supervise(sched: Scheduler, timeout: float | None,
                     await kick(STATUS_TERMINATED, "terminated", "terminated (SIGTERM)")
                 return
 
-    def kick_once() -> None:
-        # A reset request sets immediate_exit like a stop; one signal ends a KVM_RUN in
-        # progress, and the loop carries on (no re-signalling: the run goes on).
-        if ident and not done.is_set():
-            signal.pthread_kill(ident[0], KICK_SIGNAL)
-
     def request_reset(by: str) -> None:
+        # Queued for the boot VP, which carries it out (the request kicks it once).
         sched.request_reset(by)
-        kick_once()
 
     async with trio.open_nursery() as nursery:
         if timeout is not None:

@@ -52,6 +52,7 @@ EVENT_QUEUE = 1024           # events per subscriber waiting to be written; beyo
 EVENT_BATCH = 256            # events per write
 RECV_SIZE = 16384
 SHUTDOWN_GRACE = 1.0         # seconds to flush the last events and the shutdown line
+CLOSE_DRAIN = 0.2            # seconds a closing connection's unread input is drained
 # After a request took t seconds to handle, no request (of any client) is handled for
 # PACING * t: requests hold the GIL the vCPU thread needs between two KVM_RUNs, and a
 # client that sends them back to back would otherwise slow the guest several times over
@@ -184,6 +185,21 @@ _NO_ID = object()
 
 def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+async def _close_gracefully(stream: trio.SocketStream) -> None:
+    """Close a client's connection so that what was sent reaches it: end our side first,
+    then drop what the client still sends (briefly).  Closing a socket with unread input
+    makes the kernel send a reset, and the client would lose the last lines (the
+    shutdown event) queued before it."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_DRAIN):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+                                 OSError):
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+    with contextlib.suppress(OSError):
+        await stream.aclose()
 
 
 def _error_line(cls: ErrorClass, desc: str, ident: Any = _NO_ID) -> bytes:
@@ -555,8 +571,7 @@ class ControlServer:
         finally:
             self._unsubscribe(client)
             self.clients.discard(client)
-            with contextlib.suppress(OSError):
-                await client.stream.aclose()
+            await _close_gracefully(client.stream)
 
     async def _guarded(self, client: _Client, loop: Callable[[], Awaitable[None]]) -> bool:
         """Run one of a client's loops; False if it failed (the client went away, or a bug,

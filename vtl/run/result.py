@@ -5,6 +5,18 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 
+class VpSummary(BaseModel):
+    """One VP at the end of a run."""
+    index: int
+    state: str                  # running VTL0 | in VTL1 (...) | offline | stopped
+    run_state: str              # its runner's: offline | running | paused | exited
+    reason: str                 # why it stopped ("" if it did not)
+    vtl_calls: int
+    vtl_returns: int
+    exits: int
+    requests: int               # requests its runner served (pause, stop, reset, start)
+
+
 class RunResult(BaseModel):
     status: int
     # guest_exit | triple_fault | crash | halted | stopped_by_vtl1 | timeout | interrupted
@@ -31,6 +43,8 @@ class RunResult(BaseModel):
     # (VTL1: <why>)"; at most VTL1_HISTORY_MAX entries, the rest counted.
     vtl1_history: list[str] = []
     vtl1_history_omitted: int = 0
+    ended_on_vp: int = 0            # the VP whose stop ended the run (the others followed)
+    vps: list[VpSummary] = []
 
 
 VTL1_HISTORY_MAX = 32

@@ -15,8 +15,8 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -27,11 +27,13 @@ from vmm.kvm import VCpu
 from vmm.uapi import ffi, libc
 from vmm.x86 import VEC_GP, VEC_UD
 from vtl.abi import ABI
-from vtl.core.events import GuestExit, Lifecycle, SingleStepped, VtlCall, VtlReturn
+from vtl.core import layout as lay
+from vtl.core.events import GuestExit, Lifecycle, SingleStepped, VpStarted, VtlCall, VtlReturn
 from vtl.core.partition import Partition
 from vtl.core.vp import (
     IN_VTL1_CALL,
     IN_VTL1_ENABLE,
+    OFFLINE,
     RUNNING_VTL0,
     Entry,
     RestartRequest,
@@ -47,12 +49,13 @@ from vtl.lifecycle.restart import restart_vtl0
 from vtl.lifecycle.state import record_step, snapshot
 from vtl.lifecycle.teardown import teardown_vtl1
 from vtl.run.exits import ExitDispatcher
-from vtl.run.result import VTL1_HISTORY_MAX, RunResult
+from vtl.run.result import VTL1_HISTORY_MAX, RunResult, VpSummary
+from vtl.run.runner import Kind, Request, RunState, VpRunner
 from vtl.run.step import SingleStepper
 from vtl.services.console import Console
 from vtl.services.hypercalls import Hypercalls
 from vtl.services.intercepts import Intercepts
-from vtl.services.outcomes import STATUS_VMM_ERROR, EnableVtl1, Enter, Outcome, Reset, Step, Stop
+from vtl.services.outcomes import STATUS_VMM_ERROR, EnableVtl1, Enter, Outcome, Reset, StartVp, Step, Stop
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import Refusals
@@ -97,19 +100,25 @@ class Scheduler:
                                      self.privileged)
         self.exits = ExitDispatcher(partition, self.refusals, self.intercepts, self.privileged)
         self.stepper = SingleStepper(partition)
-        self.exit_counts: Counter[str] = Counter()     # non-I/O exits by name
-        self.port_counts = [0] * 65536                 # I/O exits by port
-        self.vtl_calls = 0
-        self.vtl_returns = 0
+        # One runner per VP (vtl/run/runner.py): its thread, its request queue.
+        self.runners = [VpRunner(vp) for vp in partition.vps]
         self._stop_request: Stop | None = None
-        self._reset_request: Reset | None = None        # from the control socket
+        # The stop that ended the run, and the VP it came from (the others follow it).
+        self._final: tuple[int, Stop] | None = None
+        # Held by a VP that changes VM-wide state (a lifecycle flow, a single step) while
+        # it has every other VP paused; never held across a wait for this VP's own queue.
+        self._exclusive = threading.Lock()
+        # Counts the flows that replace vCPUs or VMs (reset, kexec): a VP paused in the
+        # middle of an outcome finds out that the world it was acting on is gone.
+        self._generation = 0
         self.resets = 0
         self.kexecs = 0
         self.vtl1_history: list[str] = []              # RunResult.vtl1_history
         self.vtl1_history_omitted = 0
         # Lifecycle VTL calls in flight per VP: (step, snapshot before, start time).
         self._steps: dict[int, tuple[str, dict[str, Any], float]] = {}
-        self._lock = threading.Lock()                  # stop requests vs. vCPU creation
+        # Kicks (any thread) touch vCPUs' kvm_run; flows that close or create vCPUs hold it.
+        self._lock = threading.RLock()
         self._t0 = 0.0
         self._trace = self.events.trace                # per-call events only when someone listens
         self._io: dict[int, IoHandler] = {
@@ -129,65 +138,172 @@ class Scheduler:
 
     # --- the loop ------------------------------------------------------------------
     def run(self) -> RunResult:
-        """Run VP0 until it stops (one VP runs today; see PartitionConfig.nr_vps)."""
+        """Run every VP, each on its own thread (VP0 on this one), until the run ends: a
+        VP's stop (its guest's exit status, a crash, VTL1's stop verdict) stops the others;
+        a stop requested from outside (request_stop) stops them all."""
         self._t0 = time.perf_counter()
-        vp = self.p.vps[0]
-        self._transition(vp, vp.state)
-        ioctl, kvm_run, null = libc.ioctl, u.KVM_RUN, ffi.NULL
-        handlers = self._io
-        port_counts = self.port_counts
+        threads = [threading.Thread(target=self._vp_thread, args=(r,), name=f"vp{r.vp.index}", daemon=True)
+                   for r in self.runners[1:]]
+        for t in threads:
+            t.start()
         try:
-            while (vcpu := vp.current) is not None:
-                if ioctl(vcpu.fd, kvm_run, null) < 0:
-                    outcome = self._run_failed(vp, vcpu, ffi.errno)
-                else:
-                    words = vcpu.words
-                    if words[2] == EXIT_IO:
-                        io = words[8]                       # direction | size << 8 | port << 16
-                        port = io >> 16
-                        port_counts[port] += 1
-                        handler = handlers.get(port)
-                        if handler is not None and io & 0xFF == IO_OUT:
-                            outcome = handler(vp, vcpu)
-                        else:
-                            outcome = self._unknown_port(vp, vcpu)
-                    else:
-                        outcome = self._other_exit(vp, vcpu)
-                if outcome is not None:
-                    self._apply(vp, outcome)
+            self._vp_thread(self.runners[0])
+        finally:
+            for t in threads:
+                t.join()
+            self.console.flush()
+        return self._result()
+
+    def _vp_thread(self, runner: VpRunner) -> None:
+        vp = runner.vp
+        runner.ident = threading.get_ident()
+        try:
+            self._vp_loop(runner)
         except Exception as e:    # a VMM bug or host failure ends the run, never the process
             self._finish(vp, Stop(STATUS_VMM_ERROR, "vmm_error", _describe(e)))
         finally:
-            self.console.flush()
-        return self._result(vp)
+            runner.set_state(RunState.EXITED)
+
+    def _vp_loop(self, runner: VpRunner) -> None:
+        vp = runner.vp
+        self._transition(vp, vp.state)
+        ioctl, kvm_run, null = libc.ioctl, u.KVM_RUN, ffi.NULL
+        handlers = self._io
+        port_counts = vp.port_counts
+        requests = runner.requests
+        while True:
+            if requests:
+                self._serve(runner)
+            vcpu = vp.current
+            if vcpu is None:
+                if vp.state is not OFFLINE:
+                    return                              # stopped
+                runner.set_state(RunState.OFFLINE)
+                self._handle(runner, runner.wait())     # an AP waits to be started
+                continue
+            if ioctl(vcpu.fd, kvm_run, null) < 0:
+                outcome = self._run_failed(vp, vcpu, ffi.errno)
+            else:
+                words = vcpu.words
+                if words[2] == EXIT_IO:
+                    io = words[8]                       # direction | size << 8 | port << 16
+                    port = io >> 16
+                    port_counts[port] += 1
+                    handler = handlers.get(port)
+                    if handler is not None and io & 0xFF == IO_OUT:
+                        outcome = handler(vp, vcpu)
+                    else:
+                        outcome = self._unknown_port(vp, vcpu)
+                else:
+                    outcome = self._other_exit(vp, vcpu)
+            if outcome is not None:
+                self._apply(vp, outcome)
+
+    # --- requests to a VP (vtl/run/runner.py), served on its own thread ---------------------
+    def _serve(self, runner: VpRunner) -> None:
+        while (req := runner.take()) is not None:
+            self._handle(runner, req)
+
+    def _handle(self, runner: VpRunner, req: Request) -> None:
+        vp = runner.vp
+        match req.kind:
+            case Kind.PAUSE:
+                self._paused(runner, req)
+            case Kind.RESUME:
+                req.ack(False)                          # not paused: nothing to resume
+            case Kind.STOP:
+                self._finish(vp, req.payload)
+                req.ack(True)
+            case Kind.RESET:
+                if vp.state.name == "stopped":
+                    req.ack(False)
+                else:
+                    self._apply(vp, req.payload)
+                    req.ack(True)
+            case Kind.START:
+                self._start_vp(vp, req.payload)
+                req.ack(True)
+
+    def _paused(self, runner: VpRunner, req: Request) -> None:
+        """Acknowledge a pause and wait until resumed.  A stop or reset that arrives
+        meanwhile waits in the queue until then: the pauser changes VM-wide state and
+        must find every VP where it left it."""
+        before = runner.state
+        runner.set_state(RunState.PAUSED)
+        req.ack(True)
+        depth, held = 1, []
+        while depth:
+            r = runner.wait()
+            if r.kind is Kind.PAUSE:
+                depth += 1
+                r.ack(True)
+            elif r.kind is Kind.RESUME:
+                depth -= 1
+                r.ack(True)
+            else:
+                held.append(r)
+        runner.put_back(held)
+        runner.set_state(before)
+
+    @contextmanager
+    def _others_paused(self, vp: VirtualProcessor) -> Iterator[bool]:
+        """Every other VP paused (out of KVM_RUN, acknowledged) for the body: what changes
+        VM-wide state (a mapping, a VM, every VP's vCPU) does it inside this.  Yields False
+        when, while this VP waited its turn, another VP's flow replaced the vCPUs (a reset,
+        a kexec): the outcome this VP was applying is void, and the body must not act."""
+        if len(self.runners) == 1:
+            yield True
+            return
+        me = self.runners[vp.index]
+        generation, vcpu = self._generation, vp.current
+        # Another VP holding it may be waiting for this one to acknowledge its pause.
+        while not self._exclusive.acquire(timeout=0.001):
+            self._serve_pauses(me)
+        others = [r for r in self.runners if r is not me]
+        try:
+            if generation != self._generation or vp.current is not vcpu:
+                yield False
+                return
+            for req in [r.post(Kind.PAUSE) for r in others]:
+                req.done.wait()
+            yield True
+        finally:
+            for r in others:
+                r.post(Kind.RESUME)
+            self._exclusive.release()
+
+    def _serve_pauses(self, runner: VpRunner) -> None:
+        """Serve the pause requests in this VP's queue, leaving every other request in
+        its place (this VP is in the middle of an outcome)."""
+        for r in runner.take_all(Kind.PAUSE):
+            self._paused(runner, r)
+
+    def kick_all(self) -> None:
+        """Interrupt every VP's KVM_RUN in progress (the control plane re-kicks until the
+        run has ended)."""
+        with self._lock:
+            for r in self.runners:
+                r.kick()
 
     def request_stop(self, status: int, reason: str, message: str) -> None:
-        """Ask the loop to stop (any thread): every vCPU's next KVM_RUN returns at once.
-        The caller also signals the loop's thread to interrupt a KVM_RUN in progress."""
+        """Ask every VP to stop (any thread); each stops at its next request check, which a
+        kick makes immediate.  The caller re-kicks (kick_all) until the run has ended."""
+        stop = Stop(status, reason, message)
+        self._stop_request = stop
         with self._lock:
-            self._stop_request = Stop(status, reason, message)
-            for vp in self.p.vps:
-                for vcpu in vp.vcpus:
-                    if vcpu is not None:
-                        vcpu.run.immediate_exit = 1
+            for r in self.runners:
+                r.post(Kind.STOP, stop)
 
-    def request_reset(self, by: str = "user") -> None:
-        """Ask the loop for an emulated RESET (any thread); like request_stop, the caller
-        signals the loop's thread to interrupt a KVM_RUN in progress."""
+    def request_reset(self, by: str = "user") -> Request:
+        """Ask for an emulated RESET (any thread); the boot VP carries it out.  Returns
+        the request (its `done` is set once the reset is done or refused)."""
         with self._lock:
-            self._reset_request = Reset(by, "requested")
-            for vp in self.p.vps:
-                for vcpu in vp.vcpus:
-                    if vcpu is not None:
-                        vcpu.run.immediate_exit = 1
+            return self.runners[0].post(Kind.RESET, Reset(by, "requested"))
 
     def _interrupted(self) -> Outcome:
-        """What an interrupted KVM_RUN means: a stop wins over a reset."""
-        if self._stop_request is not None:
-            return self._stop_request
-        with self._lock:
-            reset, self._reset_request = self._reset_request, None
-        return reset
+        """An interrupted KVM_RUN: the requests that interrupted it are served at the top
+        of the VP's loop."""
+        return None
 
     def _apply(self, vp: VirtualProcessor, outcome: Outcome) -> None:
         # A step's exit may ask for another step (an instruction that jumps to another page
@@ -198,40 +314,72 @@ class Scheduler:
             case Enter(state):
                 self._transition(vp, state)
             case EnableVtl1():
-                self._vtl1_event("enabled again" if self.vtl1_history else "enabled")
-                with self._lock:
-                    record_step(self.p, "vtl1_enable", "vtl0", lambda: enable_vtl1(self.p, vp), vp=vp.index,
-                                detail="VTL_HC_ENABLE_VTL1: VTL1's VM built, image loaded and measured")
-                    self._rekick()
+                with self._others_paused(vp) as current:
+                    if not current:
+                        return
+                    self._vtl1_event("enabled again" if self.vtl1_history else "enabled")
+                    with self._lock:
+                        record_step(self.p, "vtl1_enable", "vtl0", lambda: enable_vtl1(self.p, vp),
+                                    vp=vp.index, detail="VTL_HC_ENABLE_VTL1: VTL1's VM built, image "
+                                    "loaded and measured")
                 self._transition(vp, IN_VTL1_ENABLE)
             case Reset(by, detail):
-                if self.p.vtl1_enabled:
-                    self._vtl1_event(f"torn down by a RESET ({by})")
-                with self._lock:
-                    record_step(self.p, "reset", by, lambda: reset_partition(self.p), vp=vp.index,
-                                detail=detail or "emulated RESET")
-                    self._rekick()
-                self.resets += 1
-                self._steps.clear()
-                for each in self.p.vps:
-                    self._transition(each, RUNNING_VTL0)
+                with self._others_paused(vp) as current:
+                    if not current:
+                        return
+                    if self.p.vtl1_enabled:
+                        self._vtl1_event(f"torn down by a RESET ({by})")
+                    with self._lock:
+                        record_step(self.p, "reset", by, lambda: reset_partition(self.p), vp=vp.index,
+                                    detail=detail or "emulated RESET")
+                    self._generation += 1
+                    self.resets += 1
+                    self._steps.clear()
+                    self._reboot_states()
+            case StartVp() as start:
+                self._post_start(vp, start)
             case Stop():
                 self._finish(vp, outcome)
+
+    def _post_start(self, vp: VirtualProcessor, start: StartVp) -> None:
+        """VTL_HC_START_VP, validated: claim the AP and queue its start (the AP's own
+        thread starts it); the caller's hypercall returns at once, as a SIPI does."""
+        vcpu = vp.current
+        assert vcpu is not None
+        target = self.runners[start.vp_index]
+        if not target.claim_start():
+            self.refusals.status(vp, vcpu, f"hypercall {ABI.VTL_HC_START_VP:#x}",
+                                 f"VP{start.vp_index} is already started", ABI.VTL_E_BUSY)
+            return
+        vcpu.regs.rax = ABI.VTL_OK
+        vcpu.run.kvm_dirty_regs |= SYNC_REGS
+        target.post(Kind.START, start)
+
+    def _start_vp(self, vp: VirtualProcessor, start: StartVp) -> None:
+        """On the AP's thread: its VTL0 vCPU at the start context; VTL1 (when enabled)
+        initialises on this VP first, and its first VTL return lets VTL0 run."""
+        if vp.state is not OFFLINE:
+            return
+        vcpu = vp.vcpus[VTL0]
+        assert vcpu is not None
+        lay.start_vcpu(vcpu, self.p.layout, VTL0, cr3=start.cr3, rip=start.rip, rsp=start.rsp, arg=start.arg)
+        self.events.emit(VpStarted(ts=self.events.now(), vp=vp.index, vtl=0, rip=start.rip, rsp=start.rsp,
+                                   cr3=start.cr3, vtl1=self.p.vtl1_enabled))
+        self._transition(vp, IN_VTL1_ENABLE if vp.vcpus[VTL1] is not None else RUNNING_VTL0)
+
+    def _reboot_states(self) -> None:
+        """After a RESET or a kexec (every other VP paused): the boot VP runs VTL0 from the
+        new kernel's entry, the APs wait offline until that kernel starts them."""
+        for each, runner in zip(self.p.vps, self.runners, strict=True):
+            if each.state.name != "stopped":
+                self._transition(each, RUNNING_VTL0 if each.index == 0 else OFFLINE)
+                runner.unclaim()
 
     def _vtl1_event(self, what: str) -> None:
         if len(self.vtl1_history) < VTL1_HISTORY_MAX:
             self.vtl1_history.append(what)
         else:
             self.vtl1_history_omitted += 1
-
-    def _rekick(self) -> None:
-        """A stop requested while vCPUs were being replaced must reach the new ones.
-        Called with self._lock held."""
-        if self._stop_request is not None or self._reset_request is not None:
-            for each in self.p.vps:
-                for vcpu in each.vcpus:
-                    if vcpu is not None:
-                        vcpu.run.immediate_exit = 1
 
     # --- lifecycle VTL calls (timeline steps; rare, so off the switch path's budget) ---------
     def _step_begin(self, vp: VirtualProcessor, code: int) -> None:
@@ -262,7 +410,7 @@ class Scheduler:
             record_step(self.p, "vtl0_restart", "vmm",
                         lambda: restart_vtl0(self.p, replace(req, teardown=False)), vp=vp.index,
                         detail=f"VTL0 starts at {req.entry:#x} (scenario {req.scenario!r})")
-            self._rekick()
+        self._generation += 1
         self.kexecs += 1
         self._vtl1_event("torn down at a kexec (teardown)" if req.teardown
                          else "kept across a kexec (persist)")
@@ -275,15 +423,35 @@ class Scheduler:
         return ""
 
     def _finish(self, vp: VirtualProcessor, stop: Stop) -> None:
+        """Stop `vp` (on its own thread).  The first stop of a run decides it; every other
+        VP follows with reason partition_stopped."""
         if vp.state.name == "stopped":
             return
         vtl = vp.active_vtl
         self._transition(vp, stopped(stop.status, stop.reason, stop.message))
         self.events.emit(GuestExit(ts=self.events.now(), vp=vp.index, vtl=vtl, status=stop.status,
                                    reason=stop.reason))
+        with self._lock:
+            if self._final is not None:
+                return
+            self._final = (vp.index, stop)
+            follow = stop if stop is self._stop_request else Stop(
+                stop.status, "partition_stopped", f"the run ended on VP{vp.index}: {stop.message}")
+            for r in self.runners:
+                if r.vp is not vp:
+                    r.post(Kind.STOP, follow)
 
-    def _result(self, vp: VirtualProcessor) -> RunResult:
-        st = vp.state
+    @property
+    def vtl_calls(self) -> int:
+        return sum(vp.vtl_calls for vp in self.p.vps)
+
+    @property
+    def vtl_returns(self) -> int:
+        return sum(vp.vtl_returns for vp in self.p.vps)
+
+    def _result(self) -> RunResult:
+        index, _ = self._final if self._final is not None else (0, None)
+        st = self.p.vps[index].state
         return RunResult(
             status=st.status, reason=st.reason, message=st.message,
             wall_s=round(time.perf_counter() - self._t0, 6),
@@ -294,28 +462,40 @@ class Scheduler:
             single_steps=self.stepper.count, register_intercepts=self.intercepts.register_count,
             boot_count=self.p.boot_count, resets=self.resets, kexecs=self.kexecs,
             trust=[d.hex() for d in self.p.config.trust], kexec_policy=self.p.config.kexec_policy,
-            vtl1_history=list(self.vtl1_history), vtl1_history_omitted=self.vtl1_history_omitted)
+            vtl1_history=list(self.vtl1_history), vtl1_history_omitted=self.vtl1_history_omitted,
+            ended_on_vp=index, vps=self.vp_summaries())
+
+    def vp_summaries(self) -> list[VpSummary]:
+        return [VpSummary(index=vp.index, state=str(vp.state), run_state=r.state.value,
+                          reason=vp.state.reason, vtl_calls=vp.vtl_calls, vtl_returns=vp.vtl_returns,
+                          exits=sum(vp.port_counts) + sum(vp.exit_counts.values()), requests=r.served)
+                for vp, r in zip(self.p.vps, self.runners, strict=True)]
 
     def exits_by_reason(self) -> dict[str, int]:
-        out = dict(self.exit_counts)
-        for port, n in enumerate(self.port_counts):
-            if n:
-                out[f"io:{PORT_NAMES.get(port, hex(port))}"] = n
+        out: dict[str, int] = {}
+        for vp in self.p.vps:
+            for name, n in vp.exit_counts.items():
+                out[name] = out.get(name, 0) + n
+            for port, n in enumerate(vp.port_counts):
+                if n:
+                    key = f"io:{PORT_NAMES.get(port, hex(port))}"
+                    out[key] = out.get(key, 0) + n
         return out
 
     def _run_failed(self, vp: VirtualProcessor, vcpu: VCpu, err: int) -> Outcome:
         if err in (errno.EINTR, errno.EAGAIN):
-            vcpu.run.immediate_exit = 0
+            vcpu.run.immediate_exit = 0             # cleared before the queue is read
             return self._interrupted()
         # -EFAULT with KVM_EXIT_MEMORY_FAULT is an exit (host-mapping protections on EPT hosts).
         exit = ex.from_result(vcpu, -err)
-        self.exit_counts[exit.name] += 1
+        vp.exit_counts[exit.name] += 1
         return self.exits.dispatch(vp, vcpu, exit)
 
     def _other_exit(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:
         exit = ex.decode(vcpu)
-        self.exit_counts[exit.name] += 1
+        vp.exit_counts[exit.name] += 1
         if isinstance(exit, ex.Interrupted):
+            vcpu.run.immediate_exit = 0
             return self._interrupted()
         return self.exits.dispatch(vp, vcpu, exit)
 
@@ -326,9 +506,13 @@ class Scheduler:
         byte that stopped it."""
         vcpu = vp.current
         assert vcpu is not None and vp.state is RUNNING_VTL0
-        end = self.stepper.step(vcpu, step)
+        # The step changes the VM's mappings: no other VP may run meanwhile.
+        with self._others_paused(vp) as current:
+            if not current:
+                return None
+            end = self.stepper.step(vcpu, step)
         exit = end.exit
-        self.exit_counts["single_step"] += 1
+        vp.exit_counts["single_step"] += 1
         rip = int(vcpu.regs.rip)
         delivered = self.privileged.event_delivered(vcpu, step, exit)
         if self._trace:
@@ -351,10 +535,10 @@ class Scheduler:
             vcpu.run.immediate_exit = 0
             return self._interrupted()
         if isinstance(exit, ex.MemoryFault):
-            self.exit_counts[exit.name] += 1
+            vp.exit_counts[exit.name] += 1
             return self.exits.dispatch(vp, vcpu, exit)
         if isinstance(exit, (ex.IoOut, ex.IoIn)):
-            self.port_counts[exit.port] += 1
+            vp.port_counts[exit.port] += 1
             handler = self._io.get(exit.port)
             if handler is not None and isinstance(exit, ex.IoOut):
                 return handler(vp, vcpu)
@@ -387,7 +571,7 @@ class Scheduler:
         if code in LIFECYCLE_CALLS:
             self._step_begin(vp, code)
         self._transition(vp, IN_VTL1_CALL)
-        self.vtl_calls += 1
+        vp.vtl_calls += 1
         if self._trace:
             self.events.emit(VtlCall(ts=self.events.now(), vp=vp.index, vtl=0,
                                      code=ctl.vtl0_rax, arg=ctl.vtl0_rcx))
@@ -410,11 +594,13 @@ class Scheduler:
         dst: SyncView = vp.sync[0]  # type: ignore[assignment]
         v0 = dst.vcpu
         fast = vcpu.words[8] >> 16 == PORT_RETURN_FAST
-        self.vtl_returns += 1
+        vp.vtl_returns += 1
         if state is IN_VTL1_CALL and vp.restart is not None:
             req, vp.restart = vp.restart, None
-            self._kexec(vp, req)              # VTL0 never sees this return
-            self._transition(vp, RUNNING_VTL0)
+            with self._others_paused(vp) as current:
+                if current:
+                    self._kexec(vp, req)      # VTL0 never sees this return
+                    self._reboot_states()
             return None
         if state is IN_VTL1_CALL:
             memmove(dst.lo, src.lo, 48)

@@ -9,6 +9,7 @@ MAX_LINE bytes, and only a bounded tail of lines is kept in memory.
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable
 
 from vtl.core.vtl import Vtl
@@ -29,6 +30,7 @@ class Console:
         self.lines = 0
         self._bufs = {(vp, vtl): bytearray() for vp in range(nr_vps) for vtl in Vtl}
         self._multi_vp = nr_vps > 1
+        self._lock = threading.Lock()       # whole lines from concurrent VPs, one at a time
 
     def tag(self, vp: int, vtl: Vtl) -> str:
         return f"[vp{vp} vtl{int(vtl)}] " if self._multi_vp else f"[vtl{int(vtl)}] "
@@ -43,10 +45,11 @@ class Console:
     def _line(self, vp: int, vtl: Vtl, buf: bytearray) -> None:
         line = self.tag(vp, vtl) + printable(bytes(buf))
         buf.clear()
-        self.lines += 1
-        self.tail.append(line)
-        if self.sink is not None:
-            self.sink(line)
+        with self._lock:
+            self.lines += 1
+            self.tail.append(line)
+            if self.sink is not None:
+                self.sink(line)
 
     def flush(self) -> None:
         for (vp, vtl), buf in self._bufs.items():

@@ -22,7 +22,7 @@ from vtl.core.events import EventLog, ProtectionChanged
 from vtl.core.partition import Partition
 from vtl.core.vp import IN_VTL1_CALL, RestartRequest, VirtualProcessor
 from vtl.core.vtl import Vtl
-from vtl.services.outcomes import EnableVtl1, Outcome, Reset
+from vtl.services.outcomes import EnableVtl1, Outcome, Reset, StartVp
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import STATUS_NAMES, Refusals
@@ -36,8 +36,9 @@ class Reply:
     reason: str = ""         # why, when status is an error
 
 
-Handler = Callable[[VirtualProcessor, VCpu], "Reply | EnableVtl1 | Reset"]
+Handler = Callable[[VirtualProcessor, VCpu], "Reply | EnableVtl1 | Reset | StartVp"]
 RESTART_SIZE = abi_ffi.sizeof("struct vtl_restart")
+START_VP_SIZE = abi_ffi.sizeof("struct vtl_start_vp")
 VTL0_ONLY, VTL1_ONLY, ANY_VTL = frozenset({Vtl.VTL0}), frozenset({Vtl.VTL1}), frozenset(Vtl)
 
 
@@ -53,6 +54,7 @@ class Hypercalls:
             ABI.VTL_HC_GET_VP_REGISTER: (self.get_vp_register, VTL1_ONLY),
             ABI.VTL_HC_MODIFY_VTL_PROTECTION: (self.modify_vtl_protection, VTL1_ONLY),
             ABI.VTL_HC_RESET: (self.reset, ANY_VTL),
+            ABI.VTL_HC_START_VP: (self.start_vp, ANY_VTL),
             ABI.VTL_HC_VTL0_RESTART: (self.vtl0_restart, VTL1_ONLY),
         }
         if privileged is not None:
@@ -77,7 +79,7 @@ class Hypercalls:
                                ABI.VTL_E_ACCESS_DENIED)
             return None
         reply = handler(vp, vcpu)
-        if isinstance(reply, (EnableVtl1, Reset)):
+        if isinstance(reply, (EnableVtl1, Reset, StartVp)):
             return reply
         if reply.status != ABI.VTL_OK:
             why = reply.reason or STATUS_NAMES.get(reply.status, str(reply.status))
@@ -97,6 +99,34 @@ class Hypercalls:
 
     def reset(self, vp: VirtualProcessor, vcpu: VCpu) -> Reset:
         return Reset(f"vtl{int(vp.active_vtl)}", "VTL_HC_RESET")
+
+    def start_vp(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply | StartVp:
+        """Validate and copy a struct vtl_start_vp; the scheduler starts the AP (whether it
+        is still offline is the scheduler's to decide: VTL_E_BUSY)."""
+        vtl, gpa = vp.active_vtl, vcpu.regs.rdi
+        if vtl == Vtl.VTL0 and self.p.vtl1_enabled:
+            return Reply(int(ABI.VTL_E_ACCESS_DENIED),
+                         "VTL1 is enabled: VTL1 starts the APs (VTL_CALL_START_AP)")
+        lay = self.p.layout
+        if not (lay.in_memory(gpa, START_VP_SIZE) and self.reports.readable(vtl, gpa, START_VP_SIZE)):
+            return Reply(int(ABI.VTL_E_OUT_OF_RANGE), f"struct vtl_start_vp at {gpa:#x} is not memory "
+                         f"VTL{int(vtl)} may read")
+        raw = self.p.mem.read(gpa, START_VP_SIZE)            # copied once, then checked
+        r = abi_ffi.from_buffer("struct vtl_start_vp *", bytearray(raw))
+        index, rip, rsp, cr3 = int(r.vp_index), int(r.rip), int(r.rsp), int(r.cr3)
+        img = self.p.vtl0_image
+        if not 1 <= index < len(self.p.vps):
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"no AP {index} (APs are 1 to {len(self.p.vps) - 1})")
+        if r.flags:
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"unknown flags {r.flags:#x}")
+        if not img.start <= rip < img.end:
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"rip {rip:#x} is outside VTL0's image "
+                         f"{img.start:#x}-{img.end:#x}")
+        if not lay.in_vtl0(rsp - 8, 8):
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"rsp {rsp:#x} is not in VTL0 memory")
+        if cr3 & 0xFFF or not lay.in_vtl0(cr3, 4096):
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"cr3 {cr3:#x} is not a page of VTL0 memory")
+        return StartVp(index, rip, rsp, cr3, int(r.arg))
 
     def vtl0_restart(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
         """Validate and copy VTL1's struct vtl_restart; the scheduler applies it at VTL1's

@@ -55,7 +55,18 @@ class Stop:
     message: str
 
 
-Outcome = Enter | EnableVtl1 | Step | Reset | Stop | None
+@dataclass(frozen=True, slots=True)
+class StartVp:
+    """Start the offline AP `vp_index` (VTL_HC_START_VP, validated): its VTL0 at `rip` in
+    long mode on `cr3`, RSP = `rsp`, RDI = `arg`; its VTL1 first when VTL1 is enabled."""
+    vp_index: int
+    rip: int
+    rsp: int
+    cr3: int
+    arg: int
+
+
+Outcome = Enter | EnableVtl1 | Step | Reset | Stop | StartVp | None
 
 # How a run ended, besides the guest's own status (documented in `vtl run --help`).
 STATUS_VMM_ERROR = 1

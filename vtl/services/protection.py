@@ -76,6 +76,11 @@ class Vtl0Protection:
                 runs[-1][1] += pages
             else:
                 runs.append([gpa, pages, start + i])
+        with self.p.attr_lock:          # VTL1 on another VP may change them at the same time
+            return self._apply(runs, attrs, status, stop, reason)
+
+    def _apply(self, runs: list[list[int]], attrs: int, status: int, stop: int,
+               reason: str) -> ProtectionResult:
         backend = self.p.backend
         ops0 = backend.ops
         applied = 0

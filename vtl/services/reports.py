@@ -11,6 +11,7 @@ data bytes; past it the guest gets VTL_E_NO_RESOURCES).
 from __future__ import annotations
 
 import struct
+import threading
 
 from pydantic import BaseModel
 
@@ -66,6 +67,7 @@ class Reports:
         self.records: list[Report] = []
         self.data_bytes = 0
         self.last_error = ""      # why the last report was refused, for the event
+        self._lock = threading.Lock()
 
     def readable(self, vtl: Vtl, gpa: int, length: int) -> bool:
         """May `vtl` read [gpa, gpa+length)?  VTL0: its own memory and no page VTL1 made NR."""
@@ -79,12 +81,13 @@ class Reports:
 
     def receive(self, vp: int, vtl: Vtl, gpa: int) -> int:
         """VTL_HC_REPORT from `vtl` with RDI = `gpa`; returns the status for RAX."""
-        try:
-            report = self._read(vp, vtl, gpa)
-        except ReportError as e:
-            self.last_error = str(e)
-            return e.status
-        self.records.append(report)
+        with self._lock:                    # the budget is the partition's, across VPs
+            try:
+                report = self._read(vp, vtl, gpa)
+            except ReportError as e:
+                self.last_error = str(e)
+                return e.status
+            self.records.append(report)
         self.events.emit(GuestReport(ts=self.events.now(), vp=vp, vtl=vtl, report=report.kind,
                                      name=report.name, value=report.value, text=report.text))
         return int(ABI.VTL_OK)
