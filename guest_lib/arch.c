@@ -101,6 +101,26 @@ void arch_init(void)
 	priv_lidt(&i);
 }
 
+/* An AP (guest_vtl0/smp.c): the boot VP's GDT and IDT, which it must not rewrite (VTL1
+ * may have sealed them).  No TR: a TSS descriptor is busy on the VP that loaded it, so an
+ * AP takes no exception through an IST stack (a #DF on an AP is a triple fault). */
+void arch_init_ap(void)
+{
+	struct desc_ptr g = { sizeof(gdt) - 1, (uint64_t)gdt };
+	priv_lgdt(&g);
+	asm volatile("pushq $0x08\n\t"
+		     "leaq 1f(%%rip), %%rax\n\t"
+		     "pushq %%rax\n\t"
+		     "lretq\n"
+		     "1:\n\t"
+		     "movl $0x10, %%eax\n\t"
+		     "movl %%eax, %%ds\n\tmovl %%eax, %%es\n\tmovl %%eax, %%ss\n\t"
+		     "movl %%eax, %%fs\n\tmovl %%eax, %%gs"
+		     ::: "rax", "memory");
+	struct desc_ptr i = { sizeof(idt) - 1, (uint64_t)idt };
+	priv_lidt(&i);
+}
+
 static const char *const names[32] = {
 	"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP",
 	"#SS", "#GP", "#PF", "?15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",

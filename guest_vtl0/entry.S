@@ -9,6 +9,15 @@ _start:
 	hlt
 	jmp 1b
 
+/* An AP's first instruction (guest_vtl0/smp.c): RSP and RDI (its VP index) as VP0 asked
+ * in VTL_HC_START_VP. */
+	.globl ap_entry
+ap_entry:
+	call ap_main
+1:	cli
+	hlt
+	jmp 1b
+
 	.text
 /* void reg_probe_call(struct reg_probe_result *res)
  * Loads PROBE_PAT0 into every shared register, sets RFLAGS.AC, makes the VTL call,

@@ -22,6 +22,15 @@ uint64_t protection_of(uint64_t gpa);
 void harden_protect(const char *name);
 void harden_lock(const char *name, int end_of_boot);
 void harden(const char *name, int end_of_boot);
+/* smp.c: the APs (docs/smp.md) */
+struct ap_slot { volatile uint64_t online, fn, arg, done; };
+extern struct ap_slot ap[];
+uint64_t smp_boot(const char *name);
+uint64_t smp_start(uint64_t vp);
+void smp_run_on(uint64_t vp, void (*fn)(uint64_t, uint64_t), uint64_t arg);
+void smp_run_all(void (*fn)(uint64_t, uint64_t), uint64_t arg);
+void ipi(uint64_t vp);
+
 /* heki.c: Heki mode (boot_info->flags & VTL_BOOT_F_HEKI): the same hardening through the
  * Heki hypercalls (docs/heki-mode.md). */
 int heki_mode(void);

@@ -82,6 +82,13 @@
                                              VTL_E_OUT_OF_RANGE (request not readable),
                                              VTL_E_ACCESS_DENIED (VTL0 with VTL1 enabled),
                                              VTL_E_BUSY (the AP is already started). */
+#define VTL_HC_SEND_IPI            0x0006 /* either VTL: RDI = target VP.  Wakes it from HLT:
+                                             with more than one VP, a VTL0 HLT idles its VP
+                                             until a wake (or the run's end); a wake for a VP
+                                             that is not halted stays pending and ends its
+                                             next HLT at once.  No vector is delivered (no
+                                             local APIC here).  RAX = VTL_OK,
+                                             VTL_E_INVALID_ARG (no such VP). */
 #define VTL_HC_GET_VP_REGISTER     0x0101 /* VTL1: RDI = vp, RSI = VTL_REG_*; RDX = value */
 #define VTL_HC_MODIFY_VTL_PROTECTION 0x0102 /* VTL1: RDI = GPA of struct vtl_protect_request
                                            (in VTL1 memory).  RAX = status, RDX = index of

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from vtl.abi import ABI
 from vtl.core.layout import check_mem_size
 
 Backend = Literal["memslot", "host_mapping", "rwx"]
@@ -18,7 +19,8 @@ class PartitionConfig(BaseModel):
     vtl0_image: Path
     vtl1_image: Path | None = None          # None: VTL1 cannot be enabled
     mem_size: int = Field(default=256 << 20, description="guest memory in bytes (layout.MEM_RANGE)")
-    nr_vps: int = Field(default=1, ge=1, le=1)  # APs are not started yet
+    # VPs (vtl run --vps): VP0 boots, VTL0 starts the APs (VTL_HC_START_VP; docs/smp.md).
+    nr_vps: int = Field(default=1, ge=1, le=ABI.VTL1_MAX_VPS)
     scenario: str = ""
     param: int = Field(default=0, ge=0, lt=1 << 64)
     attr_backend: Backend | None = None     # None: the best one the host probes working

@@ -23,7 +23,7 @@ from vtl.core.partition import Partition
 from vtl.core.vp import VirtualProcessor
 from vtl.core.vtl import Vtl
 from vtl.services.intercepts import Intercepts
-from vtl.services.outcomes import STATUS_CRASH, Outcome, Reset, Stop
+from vtl.services.outcomes import STATUS_CRASH, Halt, Outcome, Reset, Stop
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.refusals import Refusals
 from vtl.services.vtl0view import Access, Context, Fault, InsnBytes
@@ -60,6 +60,8 @@ class ExitDispatcher:
             case ex.Shutdown():
                 return self.crash(vp, "triple_fault", f"VTL{int(vtl)} triple-faulted (KVM_EXIT_SHUTDOWN) "
                                    f"near RIP {rip:#x}", rip)
+            case ex.Hlt() if vtl == Vtl.VTL0 and len(self.p.vps) > 1:
+                return Halt(rip)
             case ex.Hlt():
                 return self.crash(vp, "halted", f"VTL{int(vtl)} halted at RIP {rip:#x} without reporting "
                                    "an exit status", rip)

@@ -20,6 +20,7 @@ Run states (what `vtl` shows as a VP's `run_state`; the VTL position is `VpState
   offline   created, not started (an AP before VTL_HC_START_VP); its thread waits
   running   in or between KVM_RUNs
   paused    acknowledged a pause and waits for resume (or stop)
+  halted    its VTL0 executed HLT; it waits for a wake (VTL_HC_SEND_IPI) or any request
   exited    its loop has ended (the VP is stopped)
 """
 
@@ -46,6 +47,7 @@ class RunState(StrEnum):
     OFFLINE = "offline"
     RUNNING = "running"
     PAUSED = "paused"
+    HALTED = "halted"
     EXITED = "exited"
 
 
@@ -55,6 +57,7 @@ class Kind(StrEnum):
     STOP = "stop"
     RESET = "reset"
     START = "start"
+    WAKE = "wake"
 
 
 @dataclass(eq=False)
@@ -85,6 +88,7 @@ class VpRunner:
         self._cond = threading.Condition()
         self.served = 0                        # requests acknowledged (status, tests)
         self._claimed = False                  # a START is queued or done (VTL_E_BUSY after)
+        self.pending_wake = False              # a wake that came while it ran (its own thread only)
 
     # --- any thread -----------------------------------------------------------------------
     def post(self, kind: Kind, payload: Any = None) -> Request:
@@ -150,6 +154,11 @@ class VpRunner:
         with self._cond:
             self.requests.extendleft(reversed(held))
             self.served -= len(held)
+
+    def idle_with_nothing_queued(self) -> bool:
+        """Halted or offline with no request that could wake it (for "every VP idles")."""
+        with self._cond:
+            return self.state in (RunState.HALTED, RunState.OFFLINE, RunState.EXITED) and not self.requests
 
     def wait(self) -> Request:
         """Block until a request arrives (offline or paused) and take it."""

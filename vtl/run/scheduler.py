@@ -55,7 +55,18 @@ from vtl.run.step import SingleStepper
 from vtl.services.console import Console
 from vtl.services.hypercalls import Hypercalls
 from vtl.services.intercepts import Intercepts
-from vtl.services.outcomes import STATUS_VMM_ERROR, EnableVtl1, Enter, Outcome, Reset, StartVp, Step, Stop
+from vtl.services.outcomes import (
+    STATUS_VMM_ERROR,
+    EnableVtl1,
+    Enter,
+    Halt,
+    Outcome,
+    Reset,
+    SendIpi,
+    StartVp,
+    Step,
+    Stop,
+)
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import Refusals
@@ -223,6 +234,9 @@ class Scheduler:
             case Kind.START:
                 self._start_vp(vp, req.payload)
                 req.ack(True)
+            case Kind.WAKE:
+                runner.pending_wake = True              # not halted: the next HLT ends at once
+                req.ack(False)
 
     def _paused(self, runner: VpRunner, req: Request) -> None:
         """Acknowledge a pause and wait until resumed.  A stop or reset that arrives
@@ -338,6 +352,11 @@ class Scheduler:
                     self._reboot_states()
             case StartVp() as start:
                 self._post_start(vp, start)
+            case SendIpi(target):
+                self.runners[target].post(Kind.WAKE)
+                self._set_status(vp, ABI.VTL_OK)
+            case Halt(rip):
+                self._halt(vp, rip)
             case Stop():
                 self._finish(vp, outcome)
 
@@ -351,9 +370,41 @@ class Scheduler:
             self.refusals.status(vp, vcpu, f"hypercall {ABI.VTL_HC_START_VP:#x}",
                                  f"VP{start.vp_index} is already started", ABI.VTL_E_BUSY)
             return
-        vcpu.regs.rax = ABI.VTL_OK
-        vcpu.run.kvm_dirty_regs |= SYNC_REGS
+        self._set_status(vp, ABI.VTL_OK)
         target.post(Kind.START, start)
+
+    def _set_status(self, vp: VirtualProcessor, status: int) -> None:
+        vcpu = vp.current
+        assert vcpu is not None
+        vcpu.regs.rax = status
+        vcpu.run.kvm_dirty_regs |= SYNC_REGS
+
+    def _halt(self, vp: VirtualProcessor, rip: int) -> None:
+        """VTL0 halted (one VP of several): idle until a wake.  If every other VP idles too
+        with nothing queued, nothing can wake any of them: the run ends as "halted"."""
+        me = self.runners[vp.index]
+        if me.pending_wake:                 # a wake came while it ran: this HLT ends at once
+            me.pending_wake = False
+            return
+        with self._lock:
+            others_idle = all(r.idle_with_nothing_queued() for r in self.runners if r is not me)
+            if others_idle and not me.requests:
+                self._finish(vp, self.exits.crash(vp, "halted", f"every VP halted (VP{vp.index} at RIP "
+                                                  f"{rip:#x}) without reporting an exit status", rip))
+                return
+            me.set_state(RunState.HALTED)
+        generation = self._generation
+        while True:
+            req = me.wait()
+            if req.kind is Kind.WAKE:
+                req.ack(True)
+                break
+            self._handle(me, req)
+            # Stopped, or another VP's reset or kexec put this VP somewhere else.
+            if vp.state.name == "stopped" or generation != self._generation:
+                break
+        me.pending_wake = False
+        me.set_state(RunState.RUNNING)
 
     def _start_vp(self, vp: VirtualProcessor, start: StartVp) -> None:
         """On the AP's thread: its VTL0 vCPU at the start context; VTL1 (when enabled)
@@ -366,6 +417,7 @@ class Scheduler:
         self.events.emit(VpStarted(ts=self.events.now(), vp=vp.index, vtl=0, rip=start.rip, rsp=start.rsp,
                                    cr3=start.cr3, vtl1=self.p.vtl1_enabled))
         self._transition(vp, IN_VTL1_ENABLE if vp.vcpus[VTL1] is not None else RUNNING_VTL0)
+        self.runners[vp.index].set_state(RunState.RUNNING)
 
     def _reboot_states(self) -> None:
         """After a RESET or a kexec (every other VP paused): the boot VP runs VTL0 from the

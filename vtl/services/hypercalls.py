@@ -20,9 +20,9 @@ from vmm.x86 import VEC_GP
 from vtl.abi import ABI, abi_ffi
 from vtl.core.events import EventLog, ProtectionChanged
 from vtl.core.partition import Partition
-from vtl.core.vp import IN_VTL1_CALL, RestartRequest, VirtualProcessor
+from vtl.core.vp import IN_VTL1_CALL, OFFLINE, RestartRequest, VirtualProcessor
 from vtl.core.vtl import Vtl
-from vtl.services.outcomes import EnableVtl1, Outcome, Reset, StartVp
+from vtl.services.outcomes import EnableVtl1, Outcome, Reset, SendIpi, StartVp
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import STATUS_NAMES, Refusals
@@ -36,7 +36,7 @@ class Reply:
     reason: str = ""         # why, when status is an error
 
 
-Handler = Callable[[VirtualProcessor, VCpu], "Reply | EnableVtl1 | Reset | StartVp"]
+Handler = Callable[[VirtualProcessor, VCpu], "Reply | EnableVtl1 | Reset | StartVp | SendIpi"]
 RESTART_SIZE = abi_ffi.sizeof("struct vtl_restart")
 START_VP_SIZE = abi_ffi.sizeof("struct vtl_start_vp")
 VTL0_ONLY, VTL1_ONLY, ANY_VTL = frozenset({Vtl.VTL0}), frozenset({Vtl.VTL1}), frozenset(Vtl)
@@ -55,6 +55,7 @@ class Hypercalls:
             ABI.VTL_HC_MODIFY_VTL_PROTECTION: (self.modify_vtl_protection, VTL1_ONLY),
             ABI.VTL_HC_RESET: (self.reset, ANY_VTL),
             ABI.VTL_HC_START_VP: (self.start_vp, ANY_VTL),
+            ABI.VTL_HC_SEND_IPI: (self.send_ipi, ANY_VTL),
             ABI.VTL_HC_VTL0_RESTART: (self.vtl0_restart, VTL1_ONLY),
         }
         if privileged is not None:
@@ -79,7 +80,7 @@ class Hypercalls:
                                ABI.VTL_E_ACCESS_DENIED)
             return None
         reply = handler(vp, vcpu)
-        if isinstance(reply, (EnableVtl1, Reset, StartVp)):
+        if isinstance(reply, (EnableVtl1, Reset, StartVp, SendIpi)):
             return reply
         if reply.status != ABI.VTL_OK:
             why = reply.reason or STATUS_NAMES.get(reply.status, str(reply.status))
@@ -94,6 +95,9 @@ class Hypercalls:
             return Reply(int(ABI.VTL_E_DISABLED), "VTL1 is disabled for this partition (--no-vtl1)")
         if self.p.vtl1_enabled:
             return Reply(int(ABI.VTL_E_ALREADY_ENABLED), "VTL1 is already enabled")
+        if any(other.state is not OFFLINE for other in self.p.vps[1:]):
+            # Their VTL1 would never have initialised: VTL1 starts on every VP, then the APs.
+            return Reply(int(ABI.VTL_E_BUSY), "APs are running: enable VTL1 before starting them")
         # On success VTL1 runs next; VTL0's RAX is set when VTL1 first returns.
         return EnableVtl1()
 
@@ -127,6 +131,12 @@ class Hypercalls:
         if cr3 & 0xFFF or not lay.in_vtl0(cr3, 4096):
             return Reply(int(ABI.VTL_E_INVALID_ARG), f"cr3 {cr3:#x} is not a page of VTL0 memory")
         return StartVp(index, rip, rsp, cr3, int(r.arg))
+
+    def send_ipi(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply | SendIpi:
+        target = vcpu.regs.rdi
+        if target >= len(self.p.vps):
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"no VP {target}")
+        return SendIpi(int(target))
 
     def vtl0_restart(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
         """Validate and copy VTL1's struct vtl_restart; the scheduler applies it at VTL1's

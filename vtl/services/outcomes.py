@@ -66,7 +66,21 @@ class StartVp:
     arg: int
 
 
-Outcome = Enter | EnableVtl1 | Step | Reset | Stop | StartVp | None
+@dataclass(frozen=True, slots=True)
+class Halt:
+    """VTL0 of a VP of several executed HLT: the VP idles until another VP wakes it
+    (VTL_HC_SEND_IPI) or the run ends; when every VP idles, nothing can wake one."""
+    rip: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendIpi:
+    """VTL_HC_SEND_IPI, validated: wake `vp_index` from HLT (a wake for a VP that is not
+    halted stays pending, as an interrupt does, and ends its next HLT at once)."""
+    vp_index: int
+
+
+Outcome = Enter | EnableVtl1 | Step | Reset | Stop | StartVp | Halt | SendIpi | None
 
 # How a run ended, besides the guest's own status (documented in `vtl run --help`).
 STATUS_VMM_ERROR = 1

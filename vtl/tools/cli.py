@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from vmm.elf import read_image
 from vmm.errors import VmmError
+from vtl.abi import ABI
 from vtl.core.images import UnknownScenario, check_scenario, default_vtl0_image, default_vtl1_image
 from vtl.core.layout import MEM_RANGE, LayoutError, check_mem_size
 from vtl.run.result import RunInterrupted
@@ -61,6 +62,23 @@ def _mib(text: str) -> int:
     except LayoutError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value << 20
+
+
+def _vp_count(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= ABI.VTL1_MAX_VPS:
+        raise argparse.ArgumentTypeError(f"a partition has 1 to {ABI.VTL1_MAX_VPS} VPs (not {value})")
+    return value
+
+
+def _vps(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vps", type=_vp_count, default=1, metavar="N",
+                   help=f"virtual processors, 1 to {ABI.VTL1_MAX_VPS} (default: 1).  Each VP runs on its "
+                        "own thread; VP0 boots and the VTL0 kernel starts the others (VTL_HC_START_VP), "
+                        "which wait offline until then (docs/smp.md)")
 
 
 def _seconds(text: str) -> float:
@@ -154,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the guest after S seconds (default: %(default)s)")
     r.add_argument("--mem", type=_mib, default=256 << 20, metavar="MiB",
                    help=f"guest memory in MiB (default: 256; {MEM_RANGE})")
+    _vps(r)
     _backend(r)
     _lifecycle(r)
     r.add_argument("--quiet", action="store_true", help="do not show or keep the guest console")
@@ -303,8 +322,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     writer = _ConsoleWriter(out)
     config = PartitionConfig(vtl0_image=args.vtl0_image,
                              vtl1_image=None if args.no_vtl1 else args.vtl1_image,
-                             mem_size=args.mem, scenario=args.scenario, param=args.param,
-                             attr_backend=args.backend, **_lifecycle_config(args))
+                             mem_size=args.mem, nr_vps=args.vps, scenario=args.scenario,
+                             param=args.param, attr_backend=args.backend, **_lifecycle_config(args))
     check_scenario(read_image(config.vtl0_image), args.scenario)     # a usage error, before KVM
     if args.mode == "heki":
         from vtl.modes.heki import heki_config
