@@ -112,20 +112,33 @@ SCENARIO(sc_smp_boot, "smp-boot", "start every AP (VTL_HC_START_VP) and run one 
 	pass(name);
 }
 
-/* `param` hypercalls (a status refusal each: unknown code) on every VP at once: the VMM
- * completes I/O on all of them while stop and reset requests race it (tests). */
-static void spin_hypercalls(uint64_t vp, uint64_t n)
+/* `param` rounds on every VP at once of a refused hypercall (unknown code: a status) and
+ * a VTL return from VTL0 (refused with #UD at the OUT, after the VMM completes the OUT's
+ * I/O: VCpu.complete_pending_io), so that stop and reset requests race I/O completion on
+ * every VP (tests/test_runner.py). */
+static void spin_exits(uint64_t vp, uint64_t n)
 {
 	(void)vp;
-	for (uint64_t i = 0; i < n; i++)
+	for (uint64_t i = 0; i < n; i++) {
 		hypercall(0x7777, 0, 0, 0, NULL);
+		asm volatile("outb %%al, %0" :: "i"(VTL_PORT_RETURN), "a"(0) : "memory");
+	}
 }
 
-SCENARIO(sc_smp_spin, "smp-spin", "every VP makes param refused hypercalls at once (param 0 = for ever)")
+SCENARIO(sc_smp_spin, "smp-spin", "every VP: param rounds of a refused hypercall and a refused VTL return "
+	 "(param 0 = for ever)")
 {
 	const char *name = "smp-spin";
+	skip_vtl_return_ud = 1;
 	smp_boot(name);
 	uint64_t n = boot_info->param ? boot_info->param : ~0ULL;
-	smp_run_all(spin_hypercalls, n);
+	smp_run_all(spin_exits, n);
 	pass(name);
+}
+
+SCENARIO(sc_smp_halt, "smp-halt", "start the APs, then every VP halts without a verdict: the run ends as halted")
+{
+	smp_boot("smp-halt");
+	for (;;)
+		halt();
 }
