@@ -647,10 +647,12 @@ class ControlServer:
     def query_status(self, client: _Client) -> dict[str, Any]:
         p, sched = self.p, self.sched
         vps = []
-        for vp in p.vps:
+        for vp, runner in zip(p.vps, sched.runners, strict=True):
             st = vp.state                 # one read: the state object is replaced, never changed
             entry: dict[str, Any] = {"index": vp.index, "state": st.name, "description": str(st),
-                                     "active_vtl": int(st.vtl) if st.vtl is not None else None}
+                                     "active_vtl": int(st.vtl) if st.vtl is not None else None,
+                                     "run_state": runner.state.value,
+                                     "vtl_calls": vp.vtl_calls, "vtl_returns": vp.vtl_returns}
             if st.entry is not None:
                 entry["entry"] = st.entry.name.lower()
             if st.name == "stopped":

@@ -36,6 +36,19 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
         *([f"lifecycle     {result.boot_count} reboots of VTL0 ({result.resets} resets, "
             f"{result.kexecs} kexecs)"] if result.boot_count else []),
         f"VTL switches  {result.vtl_switches} ({result.vtl_calls} calls, {result.vtl_returns} returns)",
+        *_vp_lines(result),
         f"exits         {exits or 'none'}",
         f"wall time     {result.wall_s:.3f} s",
     ]
+
+
+def _vp_lines(result: RunResult) -> list[str]:
+    """One line per VP when there are several: where each ended and what it did."""
+    if len(result.vps) < 2:
+        return []
+    lines = []
+    for v in result.vps:
+        why = f"{v.state} ({v.reason})" if v.reason else v.state
+        lines.append(f"{'VPs' if v.index == 0 else '':<14}VP{v.index}: {why}, {v.vtl_calls} VTL calls, "
+                     f"{v.exits} exits")
+    return lines
