@@ -36,8 +36,16 @@ guest_objs = $(patsubst $(1)/%,$(1)/build/obj/%.o,$(basename $(2))) \
 VTL0_OBJ := $(call guest_objs,guest_vtl0,$(VTL0_SRC))
 VTL1_OBJ := $(call guest_objs,guest_vtl1,$(VTL1_SRC))
 
-.PHONY: all guests bench install setup test check clean
-all: guests bench
+.PHONY: all guests bench fastpath install setup test check clean
+all: guests bench fastpath
+
+# The VTL switch's C fast path (vtl/run/fastpath.c), loaded by vtl/run/fastpath.py; host
+# code, built with the machine's compiler against its linux/kvm.h.
+FASTPATH := vtl/run/build/fastpath.so
+fastpath: $(FASTPATH)
+$(FASTPATH): vtl/run/fastpath.c vtl/abi/vtl_abi.h
+	@mkdir -p $(dir $@)
+	$(CC) -O2 -Wall -Wextra -Werror -shared -fPIC -I vtl/abi -o $@ $<
 
 guests: $(VTL0) $(VTL0_KEXEC) $(VTL1) $(MODULES)
 
@@ -103,6 +111,7 @@ install:
 	PYTHON=$(PYTHON) bash scripts/install-deps.sh
 	bash scripts/venv.sh $(PYTHON) $(VENV)
 	$(MAKE) guests
+	$(MAKE) fastpath
 	-$(MAKE) bench
 
 setup: install
@@ -119,5 +128,5 @@ check: $(VPY)
 	$(VPY) -m mypy vmm vtl tests
 
 clean:
-	rm -rf guest_vtl0/build guest_vtl1/build   # the venv stays: `rm -rf $(VENV)` for that
+	rm -rf guest_vtl0/build guest_vtl1/build vtl/run/build   # the venv stays: `rm -rf $(VENV)` for that
 	-$(MAKE) -C bench clean

@@ -48,7 +48,9 @@ from vtl.lifecycle.reset import reset_partition
 from vtl.lifecycle.restart import restart_vtl0
 from vtl.lifecycle.state import record_step, snapshot
 from vtl.lifecycle.teardown import teardown_vtl1
+from vtl.run import fastpath
 from vtl.run.exits import ExitDispatcher
+from vtl.run.fastpath import FastPath
 from vtl.run.result import VTL1_HISTORY_MAX, RunResult, VpSummary
 from vtl.run.runner import Kind, Request, RunState, VpRunner
 from vtl.run.step import SingleStepper
@@ -90,6 +92,8 @@ EXIT_IO, IO_OUT = u.KVM_EXIT_IO, u.KVM_EXIT_IO_OUT
 SYNC_REGS, SYNC_SREGS = u.KVM_SYNC_X86_REGS, u.KVM_SYNC_X86_SREGS
 VTL_ENTRY_CALL = ABI.VTL_ENTRY_CALL
 PORT_RETURN_FAST = ABI.VTL_PORT_RETURN_FAST
+PORT_CALL, PORT_RETURN = ABI.VTL_PORT_CALL, ABI.VTL_PORT_RETURN
+LIFECYCLE_CODES = frozenset(LIFECYCLE_CALLS)
 VTL0, VTL1 = Vtl.VTL0, Vtl.VTL1
 memmove = ffi._backend.memmove   # skips cffi's Python-level wrapper on the switch path
 
@@ -97,6 +101,9 @@ IoHandler = Callable[[VirtualProcessor, VCpu], Outcome]
 
 
 class Scheduler:
+    # Subclasses (modes) whose VTL calls and returns the C path does not know turn it off.
+    use_fastpath = True
+
     def __init__(self, partition: Partition, console: Console | None = None) -> None:
         self.p = partition
         self.events = partition.events
@@ -182,6 +189,10 @@ class Scheduler:
         handlers = self._io
         port_counts = vp.port_counts
         requests = runner.requests
+        # The C switch path (vtl/run/fastpath.c): VTL calls and returns without the GIL.
+        fast = FastPath(LIFECYCLE_CODES) if fastpath.AVAILABLE and self.use_fastpath else None
+        f = fast.f if fast is not None else None
+        fast_run = fast.run_fn if fast is not None else None
         while True:
             if requests:
                 self._serve(runner)
@@ -192,8 +203,23 @@ class Scheduler:
                 runner.set_state(RunState.OFFLINE)
                 self._handle(runner, runner.wait())     # an AP waits to be started
                 continue
-            if ioctl(vcpu.fd, kvm_run, null) < 0:
-                outcome = self._run_failed(vp, vcpu, ffi.errno)
+            state = vp.state
+            if (f is not None and not self._trace and (state is RUNNING_VTL0 or state is IN_VTL1_CALL)
+                    and fast.bind(vp)):  # type: ignore[union-attr]
+                f.cur = state is IN_VTL1_CALL
+                f.returns_ok = vp.restart is None and vp.index not in self._steps
+                rc = fast_run(f)  # type: ignore[misc]
+                if f.calls or f.returns:
+                    self._fast_counted(vp, f)
+                    self._transition(vp, IN_VTL1_CALL if f.cur else RUNNING_VTL0)
+                    vcpu = vp.current
+                    assert vcpu is not None
+                err = f.err
+            else:
+                rc = ioctl(vcpu.fd, kvm_run, null)
+                err = ffi.errno if rc < 0 else 0
+            if rc < 0:
+                outcome = self._run_failed(vp, vcpu, err)
             else:
                 words = vcpu.words
                 if words[2] == EXIT_IO:
@@ -209,6 +235,17 @@ class Scheduler:
                     outcome = self._other_exit(vp, vcpu)
             if outcome is not None:
                 self._apply(vp, outcome)
+
+    @staticmethod
+    def _fast_counted(vp: VirtualProcessor, f: Any) -> None:
+        """What the C path did, in the VP's counters as the Python path counts it."""
+        calls, returns, fast = f.calls, f.returns, f.fast_returns
+        vp.vtl_calls += calls
+        vp.vtl_returns += returns
+        pc = vp.port_counts
+        pc[PORT_CALL] += calls
+        pc[PORT_RETURN] += returns - fast
+        pc[PORT_RETURN_FAST] += fast
 
     # --- requests to a VP (vtl/run/runner.py), served on its own thread ---------------------
     def _serve(self, runner: VpRunner) -> None:
@@ -714,8 +751,10 @@ class Scheduler:
     def refresh_trace(self) -> None:
         """Re-read `events.trace` after a listener that wants per-call events came or went.
         The loop reads `_trace` once per VTL call or return, and storing a bool is atomic,
-        so per-call events start (or stop) at the next call or return."""
+        so per-call events start (or stop) at the next call or return: the kick brings every
+        VP out of the C switch path (which emits no per-call event) to the Python one."""
         self._trace = self.events.trace
+        self.kick_all()
 
     @property
     def stopping(self) -> bool:
