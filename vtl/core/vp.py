@@ -129,6 +129,7 @@ class VirtualProcessor:
     # This VP's counters (each written only by the VP's own thread; the run sums them).
     vtl_calls: int = 0
     vtl_returns: int = 0
+    fast_switches: int = 0              # of those, switched by the C path (vtl/run/fastpath.c)
     port_counts: list[int] = field(default_factory=lambda: [0] * 65536)   # I/O exits by port
     exit_counts: Counter[str] = field(default_factory=Counter)           # other exits by name
 

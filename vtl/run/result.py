@@ -43,6 +43,8 @@ class RunResult(BaseModel):
     # (VTL1: <why>)"; at most VTL1_HISTORY_MAX entries, the rest counted.
     vtl1_history: list[str] = []
     vtl1_history_omitted: int = 0
+    fast_switches: int = 0          # VTL switches made by the C switch path (vtl/run/fastpath.c)
+    switch_path: str = ""           # which path switched VTLs: C, or Python and why
     ended_on_vp: int = 0            # the VP whose stop ended the run (the others followed)
     vps: list[VpSummary] = []
 

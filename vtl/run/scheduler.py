@@ -240,6 +240,7 @@ class Scheduler:
     def _fast_counted(vp: VirtualProcessor, f: Any) -> None:
         """What the C path did, in the VP's counters as the Python path counts it."""
         calls, returns, fast = f.calls, f.returns, f.fast_returns
+        vp.fast_switches += calls + returns
         vp.vtl_calls += calls
         vp.vtl_returns += returns
         pc = vp.port_counts
@@ -552,7 +553,9 @@ class Scheduler:
             boot_count=self.p.boot_count, resets=self.resets, kexecs=self.kexecs,
             trust=[d.hex() for d in self.p.config.trust], kexec_policy=self.p.config.kexec_policy,
             vtl1_history=list(self.vtl1_history), vtl1_history_omitted=self.vtl1_history_omitted,
-            ended_on_vp=index, vps=self.vp_summaries())
+            ended_on_vp=index, vps=self.vp_summaries(),
+            fast_switches=sum(vp.fast_switches for vp in self.p.vps), switch_path=fastpath.DESCRIPTION
+            if self.use_fastpath else "Python (this mode)")
 
     def vp_summaries(self) -> list[VpSummary]:
         return [VpSummary(index=vp.index, state=str(vp.state), run_state=r.state.value,

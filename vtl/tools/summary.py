@@ -35,7 +35,8 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
         f"{'the host-owned Heki policy' if heki else 'VTL1'} sets it; `vtl caps`)",
         *([f"lifecycle     {result.boot_count} reboots of VTL0 ({result.resets} resets, "
             f"{result.kexecs} kexecs)"] if result.boot_count else []),
-        f"VTL switches  {result.vtl_switches} ({result.vtl_calls} calls, {result.vtl_returns} returns)",
+        f"VTL switches  {result.vtl_switches} ({result.vtl_calls} calls, {result.vtl_returns} returns"
+        f"{_switch_path(result)})",
         *_vp_lines(result),
         f"exits         {exits or 'none'}",
         f"wall time     {result.wall_s:.3f} s",
@@ -52,3 +53,11 @@ def _vp_lines(result: RunResult) -> list[str]:
         lines.append(f"{'VPs' if v.index == 0 else '':<14}VP{v.index}: {why}, {v.vtl_calls} VTL calls, "
                      f"{v.exits} exits")
     return lines
+
+
+def _switch_path(result: RunResult) -> str:
+    if not result.vtl_switches:
+        return ""
+    if result.fast_switches:
+        return f"; {result.fast_switches} by the C switch path"
+    return f"; switch path {result.switch_path}" if result.switch_path.startswith(("off", "not")) else ""
