@@ -40,7 +40,8 @@ def test_registers_across_a_vtl_call_are_the_same_on_both_paths(guest_images: tu
 
 def test_null_calls_go_through_the_c_path_and_count_as_in_python(guest_images: tuple[Path, Path]) -> None:
     n = 3000
-    c, py = _run("bench-null-call", True, "--param", str(n)), _run("bench-null-call", False, "--param", str(n))
+    c = _run("bench-null-call", True, "--param", str(n))
+    py = _run("bench-null-call", False, "--param", str(n))
     assert c["vtl_calls"] == py["vtl_calls"] >= n
     assert c["exits"] == py["exits"]
     # All but the enable flow's first return and the lifecycle calls (none here) are the C path's.

@@ -63,6 +63,7 @@ from vtl.services.outcomes import (
     Enter,
     Halt,
     Outcome,
+    ReadVpRegister,
     Reset,
     SendIpi,
     StartVp,
@@ -298,11 +299,12 @@ class Scheduler:
         runner.set_state(before)
 
     @contextmanager
-    def _others_paused(self, vp: VirtualProcessor) -> Iterator[bool]:
+    def _others_paused(self, vp: VirtualProcessor, only: int | None = None) -> Iterator[bool]:
         """Every other VP paused (out of KVM_RUN, acknowledged) for the body: what changes
         VM-wide state (a mapping, a VM, every VP's vCPU) does it inside this.  Yields False
         when, while this VP waited its turn, another VP's flow replaced the vCPUs (a reset,
-        a kexec): the outcome this VP was applying is void, and the body must not act."""
+        a kexec): the outcome this VP was applying is void, and the body must not act.
+        `only`: pause just that VP (reading its registers)."""
         if len(self.runners) == 1:
             yield True
             return
@@ -311,7 +313,7 @@ class Scheduler:
         # Another VP holding it may be waiting for this one to acknowledge its pause.
         while not self._exclusive.acquire(timeout=0.001):
             self._serve_pauses(me)
-        others = [r for r in self.runners if r is not me]
+        others = [r for r in self.runners if r is not me and (only is None or r.vp.index == only)]
         try:
             if generation != self._generation or vp.current is not vcpu:
                 yield False
@@ -395,6 +397,13 @@ class Scheduler:
                 self._set_status(vp, ABI.VTL_OK)
             case Halt(rip):
                 self._halt(vp, rip)
+            case ReadVpRegister(index, reg):
+                vcpu = vp.current
+                assert vcpu is not None
+                with self._others_paused(vp, only=index) as current:
+                    if current:
+                        reply = self.hypercalls.vp_register_reply(vp, vcpu, index, reg)
+                        self.hypercalls.answer(vp, vcpu, ABI.VTL_HC_GET_VP_REGISTER, reply)
             case Stop():
                 self._finish(vp, outcome)
 

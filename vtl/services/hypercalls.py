@@ -22,7 +22,7 @@ from vtl.core.events import EventLog, ProtectionChanged
 from vtl.core.partition import Partition
 from vtl.core.vp import IN_VTL1_CALL, OFFLINE, RestartRequest, VirtualProcessor
 from vtl.core.vtl import Vtl
-from vtl.services.outcomes import EnableVtl1, Outcome, Reset, SendIpi, StartVp
+from vtl.services.outcomes import EnableVtl1, Outcome, ReadVpRegister, Reset, SendIpi, StartVp
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import STATUS_NAMES, Refusals
@@ -36,7 +36,8 @@ class Reply:
     reason: str = ""         # why, when status is an error
 
 
-Handler = Callable[[VirtualProcessor, VCpu], "Reply | EnableVtl1 | Reset | StartVp | SendIpi"]
+Handler = Callable[[VirtualProcessor, VCpu],
+                   "Reply | EnableVtl1 | Reset | StartVp | SendIpi | ReadVpRegister"]
 RESTART_SIZE = abi_ffi.sizeof("struct vtl_restart")
 START_VP_SIZE = abi_ffi.sizeof("struct vtl_start_vp")
 VTL0_ONLY, VTL1_ONLY, ANY_VTL = frozenset({Vtl.VTL0}), frozenset({Vtl.VTL1}), frozenset(Vtl)
@@ -80,14 +81,9 @@ class Hypercalls:
                                ABI.VTL_E_ACCESS_DENIED)
             return None
         reply = handler(vp, vcpu)
-        if isinstance(reply, (EnableVtl1, Reset, StartVp, SendIpi)):
+        if isinstance(reply, (EnableVtl1, Reset, StartVp, SendIpi, ReadVpRegister)):
             return reply
-        if reply.status != ABI.VTL_OK:
-            why = reply.reason or STATUS_NAMES.get(reply.status, str(reply.status))
-            self.refuse.status(vp, vcpu, f"hypercall {code:#x}", why, reply.status)
-            return None
-        regs.rax = reply.status
-        vcpu.run.kvm_dirty_regs |= u.KVM_SYNC_X86_REGS
+        self.answer(vp, vcpu, code, reply)
         return None
 
     def enable_vtl1(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply | EnableVtl1:
@@ -168,19 +164,35 @@ class Hypercalls:
         status = self.reports.receive(vp.index, vp.active_vtl, vcpu.regs.rdi)
         return Reply(status, self.reports.last_error if status != ABI.VTL_OK else "")
 
-    def get_vp_register(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
+    def get_vp_register(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply | ReadVpRegister:
         regs = vcpu.regs
         index, reg = regs.rdi, regs.rsi
         if index >= len(self.p.vps):
             return Reply(int(ABI.VTL_E_INVALID_ARG), f"no VP {index}")
-        # VTL0's vCPU is stopped while VTL1 runs, so its synced state is current.
+        if index != vp.index:
+            # Another VP's VTL0 may be running: the scheduler pauses it, then reads.
+            return ReadVpRegister(int(index), int(reg))
+        # This VP's VTL0 vCPU is stopped while its VTL1 runs, so its synced state is current.
+        return self.vp_register_reply(vp, vcpu, index, reg)
+
+    def vp_register_reply(self, vp: VirtualProcessor, vcpu: VCpu, index: int, reg: int) -> Reply:
+        """Read VP `index`'s VTL0 register `reg` into the caller's RDX (the VP is not running)."""
         target = self.p.vps[index].vcpus[Vtl.VTL0]
         assert target is not None
         value = read_register(target, reg)       # GDTR/IDTR: the base; LDTR/TR: the selector
         if value is None:
             return Reply(int(ABI.VTL_E_INVALID_ARG), f"unknown register {reg}")
-        regs.rdx = value[0]
+        vcpu.regs.rdx = value[0]
         return Reply(int(ABI.VTL_OK))
+
+    def answer(self, vp: VirtualProcessor, vcpu: VCpu, code: int, reply: Reply) -> None:
+        """Give `reply` to the caller of hypercall `code` (a refusal is an event)."""
+        if reply.status != ABI.VTL_OK:
+            why = reply.reason or STATUS_NAMES.get(reply.status, str(reply.status))
+            self.refuse.status(vp, vcpu, f"hypercall {code:#x}", why, reply.status)
+            return
+        vcpu.regs.rax = reply.status
+        vcpu.run.kvm_dirty_regs |= u.KVM_SYNC_X86_REGS
 
     def set_intercept_control(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
         assert self.privileged is not None

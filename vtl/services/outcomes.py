@@ -80,7 +80,15 @@ class SendIpi:
     vp_index: int
 
 
-Outcome = Enter | EnableVtl1 | Step | Reset | Stop | StartVp | Halt | SendIpi | None
+@dataclass(frozen=True, slots=True)
+class ReadVpRegister:
+    """VTL_HC_GET_VP_REGISTER of another VP's VTL0: read once that VP is paused (its
+    registers are current only while its vCPU does not run)."""
+    vp_index: int
+    reg: int
+
+
+Outcome = Enter | EnableVtl1 | Step | Reset | Stop | StartVp | Halt | SendIpi | ReadVpRegister | None
 
 # How a run ended, besides the guest's own status (documented in `vtl run --help`).
 STATUS_VMM_ERROR = 1
