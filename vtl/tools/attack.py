@@ -94,11 +94,12 @@ def attack_scenarios(vtl0: Path) -> list[tuple[str, str]]:
 
 
 def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Backend | None = None,
-               timeout: float = 120.0) -> AttackResult:
+               timeout: float = 120.0, vps: int = 1) -> AttackResult:
     # The timeout only catches a scenario that never ends; the slowest (kexec) take ~8 s here
     # and several times that on a loaded machine, which must not turn into an "error".
     events = EventLog(trace=True)
-    cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario=scenario, attr_backend=backend)
+    cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario=scenario, attr_backend=backend,
+                          nr_vps=vps)
     with Partition(cfg, events) as p:
         result, sched = control.run(p, None, timeout)
         raise_if_interrupted(result)
@@ -238,7 +239,7 @@ def guest_reported_fault(reports: list[Report], where: str, nx_why: str, after: 
 def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None,
             progress: Callable[[int], AbstractContextManager[Step]] | None = None,
             only: list[str] | None = None,
-            run: Callable[[str, str], AttackResult] | None = None) -> list[AttackResult]:
+            run: Callable[[str, str], AttackResult] | None = None, vps: int = 1) -> list[AttackResult]:
     """Every attack of the image (or those named in `only`), in the image's order;
     `progress(total)` gives the Step told of each; `run(name, expected)` runs one (default:
     run_attack in VTL mode; vtl/tools/heki_attack.py passes Heki mode's)."""
@@ -260,7 +261,7 @@ def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None,
         for name, expected in found:
             step(name)
             results.append(run(name, expected) if run is not None
-                           else run_attack(name, expected, vtl0, vtl1, backend))
+                           else run_attack(name, expected, vtl0, vtl1, backend, vps=vps))
             step(name, results[-1].outcome)
     return results
 

@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     _images(a)
     _backend(a)
+    _vps(a)
     a.add_argument("--scenario", nargs="+", metavar="NAME", dest="only",
                    help="run only these attack scenarios (default: every one the image carries)")
     _mode(a, "in Heki mode each outcome is compared with what Heki's design gives (an attack Heki does "
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(read by the VMM from its maps and KVM), how long it took, and the VMM's checks.  "
                        "Exit 0 if every check holds, 2 if one does not.",
                        epilog=EPILOG, formatter_class=fmt)
+    _vps(k)
     k.add_argument("--flow", choices=("teardown", "persist", "deny"), required=True,
                    help="the flow, and VTL1's kexec policy for the run")
     k.add_argument("--image", type=Path, default=None, metavar="ELF",
@@ -467,7 +469,8 @@ def cmd_kexec(args: argparse.Namespace) -> int:
             print(render_one(lr))
         return 0 if lr.as_expected else 2
     rep = run_flow(args.flow, args.vtl0_image, args.vtl1_image, image, trusted=not args.untrusted,
-                   extra_trust=trust_list(args.trust), backend=args.backend, timeout=args.timeout)
+                   extra_trust=trust_list(args.trust), backend=args.backend, timeout=args.timeout,
+                   vps=args.vps)
     if args.json:
         _print_json(rep.model_dump())
     else:
@@ -493,7 +496,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         # Exit 2 if any outcome is not the one Heki's design gives.
         return 0 if all(r.as_expected for r in results) else 2
     results = run_all(args.vtl0_image, args.vtl1_image, args.backend,
-                      progress=lambda n: bar(n, "vtl attack", "scenarios", show), only=args.only)
+                      progress=lambda n: bar(n, "vtl attack", "scenarios", show), only=args.only,
+                      vps=args.vps)
     if args.json:
         _print_json([r.model_dump() for r in results])
     else:

@@ -74,7 +74,7 @@ class KexecReport(BaseModel):
 
 def run_flow(flow: Flow, vtl0: Path, vtl1: Path, image: Path, *, trusted: bool = True,
              extra_trust: list[bytes] | None = None, backend: Backend | None = None,
-             timeout: float = 30.0) -> KexecReport:
+             timeout: float = 30.0, vps: int = 1) -> KexecReport:
     scenario = f"kexec-{flow}"
     known = {s.name for s in scenarios(read_image(vtl0))}
     if scenario not in known:
@@ -83,7 +83,7 @@ def run_flow(flow: Flow, vtl0: Path, vtl1: Path, image: Path, *, trusted: bool =
     digest = trust_digest(image)
     trust = ([digest] if trusted else []) + list(extra_trust or [])
     cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario=scenario, attr_backend=backend,
-                          trust=trust, kexec_policy=flow, staged=image)
+                          trust=trust, kexec_policy=flow, staged=image, nr_vps=vps)
     events = EventLog(trace=False, keep=100_000)
     console = Console(cfg.nr_vps, keep=40)
     with Partition(cfg, events) as p:
