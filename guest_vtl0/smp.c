@@ -142,3 +142,37 @@ SCENARIO(sc_smp_halt, "smp-halt", "start the APs, then every VP halts without a 
 	for (;;)
 		halt();
 }
+
+/* ---- the null-call round trip with every VP calling at once (vtl bench --vps) ---- */
+#define SMP_BATCH 100
+#define SMP_MAX_STAMPS 513
+void null_call_batch(uint64_t n);       /* entry.S */
+static uint64_t smp_stamps[VTL1_MAX_VPS][SMP_MAX_STAMPS];
+
+/* On VP `vp`: n null VTL calls, an RDTSC stamp per SMP_BATCH; STAMPS "null_call" from
+ * this VP (the VMM records which VP sent it). */
+static void smp_null_calls(uint64_t vp, uint64_t n)
+{
+	uint64_t batches = n / SMP_BATCH;
+	if (batches < 1)
+		batches = 1;
+	if (batches > SMP_MAX_STAMPS - 1)
+		batches = SMP_MAX_STAMPS - 1;
+	uint64_t *st = smp_stamps[vp];
+	for (uint64_t b = 0; b < batches; b++) {
+		st[b] = rdtsc();
+		null_call_batch(SMP_BATCH);
+	}
+	st[batches] = rdtsc();
+	report_stamps("null_call", st, batches + 1, SMP_BATCH);
+}
+
+SCENARIO(sc_smp_bench, "bench-smp-null-call", "every VP makes N null VTL calls at once (param, default 10000), "
+	 "timed by RDTSC per 100")
+{
+	const char *name = "bench-smp-null-call";
+	require_vtl1(name);
+	smp_boot(name);
+	smp_run_all(smp_null_calls, boot_info->param ? boot_info->param : 10000);
+	pass(name);
+}

@@ -177,3 +177,56 @@ def inkernel_floor(instruction: str, count: int) -> FloorResult:
         raw = s.mem.read(STAMPS_GPA, (batches + 1) * 8)
         stamps = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
         return stats(stamps, s.vcpu.tsc_khz(), batches * BATCH, wall)
+
+
+class ParallelFloor(BaseModel):
+    """`threads` copies of a floor at once (threads of python_floor, processes of the C
+    floor): each copy's own round trip, and the pairs per second of all of them together."""
+    threads: int
+    median_ns: float            # median over the copies of each copy's median round trip
+    aggregate_per_s: float      # every copy's pairs over the wall time of the whole run
+    pairs: int                  # per copy
+
+
+def python_floor_parallel(pairs: int, threads: int) -> ParallelFloor:
+    """python_floor on `threads` threads at once (each its own two VMs): what the GIL lets
+    a Python loop of KVM_RUNs do with that many threads."""
+    import threading
+
+    results: list[FloorResult] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(python_floor(pairs))
+        except BaseException as e:  # re-raised below, on the caller's thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=one) for _ in range(threads)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return ParallelFloor(threads=threads, median_ns=statistics.median(r.median_ns for r in results),
+                         aggregate_per_s=sum(r.pairs for r in results) / wall, pairs=pairs)
+
+
+def c_floor_parallel(pairs: int, binary: Path, procs: int) -> ParallelFloor:
+    """The C floor in `procs` processes at once."""
+    t0 = time.perf_counter()
+    running = [subprocess.Popen([str(binary), str(pairs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(procs)]
+    docs = []
+    for p in running:
+        out, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise VmmError(f"{binary} failed: {err.strip()}")
+        docs.append(json.loads(out))
+    wall = time.perf_counter() - t0
+    medians = [stats(d["stamps"], d["tsc_khz"], d["pairs"], d["wall_s"], d["batch"]).median_ns for d in docs]
+    return ParallelFloor(threads=procs, median_ns=statistics.median(medians),
+                         aggregate_per_s=sum(d["pairs"] for d in docs) / wall, pairs=pairs)

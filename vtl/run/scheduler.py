@@ -105,8 +105,9 @@ class Scheduler:
     # Subclasses (modes) whose VTL calls and returns the C path does not know turn it off.
     use_fastpath = True
 
-    def __init__(self, partition: Partition, console: Console | None = None) -> None:
+    def __init__(self, partition: Partition, console: Console | None = None, fastpath: bool = True) -> None:
         self.p = partition
+        self.use_fastpath = self.use_fastpath and fastpath
         self.events = partition.events
         self.console = console or Console(len(partition.vps))
         self.view = Vtl0View(partition)
@@ -563,8 +564,9 @@ class Scheduler:
             trust=[d.hex() for d in self.p.config.trust], kexec_policy=self.p.config.kexec_policy,
             vtl1_history=list(self.vtl1_history), vtl1_history_omitted=self.vtl1_history_omitted,
             ended_on_vp=index, vps=self.vp_summaries(),
-            fast_switches=sum(vp.fast_switches for vp in self.p.vps), switch_path=fastpath.DESCRIPTION
-            if self.use_fastpath else "Python (this mode)")
+            fast_switches=sum(vp.fast_switches for vp in self.p.vps),
+            switch_path=fastpath.DESCRIPTION if not (fastpath.AVAILABLE and not self.use_fastpath)
+            else "Python (asked for)")
 
     def vp_summaries(self) -> list[VpSummary]:
         return [VpSummary(index=vp.index, state=str(vp.state), run_state=r.state.value,

@@ -21,11 +21,12 @@ from vmm.floor import FloorResult, c_floor, python_floor
 from vtl.core.config import PartitionConfig
 from vtl.core.images import REPO, default_vtl0_image, default_vtl1_image, scenarios
 from vtl.core.partition import Partition
-from vtl.run import control
+from vtl.run import control, fastpath
 from vtl.run.result import raise_if_interrupted
 from vtl.tools.lifecycle_bench import format_lifecycle, lifecycle_costs
 from vtl.tools.progress import QUIET, Step
 from vtl.tools.protect_bench import format_costs, protection_costs
+from vtl.tools.smp_bench import SmpBench, render_smp, run_smp_bench
 
 TARGET_RATIO = 1.3
 C_FLOOR = REPO / "bench" / "floor_c"
@@ -57,6 +58,8 @@ class BenchReport(BaseModel):
     not_measured: dict[str, str] = {}            # what the images cannot measure, and why
     protection: dict[str, Any] | None = None     # vtl/protect_bench.py
     lifecycle: dict[str, Any] | None = None      # vtl/tools/lifecycle_bench.py
+    smp: SmpBench | None = None                  # vtl/tools/smp_bench.py
+    switch_path: str = ""                        # the path the null call above was measured on
 
 
 class ScanCost(BaseModel):
@@ -118,13 +121,15 @@ def _has_scenario(name: str) -> bool:
     return name in {s.name for s in scenarios(read_image(default_vtl0_image()))}
 
 
-def bench_steps(intercepts: int = 2000, protection: bool = True, lifecycle_repeats: int = 1) -> int:
+def bench_steps(intercepts: int = 2000, protection: bool = True, lifecycle_repeats: int = 1,
+                smp_points: int = 0) -> int:
     """How many times run_bench with these arguments tells its Step of a new piece of work."""
-    return 4 + 2 * bool(intercepts) + bool(protection) + bool(lifecycle_repeats)
+    return 4 + 2 * bool(intercepts) + bool(protection) + bool(lifecycle_repeats) + smp_points
 
 
 def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
-              lifecycle_repeats: int = 1, step: Step = QUIET) -> BenchReport:
+              lifecycle_repeats: int = 1, step: Step = QUIET, smp_calls: int = 0,
+              vp_counts: tuple[int, ...] = (1, 2, 4)) -> BenchReport:
     step("Python floor")
     pyf = python_floor(calls)
     step(f"{calls} null VTL calls")
@@ -150,6 +155,7 @@ def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
     if lifecycle_repeats:
         step(f"lifecycle flows x{lifecycle_repeats}")
     life = lifecycle_costs(lifecycle_repeats).model_dump() if lifecycle_repeats else None
+    smp = run_smp_bench(smp_calls, vp_counts, C_FLOOR, step) if smp_calls else None
     # Built by the set-up command (`make bench`); never built behind the user's back.
     step("C floor")
     cf = c_floor(calls, C_FLOOR) if C_FLOOR.exists() else None
@@ -159,7 +165,7 @@ def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
                        ratio_to_c_floor=round(vtl.median_ns / cf.median_ns, 3) if cf else None,
                        meets_target=ratio <= TARGET_RATIO, intercept_allow_round_trip=icpt,
                        cr_write_round_trip=cr, scan=scan, not_measured=missing, protection=prot,
-                       lifecycle=life)
+                       lifecycle=life, smp=smp, switch_path=fastpath.DESCRIPTION)
 
 
 def render_bench(r: BenchReport) -> str:
@@ -167,7 +173,8 @@ def render_bench(r: BenchReport) -> str:
         return f"  {name:<34} {median / 1000:8.2f} µs   (p10 {p10 / 1000:.2f}, p90 {p90 / 1000:.2f}){extra}"
 
     v, p = r.vtl_round_trip, r.python_floor
-    lines = [f"VTL round trip vs floors, {r.calls} calls, median over batches of {v.batch} ({r.host})",
+    lines = [f"VTL round trip vs floors, {r.calls} calls, median over batches of {v.batch} ({r.host}; "
+             f"switch path: {r.switch_path})",
              row("VTL0->VTL1->VTL0 null call", v.median_ns, v.p10_ns, v.p90_ns),
              row("floor: Python KVM_RUN ping-pong", p.median_ns, p.p10_ns, p.p90_ns)]
     if r.c_floor:
@@ -202,4 +209,6 @@ def render_bench(r: BenchReport) -> str:
     if r.lifecycle:
         lines += ["", f"Lifecycle steps (each flow {r.lifecycle['repeats']} times; the step alone, from its "
                   "event):", format_lifecycle(r.lifecycle, v.median_ns)]
+    if r.smp:
+        lines += ["", render_smp(r.smp)]
     return "\n".join(lines)

@@ -74,6 +74,13 @@ def _vp_count(text: str) -> int:
     return value
 
 
+def _vp_list(text: str) -> tuple[int, ...]:
+    counts = tuple(_vp_count(part) for part in text.split(",") if part.strip())
+    if not counts:
+        raise argparse.ArgumentTypeError("give VP counts, e.g. 1,2,4")
+    return tuple(sorted(set(counts)))
+
+
 def _vps(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vps", type=_vp_count, default=1, metavar="N",
                    help=f"virtual processors, 1 to {ABI.VTL1_MAX_VPS} (default: 1).  Each VP runs on its "
@@ -276,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lifecycle", type=_int_in(0, 100, "--lifecycle"), default=1, metavar="N",
                    help="run each lifecycle flow (kexec teardown/persist/deny, RESET, module load) N "
                         "times and report each step's cost (default: %(default)s; 0 skips)")
+    b.add_argument("--vps", type=_vp_list, default=(1, 2, 4), metavar="LIST",
+                   help="VP counts for the null-call round trip with every VP calling at once, beside "
+                        "Python and C floors with as many threads (default: 1,2,4; docs/smp.md)")
+    b.add_argument("--smp-calls", type=_int_in(0, MAX_CALLS, "--smp-calls"), default=5000, metavar="N",
+                   help="null VTL calls per VP for --vps (default: %(default)s; 0 skips)")
     _mode(b, "heki: the Heki-mode costs (null Heki hypercall, allowed and refused CR writes, a memory "
              "violation, protecting pages, a hardened boot) beside the userspace and in-kernel exit floors "
              "(as `vtl compare`'s cost table, one mode)")
@@ -440,9 +452,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("\n".join(render_costs(costs, floors, part, missing)))
         return 0
     protection = not args.no_protection
-    with bar(bench_steps(args.intercepts, protection, args.lifecycle), "vtl bench", "steps",
+    with bar(bench_steps(args.intercepts, protection, args.lifecycle, len(args.vps) if args.smp_calls else 0),
+             "vtl bench", "steps",
              wanted(args.json)) as step:
-        report = run_bench(args.calls, args.intercepts, protection, args.lifecycle, step)
+        report = run_bench(args.calls, args.intercepts, protection, args.lifecycle, step,
+                           smp_calls=args.smp_calls, vp_counts=args.vps)
     if args.json:
         _print_json(report.model_dump())
     else:
