@@ -165,3 +165,13 @@ const char *kexec_load_staged(struct vtl_kexec_request *req)
 	}
 	return NULL;
 }
+
+/* A symbol of the staged file (checked as kexec_load_staged checks it), 0 if none. */
+uint64_t kexec_staged_symbol(const char *name)
+{
+	uint64_t f = boot_info->staged_gpa, size = boot_info->staged_size;
+	if (!size || size > boot_info->mem_size || f > boot_info->mem_size - size)
+		return 0;
+	const struct elf64_ehdr *eh = (const struct elf64_ehdr *)f;
+	return check_header(f, size, eh) ? 0 : elf_symbol(f, size, eh, name);
+}

@@ -80,16 +80,22 @@ void heki_still_served(const char *name)
 		   lock_cr(0, 0, KVM_LOCK_CR_UPDATE_VERSION), HEKI_ABI_VERSION);
 }
 
-void heki_harden(const char *name, int end_of_boot)
+/* kvm_lock_crs: CR0.WP, then the CR4 bits of cr4_pinned_mask this CPU runs with.  Pins
+ * only add bits, so a kernel started by kexec gets 0 for the pins it inherited. */
+void heki_lock_crs(const char *name)
 {
-	uint64_t ts = (uint64_t)_text_start, te = (uint64_t)_text_end;
-	uint64_t v1 = boot_info->vtl1_base, v1e = v1 + boot_info->vtl1_size, mem = boot_info->mem_size;
-	paging_set_nx_except(ts, te);            /* the kernel's own page tables, as mark_readonly */
-	heki_still_served(name);
 	heki_check(name, "heki_lock_cr0", KVM_HC_LOCK_CR_UPDATE, "pin CR0.WP", lock_cr(0, CR0_WP, 0), 0);
 	uint64_t cr4 = read_cr4() & HEKI_CR4_MASK;
 	report_value("heki_cr4_pin", cr4);
 	heki_check(name, "heki_lock_cr4", KVM_HC_LOCK_CR_UPDATE, "pin CR4 bits", lock_cr(4, cr4, 0), 0);
+}
+
+/* heki_arch_late_init: this kernel's view of all of memory as one page list (text R-X
+ * immutable, rodata R--, ro_after_init R-- once boot is over, the rest RW-); RAX. */
+uint64_t heki_protect_kernel(int end_of_boot)
+{
+	uint64_t ts = (uint64_t)_text_start, te = (uint64_t)_text_end;
+	uint64_t v1 = boot_info->vtl1_base, v1e = v1 + boot_info->vtl1_size, mem = boot_info->mem_size;
 	struct list_page *l = &lists[0];
 	list_reset(l, NULL);
 	list_add(l, 0, ts, R | W);
@@ -101,8 +107,26 @@ void heki_harden(const char *name, int end_of_boot)
 	list_add(l, (uint64_t)_data_start, v1, R | W);
 	if (mem > v1e)
 		list_add(l, v1e, mem, R | W);
+	return protect(l);
+}
+
+void heki_harden(const char *name, int end_of_boot)
+{
+	paging_set_nx_except((uint64_t)_text_start, (uint64_t)_text_end);   /* own tables, as mark_readonly */
+	heki_still_served(name);
+	heki_lock_crs(name);
 	heki_check(name, "heki_protect", KVM_HC_PROTECT_MEMORY, "protect memory (text r-x immutable, rodata r--)",
-		   protect(l), 0);
+		   heki_protect_kernel(end_of_boot), 0);
+}
+
+/* The end of boot for a kernel that hardened with end_of_boot = 0: ro_after_init R--, as
+ * heki_late_init gives it after mark_readonly (where VTL mode calls VTL_CALL_END_OF_BOOT). */
+void heki_end_of_boot(const char *name)
+{
+	list_reset(&lists[0], NULL);
+	list_add(&lists[0], (uint64_t)_ro_after_init_start, (uint64_t)_ro_after_init_end, R);
+	heki_check(name, "heki_ro_after_init", KVM_HC_PROTECT_MEMORY, "protect ro_after_init r--",
+		   protect(&lists[0]), 0);
 }
 
 /* `vtl run --mode heki` (scenario boot): harden, the version still answers. */

@@ -93,10 +93,16 @@ static uint64_t kexec_validate(void)
 	return vtl_call(VTL_CALL_KEXEC_VALIDATE, (uint64_t)&kreq, 0, &rcx);
 }
 
-/* The old kernel: harden, END_OF_BOOT, load, validate, jump (returns only if refused). */
+/* The old kernel: harden, END_OF_BOOT, load, validate, jump (returns only if refused).
+ * Heki mode: harden through Heki, load, jump in the guest (heki_kexec.c); the next kernel
+ * gets the old text's address in either flow (Heki has no teardown/persist choice). */
 static void kexec_to(const char *name, const char *next, uint64_t param)
 {
 	harden(name, 1);
+	if (heki_mode()) {
+		load_staged(name, next, (uint64_t)_text_start);
+		heki_kexec_jump(name, &kreq);
+	}
 	load_staged(name, next, param);
 	must(name, "kexec_validate", VTL_CALL_KEXEC_VALIDATE, "KEXEC_VALIDATE", kexec_validate());
 	report_value("kexec_jump", 1);          /* the last word of the old kernel */
@@ -175,6 +181,8 @@ SCENARIO(sc_kexec_teardown, "kexec-teardown",
 SCENARIO(sc_after_teardown, "kexec-after-teardown", "the kernel started by kexec-teardown (param = old text)")
 {
 	const char *name = "kexec-after-teardown";
+	if (heki_mode())
+		heki_after_kexec(name);
 	report_value("boot_count", boot_info->boot_count);
 	if (boot_info->boot_count != 1)
 		fail(name, "boot_count is not 1");
@@ -219,6 +227,8 @@ static void harden_persisted(const char *name)
 SCENARIO(sc_after_persist, "kexec-after-persist", "the kernel started by kexec-persist attacks itself")
 {
 	const char *name = "kexec-after-persist";
+	if (heki_mode())
+		heki_after_kexec(name);
 	/* First: its own text, r-x and immutable before it ran an instruction. */
 	attack_write(name, "kernel_text", "own text", (uint64_t)&write_u64_fn & ~7ULL);
 	report_value("boot_count", boot_info->boot_count);
@@ -255,6 +265,11 @@ SCENARIO(sc_kexec_deny, "kexec-deny",
 {
 	const char *name = "kexec-deny";
 	harden(name, 1);
+	if (heki_mode()) {      /* nothing to ask: no validation, no policy; the changed image runs */
+		load_staged(name, "kexec-after-teardown", (uint64_t)_text_start);
+		heki_kexec_tamper(name, &kreq);
+		heki_kexec_jump(name, &kreq);
+	}
 	load_staged(name, "kexec-after-teardown", 0);
 	uint64_t refused = 0;
 	/* (a) one byte of the copied text flipped */

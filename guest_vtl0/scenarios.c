@@ -464,7 +464,7 @@ SCENARIO(sc_w_rodata, "write-rodata", "attack: write rodata (VTL1: r--, immutabl
 	pass("write-rodata");
 }
 
-SCENARIO(sc_w_roai, "write-ro-after-init", "attack: write ro_after_init data after END_OF_BOOT")
+SCENARIO(sc_w_roai, "write-ro-after-init", "attack: write ro_after_init data after END_OF_BOOT (Heki: late init)")
 {
 	harden("write-ro-after-init", 0);
 	ro_after_init_var = 0x2222;     /* still boot: allowed */
@@ -473,8 +473,11 @@ SCENARIO(sc_w_roai, "write-ro-after-init", "attack: write ro_after_init data aft
 	if (landed != 0x2222)
 		fail("write-ro-after-init", "boot-time write to ro_after_init did not land");
 	printf("boot-time write to ro_after_init landed (%#lx)\n", landed);
-	must("write-ro-after-init", "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
-	     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+	if (heki_mode())        /* Heki: ro_after_init R-- at late init, a page list of its own */
+		heki_end_of_boot("write-ro-after-init");
+	else
+		must("write-ro-after-init", "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
+		     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
 	attack_write("write-ro-after-init", "ro_after_init", "ro_after_init", (uint64_t)&ro_after_init_var);
 	pass("write-ro-after-init");
 }

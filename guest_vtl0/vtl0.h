@@ -35,8 +35,15 @@ void ipi(uint64_t vp);
  * Heki hypercalls (docs/heki-mode.md). */
 int heki_mode(void);
 void heki_harden(const char *name, int end_of_boot);
+void heki_lock_crs(const char *name);
+uint64_t heki_protect_kernel(int end_of_boot);
+void heki_end_of_boot(const char *name);
 void heki_still_served(const char *name);
 void heki_boot(void) __attribute__((noreturn));
+/* heki_kexec.c: Linux's kexec under Heki, an in-guest jump the host never sees. */
+void heki_kexec_jump(const char *name, const struct vtl_kexec_request *req) __attribute__((noreturn));
+void heki_kexec_tamper(const char *name, const struct vtl_kexec_request *req);
+void heki_after_kexec(const char *name) __attribute__((noreturn));
 void attack_succeeded(const char *name, const char *why, uint64_t seen) __attribute__((noreturn));
 void attack_write(const char *name, const char *key, const char *what, uint64_t target);
 void write_u64_fn(void *p);
@@ -59,6 +66,7 @@ extern char _text_start[], _text_end[], _priv_start[], _priv_end[], _image_end[]
 /* elfload.c: the staged kexec image (boot_info->staged_*), an untrusted ELF, placed at its
  * physical addresses; NULL on success, else why not. */
 const char *kexec_load_staged(struct vtl_kexec_request *req);
+uint64_t kexec_staged_symbol(const char *name);   /* its value in the staged file, 0 if none */
 
 /* A scenario: listed in .vtl_scenarios so the VMM can list and select it. */
 #define SCENARIO(id, name_, desc_)                                                  \

@@ -72,6 +72,11 @@ class HekiRun:
     def kinds(self, kind: str) -> list[Any]:
         return self.events.of_kind(kind)
 
+    def report(self, kind: str, name: str) -> Report:
+        found = [r for r in self.reports if r.kind == kind and r.name == name]
+        assert found, f"no {kind} {name}: {[(r.kind, r.name) for r in self.reports]}"
+        return found[-1]
+
     def passed(self) -> bool:
         res = [r for r in self.reports if r.kind == "result"]
         return self.result.reason == "guest_exit" and self.result.status == 0 and bool(res) \
@@ -268,6 +273,20 @@ def test_writing_kernel_text_is_blocked(guest_images: tuple[Path, Path]) -> None
     pf = [e for e in r.kinds("guest_fault") if e.vector == 14]
     assert pf and pf[-1].error_code == 0x3            # injected by the VMM as KVM would
     assert not r.kinds("intercept"), "no VTL1 is involved in Heki mode"
+
+
+def test_writing_ro_after_init_is_blocked_after_late_init(guest_images: tuple[Path, Path]) -> None:
+    """Written at boot, then R-- through KVM_HC_PROTECT_MEMORY where VTL mode ends boot."""
+    r = run_heki(guest_images[0], "write-ro-after-init")
+    assert r.passed(), r.console[-20:]
+    assert r.status("heki_ro_after_init") == 0
+    target = r.report("target", "ro_after_init")
+    assert target.value[2] == 0x2222                  # the boot-time write had landed
+    assert r.changed == [] and f"memory {target.value[0]:#x}" in r.checked, (r.changed, r.checked)
+    page = target.value[0] // PAGE_SIZE
+    assert r.heki.perms[page] == R | X and r.vtl0_attrs[page] & NW     # R-- (X: no MBEC), not immutable
+    pf = [e for e in r.kinds("refused") if e.request == "memory write"]
+    assert pf and pf[-1].gpa == target.value[0]        # KVM's #PF, injected by the VMM
 
 
 def test_loading_an_own_cr3_is_not_blocked(guest_images: tuple[Path, Path]) -> None:

@@ -202,6 +202,7 @@ class HekiHypercall(_Event):
     lists: int = 0
     entries: int = 0
     pages: int = 0
+    rip: int = 0                # after the call: which kernel asked (an in-guest kexec is not seen)
 
 
 class HekiNotEnforced(_Event):

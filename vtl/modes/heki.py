@@ -39,8 +39,10 @@ Where this mode differs, and why (each said in docs/heki-mode.md):
     CR masks), so the stand-in is the privileged-section mechanism
     (vtl/services/privileged.py) with `HekiMode.judge` as its judge: the section (the
     image's `_priv_start`/`_priv_end`) becomes NR for the guest at the first pin, each
-    fetch there is decoded by the VMM.  A CR write by an instruction outside the section
-    is not seen (real Heki would see it): "not enforced on this host".
+    fetch there is decoded by the VMM.  The staged image's section (a kernel the guest may
+    kexec into: an in-guest jump the host never sees) is judged the same way from the same
+    pin, as KVM's CR masks see the next kernel's CR writes.  A CR write by an instruction
+    outside those sections is not seen (real Heki would see it): "not enforced on this host".
   * Host CR0/CR4: the VMM cannot read the host's; it takes CR0 = PE|MP|ET|NE|WP|AM|PG (any
     x86-64 Linux host) and CR4's pinnable bits from /proc/cpuinfo's flags.
   * No-exec: this host has neither EPT attributes for userspace nor MBEC; as the patch
@@ -54,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmm import uapi as u
+from vmm.elf import parse_image
+from vmm.errors import GuestImageError
 from vmm.exits import Mmio, complete_mmio_read
 from vmm.kvm import VCpu
 from vmm.memattr import ALL, NW, ExhaustedError
@@ -94,6 +98,10 @@ DEFAULT_PERMS = ABI.MEM_ATTR_READ | ABI.MEM_ATTR_WRITE | ABI.MEM_ATTR_EXEC
 PF_PRESENT, PF_WRITE, PF_USER = 0x1, 0x2, 0x4
 # Per-page permissions -> the backend's attributes: NW without MEM_ATTR_WRITE (0: no attribute, RWX).
 _BACKEND_ATTRS = bytes(NW if perm and not perm & ABI.MEM_ATTR_WRITE else 0 for perm in range(256))
+# The most pages of a staged image's privileged section the stand-in makes NR (each data
+# access to them is completed by the VMM): a section is a page or two, a staged file is
+# the user's, not the guest's, but still no reason to take any size.
+STAGED_SECTION_MAX_PAGES = 16
 
 
 def neg(errno_: int) -> int:
@@ -149,7 +157,8 @@ def heki_parts(present: dict[str, bool], backend: str) -> list[dict[str, str | b
          "how": "in-KVM Heki: the VMX CR guest/host masks, every MOV to CR0/CR4 exits.  This host gives "
                 "userspace no CR-write exit, so the image's privileged section becomes NR at the first pin "
                 "and the VMM decodes each fetch there and judges it (heki_check_cr: #GP(0), CR unchanged, "
-                "event heki_denial).  Not seen: a CR write by an instruction outside the section (not "
+                "event heki_denial); so does the staged image's section, for the kernel an in-guest kexec "
+                "starts.  Not seen: a CR write by an instruction outside those sections (not "
                 "enforced on this host); LMSW/CLTS are not checked, as in the patch"},
         {"part": "host CR0/CR4 the pins are checked against", "kind": "stand-in", "enforced": True,
          "how": f"the patch reads the host's own CR0/CR4 (a reviewer objected); the VMM takes CR0 = "
@@ -177,6 +186,12 @@ class HekiState:
     pinned_cr4: int = 0
     perms: bytearray = field(default_factory=bytearray)
     section: tuple[int, int] | None = None     # the stand-in's privileged section (gpa, pages)
+    # ... and the staged image's, judged from the same pin: the next kernel an in-guest
+    # kexec starts writes its CRs there (None: nothing staged, or no section in it).
+    staged_section: tuple[int, int] | None = None
+
+    def sections(self) -> list[tuple[int, int]]:
+        return [s for s in (self.section, self.staged_section) if s is not None]
 
     def __post_init__(self) -> None:
         if not self.perms:
@@ -209,6 +224,8 @@ class HekiMode:
                 "pages_read_only": sum(1 for b in perms if b and not b & ABI.MEM_ATTR_WRITE),
                 "pages_immutable": sum(1 for b in perms if b & ABI.MEM_ATTR_IMMUTABLE),
                 "cr_judge": (f"privileged section {st.section[0]:#x} ({st.section[1]} pages)"
+                             + (f" and the staged image's {st.staged_section[0]:#x} ({st.staged_section[1]} "
+                                "pages)" if st.staged_section else "")
                              if st.section else None),
                 "hypercalls": self.hypercalls, "denials": self.denials}
 
@@ -240,7 +257,7 @@ class HekiMode:
         self.events.emit(HekiHypercall(ts=self.events.now(), vp=vp.index, vtl=0, nr=nr,
                                        args=[a0] if nr == ABI.KVM_HC_PROTECT_MEMORY else [a0, a1, a2],
                                        ret=signed(ret), reason=why, lists=lists, entries=entries,
-                                       pages=pages))
+                                       pages=pages, rip=int(r.rip)))
         return None
 
     # --- KVM_HC_LOCK_CR_UPDATE ----------------------------------------------------------
@@ -299,7 +316,36 @@ class HekiMode:
         pages = (end - start) // PAGE_SIZE
         self.state.section = (start, pages)
         self.p.intercept_control = InterceptControl(0, 0, 0, start, pages)
-        self._apply(start // PAGE_SIZE, start // PAGE_SIZE + pages)
+        self._judge_staged(self._staged_section())
+        for gpa, n in self.state.sections():
+            self._apply(gpa // PAGE_SIZE, gpa // PAGE_SIZE + n)
+
+    def _staged_section(self) -> tuple[int, int] | None:
+        """The staged image's privileged section (gpa, pages), if the staged file is an ELF
+        image naming one inside VTL0's image window, clear of the running image and of at
+        most STAGED_SECTION_MAX_PAGES pages.  The file is the user's (vtl run --stage), read
+        by the VMM before the guest ran; the guest only copies it."""
+        path, (_, data) = self.p.config.staged, self.p.staged
+        if path is None or not data:
+            return None
+        try:
+            syms = parse_image(path, data).symbols()
+        except GuestImageError:
+            return None
+        start, end = syms.get("_priv_start"), syms.get("_priv_end")
+        if start is None or end is None or start % PAGE_SIZE or end % PAGE_SIZE:
+            return None
+        lo, hi = self.p.layout.image_window(Vtl.VTL0)
+        img = self.p.vtl0_image
+        if not lo <= start < end <= hi or end - start > STAGED_SECTION_MAX_PAGES * PAGE_SIZE \
+                or (start < img.end and img.start < end):
+            return None
+        return start, (end - start) // PAGE_SIZE
+
+    def _judge_staged(self, section: tuple[int, int] | None) -> None:
+        self.state.staged_section = section
+        self.privileged.host_sections = () if section is None else \
+            ((section[0], section[0] + section[1] * PAGE_SIZE),)
 
     def after_reset(self) -> None:
         """An emulated RESET rebuilt the guest's VM; KVM's pins and memory attributes live in
@@ -427,12 +473,12 @@ class HekiMode:
 
     def _apply(self, lo: int, hi: int) -> None:
         """Pages [lo, hi) as the backend must hold them: NW where Heki removed WRITE (only
-        write reaches the EPT without MBEC), NR|NW|NX for the stand-in's section."""
+        write reaches the EPT without MBEC), NR|NW|NX for the stand-in's sections."""
         st, p = self.state, self.p
         want = bytearray(bytes(st.perms[lo:hi]).translate(_BACKEND_ATTRS))
-        if st.section is not None:
-            s_lo = max(lo, st.section[0] // PAGE_SIZE)
-            s_hi = min(hi, st.section[0] // PAGE_SIZE + st.section[1])
+        for gpa, n in st.sections():
+            s_lo = max(lo, gpa // PAGE_SIZE)
+            s_hi = min(hi, gpa // PAGE_SIZE + n)
             if s_lo < s_hi:
                 want[s_lo - lo:s_hi - lo] = bytes([ALL]) * (s_hi - s_lo)
         i = lo

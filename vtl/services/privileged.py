@@ -74,6 +74,9 @@ class PrivilegedSection:
         self.view = view or intercepts.view
         # Heki mode: the host judges register writes instead of VTL1 (None: VTL1 does).
         self.host_judge: Callable[[VirtualProcessor, RegisterWrite], Fault | None] | None = None
+        # ... and [start, end) ranges it judges beside the intercept control's section (Heki
+        # mode: the staged image's, for the kernel an in-guest kexec starts).
+        self.host_sections: tuple[tuple[int, int], ...] = ()
         # The last step plan and every input it was computed from (see _delivery).
         self._plan: tuple[tuple[int, ...], list[tuple[int, bytes]], dict[int, int],
                           tuple[tuple[int, ...], tuple[int, ...]] | str] | None = None
@@ -115,7 +118,9 @@ class PrivilegedSection:
 
     def in_section(self, gpa: int) -> bool:
         ctl = self.p.intercept_control
-        return ctl is not None and ctl.in_section(gpa)
+        if ctl is not None and ctl.in_section(gpa):
+            return True
+        return any(lo <= gpa < hi for lo, hi in self.host_sections)
 
     # --- the fetch fault --------------------------------------------------------------
     def fetch(self, vp: VirtualProcessor, vcpu: VCpu) -> Outcome:

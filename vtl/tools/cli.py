@@ -249,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     _backend(k)
     k.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
                    help="stop the guest after S seconds (default: %(default)s)")
-    _mode(k, "heki: the same kexec scenario under Heki, which has no kexec flow nor authentication: what "
-             "the VMM observed and what Heki's design gives (exit 0 when they agree)")
+    _mode(k, "heki: the same kexec scenario under Heki, which has no kexec flow nor authentication: the "
+             "kernel jumps to the next one itself, as Linux does; what the VMM found of that jump after the "
+             "run (RIP, the image in memory, what the host refused the next kernel, what it still holds) and "
+             "what Heki's design gives (exit 0 when they agree)")
     k.add_argument("--json", action="store_true", help="the whole report, timeline included, as JSON")
 
     cm = sub.add_parser("compare", help="every attack and lifecycle scenario and the costs, VTL mode beside "

@@ -46,7 +46,7 @@ from vtl.tools.attack import attack_scenarios, run_attack
 from vtl.tools.expectations import LIFECYCLE
 from vtl.tools.figures import save_png
 from vtl.tools.heki_attack import run_heki_attack
-from vtl.tools.lifecycle_compare import run_lifecycle
+from vtl.tools.lifecycle_compare import IN_GUEST, abridge_in_guest, run_lifecycle
 from vtl.tools.progress import QUIET, Step
 
 MODES = ("vtl", "heki")
@@ -580,6 +580,8 @@ def deciding(mechanism: str, n: int = 64) -> str:
         items = [i for i in m.removeprefix("changed: ").split("; ") if not i.startswith("nothing")]
         subjects = [i.split(" now")[0].split(" ran")[0].removesuffix(" at") for i in items]
         short = "not stopped: " + ", ".join(subjects)
+    elif m.startswith(IN_GUEST):              # Heki mode's kexec: what the VMM found of the jump
+        short, n = abridge_in_guest(m), 120
     elif "kexec," in m:                       # a lifecycle row: the counts, how it ended, what is held
         short = m
         for old, new in LIFECYCLE_SHORT:

@@ -43,14 +43,15 @@ CATEGORIES: tuple[Category, ...] = (
     # allowlist): Heki has no VTL1, so the VMM refuses the first VTL request.
     Category("needs VTL1", r"vtl1|^vtl-|^enable-|^unknown-(call-code|hypercall)$|^ask-|^protect-list|"
              r"^confused-deputy|^stale-audit|-(before|at)-(eob|lock)$|^table-base-in-section$|"
-             r"^write-ro-after-init$|^exec-page-writable|^reset-triple-fault$",
+             r"^exec-page-writable|^reset-triple-fault$|^kexec-bad-requests$",
              NOT_APPLICABLE, "the scenario needs VTL1 (a VTL call, VTL1's lock or END_OF_BOOT); Heki has "
              "none: the VMM refuses the request (VTL_E_DISABLED / VTL_E_NOT_ENABLED), nothing changes"),
     Category("CR0/CR4 pin", r"^clear-cr(0-wp|4-(smep|smap|umip|fsgsbase))$", BLOCKED,
              "KVM_HC_LOCK_CR_UPDATE pins CR0.WP and CR4's SMEP/SMAP/UMIP/FSGSBASE (those the host has): "
              "the MOV gets #GP(0), the CR unchanged"),
-    Category("kernel read-only memory", r"^write-(kernel-text|rodata)$", BLOCKED,
-             "KVM_HC_PROTECT_MEMORY: text R-X immutable, rodata R--: the write is a #PF from KVM"),
+    Category("kernel read-only memory", r"^write-(kernel-text|rodata|ro-after-init)$", BLOCKED,
+             "KVM_HC_PROTECT_MEMORY: text R-X immutable, rodata R--, ro_after_init R-- from late init "
+             "(heki_late_init, after mark_readonly): the write is a #PF from KVM"),
     Category("refused by the CPU", r"^lmsw-|non-canonical|^clear-efer-lme$", BLOCKED,
              "the CPU (KVM) refuses the value in any mode (LMSW cannot clear PE, CR0.PG needs PE, LSTAR "
              "must be canonical, EFER.LME cannot change while paging is on); not Heki's doing"),
@@ -66,10 +67,14 @@ CATEGORIES: tuple[Category, ...] = (
              "the mode's stand-in for KVM's CR masks (the privileged section) refuses what it cannot judge; "
              "in-KVM Heki has no section"),
     # Lifecycle (vtl compare)
-    Category("kexec", r"^kexec-", NOT_APPLICABLE,
-             "Heki has no kexec flow and no kexec authentication: the kernel's validation request goes to "
-             "a VTL1 that does not exist (VTL_E_NOT_ENABLED); KVM keeps pins and immutable pages for the "
-             "next kernel"),
+    Category("kexec authentication", r"^kexec-deny$", SUCCEEDED,
+             "Heki has no kexec authentication and no kexec policy: the kexec is the guest's own jump, "
+             "nothing measures the next kernel, so an image changed after it was staged simply runs"),
+    Category("kexec", r"^kexec-", LIFECYCLE_OUTLIVED,
+             "Heki has no kexec flow: Linux's kexec is a jump inside the guest the host never sees, and "
+             "KVM keeps the pins and the immutable pages in struct kvm (\"doesn't handle VM reboot, "
+             "kexec, nor hibernate yet\"): the next kernel meets the old kernel's immutable text and CR "
+             "pins, and its own page list is refused (-EPERM: it names those immutable pages)"),
     Category("module", r"^module-", NOT_APPLICABLE,
              "Heki has no module authentication (the kernel's request to VTL1 is refused)"),
     Category("reset", r"^reset-", LIFECYCLE_OUTLIVED,

@@ -3,8 +3,10 @@
 staged and allowlisted, the modules allowlisted, RESET on triple fault), and what the VMM
 observed at the end: how many times VTL0 restarted, how the run ended, and what policy
 the VMM still holds (protected pages from its attribute map, pins; in Heki mode the
-host-owned state: CR pins, immutable pages).  The outcome is that observation; the
-expectation (vtl/tools/expectations.py) is only compared with it.
+host-owned state: CR pins, immutable pages).  A kexec in Heki mode is a jump inside the
+guest the VMM never sees: what it finds of it after the run (vtl/tools/heki_kexec.py)
+decides those rows.  The outcome is that observation; the expectation
+(vtl/tools/expectations.py) is only compared with it.
 """
 
 from __future__ import annotations
@@ -21,17 +23,21 @@ from vtl.core.partition import Partition
 from vtl.core.trust import trust_digest
 from vtl.modes.heki import HekiScheduler, heki_config
 from vtl.run import control
-from vtl.run.result import raise_if_interrupted
+from vtl.run.result import RunResult, raise_if_interrupted
 from vtl.run.scheduler import Scheduler
 from vtl.tools.expectations import (
     LIFECYCLE_OUTLIVED,
     LIFECYCLE_PASSED,
     NOT_APPLICABLE,
+    SUCCEEDED,
     category,
     expected_outcome,
 )
+from vtl.tools.heki_kexec import InGuestKexec, describe, observe
 
 FAILED = "failed"
+IN_GUEST = "in-guest jump, not seen by the host"
+HELD = "still held by the host: "
 
 
 class LifecycleResult(BaseModel):
@@ -49,6 +55,7 @@ class LifecycleResult(BaseModel):
     resets: int
     kexecs: int
     after: dict[str, Any]  # what the VMM holds at the end
+    in_guest_kexec: InGuestKexec | None = None  # Heki mode, kexec-*: what the VMM found of the jump
 
 
 def lifecycle_config(scenario: str, vtl0: Path, vtl1: Path | None,
@@ -84,6 +91,7 @@ def run_lifecycle(scenario: str, mode: str, vtl0: Path, vtl1: Path, timeout: flo
     if heki:
         cfg = heki_config(cfg)
     events = EventLog(trace=False, keep=100_000)
+    kexec: InGuestKexec | None = None
     with Partition(cfg, events) as p:
         result, sched = control.run(p, None, timeout, scheduler=HekiScheduler if heki else Scheduler)
         raise_if_interrupted(result)
@@ -92,15 +100,20 @@ def run_lifecycle(scenario: str, mode: str, vtl0: Path, vtl1: Path, timeout: flo
         if isinstance(sched, HekiScheduler):
             s = sched.heki.summary()
             after.update(
-                pinned_cr0=s["pinned_cr0"], pinned_cr4=s["pinned_cr4"], immutable_pages=s["pages_immutable"]
+                pinned_cr0=s["pinned_cr0"], pinned_cr4=s["pinned_cr4"], immutable_pages=s["pages_immutable"],
+                read_only_pages=s["pages_read_only"],
             )
+            if scenario.startswith("kexec-"):
+                kexec = observe(p, sched.heki.state, events)
         else:
             after.update(vtl1_enabled=result.vtl1_enabled, register_pins=p.intercept_control is not None)
     refusals: list[Any] = events.of_kind("refused")
     missing = [r for r in refusals if r.response in ("VTL_E_DISABLED", "VTL_E_NOT_ENABLED")]
     restarts = f"{result.kexecs} kexec, {result.resets} reset"
     held = _held(after, heki)
-    if result.reason == "guest_exit" and result.status == 0:
+    if kexec is not None and kexec.ran:
+        outcome, mech = _in_guest_kexec(kexec, result, held)
+    elif result.reason == "guest_exit" and result.status == 0:
         outcome, mech = LIFECYCLE_PASSED, f"{restarts}; the last kernel passed; at the end {held}"
     elif result.boot_count and heki and (after.get("pinned_cr0") or after.get("immutable_pages")):
         outcome = LIFECYCLE_OUTLIVED
@@ -128,14 +141,42 @@ def run_lifecycle(scenario: str, mode: str, vtl0: Path, vtl1: Path, timeout: flo
         resets=result.resets,
         kexecs=result.kexecs,
         after=after,
+        in_guest_kexec=kexec,
     )
+
+
+def _in_guest_kexec(k: InGuestKexec, result: RunResult, held: str) -> tuple[str, str]:
+    """A Heki-mode kexec the next kernel ran after: a changed image ran (nothing validated
+    it), or the old kernel's policy is still the host's (its immutable text, its pins)."""
+    parts = [f"{IN_GUEST} ({result.kexecs} kexecs counted; the run ended {result.reason})", *describe(k)]
+    if k.changed:
+        outcome = SUCCEEDED
+    elif k.old_immutable_pages:
+        outcome = LIFECYCLE_OUTLIVED
+    else:
+        return LIFECYCLE_PASSED, "; ".join([*parts, f"at the end {held}"])
+    return outcome, "; ".join([*parts, HELD + held])
+
+
+def abridge_in_guest(mechanism: str) -> str:
+    """_in_guest_kexec's line in a few words, for `vtl compare`'s text table: that the next
+    kernel ran, and then what decides the row (nothing validated a changed image; what of
+    the old kernel's policy the host still holds)."""
+    parts = mechanism.split("; ")
+    ran = next((x for x in parts if x.startswith("the next kernel (")), "")
+    rip = ran.split("RIP ")[1].split(" ")[0] if "RIP " in ran else "?"
+    if any(x.startswith("its image changed") for x in parts):
+        return f"in-guest jump; the changed image ran (RIP {rip}): nothing validated it"
+    held = next((x for x in parts if x.startswith(HELD)), "").removeprefix(HELD)
+    kept = ", ".join(x for x in held.split(", ") if "read-only" not in x)
+    return f"in-guest jump; next kernel ran (RIP {rip})" + (f"; host keeps {kept}" if kept else "")
 
 
 def _held(after: dict[str, Any], heki: bool) -> str:
     if heki:
         return (
             f"CR0 pin {after['pinned_cr0']:#x}, CR4 pin {after['pinned_cr4']:#x}, "
-            f"{after['immutable_pages']} immutable pages, {after['protected_pages']} pages read-only"
+            f"{after['immutable_pages']} immutable pages, {after['read_only_pages']} pages read-only"
         )
     return (
         f"{after['protected_pages']} protected pages, VTL1 {'running' if after['vtl1_enabled'] else 'gone'}"
