@@ -128,3 +128,24 @@ def test_a_run_whose_vps_all_halt_ends_as_halted(guest_images: tuple[Path, Path]
 def test_vps_out_of_range_is_a_usage_error(vps: str) -> None:
     cp = vtl_cli("run", "--vps", vps)
     assert cp.returncode == 2 and "--vps" in cp.stderr and "Traceback" not in cp.stderr
+
+
+def test_pause_all_freezes_every_vp_a_stop_still_ends_the_run(guest_images: tuple[Path, Path]) -> None:
+    with _running(guest_images, "smp-spin", 0) as (sched, out, t):
+        _wait_until(lambda: _both_busy(sched), "both VPs spinning")
+        for req in sched.pause_all():
+            assert req.done.wait(SAFETY_TIMEOUT) and req.result is True
+        frozen = [sum(vp.port_counts) for vp in sched.p.vps]
+        time.sleep(0.2)
+        assert [sum(vp.port_counts) for vp in sched.p.vps] == frozen
+        assert {r.state for r in sched.runners} == {RunState.PAUSED}
+        for req in sched.resume_all():
+            assert req.done.wait(SAFETY_TIMEOUT)
+        vps = sched.p.vps
+        _wait_until(lambda: all(sum(vp.port_counts) > n + 100 for vp, n in zip(vps, frozen, strict=True)),
+                    "every VP runs again")
+        for req in sched.pause_all():
+            assert req.done.wait(SAFETY_TIMEOUT)
+        sched.request_stop(5, "stopped", "stopped while paused")
+        t.join(SAFETY_TIMEOUT)
+        assert not t.is_alive() and out[0].reason == "stopped"

@@ -95,6 +95,7 @@ VTL_ENTRY_CALL = ABI.VTL_ENTRY_CALL
 PORT_RETURN_FAST = ABI.VTL_PORT_RETURN_FAST
 PORT_CALL, PORT_RETURN = ABI.VTL_PORT_CALL, ABI.VTL_PORT_RETURN
 LIFECYCLE_CODES = frozenset(LIFECYCLE_CALLS)
+USER_PAUSE = "user"             # the payload of pause_all's requests (a flow's pause has none)
 VTL0, VTL1 = Vtl.VTL0, Vtl.VTL1
 memmove = ffi._backend.memmove   # skips cffi's Python-level wrapper on the switch path
 
@@ -123,6 +124,7 @@ class Scheduler:
         # One runner per VP (vtl/run/runner.py): its thread, its request queue.
         self.runners = [VpRunner(vp) for vp in partition.vps]
         self._stop_request: Stop | None = None
+        self.user_paused = False                       # pause_all without resume_all since
         # The stop that ended the run, and the VP it came from (the others follow it).
         self._final: tuple[int, Stop] | None = None
         # Held by a VP that changes VM-wide state (a lifecycle flow, a single step) while
@@ -279,25 +281,49 @@ class Scheduler:
                 req.ack(False)
 
     def _paused(self, runner: VpRunner, req: Request) -> None:
-        """Acknowledge a pause and wait until resumed.  A stop or reset that arrives
-        meanwhile waits in the queue until then: the pauser changes VM-wide state and
-        must find every VP where it left it."""
+        """Acknowledge a pause and wait until resumed.  Two kinds nest: a flow's (another
+        VP changing VM-wide state: a stop or reset that arrives meanwhile waits in the
+        queue, since the pauser must find every VP where it left it) and the user's
+        (pause_all: a stop is served at once, anything else waits for the resume)."""
         before = runner.state
         runner.set_state(RunState.PAUSED)
+        depth = {False: 0, True: 0}             # by "is the user's"
+        depth[req.payload == USER_PAUSE] += 1
         req.ack(True)
-        depth, held = 1, []
-        while depth:
+        held: list[Request] = []
+        while depth[False] or depth[True]:
             r = runner.wait()
+            user = r.payload == USER_PAUSE
             if r.kind is Kind.PAUSE:
-                depth += 1
+                depth[user] += 1
                 r.ack(True)
             elif r.kind is Kind.RESUME:
-                depth -= 1
+                if depth[user]:
+                    depth[user] -= 1
                 r.ack(True)
+            elif r.kind is Kind.STOP and not depth[False]:
+                self._finish(runner.vp, r.payload)
+                r.ack(True)
+                break
             else:
                 held.append(r)
         runner.put_back(held)
-        runner.set_state(before)
+        if runner.vp.state.name != "stopped":
+            runner.set_state(before)
+
+    def pause_all(self) -> list[Request]:
+        """Pause every VP (any thread; QMP's `stop`): each acknowledges once it is out of
+        KVM_RUN at a point where no switch, intercept or step is half done (the top of its
+        loop, or idle).  Wait on the requests' `done`.  A stop still ends a paused run."""
+        self.user_paused = True
+        with self._lock:
+            return [r.post(Kind.PAUSE, USER_PAUSE) for r in self.runners]
+
+    def resume_all(self) -> list[Request]:
+        """Resume what pause_all paused (any thread; QMP's `cont`)."""
+        self.user_paused = False
+        with self._lock:
+            return [r.post(Kind.RESUME, USER_PAUSE) for r in self.runners]
 
     @contextmanager
     def _others_paused(self, vp: VirtualProcessor, only: int | None = None) -> Iterator[bool]:
