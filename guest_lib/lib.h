@@ -110,6 +110,7 @@ const char *vtl_status_name(uint64_t status);   /* "VTL_OK", "VTL_E_POLICY", ...
 
 /* ---- paging: identity map of [0, mem_size), 4 KiB pages below 16 MiB ---- */
 void paging_init(uint64_t mem_size);
+void paging_load(void);           /* an AP: load the tables paging_init built */
 uint64_t *pte_for(uint64_t va);   /* leaf PTE of a 4 KiB-mapped address, or NULL */
 void paging_set_nx_except(uint64_t x_start, uint64_t x_end);
 

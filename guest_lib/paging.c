@@ -43,6 +43,12 @@ void paging_init(uint64_t mem_size)
 	write_cr3((uint64_t)pml4);
 }
 
+/* Another VP of the same kernel (an AP): the tables paging_init built on the boot VP. */
+void paging_load(void)
+{
+	write_cr3((uint64_t)pml4);
+}
+
 uint64_t *pte_for(uint64_t va)
 {
 	if (va >= SMALL_LIMIT)

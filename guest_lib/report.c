@@ -14,7 +14,7 @@ const char *vtl_status_name(uint64_t s)
 	static const char *const n[] = { "VTL_OK", "VTL_E_INVALID_CODE", "VTL_E_ACCESS_DENIED",
 		"VTL_E_INVALID_ARG", "VTL_E_NOT_ENABLED", "VTL_E_ALREADY_ENABLED", "VTL_E_DISABLED",
 		"VTL_E_MISALIGNED", "VTL_E_OUT_OF_RANGE", "VTL_E_OVERLAPS_VTL1", "VTL_E_NO_RESOURCES",
-		"VTL_E_IMMUTABLE", "VTL_E_POLICY" };
+		"VTL_E_IMMUTABLE", "VTL_E_POLICY", "VTL_E_BUSY" };
 	return s < sizeof(n) / sizeof(n[0]) ? n[s] : "?";
 }
 

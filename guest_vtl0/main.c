@@ -63,6 +63,8 @@ void kmain(struct vtl_boot_info *bi)
 		guest_exit(2);
 	}
 	boot_info = bi;
+	if (bi->flags & VTL_BOOT_F_VTL1_PERSISTS)
+		vtl1_on = 1;            /* VTL1 kept across a kexec: VTL calls work now */
 	paging_init(bi->mem_size);
 	cpu_features_init();
 	printf("VTL0 kernel up: %lu MiB, image %#lx-%#lx, VTL1 region %#lx-%#lx, VTL1 %s, CR4 %#lx, XCR0 %#lx\n",

@@ -10,10 +10,14 @@
 #define VTL1_TARGET (VTL1_BASE + VTL1_IMAGE_MIN_OFF)
 #define ECHO_ARG 0x1234
 
+int vtl1_on;
+
 /* STATUS "enable_vtl1": value[0] = VTL_HC_ENABLE_VTL1, value[1] = the status. */
 uint64_t enable_vtl1(void)
 {
 	uint64_t st = hypercall(VTL_HC_ENABLE_VTL1, 0, 0, 0, NULL);
+	if (st == VTL_OK)
+		vtl1_on = 1;
 	report_status("enable_vtl1", VTL_HC_ENABLE_VTL1, st);
 	printf("enable VTL1: %s\n", vtl_status_name(st));
 	return st;
@@ -78,6 +82,13 @@ SCENARIO(sc_boot, "boot", "enable VTL1, make NOP/ECHO calls, report VTL1's measu
 	}
 	if (st != VTL_OK)
 		fail("boot", "enable failed");
+	if (boot_info->nr_vps > 1) {
+		/* SMP: a kernel's boot with APs is its hardening (VTL1 starts the APs only into
+		 * text it protected, on tables it locked); then every AP calls its own VTL1. */
+		harden_protect("boot");
+		harden_lock("boot", 1);
+		smp_echo_all("boot");
+	}
 	expect_status("boot", "nop", VTL_CALL_NOP, "VTL_CALL_NOP", vtl_call(VTL_CALL_NOP, 0, 0, NULL), VTL_OK);
 	echo_still_works("boot");
 	static uint8_t m[32];
@@ -389,14 +400,20 @@ void harden_protect(const char *name)
 }
 
 /* Part 2: VTL1 scans what VTL0 can execute, locks the tables and (where the VMM can)
- * pins the registers; RCX = the privileged section, RDI = its pages. */
+ * pins the registers; RCX = the privileged section, RDI = its pages.  With APs (docs/smp.md):
+ * VTL1 starts them first, then each locks its own registers after the boot VP's lock, and
+ * only then does the boot end. */
 void harden_lock(const char *name, int end_of_boot)
 {
 	uint64_t ps = (uint64_t)_priv_start;
+	if (boot_info->nr_vps > 1)
+		smp_boot(name);         /* VTL1 starts the APs, into the text it protected */
 	must(name, "lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, "lock page tables, pin registers",
 	     vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &register_pinning));
 	printf("register pinning %s\n", register_pinning ? "on: the privileged section is VTL1's" :
 	       "unavailable on this VMM");
+	if (boot_info->nr_vps > 1)
+		smp_lock_aps(name, 0);  /* each AP locks its own registers */
 	if (end_of_boot)
 		must(name, "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot",
 		     vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));

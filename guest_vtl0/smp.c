@@ -1,7 +1,9 @@
 /* SMP (docs/smp.md): the boot VP starts the APs and hands them work.
  *
- * VP0 starts each AP with VTL_HC_START_VP (entry ap_entry, a stack of its own, VP0's page
- * tables, RDI = the AP's index), in the spirit of the TLFS's HvCallStartVirtualProcessor.
+ * VP0 starts each AP (entry ap_entry, a stack of its own, VP0's page tables, RDI = the AP's
+ * index), in the spirit of the TLFS's HvCallStartVirtualProcessor: with VTL_HC_START_VP
+ * while VTL1 is not enabled, and by asking VTL1 (VTL_CALL_START_AP) once it is, since then
+ * only VTL1 may start a VP.
  * An AP loads the boot VP's GDT and IDT, sets the CR4/XCR0 bits boot set on VP0, says it
  * is online (ap[].online, then a VALUE report "ap_online" from the AP itself: the VMM
  * records which VP sent it), wakes VP0 (VTL_HC_SEND_IPI) and idles in HLT.  Work is a
@@ -47,24 +49,43 @@ void ap_main(uint64_t vp)
 	}
 }
 
-/* Start AP `vp`; returns the hypercall's status (VTL_OK: it will come online). */
+/* The start request for AP `vp`: its entry, its own stack, this VP's page tables. */
+struct vtl_start_vp smp_request(uint64_t vp)
+{
+	return (struct vtl_start_vp){ .vp_index = (uint32_t)vp, .flags = 0, .rip = (uint64_t)ap_entry,
+		.rsp = (uint64_t)(ap_stacks[vp] + AP_STACK_SIZE), .cr3 = read_cr3(), .arg = vp };
+}
+
+/* Ask for `req`: VTL1 starts it once this kernel has enabled VTL1 (VTL0's own
+ * VTL_HC_START_VP is refused then), the VMM before.  Returns the status. */
+uint64_t smp_start_request(const struct vtl_start_vp *req)
+{
+	if (vtl1_on)
+		return vtl_call(VTL_CALL_START_AP, (uint64_t)req, 0, NULL);
+	return hypercall(VTL_HC_START_VP, (uint64_t)req, 0, 0, NULL);
+}
+
+/* Start AP `vp`; returns the status (VTL_OK: it will come online). */
 uint64_t smp_start(uint64_t vp)
 {
 	static struct vtl_start_vp req;     /* VP0 only, one request at a time */
-	req = (struct vtl_start_vp){ .vp_index = (uint32_t)vp, .flags = 0, .rip = (uint64_t)ap_entry,
-		.rsp = (uint64_t)(ap_stacks[vp] + AP_STACK_SIZE), .cr3 = read_cr3(), .arg = vp };
-	return hypercall(VTL_HC_START_VP, (uint64_t)&req, 0, 0, NULL);
+	req = smp_request(vp);
+	return smp_start_request(&req);
 }
 
-/* Start every AP and wait until each is online; returns how many came online. */
+/* Start every AP and wait until each is online; returns how many came online.  STATUS
+ * "start_vp" (VTL_HC_START_VP) or "start_ap" (VTL_CALL_START_AP) per AP. */
 uint64_t smp_boot(const char *name)
 {
 	uint64_t n = boot_info->nr_vps, online = 0;
 	for (uint64_t vp = 1; vp < n; vp++) {
 		uint64_t st = smp_start(vp);
-		report_status("start_vp", VTL_HC_START_VP, st);
+		if (vtl1_on)
+			report_status("start_ap", VTL_CALL_START_AP, st);
+		else
+			report_status("start_vp", VTL_HC_START_VP, st);
 		if (st != VTL_OK)
-			fail(name, "VTL_HC_START_VP refused");
+			fail(name, vtl1_on ? "VTL_CALL_START_AP refused" : "VTL_HC_START_VP refused");
 	}
 	for (uint64_t vp = 1; vp < n; vp++) {
 		while (!ap[vp].online)
@@ -100,6 +121,57 @@ void smp_run_all(void (*fn)(uint64_t, uint64_t), uint64_t arg)
 	for (uint64_t vp = 1; vp < n; vp++)
 		while (!ap[vp].done)
 			halt();
+}
+
+/* An AP locks its own registers (VTL1 pins them per VP); the result in ap[vp].result and
+ * a STATUS "ap_lock_page_tables" from the AP itself (the VMM records which VP sent it). */
+static void ap_lock(uint64_t vp, uint64_t arg)
+{
+	(void)arg;
+	uint64_t ps = (uint64_t)_priv_start, pinning = 0;
+	uint64_t st = vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &pinning);
+	report_status("ap_lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, st);
+	ap[vp].result = st;
+}
+
+/* Hardening with APs (harden_lock): smp_boot before the boot VP's lock (VTL1 starts each
+ * AP into text it protected; an AP's setup in ap_main, GDT, IDT, CR4 and XCR0 through the
+ * privileged section, runs while nothing is locked yet, as the boot VP's did), then after
+ * it each online AP locks its own registers.  `skip` (an AP index, 0 = none) is left
+ * unlocked. */
+void smp_lock_aps(const char *name, uint64_t skip)
+{
+	uint64_t n = boot_info->nr_vps, locked = 0;
+	for (uint64_t vp = 1; vp < n; vp++) {
+		if (vp == skip || !ap[vp].online)
+			continue;
+		ap[vp].result = ~0ULL;
+		smp_run_on(vp, ap_lock, 0);
+		if (ap[vp].result != VTL_OK)
+			fail(name, "an AP's VTL_CALL_LOCK_PAGE_TABLES was refused");
+		locked++;
+	}
+	printf("%lu APs locked their registers\n", locked);
+}
+
+/* Every AP makes a VTL call to its own VTL1: STATUS "ap_echo" from each AP. */
+static void ap_echo(uint64_t vp, uint64_t arg)
+{
+	uint64_t rcx = 0;
+	uint64_t st = vtl_call(VTL_CALL_ECHO, arg, 0, &rcx);
+	report_status("ap_echo", VTL_CALL_ECHO, st);
+	ap[vp].result = st == VTL_OK && rcx == arg + 1 ? VTL_OK : (st ? st : ~0ULL);
+}
+
+void smp_echo_all(const char *name)
+{
+	uint64_t n = boot_info->nr_vps;
+	for (uint64_t vp = 1; vp < n; vp++) {
+		ap[vp].result = ~0ULL;
+		smp_run_on(vp, ap_echo, 0x1234);
+		if (ap[vp].result != VTL_OK)
+			fail(name, "an AP's VTL_CALL_ECHO failed");
+	}
 }
 
 SCENARIO(sc_smp_boot, "smp-boot", "start every AP (VTL_HC_START_VP) and run one piece of work on each")
@@ -174,5 +246,92 @@ SCENARIO(sc_smp_bench, "bench-smp-null-call", "every VP makes N null VTL calls a
 	require_vtl1(name);
 	smp_boot(name);
 	smp_run_all(smp_null_calls, boot_info->param ? boot_info->param : 10000);
+	pass(name);
+}
+
+/* ---- VTL1 starts the APs (docs/smp.md, "Starting APs with VTL1 enabled") ------------- */
+static uint64_t ask(const char *name, const char *key, const char *what, const struct vtl_start_vp *r,
+		    uint64_t want)
+{
+	uint64_t st = vtl_call(VTL_CALL_START_AP, (uint64_t)r, 0, NULL);
+	expect_status(name, key, VTL_CALL_START_AP, what, st, want);
+	return st;
+}
+
+SCENARIO(sc_smp_start_hostile, "smp-start-hostile",
+	 "VTL1 enabled: hostile VTL_CALL_START_AP requests refused, VTL_HC_START_VP denied (--vps 3+)")
+{
+	const char *name = "smp-start-hostile";
+	uint64_t n = boot_info->nr_vps, ps = (uint64_t)_priv_start, pinning = 0;
+	if (n < 3)
+		fail(name, "needs at least 3 VPs (vtl run --vps 3)");
+	require_vtl1(name);
+	harden_protect(name);
+	struct vtl_start_vp r = smp_request(1);
+	expect_status(name, "start_vp_direct", VTL_HC_START_VP, "VTL_HC_START_VP from VTL0 with VTL1 enabled",
+		      hypercall(VTL_HC_START_VP, (uint64_t)&r, 0, 0, NULL), VTL_E_ACCESS_DENIED);
+	r.vp_index = (uint32_t)n;
+	ask(name, "start_ap_bad_index", "VTL_CALL_START_AP of a VP that does not exist", &r, VTL_E_INVALID_ARG);
+	r = smp_request(1);
+	r.vp_index = 0;
+	ask(name, "start_ap_boot_vp", "VTL_CALL_START_AP of the boot VP", &r, VTL_E_INVALID_ARG);
+	r = smp_request(1);
+	r.flags = 1;
+	ask(name, "start_ap_flags", "VTL_CALL_START_AP with unknown flags", &r, VTL_E_INVALID_ARG);
+	r = smp_request(1);
+	r.rip = (uint64_t)data_page;
+	ask(name, "start_ap_rip_data", "VTL_CALL_START_AP at a data page", &r, VTL_E_POLICY);
+	r = smp_request(1);
+	r.rip = VTL1_BASE + VTL1_IMAGE_MIN_OFF;
+	ask(name, "start_ap_rip_vtl1", "VTL_CALL_START_AP at VTL1's image", &r, VTL_E_INVALID_ARG);
+	r = smp_request(1);
+	r.rsp = VTL1_BASE + 0x2000;
+	ask(name, "start_ap_rsp_vtl1", "VTL_CALL_START_AP with a stack in VTL1's memory", &r, VTL_E_INVALID_ARG);
+	r = smp_request(1);
+	r.rsp = (uint64_t)&rodata_target + 8;
+	ask(name, "start_ap_rsp_rodata", "VTL_CALL_START_AP with a stack on rodata", &r, VTL_E_POLICY);
+	r = smp_request(1);
+	r.cr3 = VTL1_BASE;
+	ask(name, "start_ap_cr3_vtl1", "VTL_CALL_START_AP with CR3 in VTL1's memory", &r, VTL_E_INVALID_ARG);
+	expect_status(name, "start_ap_unreadable", VTL_CALL_START_AP, "VTL_CALL_START_AP of a request in VTL1's memory",
+		      vtl_call(VTL_CALL_START_AP, VTL1_BASE, 0, NULL), VTL_E_INVALID_ARG);
+	/* A good one, then the same AP again. */
+	r = smp_request(1);
+	ask(name, "start_ap", "VTL_CALL_START_AP of AP 1", &r, VTL_OK);
+	while (!ap[1].online)
+		halt();
+	ask(name, "start_ap_again", "VTL_CALL_START_AP of AP 1 again", &r, VTL_E_BUSY);
+	/* Once the tables are locked: only onto the locked root, and never into the section. */
+	must(name, "lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, "lock page tables (VP0)",
+	     vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &pinning));
+	r = smp_request(2);
+	r.cr3 = (uint64_t)data_page;
+	ask(name, "start_ap_cr3_not_root", "VTL_CALL_START_AP on tables VTL1 did not lock", &r, VTL_E_POLICY);
+	r = smp_request(2);
+	r.rip = ps + 16;
+	ask(name, "start_ap_rip_priv", "VTL_CALL_START_AP in the privileged section", &r, VTL_E_POLICY);
+	smp_lock_aps(name, 0);          /* AP 1, the only one online */
+	must(name, "end_of_boot", VTL_CALL_END_OF_BOOT, "end of boot", vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL));
+	r = smp_request(2);
+	ask(name, "start_ap_after_eob", "VTL_CALL_START_AP after END_OF_BOOT", &r, VTL_E_POLICY);
+	pass(name);
+}
+
+SCENARIO(sc_smp_eob_unlocked, "smp-eob-unlocked",
+	 "VTL1 starts every AP, the last never locks: END_OF_BOOT refused (--vps 2+)")
+{
+	const char *name = "smp-eob-unlocked";
+	uint64_t n = boot_info->nr_vps, ps = (uint64_t)_priv_start, pinning = 0;
+	if (n < 2)
+		fail(name, "needs at least 2 VPs (vtl run --vps 2)");
+	require_vtl1(name);
+	harden_protect(name);
+	smp_boot(name);
+	must(name, "lock_page_tables", VTL_CALL_LOCK_PAGE_TABLES, "lock page tables (VP0)",
+	     vtl_call(VTL_CALL_LOCK_PAGE_TABLES, ps, PAGES(ps, _priv_end), &pinning));
+	smp_lock_aps(name, n - 1);      /* every AP but the last locks */
+	expect_status(name, "end_of_boot", VTL_CALL_END_OF_BOOT, "END_OF_BOOT with an AP unlocked",
+		      vtl_call(VTL_CALL_END_OF_BOOT, 0, 0, NULL), VTL_E_POLICY);
+	echo_still_works(name);
 	pass(name);
 }

@@ -23,10 +23,15 @@ void harden_protect(const char *name);
 void harden_lock(const char *name, int end_of_boot);
 void harden(const char *name, int end_of_boot);
 /* smp.c: the APs (docs/smp.md) */
-struct ap_slot { volatile uint64_t online, fn, arg, done; };
+struct ap_slot { volatile uint64_t online, fn, arg, done, result; };
 extern struct ap_slot ap[];
+extern int vtl1_on;             /* scenarios.c: this kernel enabled VTL1 (or it persisted) */
 uint64_t smp_boot(const char *name);
 uint64_t smp_start(uint64_t vp);
+struct vtl_start_vp smp_request(uint64_t vp);
+uint64_t smp_start_request(const struct vtl_start_vp *req);
+void smp_lock_aps(const char *name, uint64_t skip);
+void smp_echo_all(const char *name);
 void smp_run_on(uint64_t vp, void (*fn)(uint64_t, uint64_t), uint64_t arg);
 void smp_run_all(void (*fn)(uint64_t, uint64_t), uint64_t arg);
 void ipi(uint64_t vp);

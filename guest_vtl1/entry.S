@@ -1,11 +1,21 @@
 #include "vtl_abi.h"
+#include "stack.h"
 #if VTL_CALL_NOP != VTL_OK || VTL_CALL_NOP != 0
 #error "the NOP fast path tests RAX for 0 and returns it unchanged as the status"
 #endif
 	.section .text.entry, "ax"
 	.globl _start
 _start:
-	leaq vtl1_stack+32768(%rip), %rsp
+	/* RDI = this VP's boot info (the VMM's, in VTL1 memory).  Its vp_index picks the VP's
+	 * own stack: VTL1 on VP0 and on an AP may run at the same time.  Bounded, though the
+	 * VMM wrote it: an index beyond the stacks ends the run before any stack is used. */
+	movl VTL_BOOT_INFO_VP_INDEX_OFF(%rdi), %eax
+	cmpl $VTL1_MAX_VPS, %eax
+	jae 2f
+	incl %eax               /* the stack's top: the end of stack vp_index */
+	shlq $VTL1_STACK_SHIFT, %rax
+	leaq vtl1_stacks(%rip), %rsp
+	addq %rax, %rsp
 	call vtl1_main          /* RDI = boot info; returns once initialised */
 	/* First VTL return: nothing of VTL1 may leak through the shared registers. */
 	xorl %eax, %eax; xorl %ebx, %ebx; xorl %ecx, %ecx; xorl %edx, %edx
@@ -14,6 +24,10 @@ _start:
 	xorl %r12d, %r12d; xorl %r13d, %r13d; xorl %r14d, %r14d; xorl %r15d, %r15d
 	outb %al, $VTL_PORT_RETURN
 	jmp vtl1_loop
+2:	movl $2, %eax           /* no stack for this VP: exit status 2, as for bad boot info */
+	outl %eax, $VTL_PORT_EXIT
+	hlt
+	jmp 2b
 
 /* Every later entry resumes after the VTL-return OUT it left by, with VTL0's values in
  * all registers but RSP.  Fast path for VTL_CALL_NOP: this host emulates every guest

@@ -2,26 +2,54 @@
 #include "vtl1.h"
 #include "probe.h"
 
-uint8_t vtl1_stack[32768] __attribute__((aligned(16)));
+/* One stack per VP (entry.S picks it by vp_index; this_vp() finds it back). */
+uint8_t vtl1_stacks[VTL1_MAX_VPS][VTL1_STACK_SIZE] __attribute__((aligned(VTL1_STACK_SIZE)));
 struct vtl_boot_info *bi;
+struct spinlock vtl1_lock;
+_Static_assert(__builtin_offsetof(struct vtl_boot_info, vp_index) == VTL_BOOT_INFO_VP_INDEX_OFF,
+	       "entry.S reads vp_index at VTL_BOOT_INFO_VP_INDEX_OFF");
 
 /* The shared registers as VTL0 left them (pushed by entry.S, lowest address first). */
 struct frame {
 	uint64_t r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
 };
 
+static int boot_info_ok(const struct vtl_boot_info *boot, uint32_t vp)
+{
+	return boot->magic == VTL_BOOT_MAGIC && boot->abi_version == VTL_ABI_VERSION && boot->vtl == 1 &&
+	       boot->vp_index == vp && boot->nr_vps <= VTL1_MAX_VPS && vp < boot->nr_vps;
+}
+
+/* The first entry on a VP (entry reason NONE).  The boot VP (at VTL_HC_ENABLE_VTL1) sets
+ * up what VTL1 has once for the partition: descriptor tables, page tables, the allowlist.
+ * An AP (started by VTL1 itself, VTL_CALL_START_AP) only loads those and sets its own
+ * %gs; the partition's state is the boot VP's, which is up before any AP can start. */
 void vtl1_main(struct vtl_boot_info *boot)
 {
-	arch_init();
-	if (boot->magic != VTL_BOOT_MAGIC || boot->abi_version != VTL_ABI_VERSION || boot->vtl != 1) {
+	uint32_t vp = this_vp();
+	if (vp == 0)
+		arch_init();
+	if (!boot_info_ok(boot, vp) || (vp != 0 && !bi)) {
 		printf("bad boot info\n");
 		guest_exit(2);
 	}
-	bi = boot;
-	paging_init(bi->mem_size);
+	if (vp != 0)
+		arch_init_ap();         /* the boot VP's GDT and IDT (no TR: a #DF is fatal here) */
+	if (vp == 0) {
+		bi = boot;
+		paging_init(bi->mem_size);
+	} else {
+		paging_load();
+	}
 	/* %gs -> this VP's vtl_control, for the fast path in entry.S */
-	wrmsr(MSR_GS_BASE, bi->control_gpa + bi->vp_index * 4096ULL);
-	printf("secure kernel up (vp %u of %u), image %#lx-%#lx\n", bi->vp_index, bi->nr_vps,
+	wrmsr(MSR_GS_BASE, bi->control_gpa + vp * 4096ULL);
+	/* VALUE "vtl1_up" = the VP index, from every VP (the VMM records which VP sent it). */
+	report_value("vtl1_up", vp);
+	if (vp != 0) {
+		printf("secure kernel up on AP %u of %u\n", vp, bi->nr_vps);
+		return;
+	}
+	printf("secure kernel up (vp %u of %u), image %#lx-%#lx\n", vp, bi->nr_vps,
 	       bi->image_start, bi->image_end);
 	/* BYTES "vtl1_measurement": what the VMM wrote into boot_info (docs/abi.md, Measurement) */
 	report_bytes("vtl1_measurement", bi->measurement, sizeof(bi->measurement));
@@ -42,7 +70,7 @@ int in_vtl0(uint64_t gpa, uint64_t len)
 static uint64_t vp_register(uint64_t reg)
 {
 	uint64_t v = 0;
-	if (hypercall(VTL_HC_GET_VP_REGISTER, bi->vp_index, reg, 0, &v) != VTL_OK)
+	if (hypercall(VTL_HC_GET_VP_REGISTER, this_vp(), reg, 0, &v) != VTL_OK)
 		printf("GET_VP_REGISTER %lu failed\n", reg);
 	return v;
 }
@@ -87,9 +115,32 @@ static int reg_probe(struct frame *f, struct vtl_control *ctl)
 	return 1;
 }
 
+static int dispatch_locked(struct frame *f, struct vtl_control *ctl);
+
 int vtl1_dispatch(struct frame *f)
 {
-	struct vtl_control *ctl = (struct vtl_control *)(bi->control_gpa + bi->vp_index * 4096ULL);
+	uint32_t vp = this_vp();
+	struct vtl_control *ctl = (struct vtl_control *)(bi->control_gpa + vp * 4096ULL);
+	if (ctl->entry_reason == VTL_ENTRY_NONE) {
+		/* An AP started again after a kexec that kept VTL1 (persist): its VTL1 is up
+		 * already (its pins were reset with the kexec); its VTL0 may start. */
+		report_value("vtl1_up", vp);
+		return 0;
+	}
+	if (ctl->entry_reason == VTL_ENTRY_CALL && ctl->vtl0_rax == VTL_CALL_ECHO) {
+		ctl->vtl0_rcx += 1;             /* touches nothing shared: no lock */
+		ctl->vtl0_rax = VTL_OK;
+		return 0;
+	}
+	spin_lock(&vtl1_lock);
+	int fast = dispatch_locked(f, ctl);
+	spin_unlock(&vtl1_lock);
+	return fast;
+}
+
+/* Everything else, under vtl1_lock: VTL1 on another VP may be in here too. */
+static int dispatch_locked(struct frame *f, struct vtl_control *ctl)
+{
 	if (ctl->entry_reason == VTL_ENTRY_INTERCEPT) {
 		policy_intercept(&ctl->intercept);
 		return 0;
@@ -100,10 +151,6 @@ int vtl1_dispatch(struct frame *f)
 	}
 	switch (ctl->vtl0_rax) {
 	case VTL_CALL_NOP:
-		ctl->vtl0_rax = VTL_OK;
-		return 0;
-	case VTL_CALL_ECHO:
-		ctl->vtl0_rcx += 1;
 		ctl->vtl0_rax = VTL_OK;
 		return 0;
 	case VTL_CALL_REG_PROBE:
@@ -152,6 +199,9 @@ int vtl1_dispatch(struct frame *f)
 		return 0;
 	case VTL_CALL_MODULE_UNLOAD:
 		ctl->vtl0_rax = module_unload(f->rcx, f->rdi);
+		return 0;
+	case VTL_CALL_START_AP:         /* RCX = struct vtl_start_vp in VTL0 memory */
+		ctl->vtl0_rax = policy_start_ap(f->rcx);
 		return 0;
 	default:
 		ctl->vtl0_rax = VTL_E_INVALID_CODE;

@@ -67,20 +67,34 @@ static uint64_t list_buf[VTL_PROTECT_MAX_PER_CALL];
 static struct vtl_protect_request req;
 uint64_t audit_allowed;
 
-/* VTL0's privileged section, as named at the lock (0 pages: none). */
+/* VTL0's privileged section, as named at the first lock (0 pages: none): the partition's,
+ * as its memory is (every VP's lock names the same). */
 static uint64_t priv_gpa, priv_pages;
-/* Register pinning: on once VTL_HC_SET_INTERCEPT_CONTROL succeeded at the lock. */
-static int pinning;
-static struct {
+/* The page-table roots the first lock locked: every VP's CR3 must be one of them. */
+static uint64_t roots[MAX_ROOTS];
+static int nroots;
+/* The section is NR for VTL0 and the VMM decodes it (the first lock's register pinning
+ * succeeded): each VP's own lock then asks the VMM to judge that VP's register writes. */
+static int section_judged;
+/* Registers are private to each VP, so their pins are per VP (docs/smp.md): each VP's
+ * VTL0 locks its own (VTL_CALL_LOCK_PAGE_TABLES on that VP), judged against its own
+ * pins from then on; END_OF_BOOT waits for every AP VTL1 started. */
+struct vp_pins {
+	int locked;             /* this VP's registers are pinned (its own lock) */
+	int pinning;            /* VTL_HC_SET_INTERCEPT_CONTROL succeeded for this VP */
 	uint64_t cr0, cr4, efer, xcr0, gdtr, idtr, ldtr, tr;
 	int have_xcr0, have_gdtr, have_idtr, have_ldtr, have_tr;
 	/* What the descriptor-table registers load, read from the VMM at the lock: a
 	 * pinned register is judged by its base and limit, not only by its value. */
 	uint64_t gdtr_limit, idtr_limit, ldtr_base, ldtr_limit, tr_base, tr_limit;
 	int have_tables;
-	uint64_t roots[MAX_ROOTS];
-	int nroots;
-} pin;
+};
+static struct vp_pins pins[VTL1_MAX_VPS];
+/* APs VTL1 started (VTL_CALL_START_AP accepted by the VMM): online from then on, so
+ * END_OF_BOOT waits for their locks even before their VTL1 has come up. */
+static uint8_t started[VTL1_MAX_VPS];
+
+static struct vp_pins *my_pins(void) { return &pins[this_vp()]; }
 static struct vtl_intercept_control ictl;
 
 static uint64_t npages(void) { return bi->mem_size >> 12; }
@@ -458,7 +472,7 @@ static uint64_t walk(uint64_t root)
 
 static uint64_t vp_reg(uint64_t reg, uint64_t *v)
 {
-	return hypercall(VTL_HC_GET_VP_REGISTER, bi->vp_index, reg, 0, v);
+	return hypercall(VTL_HC_GET_VP_REGISTER, this_vp(), reg, 0, v);   /* this VP's VTL0 */
 }
 
 static uint64_t set_intercept_control(uint32_t flags)
@@ -573,22 +587,22 @@ static uint64_t read_u64_va(uint64_t root, uint64_t va, int *ok)
 	return v;
 }
 
-static uint64_t check_descriptor_tables(uint64_t root)
+static uint64_t check_descriptor_tables(const struct vp_pins *pin, uint64_t root)
 {
 	ndesc = desc_violations = 0;
-	uint64_t gdt = pin.gdtr, idt = pin.idtr, tss = pin.tr_base, ldt = pin.ldtr_base;
+	uint64_t gdt = pin->gdtr, idt = pin->idtr, tss = pin->tr_base, ldt = pin->ldtr_base;
 	/* An IDT too short for one gate delivers nothing (every event is a triple fault). */
-	if (!desc_range(root, gdt, pin.gdtr_limit + 1, "GDT") ||
-	    (pin.idtr_limit >= 15 && !desc_range(root, idt, pin.idtr_limit + 1, "IDT")))
+	if (!desc_range(root, gdt, pin->gdtr_limit + 1, "GDT") ||
+	    (pin->idtr_limit >= 15 && !desc_range(root, idt, pin->idtr_limit + 1, "IDT")))
 		return VTL_E_POLICY;
-	if ((pin.tr & ~3ULL) && !desc_range(root, tss, pin.tr_limit + 1, "TSS"))
+	if ((pin->tr & ~3ULL) && !desc_range(root, tss, pin->tr_limit + 1, "TSS"))
 		return VTL_E_POLICY;
-	if ((pin.ldtr & ~3ULL) && !desc_range(root, ldt, pin.ldtr_limit + 1, "LDT"))
+	if ((pin->ldtr & ~3ULL) && !desc_range(root, ldt, pin->ldtr_limit + 1, "LDT"))
 		return VTL_E_POLICY;
 	/* The stacks the TSS names: RSP0-2 and IST1-7 (the frame below each top). */
-	for (uint64_t slot = 0; (pin.tr & ~3ULL) && slot < 10; slot++) {
+	for (uint64_t slot = 0; (pin->tr & ~3ULL) && slot < 10; slot++) {
 		uint64_t off = 4 + 8 * (slot < 3 ? slot : slot + 1);
-		if (off + 8 > pin.tr_limit + 1)
+		if (off + 8 > pin->tr_limit + 1)
 			break;
 		int ok;
 		uint64_t top = read_u64_va(root, tss + off, &ok);
@@ -596,7 +610,7 @@ static uint64_t check_descriptor_tables(uint64_t root)
 			desc_address(root, top - 64, 64, slot < 3 ? "an RSP0-2 stack" : "an IST stack");
 	}
 	/* Every gate's handler (its first 15 bytes). */
-	for (uint64_t v = 0; v < 256 && 16 * v + 15 <= pin.idtr_limit; v++) {
+	for (uint64_t v = 0; v < 256 && 16 * v + 15 <= pin->idtr_limit; v++) {
 		int ok1, ok2;
 		uint64_t lo = read_u64_va(root, idt + 16 * v, &ok1), hi = read_u64_va(root, idt + 16 * v + 8, &ok2);
 		uint64_t type = (lo >> 40) & 0xF;
@@ -614,11 +628,61 @@ static uint64_t check_descriptor_tables(uint64_t root)
 	return VTL_OK;
 }
 
-static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out);
+/* The registers a lock pins, as the VMM reads them for the calling VP (whose VTL0 is
+ * stopped while its VTL1 runs), into `n`; VTL_OK, or why there is no lock. */
+static uint64_t read_pins(struct vp_pins *n, uint64_t *cr3)
+{
+	if (vp_reg(VTL_REG_CR0, &n->cr0) != VTL_OK || vp_reg(VTL_REG_CR3, cr3) != VTL_OK ||
+	    vp_reg(VTL_REG_CR4, &n->cr4) != VTL_OK || vp_reg(VTL_REG_EFER, &n->efer) != VTL_OK)
+		return VTL_E_INVALID_ARG;
+	n->have_tables = 0;
+	if (vp_reg(VTL_REG_GDTR, &n->gdtr) != VTL_OK || vp_reg(VTL_REG_IDTR, &n->idtr) != VTL_OK ||
+	    vp_reg(VTL_REG_LDTR, &n->ldtr) != VTL_OK || vp_reg(VTL_REG_TR, &n->tr) != VTL_OK ||
+	    vp_reg(VTL_REG_GDTR_LIMIT, &n->gdtr_limit) != VTL_OK ||
+	    vp_reg(VTL_REG_IDTR_LIMIT, &n->idtr_limit) != VTL_OK ||
+	    vp_reg(VTL_REG_LDTR_BASE, &n->ldtr_base) != VTL_OK ||
+	    vp_reg(VTL_REG_LDTR_LIMIT, &n->ldtr_limit) != VTL_OK ||
+	    vp_reg(VTL_REG_TR_BASE, &n->tr_base) != VTL_OK || vp_reg(VTL_REG_TR_LIMIT, &n->tr_limit) != VTL_OK)
+		return VTL_E_INVALID_ARG;   /* a VMM that cannot say what the tables are: no lock */
+	if (!(n->efer & EFER_NXE))
+		return VTL_E_POLICY;    /* NX bits would mean nothing */
+	if ((n->cr0 & CR0_PINNED) != CR0_PINNED)
+		return VTL_E_POLICY;    /* pinning WP clear would pin nothing worth having */
+	return VTL_OK;
+}
 
+/* The descriptor-table pages check_descriptor_tables found become NW|NX (immutable), but
+ * those VTL0 cannot write already (its text, rodata, or sealed by an earlier lock): they
+ * must be data VTL1 may seal.  The pages to seal go to seal[]. */
+static uint64_t seal[MAX_DESC_PAGES];
+static uint64_t desc_to_seal(uint64_t *nseal)
+{
+	*nseal = 0;
+	for (uint64_t i = 0; i < ndesc; i++) {
+		uint8_t a = page[desc_pages[i] >> 12];
+		if (a & VTL_MEM_NW)
+			continue;
+		if (a & (F_IMMUTABLE | F_EXEC) || policy_xmapped(desc_pages[i]))
+			return VTL_E_IMMUTABLE;
+		seal[(*nseal)++] = desc_pages[i];
+	}
+	return VTL_OK;
+}
+
+static int is_root(uint64_t root);
+static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out);
+static uint64_t lock_ap(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out);
+
+/* VTL_CALL_LOCK_PAGE_TABLES.  The first call (the boot VP's, in the built-in kernel) locks
+ * what is the partition's, the page tables and the privileged section, and pins the
+ * caller's registers; every later call is another VP pinning its own (lock_ap).  APs may
+ * run VTL0 during the first lock's walk: VTL0 is trusted until END_OF_BOOT (design §9),
+ * and from the lock on the tables are read-only on every VP. */
 uint64_t policy_lock_page_tables(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out)
 {
 	*pinning_out = 0;
+	if (locked)
+		return lock_ap(sec_gpa, sec_pages, pinning_out);
 	uint64_t st = lock(sec_gpa, sec_pages, pinning_out);
 	if (st != VTL_OK && !locked)
 		priv_gpa = priv_pages = 0;      /* a refused lock names no section */
@@ -644,23 +708,13 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 	priv_gpa = sec_gpa;
 	priv_pages = sec_pages;
 
-	uint64_t cr0 = 0, cr3 = 0, cr4 = 0, efer = 0;
-	if (vp_reg(VTL_REG_CR0, &cr0) != VTL_OK || vp_reg(VTL_REG_CR3, &cr3) != VTL_OK ||
-	    vp_reg(VTL_REG_CR4, &cr4) != VTL_OK || vp_reg(VTL_REG_EFER, &efer) != VTL_OK)
-		return VTL_E_INVALID_ARG;
-	pin.have_tables = 0;
-	if (vp_reg(VTL_REG_GDTR, &pin.gdtr) != VTL_OK || vp_reg(VTL_REG_IDTR, &pin.idtr) != VTL_OK ||
-	    vp_reg(VTL_REG_LDTR, &pin.ldtr) != VTL_OK || vp_reg(VTL_REG_TR, &pin.tr) != VTL_OK ||
-	    vp_reg(VTL_REG_GDTR_LIMIT, &pin.gdtr_limit) != VTL_OK ||
-	    vp_reg(VTL_REG_IDTR_LIMIT, &pin.idtr_limit) != VTL_OK ||
-	    vp_reg(VTL_REG_LDTR_BASE, &pin.ldtr_base) != VTL_OK ||
-	    vp_reg(VTL_REG_LDTR_LIMIT, &pin.ldtr_limit) != VTL_OK ||
-	    vp_reg(VTL_REG_TR_BASE, &pin.tr_base) != VTL_OK || vp_reg(VTL_REG_TR_LIMIT, &pin.tr_limit) != VTL_OK)
-		return VTL_E_INVALID_ARG;   /* a VMM that cannot say what the tables are: no lock */
-	if (!(efer & EFER_NXE))
-		return VTL_E_POLICY;    /* NX bits would mean nothing */
-	if ((cr0 & CR0_PINNED) != CR0_PINNED)
-		return VTL_E_POLICY;    /* pinning WP clear would pin nothing worth having */
+	/* This VP's pins, recorded only once the lock holds. */
+	struct vp_pins n = *my_pins();
+	uint64_t cr3 = 0;
+	uint64_t rst = read_pins(&n, &cr3);
+	if (rst != VTL_OK)
+		return rst;
+	uint64_t efer = n.efer;
 
 	uint64_t root = cr3 & PTE_ADDR;
 	uint64_t st = walk(root);
@@ -688,24 +742,17 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 	for (uint64_t i = 0; i < ntables; i++)
 		if (check_range(tables[i], 1, VTL_MEM_NW | VTL_MEM_NX, 0) != VTL_OK || in_priv(tables[i]))
 			return VTL_E_IMMUTABLE;
-	st = check_descriptor_tables(root);
+	st = check_descriptor_tables(&n, root);
 	if (st != VTL_OK)
 		return st;
-	/* The descriptor-table pages become NW|NX (immutable), but those VTL0 cannot write
-	 * already (its text, rodata): must be data VTL1 may seal. */
-	static uint64_t seal[MAX_DESC_PAGES];
 	uint64_t nseal = 0;
-	for (uint64_t i = 0; i < ndesc; i++) {
-		uint8_t a = page[desc_pages[i] >> 12];
-		if (a & VTL_MEM_NW)
-			continue;
-		if (a & (F_IMMUTABLE | F_EXEC) || policy_xmapped(desc_pages[i]))
-			return VTL_E_IMMUTABLE;
-		seal[nseal++] = desc_pages[i];
-	}
+	st = desc_to_seal(&nseal);
+	if (st != VTL_OK)
+		return st;
 
 	/* Register pinning.  VTL_E_INVALID_CODE: this VMM cannot decode the privileged
 	 * section; the section then stays executable for VTL0 and registers are unpinned. */
+	int pinning = 0;
 	st = set_intercept_control(VTL_ICTL_ALL);
 	report_value("set_intercept_control", st);
 	if (st == VTL_OK) {
@@ -723,7 +770,6 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 	if (st != VTL_OK) {
 		if (pinning)
 			set_intercept_control(0);
-		pinning = 0;
 		return st;
 	}
 	for (uint64_t i = 0; i < ntables; i++) {
@@ -735,13 +781,12 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 		if (st != VTL_OK) {
 			if (pinning)
 				set_intercept_control(0);
-			pinning = 0;
 			return st;
 		}
 		for (uint64_t i = 0; i < nseal; i++)
 			record(seal[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
 	}
-	pin.have_tables = 1;
+	n.have_tables = 1;
 	for (uint64_t k = 0; k < nxleaves; k++)
 		for (uint64_t off = 0; off < xleaves[k].size; off += 4096) {
 			uint64_t pa = xleaves[k].pa + off;
@@ -767,17 +812,18 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 			report_value("set_intercept_control", pst);
 		}
 	}
+	section_judged = pinning;
 
 	/* The values pinned from now on. */
-	pin.cr0 = cr0;
-	pin.cr4 = cr4;
-	pin.efer = efer;
-	pin.roots[0] = root;
-	pin.nroots = 1;
+	roots[0] = root;
+	nroots = 1;
 	if (pinning) {   /* where the VMM reads them; else each intercept's old value is the pin */
-		pin.have_xcr0 = vp_reg(VTL_REG_XCR0, &pin.xcr0) == VTL_OK;
-		pin.have_gdtr = pin.have_idtr = pin.have_ldtr = pin.have_tr = 1;   /* read above */
+		n.have_xcr0 = vp_reg(VTL_REG_XCR0, &n.xcr0) == VTL_OK;
+		n.have_gdtr = n.have_idtr = n.have_ldtr = n.have_tr = 1;   /* read above */
 	}
+	n.pinning = pinning;
+	n.locked = 1;
+	*my_pins() = n;
 	*pinning_out = (uint64_t)pinning;
 	report_value("locked_table_pages", ntables);
 	report_value("scan_bytes", scanned << 12);     /* every byte VTL0 can execute */
@@ -791,10 +837,95 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 	return VTL_OK;
 }
 
+/* An AP's own lock.  The page tables and the privileged section are the partition's,
+ * locked by the first lock; what is this VP's is its registers.  The same rules as for
+ * the boot VP: EFER.NXE and CR0.PE/WP/PG set, a CR3 that is a root VTL1 locked (its VTL0
+ * runs on tables VTL1 checked), descriptor tables sealed with nothing of theirs in the
+ * section; then the VMM judges this VP's register writes too (the section is NR already). */
+static uint64_t lock_ap(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out)
+{
+	uint32_t vp = this_vp();
+	struct vp_pins *pin = my_pins(), n = *pin;
+	if (boot_over || pin->locked)
+		return VTL_E_POLICY;
+	if (!sec_pages)
+		sec_gpa = 0;
+	if (sec_gpa != priv_gpa || sec_pages != priv_pages) {
+		printf("lock refused: VP%u names the section %#lx (+%lu pages), not the partition's "
+		       "%#lx (+%lu)\n", vp, sec_gpa, sec_pages, priv_gpa, priv_pages);
+		return VTL_E_POLICY;
+	}
+	uint64_t cr3 = 0;
+	uint64_t st = read_pins(&n, &cr3);
+	if (st != VTL_OK)
+		return st;
+	uint64_t root = cr3 & PTE_ADDR;
+	if (!is_root(root)) {
+		printf("lock refused: VP%u runs on CR3 %#lx, not a root VTL1 locked\n", vp, cr3);
+		return VTL_E_POLICY;
+	}
+	st = check_descriptor_tables(&n, root);
+	if (st != VTL_OK)
+		return st;
+	uint64_t nseal = 0;
+	st = desc_to_seal(&nseal);
+	if (st != VTL_OK)
+		return st;
+	if (nseal) {
+		st = vmm_protect((uint64_t)seal, nseal, VTL_MEM_NW | VTL_MEM_NX, 0);
+		if (st != VTL_OK)
+			return st;
+		for (uint64_t i = 0; i < nseal; i++)
+			record(seal[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
+	}
+	n.have_tables = 1;
+	n.pinning = 0;
+	if (section_judged) {
+		st = set_intercept_control(VTL_ICTL_ALL);     /* this VP's: the VMM keeps one per VP */
+		report_value("set_intercept_control", st);
+		if (st == VTL_OK)
+			n.pinning = 1;
+		else if (st != VTL_E_INVALID_CODE)
+			return st;
+	}
+	if (n.pinning) {
+		n.have_xcr0 = vp_reg(VTL_REG_XCR0, &n.xcr0) == VTL_OK;
+		n.have_gdtr = n.have_idtr = n.have_ldtr = n.have_tr = 1;
+	}
+	n.locked = 1;
+	*pin = n;
+	*pinning_out = (uint64_t)n.pinning;
+	report_value("register_pinning", (uint64_t)n.pinning);
+	printf("VP%u's registers pinned: CR0 %#lx, CR4 %#lx, EFER %#lx, on the locked root %#lx%s\n", vp,
+	       n.cr0, n.cr4, n.efer, root, n.pinning ? "" : " (register pinning unavailable)");
+	return VTL_OK;
+}
+
+/* A STATUS report of a refusal, with VTL1's reason: the VMM shows it beside the status
+ * (and tests read it), value[2] = the VP it is about. */
+static uint64_t refused(const char *what, uint64_t code, uint64_t st, uint64_t vp, const char *why)
+{
+	report(VTL_REPORT_STATUS, what, code, st, vp, 0, why);
+	printf("%s refused (VP%lu): %s\n", what, vp, why);
+	return st;
+}
+
 uint64_t policy_end_of_boot(void)
 {
 	if (boot_over)
 		return VTL_E_POLICY;
+	/* With APs online, every online VP (the boot VP and each AP VTL1 started) must have
+	 * pinned its registers first: from here on VTL0 is untrusted on every VP, and a VP
+	 * without pins would be judged by nothing.  (One VP alone may end its boot unlocked,
+	 * as before there were APs.) */
+	int aps = 0;
+	for (uint32_t v = 1; v < bi->nr_vps; v++)
+		aps |= started[v];
+	for (uint32_t v = 0; aps && v < bi->nr_vps; v++)
+		if ((v == 0 || started[v]) && !pins[v].locked)
+			return refused("end_of_boot", VTL_CALL_END_OF_BOOT, VTL_E_POLICY, v,
+				       v ? "an AP has not locked its registers" :
+				       "the boot VP has not locked its registers");
 	uint64_t n = 0, end = after_boot_hi < npages() ? after_boot_hi : npages();
 	for (uint64_t i = after_boot_lo; i < end; i++) {
 		if (!(page[i] & F_AFTER_BOOT))
@@ -814,6 +945,50 @@ uint64_t policy_end_of_boot(void)
 	boot_over = 1;
 	report_value("ro_after_init_pages", n);
 	printf("end of boot: %lu ro_after_init pages now read-only\n", n);
+	return VTL_OK;
+}
+
+/* ---- VTL_CALL_START_AP ------------------------------------------------------------------
+ * With VTL1 enabled only VTL1 may start an AP (VTL_HC_START_VP from VTL0 is refused), so
+ * what an AP's VTL0 starts with is VTL1's decision: code VTL1 protected (r-x, immutable),
+ * a stack VTL0 may write, and once the page tables are locked, the locked root.  Boot
+ * only: after END_OF_BOOT VTL0 is untrusted, and an AP that could start then would do so
+ * with nothing of its registers pinned.  VTL0's request is copied once into VTL1 memory
+ * (VTL0 on another VP may rewrite it while VTL1 checks); that copy is what is checked and
+ * what the VMM is given. */
+static struct vtl_start_vp start_req;
+
+uint64_t policy_start_ap(uint64_t gpa)
+{
+	if (vtl0_read(&start_req, gpa, sizeof(start_req)) != VTL_OK)
+		return refused("start_ap", VTL_CALL_START_AP, VTL_E_INVALID_ARG, 0, "request not readable");
+	const struct vtl_start_vp *r = &start_req;
+	uint32_t vp = r->vp_index;
+	if (boot_over)
+		return refused("start_ap", VTL_CALL_START_AP, VTL_E_POLICY, vp, "boot is over: no AP starts now");
+	if (r->flags)
+		return refused("start_ap", VTL_CALL_START_AP, VTL_E_INVALID_ARG, vp, "unknown flags");
+	if (vp == 0 || vp >= bi->nr_vps)
+		return refused("start_ap", VTL_CALL_START_AP, VTL_E_INVALID_ARG, vp, "no such AP");
+	if (!in_vtl0(r->rip, 1) || r->rsp < 8 || !in_vtl0(r->rsp - 8, 8) || (r->cr3 & 0xFFF) ||
+	    !in_vtl0(r->cr3, 4096))
+		return refused("start_ap", VTL_CALL_START_AP, VTL_E_INVALID_ARG, vp,
+			       "rip, rsp or cr3 outside VTL0 memory");
+	/* Code VTL1 protected: r-x and immutable (VTL_CALL_PROTECT's text), not the section. */
+	uint8_t code = page[r->rip >> 12];
+	if ((code & ATTR_MASK) != VTL_MEM_NW || !(code & F_IMMUTABLE) || in_priv(r->rip))
+		return refused("start_ap", VTL_CALL_START_AP, VTL_E_POLICY, vp,
+			       "rip is not in the text VTL1 protected");
+	if (!vtl0_writable(r->rsp - 8, 8))
+		return refused("start_ap", VTL_CALL_START_AP, VTL_E_POLICY, vp,
+			       "rsp is not on memory VTL0 may write");
+	if (locked && !is_root(r->cr3))
+		return refused("start_ap", VTL_CALL_START_AP, VTL_E_POLICY, vp, "cr3 is not the root VTL1 locked");
+	uint64_t st = hypercall(VTL_HC_START_VP, (uint64_t)&start_req, 0, 0, NULL);
+	if (st != VTL_OK)
+		return refused("start_ap", VTL_CALL_START_AP, st, vp, "VTL_HC_START_VP refused");
+	started[vp] = 1;        /* online from now on: END_OF_BOOT waits for its lock */
+	printf("starting AP %u at %#lx (stack %#lx, CR3 %#lx)\n", vp, r->rip, r->rsp, r->cr3);
 	return VTL_OK;
 }
 
@@ -866,16 +1041,25 @@ uint64_t policy_scan_range(uint64_t gpa, uint64_t len, uint64_t ok_gpa, uint64_t
 
 void policy_persist_reset(uint64_t new_priv_gpa, uint64_t new_priv_pages)
 {
-	if (!locked) {                  /* never pinned: the old kernel's values carry over */
-		vp_reg(VTL_REG_CR0, &pin.cr0);
-		vp_reg(VTL_REG_CR4, &pin.cr4);
-		vp_reg(VTL_REG_EFER, &pin.efer);
-		pin.have_xcr0 = vp_reg(VTL_REG_XCR0, &pin.xcr0) == VTL_OK;
+	struct vp_pins *pin = my_pins();
+	if (!pin->locked) {             /* never pinned: the old kernel's values carry over */
+		vp_reg(VTL_REG_CR0, &pin->cr0);
+		vp_reg(VTL_REG_CR4, &pin->cr4);
+		vp_reg(VTL_REG_EFER, &pin->efer);
+		pin->have_xcr0 = vp_reg(VTL_REG_XCR0, &pin->xcr0) == VTL_OK;
+	}
+	/* The new kernel starts on this VP (the APs are offline until it starts them): what
+	 * this VP carries holds on every VP, and each VP's own lock comes anew. */
+	struct vp_pins c = { .cr0 = pin->cr0, .cr4 = pin->cr4, .efer = pin->efer, .xcr0 = pin->xcr0,
+			     .have_xcr0 = pin->have_xcr0 };
+	for (uint32_t v = 0; v < VTL1_MAX_VPS; v++) {
+		pins[v] = c;
+		started[v] = 0;
 	}
 	carried = 1;
 	locked = boot_over = 0;
-	pin.nroots = 0;
-	pin.have_gdtr = pin.have_idtr = pin.have_ldtr = pin.have_tr = pin.have_tables = 0;
+	nroots = 0;
+	section_judged = 0;
 	uint64_t v1 = bi->vtl1_base >> 12, v1e = (bi->vtl1_base + bi->vtl1_size) >> 12;
 	fill_pages(0, v1, VTL_MEM_NX);
 	fill_pages(v1, v1e - v1, 0);
@@ -888,20 +1072,20 @@ void policy_persist_reset(uint64_t new_priv_gpa, uint64_t new_priv_pages)
 	after_boot_hi = 0;
 	priv_gpa = new_priv_pages ? new_priv_gpa : 0;
 	priv_pages = new_priv_pages;
-	pinning = 0;
 }
 
 uint64_t policy_persist_pin(void)
 {
 	uint64_t st = set_intercept_control(priv_pages ? VTL_ICTL_ALL : 0);
-	pinning = priv_pages && st == VTL_OK;
+	my_pins()->pinning = priv_pages && st == VTL_OK;
+	section_judged = my_pins()->pinning;
 	return st;
 }
 
 /* ---- secure intercepts ------------------------------------------------------------ */
-static int canonical(uint64_t v)
+static int canonical(const struct vp_pins *pin, uint64_t v)
 {
-	int bits = (pin.cr4 & CR4_LA57) ? 57 : 48;
+	int bits = (pin->cr4 & CR4_LA57) ? 57 : 48;
 	return (uint64_t)((int64_t)(v << (64 - bits)) >> (64 - bits)) == v;
 }
 
@@ -922,8 +1106,8 @@ static void deny_gp(struct vtl_intercept *m)
 
 static int is_root(uint64_t root)
 {
-	for (int i = 0; i < pin.nroots; i++)
-		if (pin.roots[i] == root)
+	for (int i = 0; i < nroots; i++)
+		if (roots[i] == root)
 			return 1;
 	return 0;
 }
@@ -951,9 +1135,10 @@ static int xcr0_legal(uint64_t v)
 static const char *judge_register(const struct vtl_intercept *m)
 {
 	uint64_t v = m->new_value, old = m->old_value;
-	if (!locked && !carried)
-		return NULL;                    /* before the lock VTL0 is trusted */
-	if (!locked && m->reg != VTL_REG_CR0 && m->reg != VTL_REG_CR0_LOW && m->reg != VTL_REG_CR4 &&
+	const struct vp_pins *pin = my_pins();   /* this VP's: registers are per VP */
+	if (!pin->locked && !carried)
+		return NULL;                    /* before this VP's lock its VTL0 is trusted */
+	if (!pin->locked && m->reg != VTL_REG_CR0 && m->reg != VTL_REG_CR0_LOW && m->reg != VTL_REG_CR4 &&
 	    m->reg != VTL_REG_XCR0)
 		return NULL;                    /* a kexec'd kernel sets up its own CR3 and tables */
 	switch (m->reg) {
@@ -964,7 +1149,7 @@ static const char *judge_register(const struct vtl_intercept *m)
 			return "CR0.NW without CR0.CD";
 		if ((v & CR0_PG) && !(v & CR0_PE))
 			return "CR0.PG without CR0.PE";
-		if ((v ^ pin.cr0) & CR0_PINNED)
+		if ((v ^ pin->cr0) & CR0_PINNED)
 			return "CR0.PE/WP/PG are pinned";
 		return NULL;
 	case VTL_REG_CR0_LOW:           /* LMSW/CLTS: bits 0-3; only PE is pinned there */
@@ -972,12 +1157,12 @@ static const char *judge_register(const struct vtl_intercept *m)
 			return "CR0.PE is pinned";
 		return NULL;
 	case VTL_REG_CR4:
-		if ((v ^ pin.cr4) & CR4_PINNED)
+		if ((v ^ pin->cr4) & CR4_PINNED)
 			return "CR4 is pinned but for MCE, PGE, PCE, VMXE";
 		return NULL;
 	case VTL_REG_CR3: {
 		uint64_t root = v & PTE_ADDR;
-		uint64_t extra = (pin.cr4 & CR4_PCIDE) ? ((1ULL << 63) | 0xFFF) : (CR3_PWT | CR3_PCD);
+		uint64_t extra = (pin->cr4 & CR4_PCIDE) ? ((1ULL << 63) | 0xFFF) : (CR3_PWT | CR3_PCD);
 		if (v & ~(root | extra))
 			return "reserved CR3 bits";
 		if (!is_root(root))
@@ -987,35 +1172,35 @@ static const char *judge_register(const struct vtl_intercept *m)
 	case VTL_REG_XCR0:
 		if (!xcr0_legal(v))
 			return "illegal XCR0";
-		if (!locked && !pin.have_xcr0)
+		if (!pin->locked && !pin->have_xcr0)
 			return NULL;            /* carried, but never read: nothing to hold it to */
-		if (v != (pin.have_xcr0 ? pin.xcr0 : old))
+		if (v != (pin->have_xcr0 ? pin->xcr0 : old))
 			return "XCR0 is pinned";
 		return NULL;
 	case VTL_REG_GDTR:
 	case VTL_REG_IDTR: {
-		int have = m->reg == VTL_REG_GDTR ? pin.have_gdtr : pin.have_idtr;
-		uint64_t base = m->reg == VTL_REG_GDTR ? pin.gdtr : pin.idtr;
-		uint64_t limit = m->reg == VTL_REG_GDTR ? pin.gdtr_limit : pin.idtr_limit;
-		if (!canonical(v))
+		int have = m->reg == VTL_REG_GDTR ? pin->have_gdtr : pin->have_idtr;
+		uint64_t base = m->reg == VTL_REG_GDTR ? pin->gdtr : pin->idtr;
+		uint64_t limit = m->reg == VTL_REG_GDTR ? pin->gdtr_limit : pin->idtr_limit;
+		if (!canonical(pin, v))
 			return "non-canonical base";
 		if (v != old || m->new_limit != m->old_limit || (have && v != base) ||
-		    (pin.have_tables && m->new_limit != limit))
+		    (pin->have_tables && m->new_limit != limit))
 			return "descriptor tables are fixed at the lock";
 		return NULL;
 	}
 	case VTL_REG_LDTR:
 	case VTL_REG_TR: {
 		int ldtr = m->reg == VTL_REG_LDTR;
-		int have = ldtr ? pin.have_ldtr : pin.have_tr;
-		uint64_t sel = ldtr ? pin.ldtr : pin.tr;
+		int have = ldtr ? pin->have_ldtr : pin->have_tr;
+		uint64_t sel = ldtr ? pin->ldtr : pin->tr;
 		if ((v >> 16) || v != old || (have && v != sel))
 			return "LDTR/TR are fixed at the lock";
 		/* Judged by what it loads: the descriptor behind the selector, as the VMM read
 		 * it (and will load it), must hold the base and limit pinned at the lock. */
-		if (pin.have_tables && (v & ~3ULL) &&
-		    (m->new_base != (ldtr ? pin.ldtr_base : pin.tr_base) ||
-		     m->new_limit != (ldtr ? pin.ldtr_limit : pin.tr_limit)))
+		if (pin->have_tables && (v & ~3ULL) &&
+		    (m->new_base != (ldtr ? pin->ldtr_base : pin->tr_base) ||
+		     m->new_limit != (ldtr ? pin->ldtr_limit : pin->tr_limit)))
 			return "LDTR/TR load only the table pinned at the lock (base and limit)";
 		return NULL;
 	}
@@ -1026,16 +1211,17 @@ static const char *judge_register(const struct vtl_intercept *m)
 
 static const char *judge_msr(uint32_t msr, uint64_t v)
 {
+	const struct vp_pins *pin = my_pins();
 	switch (msr) {
 	case MSR_EFER:
-		if ((locked || carried) && v != pin.efer)
+		if ((pin->locked || carried) && v != pin->efer)
 			return "EFER is pinned from the lock";
 		return NULL;
 	case MSR_LSTAR:
 	case MSR_CSTAR:
 	case MSR_SYSENTER_ESP:
 	case MSR_SYSENTER_EIP:
-		if (!canonical(v))
+		if (!canonical(pin, v))
 			return "non-canonical address";
 		break;
 	case MSR_SFMASK:

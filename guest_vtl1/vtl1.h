@@ -1,9 +1,46 @@
 #ifndef VTL1_H
 #define VTL1_H
 #include "lib.h"
+#include "stack.h"
 
+/* The boot VP's boot info: what every VP's has in common (memory, regions, allowlist).
+ * What differs per VP is its index: this_vp(). */
 extern struct vtl_boot_info *bi;
 int in_vtl0(uint64_t gpa, uint64_t len);
+
+/* ---- SMP (docs/smp.md, "VTL1 on every VP") ---------------------------------------------
+ * VTL1 runs on every VP, on the stack of its index (entry.S), so the running VP's index
+ * is where its stack pointer lies: VTL1's own memory, nothing the VMM or VTL0 says. */
+extern uint8_t vtl1_stacks[VTL1_MAX_VPS][VTL1_STACK_SIZE];
+static inline uint32_t this_vp(void)
+{
+	uint64_t sp;
+	asm volatile("mov %%rsp, %0" : "=r"(sp));
+	return (uint32_t)((sp - 1 - (uint64_t)vtl1_stacks) >> VTL1_STACK_SHIFT);
+}
+
+/* One lock for everything VTL1 keeps for the whole partition (policy.c's page map, pins
+ * and lock state, lifecycle.c's allowlist, kexec and module records, the static call
+ * buffers): VTL1 on several VPs may serve calls and intercepts at once.  vtl1_dispatch
+ * holds it around every call but the NOP fast path and ECHO, and around every intercept.
+ * A test-and-set spinlock with PAUSE is enough: contention is rare (the boot VP makes the
+ * boot-time calls, an AP makes a handful), so neither fairness nor sleeping is worth its
+ * code.  A VP spinning here stays interruptible by the VMM (a pause request kicks it out
+ * of KVM_RUN), so a VM-wide change the holder asks for meanwhile cannot deadlock on it. */
+struct spinlock {
+	volatile uint32_t held;
+};
+static inline void spin_lock(struct spinlock *l)
+{
+	while (__atomic_exchange_n(&l->held, 1, __ATOMIC_ACQUIRE))
+		while (l->held)
+			asm volatile("pause" ::: "memory");
+}
+static inline void spin_unlock(struct spinlock *l)
+{
+	__atomic_store_n(&l->held, 0, __ATOMIC_RELEASE);
+}
+extern struct spinlock vtl1_lock;
 
 /* policy.c: VTL1's memory policy for VTL0.
  * page[] (one byte per VTL0 page; tests/test_fuzz.py reads it): VTL_MEM_* | F_* */
@@ -20,6 +57,8 @@ uint64_t policy_protect(uint64_t gpa, uint64_t pages, uint64_t attrs, uint64_t f
 uint64_t policy_protect_pages(uint64_t list, uint64_t count, uint64_t attrs, uint64_t flags);
 uint64_t policy_lock_page_tables(uint64_t priv_gpa, uint64_t priv_pages, uint64_t *pinning);
 uint64_t policy_end_of_boot(void);
+/* VTL_CALL_START_AP: VTL0's struct vtl_start_vp at `gpa`, copied once and checked. */
+uint64_t policy_start_ap(uint64_t gpa);
 uint64_t policy_get(uint64_t gpa);
 void policy_intercept(struct vtl_intercept *m);
 /* The only ways VTL1 touches VTL0 memory on VTL0's behalf: VTL_OK, VTL_E_INVALID_ARG (not

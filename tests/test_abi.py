@@ -41,12 +41,14 @@ def test_c_and_python_agree_on_every_constant_and_struct(tmp_path: Path) -> None
 
 
 def test_assembly_offsets_match_the_structs() -> None:
-    """guest_vtl1/entry.S reads vtl_control through VTL_CONTROL_*_OFF."""
-    offs = {n: v for n, v in ABI.constants.items() if n.startswith("VTL_CONTROL_") and n.endswith("_OFF")}
-    assert offs
-    for name, value in offs.items():
-        field = name.removeprefix("VTL_CONTROL_").removesuffix("_OFF").lower()
-        assert abi_ffi.offsetof("struct vtl_control", field) == value, name
+    """guest_vtl1/entry.S reads vtl_control and vtl_boot_info through VTL_CONTROL_*_OFF and
+    VTL_BOOT_INFO_*_OFF."""
+    for prefix, struct in (("VTL_CONTROL_", "vtl_control"), ("VTL_BOOT_INFO_", "vtl_boot_info")):
+        offs = {n: v for n, v in ABI.constants.items() if n.startswith(prefix) and n.endswith("_OFF")}
+        assert offs
+        for name, value in offs.items():
+            field = name.removeprefix(prefix).removesuffix("_OFF").lower()
+            assert abi_ffi.offsetof(f"struct {struct}", field) == value, name
 
 
 def test_vtl1_only_hypercalls_are_above_the_boundary() -> None:

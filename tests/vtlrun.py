@@ -60,11 +60,13 @@ def run_scenario(images: tuple[Path, Path], scenario: str = "", *, vtl1: bool = 
                  timeout: float = RUN_TIMEOUT, snapshot: list[tuple[int, int]] | None = None,
                  backend: Backend | None = None, trust: list[bytes] | None = None,
                  kexec_policy: KexecPolicy = "teardown", staged: Path | None = None,
-                 reset_on_triple_fault: bool = False, mode: Mode = "vtl") -> Run:
+                 reset_on_triple_fault: bool = False, mode: Mode = "vtl", vps: int = 1) -> Run:
     """Run a scenario in a fresh partition; `snapshot` ranges of guest memory are copied
-    before the partition is closed.  `mode="heki"`: one VM, the VMM as KVM with Heki."""
+    before the partition is closed.  `mode="heki"`: one VM, the VMM as KVM with Heki.
+    `vps`: the partition's VPs (docs/smp.md)."""
     cfg = PartitionConfig(vtl0_image=images[0], vtl1_image=images[1] if vtl1 else None,
                           scenario=scenario, param=param, attr_backend=backend, trust=trust or [],
+                          nr_vps=vps,
                           kexec_policy=kexec_policy, staged=staged,
                           reset_on_triple_fault=reset_on_triple_fault)
     if mode == "heki":

@@ -99,7 +99,10 @@
                                            (entries before it were applied). */
 #define VTL_HC_SET_INTERCEPT_CONTROL 0x0103 /* VTL1: RDI = GPA of struct vtl_intercept_control
                                            (in VTL1 memory): which register writes of VTL0
-                                           VTL1 judges, and VTL0's privileged section.
+                                           VTL1 judges on the calling VP (per VP, as the
+                                           TLFS's HvX64RegisterCrInterceptControl), and VTL0's
+                                           privileged section (per partition: every VP's
+                                           control names the same one or none).
                                            RAX = status (VTL_E_INVALID_ARG, ..._OUT_OF_RANGE) */
 #define VTL_HC_VTL0_RESTART        0x0104 /* VTL1: RDI = GPA of struct vtl_restart (in VTL1
                                            memory).  At VTL1's next VTL return from the VTL
@@ -157,8 +160,15 @@
                                              section, RDI = its pages (0: none): no register
                                              write may be executable outside it.  Returns RCX
                                              = 1 if VTL1 now judges register writes (built-in
-                                             VTL1: docs/writing-guests.md).  Boot only.     */
-#define VTL_CALL_END_OF_BOOT       0x07   /* ro_after_init becomes R; boot-only calls refused */
+                                             VTL1: docs/writing-guests.md).  Boot only.
+                                             Pins the registers of the VP that calls it: the
+                                             first call (on the boot VP) also locks the tables
+                                             and names the section; each AP then calls it on
+                                             itself with the same section, on the locked root
+                                             (docs/smp.md)                                   */
+#define VTL_CALL_END_OF_BOOT       0x07   /* ro_after_init becomes R; boot-only calls refused.
+                                             VTL_E_POLICY while an AP VTL1 started has not
+                                             locked its registers (its own LOCK_PAGE_TABLES) */
 #define VTL_CALL_GET_PROTECTION    0x08   /* RCX = GPA: RCX = VTL_MEM_* VTL1 applied there  */
 #define VTL_CALL_SHA256            0x09   /* RCX = GPA of data in VTL0, RDI = length (at most
                                              VTL_SHA256_MAX_LEN), RDX = GPA of 32 bytes in VTL0:
@@ -214,6 +224,25 @@
 #define VTL_CALL_MODULE_UNLOAD     0x0F   /* RCX = GPA, RDI = pages of a validated or loaded
                                              module: NW|NX first, then rw- NX (a module area:
                                              stays NW|NX, zeroed)                           */
+#define VTL_CALL_START_AP          0x10   /* RCX = GPA of a struct vtl_start_vp in VTL0 memory:
+                                             with VTL1 enabled VTL0 may not call VTL_HC_START_VP
+                                             (VTL_E_ACCESS_DENIED), so it asks VTL1, which copies
+                                             the request once (VTL0 on another VP may change it
+                                             meanwhile), checks its copy and issues
+                                             VTL_HC_START_VP with it from VTL1 memory.  Built-in
+                                             VTL1 (docs/smp.md): refused with VTL_E_POLICY after
+                                             END_OF_BOOT, before the page tables are locked, when
+                                             rip is not in the text VTL1 protected (r-x, outside
+                                             the privileged section), rsp's stack is not memory
+                                             VTL0 may write or cr3 is not the root VTL1 locked;
+                                             VTL_E_INVALID_ARG: request unreadable, flags, no
+                                             such AP or the boot VP, rip/rsp/cr3 outside VTL0
+                                             memory; otherwise the hypercall's status
+                                             (VTL_E_BUSY: already started).  The AP's VTL1
+                                             initialises first, then its VTL0 runs at rip.  Its
+                                             VTL0 must then lock its own registers
+                                             (VTL_CALL_LOCK_PAGE_TABLES on that AP) before
+                                             END_OF_BOOT.                                    */
 
 /* ---- memory attributes per page per VTL (KVM_MEMORY_ATTRIBUTE_*) ------ */
 #define VTL_MEM_NR                 0x1    /* no read                                  */
@@ -334,10 +363,11 @@
 #define VTL_VERDICT_ALLOW          2      /* the VMM completes the access             */
 #define VTL_VERDICT_STOP           3      /* stop the partition                       */
 
-/* byte offsets in struct vtl_control, for assembly (checked by tests/test_abi.py) */
+/* byte offsets in struct vtl_control and vtl_boot_info, for assembly (checked by tests/test_abi.py) */
 #define VTL_CONTROL_ENTRY_REASON_OFF 0
 #define VTL_CONTROL_VTL0_RAX_OFF     8
 #define VTL_CONTROL_VTL0_RCX_OFF     16
+#define VTL_BOOT_INFO_VP_INDEX_OFF   16   /* struct vtl_boot_info.vp_index: VTL1 picks its stack */
 
 /* ---- guest-physical memory map -------------------------------------- */
 #define VTL_BOOT_MAGIC             0x544F4F424C54560AULL /* "\nVTLBOOT" */
@@ -524,7 +554,7 @@ struct vtl_kexec_request {
     struct vtl_kexec_segment seg[8];  /* VTL_KEXEC_MAX_SEGMENTS                  */
 };
 
-/* VTL_HC_START_VP's argument. */
+/* VTL_HC_START_VP's argument (and VTL_CALL_START_AP's, in VTL0 memory). */
 struct vtl_start_vp {
     uint32_t vp_index;       /* 1 .. nr_vps - 1 (VP0 is the boot VP)            */
     uint32_t flags;          /* 0                                               */

@@ -24,7 +24,7 @@ from vtl.abi import ABI
 from vtl.core import layout as lay
 from vtl.core.config import PartitionConfig
 from vtl.core.events import EventLog
-from vtl.core.privileged import InterceptControl
+from vtl.core.privileged import InterceptControl, InterceptControls
 from vtl.core.vp import OFFLINE, RUNNING_VTL0, VirtualProcessor
 from vtl.core.vtl import Vtl, VtlArray
 
@@ -50,16 +50,16 @@ class Partition:
         self.mem = GuestMemory(config.mem_size)
         self.vms: VtlArray[Vm | None] = VtlArray(lambda _: None)
         # VP0 boots; the APs wait offline until VTL0 starts them (VTL_HC_START_VP).
-        self.vps = [VirtualProcessor(i, state=RUNNING_VTL0 if i == 0 else OFFLINE)
+        self.vps = [VirtualProcessor(i, state=RUNNING_VTL0 if i == 0 else OFFLINE, starts=int(i == 0))
                     for i in range(config.nr_vps)]
         self.vtl1_measurement: str | None = None
         # VTL0's attributes as VTL1 set them, one byte per page (NR/NW/NX bits).
         self.vtl0_attrs = bytearray(config.mem_size // PAGE_SIZE)
         # Held while the backend and vtl0_attrs change (VPs' VTL1s may protect at once).
         self.attr_lock = threading.RLock()
-        # Which register writes of VTL0 VTL1 judges, and VTL0's privileged section
-        # (VTL_HC_SET_INTERCEPT_CONTROL); None until VTL1 sets it.
-        self.intercept_control: InterceptControl | None = None
+        # Which register writes of VTL0 VTL1 judges (per VP) and VTL0's privileged section
+        # (per partition): VTL_HC_SET_INTERCEPT_CONTROL (vtl/core/privileged.py).
+        self.intercept_controls = InterceptControls(config.nr_vps)
         # Boots of VTL0 before the current one (resets and kexecs; boot_info.boot_count).
         self.boot_count = 0
         self._closed = False
@@ -129,6 +129,17 @@ class Partition:
     @property
     def vtl1_enabled(self) -> bool:
         return self.vms[Vtl.VTL1] is not None
+
+    @property
+    def intercept_control(self) -> InterceptControl | None:
+        """The partition's register intercept control as tools show it (the section, and what
+        the boot VP's VTL1 judges); None until VTL1 sets one.  Per VP: `intercept_controls`."""
+        return self.intercept_controls.view()
+
+    @intercept_control.setter
+    def intercept_control(self, ctl: InterceptControl | None) -> None:
+        """The same control on every VP (Heki mode's VM-wide pins), or none (VTL1's end)."""
+        self.intercept_controls.set_all(ctl)
 
     @property
     def backend_name(self) -> str:

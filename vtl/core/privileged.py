@@ -51,6 +51,65 @@ class InterceptControl:
         return True
 
 
+class InterceptControls:
+    """VTL_HC_SET_INTERCEPT_CONTROL's state for a partition, and its one rule.
+
+    What VTL1 judges is per VP: registers are private to each VP, and the TLFS's
+    HvX64RegisterCrInterceptControl is a register of each VP, so the hypercall sets the
+    calling VP's flags and masks (an AP whose VTL1 has pinned nothing yet has its writes
+    applied as before any lock).  The privileged section is per partition: it is memory,
+    NR for VTL0 on every VP, so there is one, named by the last control that set it (every
+    VP's lock names the same one; a control with no pages removes it)."""
+
+    def __init__(self, nr_vps: int) -> None:
+        self._by_vp: list[InterceptControl | None] = [None] * nr_vps
+        self._section: tuple[int, int] | None = None         # (priv_gpa, priv_pages)
+
+    def set(self, vp: int, ctl: InterceptControl) -> None:
+        """VP `vp`'s VTL1 set `ctl`: its judging for that VP, its section for all."""
+        self._by_vp[vp] = ctl
+        self._section = (ctl.priv_gpa, ctl.priv_pages) if ctl.priv_pages else None
+
+    def set_all(self, ctl: InterceptControl | None) -> None:
+        """One control for every VP (Heki mode, whose KVM pins are VM-wide), or none (VTL1's
+        end: teardown, reset)."""
+        self._by_vp = [ctl] * len(self._by_vp)
+        self._section = (ctl.priv_gpa, ctl.priv_pages) if ctl is not None and ctl.priv_pages else None
+
+    def of(self, vp: int) -> InterceptControl | None:
+        """What VTL1 judges on VP `vp` (its control as set, the section aside)."""
+        return self._by_vp[vp]
+
+    def pinned(self, vp: int) -> bool:
+        """Does VTL1 judge any register write of VP `vp`?"""
+        ctl = self._by_vp[vp]
+        return ctl is not None and ctl.flags != 0
+
+    @property
+    def section(self) -> tuple[int, int] | None:
+        return self._section
+
+    def in_section(self, gpa: int) -> bool:
+        s = self._section
+        return s is not None and s[0] <= gpa < s[0] + s[1] * PAGE_SIZE
+
+    def judges(self, vp: int, reg: int, old: int, new: int) -> bool:
+        """Does VTL1 judge this write of VP `vp`'s VTL0?"""
+        ctl = self._by_vp[vp]
+        return ctl is not None and ctl.judges(reg, old, new)
+
+    def view(self) -> InterceptControl | None:
+        """The partition's control as the tools show it: the section, and what the lowest VP
+        with a control judges (the boot VP's once it locked); None when no VP has one and
+        there is no section."""
+        first = next((c for c in self._by_vp if c is not None), None)
+        s = self._section
+        if first is None:
+            return None if s is None else InterceptControl(0, 0, 0, s[0], s[1])
+        gpa, pages = s if s is not None else (0, 0)
+        return InterceptControl(first.flags, first.cr0_mask, first.cr4_mask, gpa, pages)
+
+
 @dataclass(frozen=True, slots=True)
 class SegmentLoad:
     """The hidden part LLDT/LTR load from a GDT descriptor (KVM's struct kvm_segment),

@@ -126,6 +126,10 @@ class VirtualProcessor:
     current: VCpu | None = None         # the vCPU of state.vtl (None once stopped)
     # VTL_HC_VTL0_RESTART: what VTL1 asked for, applied at its VTL return.
     restart: RestartRequest | None = None
+    # VTL1 on this VP has made its first VTL return (initialised); False again at its end.
+    vtl1_up: bool = False
+    # Times this VP was started (VP0 boots started; an AP counts each VTL_HC_START_VP).
+    starts: int = 0
     # This VP's counters (each written only by the VP's own thread; the run sums them).
     vtl_calls: int = 0
     vtl_returns: int = 0
@@ -147,6 +151,7 @@ class VirtualProcessor:
         if vtl == Vtl.VTL1:
             self.ctl = None
             self.restart = None
+            self.vtl1_up = False
         if self.current is vcpu:
             self.current = None
 

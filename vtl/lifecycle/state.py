@@ -32,9 +32,11 @@ def snapshot(p: Partition) -> dict[str, Any]:
     control = None if ctl is None else {
         "flags": ctl.flags, "cr0_mask": ctl.cr0_mask, "cr4_mask": ctl.cr4_mask,
         "priv_gpa": ctl.priv_gpa, "priv_pages": ctl.priv_pages}
+    # The VPs whose register writes VTL1 judges (each VP's own control; docs/smp.md).
+    pinned_vps = [vp.index for vp in p.vps if p.intercept_controls.pinned(vp.index)]
     msr_pins = sorted(PINNED_MSRS.values()) if p.vtl1_enabled else []
     h = hashlib.sha256(bytes(p.vtl0_attrs))
-    h.update(repr((applied, control, msr_pins)).encode())
+    h.update(repr((applied, control, pinned_vps, msr_pins)).encode())
     out: dict[str, Any] = {
         "vtl1_enabled": p.vtl1_enabled,
         "vtl1_measurement": p.vtl1_measurement,
@@ -44,6 +46,7 @@ def snapshot(p: Partition) -> dict[str, Any]:
         "backend_protected_runs": len(applied),
         "backend_protected_pages": sum((e - s) // PAGE_SIZE for s, e, _ in applied),
         "intercept_control": control,
+        "pinned_vps": pinned_vps,
         "msr_pins": msr_pins,
         "digest": h.hexdigest(),
     }

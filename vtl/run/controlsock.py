@@ -713,6 +713,8 @@ class ControlServer:
             "vtl0": vtl0,                 # what VTL1 set, as the VMM holds it
             "applied": applied,           # what the backend applied to VTL0's VM
             "intercept_control": ictl,    # None until VTL1 sets it
+            # The VPs whose register writes VTL1 judges (what it judges is per VP: docs/smp.md).
+            "pinned_vps": [vp.index for vp in p.vps if p.intercept_controls.pinned(vp.index)],
             # Writes to these MSRs exit to the VMM (KVM's MSR filter); while VTL1 is enabled
             # each is an intercept VTL1 judges (pinned), before that the VMM applies it.
             "msr_filter": msrs,

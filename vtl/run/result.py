@@ -15,6 +15,9 @@ class VpSummary(BaseModel):
     vtl_returns: int
     exits: int
     requests: int               # requests its runner served (pause, stop, reset, start)
+    starts: int = 0             # times it was started (VP0: 1; an AP: each VTL_HC_START_VP)
+    vtl1_up: bool = False       # its VTL1 initialised (made its first VTL return) and still exists
+    pinned: bool = False        # VTL1 judges its VTL0's register writes (its own intercept control)
 
 
 class RunResult(BaseModel):

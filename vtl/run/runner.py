@@ -88,6 +88,10 @@ class VpRunner:
         self._cond = threading.Condition()
         self.served = 0                        # requests acknowledged (status, tests)
         self._claimed = False                  # a START is queued or done (VTL_E_BUSY after)
+        # Between wait() handing out a request and the VP's next wait() or set_state(), the
+        # VP is acting on it (a START, a WAKE) while its state still says offline or halted:
+        # not idle, or "every VP idles" could be concluded in that window and end the run.
+        self._acting = False
         self.pending_wake = False              # a wake that came while it ran (its own thread only)
 
     # --- any thread -----------------------------------------------------------------------
@@ -156,20 +160,25 @@ class VpRunner:
             self.served -= len(held)
 
     def idle_with_nothing_queued(self) -> bool:
-        """Halted or offline with no request that could wake it (for "every VP idles")."""
+        """Halted or offline with no request that could wake it, and not acting on one it was
+        just handed (for "every VP idles")."""
         with self._cond:
-            return self.state in (RunState.HALTED, RunState.OFFLINE, RunState.EXITED) and not self.requests
+            return (self.state in (RunState.HALTED, RunState.OFFLINE, RunState.EXITED) and not self.requests
+                    and not self._acting)
 
     def wait(self) -> Request:
         """Block until a request arrives (offline or paused) and take it."""
         with self._cond:
+            self._acting = False
             while not self.requests:
                 self._cond.wait()
             self.served += 1
+            self._acting = True
             return self.requests.popleft()
 
     def set_state(self, state: RunState) -> None:
         with self._cond:
+            self._acting = False
             self.state = state
             if state is RunState.EXITED:
                 # Requests that arrive after the end are acknowledged by post(); those

@@ -488,8 +488,13 @@ class Scheduler:
         vcpu = vp.vcpus[VTL0]
         assert vcpu is not None
         lay.start_vcpu(vcpu, self.p.layout, VTL0, cr3=start.cr3, rip=start.rip, rsp=start.rsp, arg=start.arg)
+        vp.starts += 1
         self.events.emit(VpStarted(ts=self.events.now(), vp=vp.index, vtl=0, rip=start.rip, rsp=start.rsp,
                                    cr3=start.cr3, vtl1=self.p.vtl1_enabled))
+        if vp.ctl is not None:
+            # Its VTL1 first, with entry reason NONE: at its entry point after the enable,
+            # or where it last returned when it was up already (VTL1 kept across a kexec).
+            vp.ctl.entry_reason = ABI.VTL_ENTRY_NONE
         self._transition(vp, IN_VTL1_ENABLE if vp.vcpus[VTL1] is not None else RUNNING_VTL0)
         self.runners[vp.index].set_state(RunState.RUNNING)
 
@@ -595,9 +600,11 @@ class Scheduler:
             else "Python (asked for)")
 
     def vp_summaries(self) -> list[VpSummary]:
+        ctls = self.p.intercept_controls
         return [VpSummary(index=vp.index, state=str(vp.state), run_state=r.state.value,
                           reason=vp.state.reason, vtl_calls=vp.vtl_calls, vtl_returns=vp.vtl_returns,
-                          exits=sum(vp.port_counts) + sum(vp.exit_counts.values()), requests=r.served)
+                          exits=sum(vp.port_counts) + sum(vp.exit_counts.values()), requests=r.served,
+                          starts=vp.starts, vtl1_up=vp.vtl1_up, pinned=ctls.pinned(vp.index))
                 for vp, r in zip(self.p.vps, self.runners, strict=True)]
 
     def exits_by_reason(self) -> dict[str, int]:
@@ -746,9 +753,12 @@ class Scheduler:
                 dst.dirty[0] = SYNC_REGS
             outcome: Outcome = None
         elif state.entry is Entry.ENABLE:
-            # End of the enable flow: VTL0's registers are untouched but for the status.
+            # End of the enable flow (or of an AP's VTL1 start-up): VTL0's registers are
+            # untouched but for the status.  OR, not set: an AP's VTL0 has not run since
+            # its start context was written (its sregs are dirty too).
             v0.regs.rax = ABI.VTL_OK
-            dst.dirty[0] = SYNC_REGS
+            dst.dirty[0] |= SYNC_REGS
+            vp.vtl1_up = True
             outcome = None
         else:
             # An intercept: VTL0's registers were never handed to VTL1; apply the verdict.

@@ -84,7 +84,8 @@ class PrivilegedSection:
     # --- VTL_HC_SET_INTERCEPT_CONTROL -------------------------------------------------
     def set_control(self, vp: VirtualProcessor, gpa: int) -> tuple[int, str]:
         """Validate VTL1's struct vtl_intercept_control at `gpa` (copied once, from VTL1's
-        own memory) and make it the partition's; (status, reason)."""
+        own memory) and make it the calling VP's, its section the partition's
+        (InterceptControls); (status, reason)."""
         lay = self.p.layout
         if not (lay.vtl1_base <= gpa and gpa + CONTROL_SIZE <= lay.vtl1_end):
             return int(ABI.VTL_E_INVALID_ARG), f"the control at {gpa:#x} is not in VTL1 memory"
@@ -110,15 +111,14 @@ class PrivilegedSection:
             return int(ABI.VTL_E_OUT_OF_RANGE), f"{pages} pages at {priv_gpa:#x} run past guest memory"
         elif lay.in_vtl1(priv_gpa, pages * PAGE_SIZE):
             return int(ABI.VTL_E_OVERLAPS_VTL1), f"{pages} pages at {priv_gpa:#x} touch VTL1's region"
-        self.p.intercept_control = InterceptControl(flags, cr0_mask, cr4_mask, priv_gpa, pages)
+        self.p.intercept_controls.set(vp.index, InterceptControl(flags, cr0_mask, cr4_mask, priv_gpa, pages))
         self.events.emit(InterceptControlSet(ts=self.events.now(), vp=vp.index, vtl=1, flags=flags,
                                              cr0_mask=cr0_mask, cr4_mask=cr4_mask, priv_gpa=priv_gpa,
                                              priv_pages=pages))
         return int(ABI.VTL_OK), ""
 
     def in_section(self, gpa: int) -> bool:
-        ctl = self.p.intercept_control
-        if ctl is not None and ctl.in_section(gpa):
+        if self.p.intercept_controls.in_section(gpa):
             return True
         return any(lo <= gpa < hi for lo, hi in self.host_sections)
 
@@ -147,12 +147,11 @@ class PrivilegedSection:
         w = self._prepare(vcpu, ctx, d, bytes(insn.data[:d.length]), gprs)
         if isinstance(w, Fault):
             return self._fault(vp, vcpu, rip, w, d.op.value if d.op is not Op.MOV_CR else f"mov to cr{d.cr}")
-        ctl = self.p.intercept_control
         if self.host_judge is not None:       # a mode whose host owns the policy (vtl/modes/heki.py)
             denied = self.host_judge(vp, w)
             if denied is not None:
                 return self._fault(vp, vcpu, rip, denied, w.name)
-        elif ctl is not None and ctl.judges(w.reg, w.old, w.new):
+        elif self.p.intercept_controls.judges(vp.index, w.reg, w.old, w.new):   # this VP's VTL1
             return self.intercepts.register(vp, vcpu, w)
         fault = self.registers.apply(vcpu, w, allowed=False)
         if fault is not None:

@@ -25,6 +25,18 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
         more = f", and {result.vtl1_history_omitted} more" if result.vtl1_history_omitted else ""
         vtl1 += "\n              history: " + (" → ".join(result.vtl1_history) or "never enabled") + more
     exits = ", ".join(f"{k} {v}" for k, v in sorted(result.exits.items(), key=lambda kv: -kv[1]))
+    vps: list[str] = []
+    if len(result.vps) > 1:         # one line per VP: where it ended, its VTL1, its pins
+        for v in result.vps:
+            how = f"{v.state} ({v.reason})" if v.reason else v.state
+            started = f"started {v.starts}x" if v.starts > 1 else "started"
+            what = [started if v.starts else "never started"]
+            if v.vtl1_up:
+                what.append("VTL1 up")
+            if v.pinned:
+                what.append("registers pinned")
+            what.append(f"{v.vtl_calls} VTL calls, {v.exits} exits")
+            vps.append(f"{'VPs' if not vps else '':<14}vp{v.index:<3} {how:<30} {', '.join(what)}")
     return [
         "",
         "--- summary ---",
@@ -35,24 +47,12 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
         f"{'the host-owned Heki policy' if heki else 'VTL1'} sets it; `vtl caps`)",
         *([f"lifecycle     {result.boot_count} reboots of VTL0 ({result.resets} resets, "
             f"{result.kexecs} kexecs)"] if result.boot_count else []),
+        *vps,
         f"VTL switches  {result.vtl_switches} ({result.vtl_calls} calls, {result.vtl_returns} returns"
         f"{_switch_path(result)})",
-        *_vp_lines(result),
         f"exits         {exits or 'none'}",
         f"wall time     {result.wall_s:.3f} s",
     ]
-
-
-def _vp_lines(result: RunResult) -> list[str]:
-    """One line per VP when there are several: where each ended and what it did."""
-    if len(result.vps) < 2:
-        return []
-    lines = []
-    for v in result.vps:
-        why = f"{v.state} ({v.reason})" if v.reason else v.state
-        lines.append(f"{'VPs' if v.index == 0 else '':<14}VP{v.index}: {why}, {v.vtl_calls} VTL calls, "
-                     f"{v.exits} exits")
-    return lines
 
 
 def _switch_path(result: RunResult) -> str:
