@@ -243,8 +243,7 @@ SCENARIO(sc_smp_bench, "bench-smp-null-call", "every VP makes N null VTL calls a
 	 "timed by RDTSC per 100")
 {
 	const char *name = "bench-smp-null-call";
-	require_vtl1(name);
-	smp_boot(name);
+	harden(name, 1);                /* VTL1 on every VP, every AP started and locked */
 	smp_run_all(smp_null_calls, boot_info->param ? boot_info->param : 10000);
 	pass(name);
 }

@@ -4,8 +4,9 @@ Python one; and what pausing the other VPs costs (a single step with N VPs).
 
 Every figure comes from the guests' RDTSC stamps (one STAMPS report per VP, the VMM
 records which VP sent it): a VP's round trip is the median over its batches; the
-aggregate rate is every VP's calls over the span from the first VP's first stamp to the
-last VP's last stamp (KVM gives the vCPUs of a VM one TSC).
+aggregate rate counts the calls made while every VP was calling (the batches between the
+last VP's first stamp and the first VP's last stamp) over that window (KVM gives the
+vCPUs of a VM one TSC).
 """
 
 from __future__ import annotations
@@ -66,17 +67,23 @@ def measure_calls(vps: int, calls: int, fast: bool, vtl0: Path | None = None,
     if result.status != 0 or len({r.vp for r in stamped}) != vps or not khz:
         raise VmmError(f"bench-smp-null-call with {vps} VPs: {len({r.vp for r in stamped})} VPs reported "
                        f"timings ({result.reason}: {result.message})")
-    medians, first, last, total = [], [], [], 0
-    for r in stamped:
-        st, batch = r.u64s(), r.value[0]
+    series = [r.u64s() for r in stamped]
+    batch = stamped[0].value[0]
+    medians = []
+    for st in series:
         per = [(b - a) * 1e6 / khz / batch for a, b in zip(st, st[1:], strict=False)]
         medians.append(statistics.median(per))
-        first.append(st[0])
-        last.append(st[-1])
-        total += (len(st) - 1) * batch
-    span_s = (max(last) - min(first)) / (khz * 1e3)
+    # The window in which every VP was calling (they start as each is handed the work):
+    # the calls of the batches inside it, over its length.
+    lo, hi = max(st[0] for st in series), min(st[-1] for st in series)
+    inside = sum(batch for st in series for a, b in zip(st, st[1:], strict=False) if lo <= a and b <= hi)
+    if hi <= lo or not inside:
+        raise VmmError(f"bench-smp-null-call with {vps} VPs: the VPs' calls did not overlap "
+                       "(raise --smp-calls)")
+    total = sum((len(st) - 1) * batch for st in series)
+    span_s = (hi - lo) / (khz * 1e3)
     return SmpCalls(vps=vps, switch_path="C" if result.fast_switches else "Python",
-                    median_ns=statistics.median(medians), aggregate_per_s=total / span_s,
+                    median_ns=statistics.median(medians), aggregate_per_s=inside / span_s,
                     calls=total // vps)
 
 
