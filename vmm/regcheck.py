@@ -124,6 +124,35 @@ class CpuFeatures:
         return cls(allowed, maxphy, (xcr0 | XFEATURE_FP) & MASK64, efer, x2apic)
 
 
+# CR4 feature bits whose validity does not depend on the mode (api.rst: KVM_SET_SREGS
+# refuses a CR4 the vCPU cannot take, as a MOV to CR4 would fault).
+_CR4_PROBED = (CR4_FSGSBASE, CR4_OSXSAVE, CR4_SMEP, CR4_SMAP, CR4_UMIP, CR4_PKE)
+
+
+def probe_cr4_accepted(vcpu: Any) -> int:
+    """The CR4 feature bits KVM accepts on `vcpu` (a fresh one, with its CPUID set), by
+    trying each with KVM_SET_SREGS; the vCPU's own state is put back.  Some hosts accept
+    bits their supported CPUID does not advertise (this nested one: SMEP, SMAP, OSXSAVE),
+    and a MOV to CR4 that KVM would take natively must not be refused when the VMM
+    carries it out instead (the privileged section)."""
+    from vmm.errors import KvmIoctlError
+
+    original = vcpu.get_sregs()
+    accepted = 0
+    try:
+        for bit in _CR4_PROBED:
+            trial = vcpu.get_sregs()
+            trial.cr4 = int(original.cr4) | bit
+            try:
+                vcpu.set_sregs(trial)
+            except KvmIoctlError:
+                continue
+            accepted |= bit
+    finally:
+        vcpu.set_sregs(original)
+    return accepted
+
+
 def cpuid_entries(cpuid2: Any) -> list[CpuidEntry]:
     """The entries of a struct kvm_cpuid2 (as KVM_GET_SUPPORTED_CPUID returns it)."""
     return [(int(e.function), int(e.index), int(e.eax), int(e.ebx), int(e.ecx), int(e.edx))

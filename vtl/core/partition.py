@@ -9,6 +9,7 @@ vCPU per enabled VTL; the scheduler (vtl/run/scheduler.py) decides which of them
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from vmm import uapi as u
@@ -18,7 +19,7 @@ from vmm.errors import GuestImageError
 from vmm.files import read_input
 from vmm.kvm import Kvm, VCpu, Vm
 from vmm.memory import PAGE_SIZE, GuestMemory
-from vmm.regcheck import CpuFeatures, cpuid_entries
+from vmm.regcheck import CpuFeatures, cpuid_entries, probe_cr4_accepted
 from vmm.x86 import PINNED_MSRS
 from vtl.abi import ABI
 from vtl.core import layout as lay
@@ -46,7 +47,9 @@ class Partition:
         self.staged = self._stage(config.staged)
         self.kvm = Kvm()
         # What every vCPU's CPUID (the supported one, see new_vcpu) allows in CR4, CR3, XCR0.
+        # Widened at VP0's first vCPU by what KVM really accepts in CR4 (new_vcpu).
         self.cpu_features = CpuFeatures.from_cpuid(cpuid_entries(self.kvm.supported_cpuid()))
+        self._cr4_probed = False
         self.mem = GuestMemory(config.mem_size)
         self.vms: VtlArray[Vm | None] = VtlArray(lambda _: None)
         # VP0 boots; the APs wait offline until VTL0 starts them (VTL_HC_START_VP).
@@ -60,6 +63,8 @@ class Partition:
         # Which register writes of VTL0 VTL1 judges (per VP) and VTL0's privileged section
         # (per partition): VTL_HC_SET_INTERCEPT_CONTROL (vtl/core/privileged.py).
         self.intercept_controls = InterceptControls(config.nr_vps)
+        # [start, end) of the VTL0 kernel running now (its image; after a kexec, the new one's).
+        self.kernel_range = (0, 0)
         # Boots of VTL0 before the current one (resets and kexecs; boot_info.boot_count).
         self.boot_count = 0
         self._closed = False
@@ -80,6 +85,11 @@ class Partition:
         a kexec can start the next kernel from it (`VCpu.reset_state`; layout.restart_vcpu)."""
         vcpu = vm.create_vcpu(index)
         vcpu.set_cpuid(self.kvm.supported_cpuid())
+        if not self._cr4_probed:
+            accepted = probe_cr4_accepted(vcpu)
+            self.cpu_features = replace(self.cpu_features,
+                                        cr4_allowed=self.cpu_features.cr4_allowed | accepted)
+            self._cr4_probed = True
         vcpu.reset_state = vcpu.capture_reset_state()
         return vcpu
 
@@ -95,6 +105,7 @@ class Partition:
         """VTL0's VM, vCPUs and boot state from its image (at creation and at a RESET)."""
         img = self.vtl0_image
         load_image(img, self.mem, *self.layout.image_window(Vtl.VTL0))
+        self.kernel_range = (img.start, img.end)
         staged_gpa, staged = self.staged
         if staged:
             self.mem.write(staged_gpa, staged)

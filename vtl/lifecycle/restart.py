@@ -19,6 +19,7 @@ def restart_vtl0(p: Partition, req: RestartRequest) -> None:
     if req.teardown:
         teardown_vtl1(p)
     p.boot_count += 1
+    p.kernel_range = (req.image_start, req.image_end)
     layout = p.layout
     cr3 = lay.write_boot_tables(p.mem, layout, Vtl.VTL0)
     flags = p.boot_flags()

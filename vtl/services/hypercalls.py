@@ -114,14 +114,14 @@ class Hypercalls:
         raw = self.p.mem.read(gpa, START_VP_SIZE)            # copied once, then checked
         r = abi_ffi.from_buffer("struct vtl_start_vp *", bytearray(raw))
         index, rip, rsp, cr3 = int(r.vp_index), int(r.rip), int(r.rsp), int(r.cr3)
-        img = self.p.vtl0_image
+        start, end = self.p.kernel_range
         if not 1 <= index < len(self.p.vps):
             return Reply(int(ABI.VTL_E_INVALID_ARG), f"no AP {index} (APs are 1 to {len(self.p.vps) - 1})")
         if r.flags:
             return Reply(int(ABI.VTL_E_INVALID_ARG), f"unknown flags {r.flags:#x}")
-        if not img.start <= rip < img.end:
-            return Reply(int(ABI.VTL_E_INVALID_ARG), f"rip {rip:#x} is outside VTL0's image "
-                         f"{img.start:#x}-{img.end:#x}")
+        if not start <= rip < end:
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"rip {rip:#x} is outside the running VTL0 kernel "
+                         f"{start:#x}-{end:#x}")
         if not lay.in_vtl0(rsp - 8, 8):
             return Reply(int(ABI.VTL_E_INVALID_ARG), f"rsp {rsp:#x} is not in VTL0 memory")
         if cr3 & 0xFFF or not lay.in_vtl0(cr3, 4096):
