@@ -75,12 +75,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def measure_vtl_round_trip(calls: int, vtl0: Path | None = None, vtl1: Path | None = None,
-                           scenario: str = "bench-null-call") -> VtlRoundTrip:
+                           scenario: str = "bench-null-call", vps: int = 1) -> VtlRoundTrip:
     """Per-operation cost from the guest's RDTSC batches: a null VTL call, or (scenario
     bench-intercept-allow) a VTL0 write that becomes an intercept VTL1 allows."""
     config = PartitionConfig(vtl0_image=vtl0 or default_vtl0_image(),
                              vtl1_image=vtl1 or default_vtl1_image(),
-                             scenario=scenario, param=calls)
+                             scenario=scenario, param=calls, nr_vps=vps)
     with Partition(config) as partition:
         result, sched = control.run(partition, None, timeout=max(60.0, calls * 1e-3))
         raise_if_interrupted(result)
@@ -155,7 +155,13 @@ def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
     if lifecycle_repeats:
         step(f"lifecycle flows x{lifecycle_repeats}")
     life = lifecycle_costs(lifecycle_repeats).model_dump() if lifecycle_repeats else None
-    smp = run_smp_bench(smp_calls, vp_counts, C_FLOOR, step) if smp_calls else None
+    def cr_write(vps: int) -> tuple[float, float]:
+        m = measure_vtl_round_trip(max(200, intercepts // 4), scenario="bench-cr-write", vps=vps)
+        return m.median_ns, m.p90_ns
+
+    smp = (run_smp_bench(smp_calls, vp_counts, C_FLOOR, step,
+                         cr_write if intercepts and _has_scenario("bench-cr-write") else None)
+           if smp_calls else None)
     # Built by the set-up command (`make bench`); never built behind the user's back.
     step("C floor")
     cf = c_floor(calls, C_FLOOR) if C_FLOOR.exists() else None

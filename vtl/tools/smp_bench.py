@@ -12,6 +12,7 @@ vCPUs of a VM one TSC).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -46,8 +47,17 @@ class SmpPoint(BaseModel):
     c_floor: ParallelFloor | None
 
 
+class StepCost(BaseModel):
+    """A CR write VTL1 allows, from the privileged section (a decoded MOV, then the `ret`
+    single-stepped), with `vps` VPs: each step pauses the other VPs first."""
+    vps: int
+    median_ns: float
+    p90_ns: float
+
+
 class SmpBench(BaseModel):
     points: list[SmpPoint]
+    step_costs: list[StepCost] = []
     scaling_2vps: float | None          # aggregate with 2 VPs / with 1 VP (the C path if built)
     scaling_target: float = SCALING_TARGET
     meets_target: bool | None
@@ -88,7 +98,10 @@ def measure_calls(vps: int, calls: int, fast: bool, vtl0: Path | None = None,
 
 
 def run_smp_bench(calls: int, vp_counts: tuple[int, ...] = (1, 2, 4), c_floor: Path | None = None,
-                  step: Step = QUIET) -> SmpBench:
+                  step: Step = QUIET,
+                  cr_write: Callable[[int], tuple[float, float]] | None = None) -> SmpBench:
+    """`cr_write(vps)`: (median, p90) ns of an allowed CR write with that many VPs (vtl bench
+    passes its bench-cr-write measurement)."""
     from vtl.run import fastpath
 
     points = []
@@ -99,9 +112,14 @@ def run_smp_bench(calls: int, vp_counts: tuple[int, ...] = (1, 2, 4), c_floor: P
         pyf = python_floor_parallel(calls, n)
         cf = c_floor_parallel(calls, c_floor, n) if c_floor is not None and c_floor.exists() else None
         points.append(SmpPoint(vps=n, c_path=cpath, python_path=pypath, python_floor=pyf, c_floor=cf))
+    steps = []
+    if cr_write is not None:
+        for n in vp_counts:
+            median, p90 = cr_write(n)
+            steps.append(StepCost(vps=n, median_ns=median, p90_ns=p90))
     by = {p.vps: (p.c_path or p.python_path) for p in points}
     scaling = round(by[2].aggregate_per_s / by[1].aggregate_per_s, 3) if 1 in by and 2 in by else None
-    return SmpBench(points=points, scaling_2vps=scaling,
+    return SmpBench(points=points, step_costs=steps, scaling_2vps=scaling,
                     meets_target=None if scaling is None else scaling >= SCALING_TARGET)
 
 
@@ -118,6 +136,13 @@ def render_smp(b: SmpBench) -> str:
     for p in b.points:
         lines.append(f"  {p.vps:>3}  {cell(p.c_path)}  {cell(p.python_path)}  {cell(p.python_floor)}  "
                      f"{cell(p.c_floor)}")
+    if b.step_costs:
+        one = b.step_costs[0].median_ns
+        lines.append("  An allowed CR write from the privileged section (its `ret` single-stepped: the "
+                     "other VPs paused):")
+        for c in b.step_costs:
+            lines.append(f"  {c.vps:>3}  {c.median_ns / 1000:8.2f} µs (p90 {c.p90_ns / 1000:.2f})"
+                         f"  {c.median_ns / one:.2f}x one VP's")
     if b.scaling_2vps is not None:
         lines.append(f"  2 VPs / 1 VP aggregate: {b.scaling_2vps:.2f}x (target >= {b.scaling_target}x: "
                      f"{'met' if b.meets_target else 'NOT met'})")
