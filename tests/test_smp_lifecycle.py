@@ -41,3 +41,16 @@ def test_a_reset_with_several_vps_leaves_no_pin_and_every_ap_offline(guest_image
     assert cp.returncode == 0, doc["message"]
     assert doc["resets"] == 1
     assert all(v["starts"] == 1 and not v["pinned"] and not v["vtl1_up"] for v in doc["vps"][1:])
+
+
+def test_memmap_with_two_vps_shows_each_vps_own_pins(guest_images: tuple[Path, Path]) -> None:
+    # What VTL1 judges is each VP's (its own lock), read from the VMM's intercept controls;
+    # the control registers from KVM.
+    cp = vtl_cli("memmap", "--vps", "2", "--json")
+    doc = json.loads(cp.stdout)
+    assert cp.returncode == 0
+    vps = doc["vps"]
+    assert [v["index"] for v in vps] == [0, 1]
+    for v in vps:
+        assert {"cr0", "cr4", "idtr"} <= set(v["judged"])
+        assert v["cr0"] & (1 << 16)            # WP, as the VP left it under VTL1's pin

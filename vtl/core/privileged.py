@@ -39,6 +39,12 @@ class InterceptControl:
     def in_section(self, gpa: int) -> bool:
         return self.priv_gpa <= gpa < self.priv_end
 
+    @property
+    def registers(self) -> list[str]:
+        """The registers whose writes VTL1 judges, by name (cr0, cr3, ..., msr)."""
+        return [n.removeprefix("VTL_ICTL_").lower() for n, v in sorted(ABI.constants.items())
+                if n.startswith("VTL_ICTL_") and n != "VTL_ICTL_ALL" and self.flags & v]
+
     def judges(self, reg: int, old: int, new: int) -> bool:
         """Does VTL1 judge this write?  CR0/CR4: only a change of a masked bit."""
         flag = REG_FLAGS.get(reg, 0)

@@ -703,9 +703,7 @@ class ControlServer:
         ctl = p.intercept_control
         ictl = None
         if ctl is not None:
-            names = [n.removeprefix("VTL_ICTL_").lower() for n, v in sorted(ABI.constants.items())
-                     if n.startswith("VTL_ICTL_") and n != "VTL_ICTL_ALL" and ctl.flags & v]
-            ictl = {"flags": ctl.flags, "registers": names, "cr0_mask": ctl.cr0_mask,
+            ictl = {"flags": ctl.flags, "registers": ctl.registers, "cr0_mask": ctl.cr0_mask,
                     "cr4_mask": ctl.cr4_mask, "priv_gpa": ctl.priv_gpa, "priv_pages": ctl.priv_pages}
         return {
             "backend": p.backend_name,

@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "locks VTL0's page tables, ends boot) and show the attribute map of each VTL.")
     _images(m)
     _backend(m)
+    _vps(m)
     m.add_argument("--png", type=Path, metavar="FILE",
                    help="also draw the map (needs matplotlib: pip install '.[plot]')")
     _mode(m, "in Heki mode the map is the host-owned page permissions as this host enforces them")
@@ -532,7 +533,7 @@ def cmd_memmap(args: argparse.Namespace) -> int:
         mm = heki_build(PartitionConfig(vtl0_image=args.vtl0_image, scenario="harden",
                                         attr_backend=args.backend))
     else:
-        mm = build(args.vtl0_image, args.vtl1_image, backend=args.backend)
+        mm = build(args.vtl0_image, args.vtl1_image, backend=args.backend, vps=args.vps)
     if args.png:
         from vtl.tools.memmap import draw_png
         draw_png(mm, args.png)

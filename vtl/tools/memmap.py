@@ -13,6 +13,7 @@ from vmm.memory import PAGE_SIZE
 from vtl.core.config import Backend, PartitionConfig
 from vtl.core.events import EventLog
 from vtl.core.partition import Partition
+from vtl.core.vtl import Vtl
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
 from vtl.tools.figures import save_png
@@ -32,6 +33,16 @@ class Region(BaseModel):
     label: str
 
 
+class VpRegisters(BaseModel):
+    """One VP after the hardened boot: what VTL1 judges of its register writes (its own
+    lock: per VP) and the control registers KVM holds for its VTL0."""
+    index: int
+    judged: list[str]
+    cr0: int
+    cr4: int
+    efer: int
+
+
 class MemMap(BaseModel):
     mem_size: int
     backend: str
@@ -40,6 +51,7 @@ class MemMap(BaseModel):
     vtl1_base: int
     vtl1_end: int
     mode: str = "vtl"      # vtl | heki (one VM: the host-owned Heki policy, docs/heki-mode.md)
+    vps: list[VpRegisters] = []
 
 
 PRIV_LABEL = "privileged section"
@@ -60,10 +72,11 @@ def _labels(syms: dict[str, int], start: int, attrs: int, priv: tuple[int, int])
     return "free memory" if start >= syms.get("_image_end", 0) else "low memory"
 
 
-def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20, backend: Backend | None = None) -> MemMap:
+def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20, backend: Backend | None = None,
+          vps: int = 1) -> MemMap:
     """VTL mode's map (Heki mode's: vtl/tools/heki_memmap.py)."""
     cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario="harden", mem_size=mem_size,
-                          attr_backend=backend)
+                          attr_backend=backend, nr_vps=vps)
     with Partition(cfg, EventLog()) as p:
         result, _ = control.run(p, None, 60.0)
         raise_if_interrupted(result)
@@ -74,6 +87,7 @@ def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20, backend: Backend | 
         backend_name = p.backend_name
         layout = p.layout
         ictl = p.intercept_control
+        per_vp = [_vp_registers(p, vp.index) for vp in p.vps]
     # The privileged section as VTL1 declared it (VTL_HC_SET_INTERCEPT_CONTROL), else as
     # the image's symbols place it.
     priv = ((ictl.priv_gpa, ictl.priv_end) if ictl is not None and ictl.priv_pages else
@@ -83,7 +97,15 @@ def build(vtl0: Path, vtl1: Path, mem_size: int = 256 << 20, backend: Backend | 
     nx = ("KVM attributes" if backend_name == "rwx" else
           "VTL0's page tables (NX bits) locked r-- by VTL1, EFER.NXE pinned by the MSR filter")
     return MemMap(mem_size=mem_size, backend=backend_name, regions=regions, nx_enforced_by=nx,
-                  vtl1_base=layout.vtl1_base, vtl1_end=layout.vtl1_end)
+                  vtl1_base=layout.vtl1_base, vtl1_end=layout.vtl1_end, vps=per_vp)
+
+
+def _vp_registers(p: Partition, index: int) -> VpRegisters:
+    ctl = p.intercept_controls.of(index)
+    vcpu = p.vps[index].vcpus[Vtl.VTL0]
+    s = vcpu.get_sregs() if vcpu is not None else None
+    return VpRegisters(index=index, judged=ctl.registers if ctl is not None else [],
+                       cr0=int(s.cr0) if s else 0, cr4=int(s.cr4) if s else 0, efer=int(s.efer) if s else 0)
 
 
 IMAGE_LABELS = ("kernel text", PRIV_LABEL, "rodata", "ro_after_init", "data + bss", "page tables (locked)")
@@ -229,5 +251,9 @@ def render(m: MemMap) -> str:
         lines.append(f"  {r.start:#10x}  {r.end:#10x}  {(r.end - r.start) // PAGE_SIZE:6}  "
                      f"{r.vtl0:<4}  {r.label}")
     lines.append(f"NX is enforced by: {m.nx_enforced_by}")
+    for v in m.vps:
+        judged = " ".join(v.judged) or "nothing (not locked)"
+        lines.append(f"{'registers' if v.index == 0 else '':<9} vp{v.index}: VTL1 judges {judged}; "
+                     f"CR0 {v.cr0:#x} CR4 {v.cr4:#x} EFER {v.efer:#x}")
     lines.append("legend: " + ", ".join(f"{k} {v}" for k, v in LEGEND.items()))
     return "\n".join(lines)
