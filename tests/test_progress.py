@@ -18,7 +18,8 @@ from tests.vtlrun import REPO, SAFETY_TIMEOUT, vtl_cli
 
 pytestmark = pytest.mark.kvm
 
-BENCH = ("bench", "--calls", "100", "--intercepts", "0", "--no-protection", "--lifecycle", "0", "--smp-calls", "0")
+BENCH = ("bench", "--calls", "100", "--intercepts", "0", "--no-protection", "--lifecycle", "0",
+         "--smp-calls", "0")
 ATTACKS = ("attack", "--scenario", "write-kernel-text", "write-rodata")
 
 
