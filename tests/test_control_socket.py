@@ -348,6 +348,45 @@ def test_event_listener_api_is_thread_safe_and_keeps_trace_semantics() -> None:
     assert not log2._listeners and log2.trace is False
 
 
+def test_qemu_events_go_to_every_negotiated_client_and_never_before(guest_images: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """Two VPs spinning (no VTL1): one client's stop and another's cont reach every client
+    past the negotiation, as QEMU broadcasts its events; a client still negotiating gets
+    none, and after qmp_capabilities its reply comes first."""
+    path = control_sock_path(tmp_path)
+    seen: dict[str, Any] = {}
+
+    def client() -> None:
+        a, _ = _connect(path)
+        b, _ = _connect(path)
+        late, _ = _connect(path, negotiate=False)
+        assert a.ok("stop") == {}
+        assert b.ok("query-status")["status"] == "paused"
+        assert b.ok("cont") == {}
+        assert a.ok("query-status")["status"] == "running"
+        seen["a"], seen["b"] = list(a.events), list(b.events)
+        late.send_raw(b'{"execute": "qmp_capabilities", "id": "late"}')
+        seen["late_first"] = late.line()          # nothing came before the reply
+        assert late.ok("stop") == {}
+        assert late.ok("cont") == {}
+        seen["late"] = late.events
+        late.ok("quit")
+        seen["tails"] = [[m.get("event") for m in iter(x.line, None)] for x in (a, b, late)]
+
+    cfg = PartitionConfig(vtl0_image=guest_images[0], vtl1_image=None, scenario="smp-spin", param=0, nr_vps=2)
+    with Partition(cfg, EventLog(keep=100)) as p:
+        result, _ = _run_with_client(p, path, client)
+
+    # Each event before the reply of the command that caused it, to every client.
+    assert [e["event"] for e in seen["a"]] == ["STOP", "RESUME"], seen["a"]
+    assert [e["event"] for e in seen["b"]] == ["STOP", "RESUME"], seen["b"]
+    assert seen["late_first"] == {"return": {}, "id": "late"}
+    assert [e["event"] for e in seen["late"]] == ["STOP", "RESUME"]
+    # a and b also got late's STOP and RESUME, then SHUTDOWN; every one ends with SHUTDOWN.
+    assert seen["tails"] == [["STOP", "RESUME", "SHUTDOWN"]] * 2 + [["SHUTDOWN"]], seen["tails"]
+    assert result.reason == "stopped"
+
+
 # ---- hostile clients ------------------------------------------------------------------------
 def test_hostile_clients_get_errors_and_the_run_goes_on(guest_images: tuple[Path, Path],
                                                         tmp_path: Path) -> None:
