@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -85,6 +86,7 @@ class ControlSocketError(VmmError):
     """The control socket cannot be opened (a usage error: `vtl run` exits 2)."""
 
 
+@functools.cache
 def _version() -> str:
     try:
         return metadata.version("vtl-kvm")
@@ -94,7 +96,8 @@ def _version() -> str:
 
 def version_info() -> dict[str, Any]:
     """query-version's reply and the greeting's `version`: QEMU's VersionInfo, holding
-    vtl-kvm's own version (this is not a QEMU release; docs/control-socket.md)."""
+    vtl-kvm's own version (this is not a QEMU release; docs/control-socket.md).  A part
+    that is not a number ("0.1.0.dev3", "unknown") ends the triple; the rest are 0."""
     v = _version()
     triple = [0, 0, 0]
     for i, part in enumerate(v.split(".")[:3]):
