@@ -1,5 +1,6 @@
 """The control socket (docs/control-socket.md): a real client over the real Unix socket
-against a real, long-running guest.  The run happens in the test's main thread (it
+against a real, long-running guest, speaking QMP byte by byte (tests/test_qmp.py drives it
+with QEMU's own qemu.qmp and qmp-shell).  The run happens in the test's main thread (it
 installs signal handlers); the client talks to it from a thread, like an operator would."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.vtlrun import REPO, RUN_TIMEOUT, SAFETY_TIMEOUT, vtl_cli
+from tests.vtlrun import REPO, RUN_TIMEOUT, SAFETY_TIMEOUT, control_sock_path, vtl_cli, wait_for_path
 from vtl.abi import ABI
 from vtl.core.config import PartitionConfig
 from vtl.core.events import EventLog, GuestExit, VtlCall
@@ -33,13 +34,14 @@ pytestmark = pytest.mark.kvm
 
 
 class Client:
-    """A line-oriented client on the plain socket module."""
+    """A QMP client on the plain socket module: JSON objects one per line out, lines in."""
 
     def __init__(self, path: Path, timeout: float = 60.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(os.fspath(path))
         self.buf = b""
+        self.raw_lines: list[bytes] = []           # every line as it came, CRLF included
         self.events: list[dict[str, Any]] = []     # events seen while waiting for replies
 
     def send_raw(self, data: bytes) -> None:
@@ -52,6 +54,7 @@ class Client:
                 return None
             self.buf += data
         raw, self.buf = self.buf.split(b"\n", 1)
+        self.raw_lines.append(raw + b"\n")
         msg = json.loads(raw)
         assert isinstance(msg, dict)
         return msg
@@ -75,26 +78,21 @@ class Client:
         self.send_raw(json.dumps(msg).encode() + b"\n")
         return self.reply()
 
-    def ok(self, execute: str, **arguments: Any) -> dict[str, Any]:
+    def ok(self, execute: str, **arguments: Any) -> Any:
         r = self.cmd(execute, ident=execute, **arguments)
         assert "return" in r and r.get("id") == execute, r
-        return r["return"]  # type: ignore[no-any-return]
+        return r["return"]
 
     def close(self) -> None:
         self.sock.close()
 
 
-def _wait_for(path: Path, seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
-
-
-def _connect(path: Path) -> tuple[Client, dict[str, Any]]:
+def _connect(path: Path, negotiate: bool = True) -> tuple[Client, dict[str, Any]]:
     c = Client(path)
     greeting = c.line()
     assert greeting is not None
+    if negotiate and "QMP" in greeting:
+        assert c.ok("qmp_capabilities") == {}
     return c, greeting
 
 
@@ -109,18 +107,18 @@ def _partition(images: tuple[Path, Path], scenario: str, param: int,
 def _run_with_client(p: Partition, path: Path, client: Callable[[], None],
                      timeout: float = RUN_TIMEOUT) -> tuple[RunResult, Scheduler]:
     """Run `p` with the control socket at `path` in this thread, `client` in another; a
-    client that fails still ends the run (by `stop`), and its failure is raised here."""
+    client that fails still ends the run (by `quit`), and its failure is raised here."""
     failure: list[BaseException] = []
 
     def body() -> None:
         try:
-            _wait_for(path)
+            wait_for_path(path)
             client()
         except BaseException as e:
             failure.append(e)
             try:
                 c, _ = _connect(path)
-                c.cmd("stop")
+                c.cmd("quit")
             except OSError:
                 pass
 
@@ -134,59 +132,78 @@ def _run_with_client(p: Partition, path: Path, client: Callable[[], None],
     return result, sched
 
 
-def _sock_path(tmp_path: Path) -> Path:
-    # sun_path holds 107 bytes; pytest's tmp_path can be long.
-    path = tmp_path / "c.sock"
-    if len(os.fsencode(path)) > controlsock.SUN_PATH_MAX:
-        path = Path(f"/tmp/vtl-ctl-{os.getpid()}-{time.monotonic_ns()}.sock")
-    return path
+def _stamp(msg: dict[str, Any]) -> tuple[int, int]:
+    ts = msg["timestamp"]
+    assert set(ts) == {"seconds", "microseconds"} and 0 <= ts["microseconds"] < 1_000_000, ts
+    return ts["seconds"], ts["microseconds"]
 
 
 # ---- the commands ---------------------------------------------------------------------------
-def test_status_protections_events_and_stop(guest_images: tuple[Path, Path], tmp_path: Path) -> None:
+def test_status_protections_events_and_quit(guest_images: tuple[Path, Path], tmp_path: Path) -> None:
     """bench-intercept-allow hardens first (attributes, locked tables, register intercepts)
     and then makes ~2M intercepted writes: long enough to look at it while it runs."""
-    path = _sock_path(tmp_path)
+    path = control_sock_path(tmp_path)
     seen: dict[str, Any] = {}
 
     def client() -> None:
         c, greeting = _connect(path)
-        assert greeting["vtl"]["abi"] == ABI.VTL_ABI_VERSION and greeting["vtl"]["version"]
-        assert set(greeting["capabilities"]) >= {"query-status", "query-protections", "reset", "stop",
-                                                  "subscribe", "unsubscribe", "query-commands"}
-        assert [x["name"] for x in c.ok("query-commands")["commands"]] == greeting["capabilities"]
+        seen["greeting"], seen["greeting_raw"] = greeting, c.raw_lines[0]
+        seen["commands"] = [x["name"] for x in c.ok("query-commands")]
+        seen["version"] = c.ok("query-version")
         # Hardened once VTL1 has set the intercept control and the guest writes its audit page.
         deadline = time.monotonic() + 30
         while True:
-            prot = c.ok("query-protections")
-            st = c.ok("query-status")
+            prot = c.ok("vtl-query-protections")
+            st = c.ok("vtl-query-status")
             if prot["intercept_control"] is not None and st["events"].get("intercept", 0) > 0:
                 break
             assert time.monotonic() < deadline, (prot, st)
             time.sleep(0.05)
         seen["status"], seen["prot"] = st, prot
+        seen["qmp_status"] = c.ok("query-status")
+        seen["cpus"] = c.ok("query-cpus-fast")
         # Events: intercepts and their verdicts stream in, in order, with timestamps.
-        assert c.ok("subscribe", kinds=["intercept", "verdict"]) == {"trace": False,
-                                                                     "kinds": ["intercept", "verdict"]}
+        assert c.ok("vtl-subscribe", kinds=["intercept", "verdict"]) == {"trace": False,
+                                                                         "kinds": ["intercept", "verdict"]}
         got = [c.line() for _ in range(20)]
         seen["events"] = got
-        lost = c.ok("unsubscribe")["events_lost"]
+        seen["now"] = time.time()
+        lost = c.ok("vtl-unsubscribe")["events_lost"]
         assert isinstance(lost, int)
-        seen["status2"] = c.ok("query-status")
-        assert c.ok("stop") == {"already_stopping": False}
+        seen["status2"] = c.ok("vtl-query-status")
+        assert c.ok("quit") == {}
         with suppress(BrokenPipeError):         # the run may be over already
-            c.send_raw(b'{"execute": "stop", "id": 2}\n')
-        # Then the last lines: the second stop's reply if it came before the run ended (the
-        # first stop decides), a shutdown event carrying the result, and EOF.
+            c.send_raw(b'{"execute": "quit", "id": 2}\n')
+        # Then the last lines: the second quit's reply if it came before the run ended (the
+        # first end decides), SHUTDOWN carrying the result, and EOF.
         tail = []
         while (msg := c.line()) is not None:
             tail.append(msg)
         seen["tail"] = tail
+        seen["raw"] = c.raw_lines
 
     with _partition(guest_images, "bench-intercept-allow", 2_000_000) as p:
         result, sched = _run_with_client(p, path, client)
         vtl1_measurement = p.vtl1_measurement
 
+    # QMP's greeting: QEMU's VersionInfo holding vtl-kvm's version, no capability offered.
+    version = controlsock.version_info()
+    assert seen["greeting"] == {"QMP": {"version": version, "capabilities": []}}
+    assert version["package"].startswith("vtl-kvm ") and set(version["qemu"]) == {"major", "minor", "micro"}
+    assert seen["version"] == version
+    assert seen["commands"] == controlsock.COMMAND_NAMES
+    assert {"qmp_capabilities", "query-status", "stop", "cont", "system_reset", "quit", "query-cpus-fast",
+            "query-commands", "query-version", "vtl-query-protections",
+            "vtl-subscribe"} <= set(seen["commands"])
+    # Output is ASCII, each message a line ending in CRLF.
+    assert all(line.endswith(b"\r\n") and line.isascii() for line in seen["raw"]), seen["raw"][:3]
+
+    assert seen["qmp_status"] == {"running": True, "singlestep": False, "status": "running"}
+    cpus = seen["cpus"]                         # one VP, VTL0 and VTL1
+    assert [(x["cpu-index"], x["vp"], x["vtl"]) for x in cpus] == [(0, 0, 0), (1, 0, 1)]
+    assert all(x["target"] == "x86_64" and x["thread-id"] > 0 for x in cpus)
+    assert cpus[0]["thread-id"] == cpus[1]["thread-id"]     # both VTLs of a VP on its thread
+    assert all(x["created"] for x in cpus) and sum(x["active"] for x in cpus) == 1
     st = seen["status"]
     assert st["status"] == "running" and st["running"] is True
     assert st["scenario"] == "bench-intercept-allow" and st["param"] == 2_000_000
@@ -215,14 +232,18 @@ def test_status_protections_events_and_stop(guest_images: tuple[Path, Path], tmp
     events = seen["events"]
     assert {e["event"] for e in events} <= {"intercept", "verdict", "events_lost"}
     assert any(e["event"] == "intercept" and e["data"]["type"] == "memory" for e in events)
-    stamps = [e["timestamp"] for e in events if e["event"] != "events_lost"]
+    # QMP's timestamps: seconds and microseconds since the epoch, in order, and recent.
+    stamps = [_stamp(e) for e in events if e["event"] != "events_lost"]
     assert stamps == sorted(stamps)
+    assert abs(stamps[-1][0] - seen["now"]) < 60
 
     assert result.status == STATUS_STOPPED == 5 and result.reason == "stopped"
-    assert seen["tail"] and seen["tail"][-1]["event"] == "shutdown"
-    for msg in seen["tail"]:
-        assert msg.get("event") or msg == {"return": {"already_stopping": True}, "id": 2}, msg
-    assert seen["tail"][-1]["data"]["status"] == 5 and seen["tail"][-1]["data"]["reason"] == "stopped"
+    tail = seen["tail"]
+    assert tail and tail[-1]["event"] == "SHUTDOWN"
+    for msg in tail:
+        assert msg.get("event") or msg == {"return": {}, "id": 2}, msg
+    assert tail[-1]["data"] == {"guest": False, "reason": "host-qmp-quit", "exit-status": 5,
+                                "exit-reason": "stopped", "message": result.message}
     assert not path.exists()
     assert not sched.events._listeners            # every subscriber is gone with its client
 
@@ -231,20 +252,21 @@ def test_per_call_events_only_for_the_subscriber_that_asks(guest_images: tuple[P
                                                             tmp_path: Path) -> None:
     """bench-null-call makes 2M null VTL calls: vtl_call/vtl_return are emitted only while a
     subscriber asked for trace, and only that subscriber gets them."""
-    path = _sock_path(tmp_path)
+    path = control_sock_path(tmp_path)
     events = EventLog(keep=0)                  # trace off, as in `vtl run` without --events
     seen: dict[str, Any] = {}
 
     def client() -> None:
         plain, _ = _connect(path)
-        assert plain.ok("subscribe") == {"trace": False, "kinds": None}
-        bad = plain.cmd("subscribe")
-        assert bad["error"]["class"] == "InvalidState", bad
+        assert plain.ok("vtl-subscribe") == {"trace": False, "kinds": None}
+        bad = plain.cmd("vtl-subscribe")
+        assert bad["error"] == {"class": "GenericError",
+                                "desc": "already subscribed (vtl-unsubscribe first to change it)"}, bad
         seen["trace_before"] = events.trace
         traced, _ = _connect(path)
-        r = traced.cmd("subscribe", ident=1, kinds=["vtl_call"])
-        assert r["error"]["class"] == "InvalidArgument" and "trace" in r["error"]["desc"], r
-        assert traced.ok("subscribe", trace=True, kinds=["vtl_call", "vtl_return"])["trace"] is True
+        r = traced.cmd("vtl-subscribe", ident=1, kinds=["vtl_call"])
+        assert r["error"]["class"] == "GenericError" and "trace" in r["error"]["desc"], r
+        assert traced.ok("vtl-subscribe", trace=True, kinds=["vtl_call", "vtl_return"])["trace"] is True
         calls: list[dict[str, Any]] = []
         while len(calls) < 50:
             msg = traced.line()
@@ -254,13 +276,13 @@ def test_per_call_events_only_for_the_subscriber_that_asks(guest_images: tuple[P
                 calls.append(msg)
         seen["calls"] = calls
         seen["trace_on"] = events.trace
-        seen["sub"] = traced.ok("query-status")["subscription"]
-        traced.ok("unsubscribe")
+        seen["sub"] = traced.ok("vtl-query-status")["subscription"]
+        traced.ok("vtl-unsubscribe")
         seen["trace_off"] = events.trace
         plain.ok("query-status")                # events that reached `plain` meanwhile: kept
         seen["plain_events"] = plain.events
-        plain.ok("stop")
-        seen["tail"] = list(iter(plain.line, None))      # the last events, then the shutdown line
+        plain.ok("quit")
+        seen["tail"] = list(iter(plain.line, None))      # the last events, then SHUTDOWN
         plain.close()
         traced.close()
 
@@ -273,7 +295,7 @@ def test_per_call_events_only_for_the_subscriber_that_asks(guest_images: tuple[P
     assert not [e for e in seen["plain_events"] if e["event"] in controlsock.TRACE_KINDS]
     assert result.reason == "stopped"
     tail = seen["tail"]
-    assert [m["event"] for m in tail[-2:]] == ["guest_exit", "shutdown"], tail
+    assert [m["event"] for m in tail[-2:]] == ["guest_exit", "SHUTDOWN"], tail
     assert tail[-2]["data"]["status"] == STATUS_STOPPED and tail[-2]["data"]["reason"] == "stopped"
 
 
@@ -326,61 +348,137 @@ def test_event_listener_api_is_thread_safe_and_keeps_trace_semantics() -> None:
     assert not log2._listeners and log2.trace is False
 
 
+def test_qemu_events_go_to_every_negotiated_client_and_never_before(guest_images: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """Two VPs spinning (no VTL1): one client's stop and another's cont reach every client
+    past the negotiation, as QEMU broadcasts its events; a client still negotiating gets
+    none, and after qmp_capabilities its reply comes first."""
+    path = control_sock_path(tmp_path)
+    seen: dict[str, Any] = {}
+
+    def client() -> None:
+        a, _ = _connect(path)
+        b, _ = _connect(path)
+        late, _ = _connect(path, negotiate=False)
+        assert a.ok("stop") == {}
+        assert b.ok("query-status")["status"] == "paused"
+        assert b.ok("cont") == {}
+        assert a.ok("query-status")["status"] == "running"
+        seen["a"], seen["b"] = list(a.events), list(b.events)
+        late.send_raw(b'{"execute": "qmp_capabilities", "id": "late"}')
+        seen["late_first"] = late.line()          # nothing came before the reply
+        assert late.ok("stop") == {}
+        assert late.ok("cont") == {}
+        seen["late"] = late.events
+        late.ok("quit")
+        seen["tails"] = [[m.get("event") for m in iter(x.line, None)] for x in (a, b, late)]
+
+    cfg = PartitionConfig(vtl0_image=guest_images[0], vtl1_image=None, scenario="smp-spin", param=0, nr_vps=2)
+    with Partition(cfg, EventLog(keep=100)) as p:
+        result, _ = _run_with_client(p, path, client)
+
+    # Each event before the reply of the command that caused it, to every client.
+    assert [e["event"] for e in seen["a"]] == ["STOP", "RESUME"], seen["a"]
+    assert [e["event"] for e in seen["b"]] == ["STOP", "RESUME"], seen["b"]
+    assert seen["late_first"] == {"return": {}, "id": "late"}
+    assert [e["event"] for e in seen["late"]] == ["STOP", "RESUME"]
+    # a and b also got late's STOP and RESUME, then SHUTDOWN; every one ends with SHUTDOWN.
+    assert seen["tails"] == [["STOP", "RESUME", "SHUTDOWN"]] * 2 + [["SHUTDOWN"]], seen["tails"]
+    assert result.reason == "stopped"
+
+
 # ---- hostile clients ------------------------------------------------------------------------
 def test_hostile_clients_get_errors_and_the_run_goes_on(guest_images: tuple[Path, Path],
                                                         tmp_path: Path) -> None:
     """hypercall-storm refuses an unknown hypercall per iteration, each a `refused` event:
     a firehose for a subscriber that never reads."""
-    path = _sock_path(tmp_path)
+    path = control_sock_path(tmp_path)
     seen: dict[str, Any] = {}
 
     def client() -> None:
-        c, _ = _connect(path)
+        # Before the negotiation only qmp_capabilities runs (QEMU's words), and no event comes.
+        c, _ = _connect(path, negotiate=False)
+        early = {name: c.cmd(name, ident=name) for name in ("query-status", "query-commands", "no-such")}
+        c.send_raw(b"{oops}\n")
+        early["garbage"] = c.reply()
+        assert c.ok("qmp_capabilities") == {}
+        early["again"] = c.cmd("qmp_capabilities", ident="again")
+        other, _ = _connect(path, negotiate=False)
+        early["enable"] = other.cmd("qmp_capabilities", ident=9, enable=["oob"])
+        other.close()
+        seen["early"] = early
+
         deadline = time.monotonic() + 20
-        while c.ok("query-status")["exits"].get("io:hypercall", 0) == 0:     # the storm is on
+        while c.ok("vtl-query-status")["exits"].get("io:hypercall", 0) == 0:     # the storm is on
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        errors: dict[str, dict[str, Any]] = {}
+        errors: dict[str, list[dict[str, Any]]] = {}
 
         def bad(name: str, raw: bytes) -> None:
-            c.send_raw(raw)
-            r = c.reply()
-            assert "error" in r, (name, r)
-            errors[name] = r
+            """Send `raw`, then a request that works: everything before its reply answers `raw`."""
+            c.send_raw(raw + b'{"execute": "query-status", "id": "sync"}\n')
+            got = []
+            while (r := c.reply()).get("id") != "sync":
+                got.append(r)
+            assert got and all("error" in r for r in got), (name, got)
+            errors[name] = got
 
         bad("garbage", b"this is not json\n")
-        bad("truncated", b'{"execute": "query-status"\n')
+        # A request cut short waits for the rest, as QEMU's does; a control character resets
+        # the parser (qmp-spec.rst: "Forcing the JSON parser into known-good state").
+        bad("truncated", b'{"execute": "query-status"\n\x1b')
         bad("not-object", b"[1, 2, 3]\n")
         bad("number", b"42\n")
         bad("no-execute", b'{"arguments": {}}\n')
         bad("execute-not-string", b'{"execute": 7}\n')
         bad("extra-member", b'{"execute": "query-status", "foo": 1}\n')
-        bad("unknown", b'{"execute": "quit", "id": 1}\n')
-        bad("args-not-object", b'{"execute": "subscribe", "arguments": [true]}\n')
-        bad("args-wrong-type", b'{"execute": "subscribe", "arguments": {"trace": "yes"}, "id": "t"}\n')
+        bad("exec-oob", b'{"exec-oob": "query-status"}\n')          # no "oob" capability
+        bad("unknown", b'{"execute": "no-such-command", "id": 1}\n')
+        bad("args-not-object", b'{"execute": "vtl-subscribe", "arguments": [true]}\n')
+        bad("args-wrong-type", b'{"execute": "vtl-subscribe", "arguments": {"trace": "yes"}, "id": "t"}\n')
+        bad("args-item-type", b'{"execute": "vtl-subscribe", "arguments": {"kinds": [1]}}\n')
+        bad("args-too-many", b'{"execute": "vtl-subscribe", "arguments": {"kinds": ['
+            + b",".join([b'"refused"'] * 65) + b"]}}\n")
         bad("args-unknown", b'{"execute": "query-status", "arguments": {"verbose": true}}\n')
-        bad("kinds-unknown", b'{"execute": "subscribe", "arguments": {"kinds": ["nope"]}}\n')
+        bad("kinds-unknown", b'{"execute": "vtl-subscribe", "arguments": {"kinds": ["nope"]}}\n')
         bad("nan", b'{"execute": "query-status", "id": NaN}\n')
-        bad("not-utf8", b'{"execute": "\xff\xfe"}\n')
-        bad("deep", b"[" * 100_000 + b"\n")            # longer than a line may be, too
+        bad("not-utf8", b'{"execute": "\x80\xc3"}\n')
+        bad("byte-ff", b'{"execute": "\xff"}\n')     # a lexical error, then the stray `"}`
+        bad("deep", b"[" * 100_000 + b"\n")            # longer than a request may be, too
         bad("deep-short", b'{"id": ' + b"[" * 30_000 + b"]" * 30_000 + b', "execute": "x"}\n')
         bad("huge-int", b'{"execute": "query-status", "id": ' + b"9" * 5000 + b"}\n")
-        bad("unsubscribe-first", b'{"execute": "unsubscribe"}\n')
-        # A second "execute" used to win (the last key): a `stop` smuggled behind a query.
-        bad("duplicate-execute", b'{"execute": "query-status", "execute": "stop", "id": 2}\n')
-        bad("duplicate-argument", b'{"execute": "subscribe", "arguments": {"trace": false, '
+        bad("unsubscribe-first", b'{"execute": "vtl-unsubscribe"}\n')
+        # A second "execute" used to win (the last key): a `quit` smuggled behind a query.
+        bad("duplicate-execute", b'{"execute": "query-status", "execute": "quit", "id": 2}\n')
+        bad("duplicate-argument", b'{"execute": "vtl-subscribe", "arguments": {"trace": false, '
                                   b'"trace": true}}\n')
         bad("id-inf", b'{"execute": "query-status", "id": 1e999}\n')    # was an internal ValueError
         bad("id-too-deep", b'{"execute": "query-status", "id": ' + b"[" * 40 + b"]" * 40 + b"}\n")
-        # A line of 1 MiB without a newline for a while: one error, then skipped to the newline.
+        bad("reset-args", b'{"execute": "system_reset", "arguments": {"x": 1}}\n')
+        # A request of 1 MiB without a newline for a while: one error, then skipped to the newline.
         c.send_raw(b"x" * (1 << 20))
         r = c.reply()
         assert r["error"]["class"] == "GenericError" and "longer than" in r["error"]["desc"], r
         c.send_raw(b'y" }\n')                           # the end of that line: ignored
-        blank = b"\r\n   \n"                              # blank lines: ignored
-        c.send_raw(blank)
+        c.send_raw(b"\r\n   \n\t")                       # whitespace between requests: ignored
         seen["errors"] = errors
         assert c.ok("query-status")["running"] is True   # the same connection still works
+
+        # The id comes back as it was sent, whatever JSON value it is.
+        idents: list[Any] = [0, -1.5, "s", None, True, [1, {"a": []}], {"x": {"y": "z"}}, 2**70,
+                             "\u00e9\u2603"]
+        seen["idents"] = []
+        for ident in idents:
+            c.send_raw(json.dumps({"execute": "query-status", "id": ident}).encode() + b"\n")
+            seen["idents"].append((ident, c.reply()))
+        # Framing as QEMU's streamer: requests back to back with no newline (as qemu.qmp
+        # sends them), one cut across writes and lines, brackets inside strings.
+        c.send_raw(b'{"execute":"query-status","id":"a"}{"execute":"query-version","id":"b"}')
+        seen["back_to_back"] = [c.reply(), c.reply()]
+        for piece in (b'{"exe', b'cute": "query-st', b'atus",\n "id"', b': "}{][\\', b'"x"\n', b"}"):
+            c.send_raw(piece)
+            time.sleep(0.01)
+        seen["cut"] = c.reply()
 
         # 20 more clients: 7 fit beside `c` (8 at most), the rest are told and cut off.
         extra: list[Client] = []
@@ -394,15 +492,16 @@ def test_hostile_clients_get_errors_and_the_run_goes_on(guest_images: tuple[Path
                 assert x.line() is None              # then closed
                 x.close()
             else:
+                assert x.ok("qmp_capabilities") == {}
                 extra.append(x)
         seen["accepted"], seen["refused"] = len(extra), refused
 
         # A subscriber that never reads, with per-call tracing off: the VMM drops and counts.
         slow = extra[0]
-        slow.send_raw(b'{"execute": "subscribe", "id": "s"}\n')
-        s0 = c.ok("query-status")
+        slow.send_raw(b'{"execute": "vtl-subscribe", "id": "s"}\n')
+        s0 = c.ok("vtl-query-status")
         time.sleep(2.0)
-        s1 = c.ok("query-status")
+        s1 = c.ok("vtl-query-status")
         seen["s0"], seen["s1"] = s0, s1
         # Now read: the subscribe reply, events, and an events_lost notice with the count.
         got_lost = 0
@@ -413,41 +512,83 @@ def test_hostile_clients_get_errors_and_the_run_goes_on(guest_images: tuple[Path
             if msg.get("event") == "events_lost":
                 got_lost = msg["data"]["total"]
         seen["lost_event"] = got_lost
-        lost = slow.ok("unsubscribe")["events_lost"]
+        lost = slow.ok("vtl-unsubscribe")["events_lost"]
         seen["lost"] = lost
         # Half a message, then the client vanishes; a client that connects and says nothing.
         extra[1].send_raw(b'{"execute": "query-st')
         for x in extra:
             x.close()
         time.sleep(0.2)
-        st = c.ok("query-status")
+        st = c.ok("vtl-query-status")
         seen["final"] = st
         again, _ = _connect(path)                 # slots are free again
         again.close()
-        c.ok("stop")
+        c.ok("quit")
 
     with _partition(guest_images, "hypercall-storm", 1 << 40) as p:
         result, sched = _run_with_client(p, path, client, timeout=RUN_TIMEOUT)
 
-    errors = seen["errors"]
-    assert errors["unknown"]["error"]["class"] == "CommandNotFound" and errors["unknown"]["id"] == 1
-    assert errors["args-wrong-type"]["error"]["class"] == "InvalidArgument"
+    early = seen["early"]
+    for name in ("query-status", "query-commands", "no-such"):
+        assert early[name] == {"error": {"class": "CommandNotFound", "desc": controlsock.NEGOTIATION_FIRST},
+                               "id": name}, early[name]
+    assert early["garbage"]["error"]["class"] == "GenericError"
+    assert early["again"] == {"error": {"class": "CommandNotFound", "desc": controlsock.NEGOTIATION_DONE},
+                              "id": "again"}
+    assert early["enable"] == {"error": {"class": "GenericError", "desc": "Capability oob not available"},
+                               "id": 9}
+
+    errors = {name: got[0] for name, got in seen["errors"].items()}
+    assert {name for name, got in seen["errors"].items() if len(got) != 1} == {"byte-ff"}
+    assert len(seen["errors"]["byte-ff"]) == 2
+    assert errors["unknown"] == {"error": {"class": "CommandNotFound",
+                                           "desc": "The command no-such-command has not been found"}, "id": 1}
+    # Every other error is GenericError with a line for people in QEMU's words, never
+    # pydantic's text nor an internal error.
+    for name, got in seen["errors"].items():
+        for r in got:
+            desc = r["error"]["desc"]
+            cls = "CommandNotFound" if name == "unknown" else "GenericError"
+            assert r["error"]["class"] == cls, (name, r)
+            assert "internal error" not in desc and "Input should" not in desc and "pydantic" not in desc, r
+            assert "\n" not in desc and len(desc) < 400, r
+            assert "id" not in r or name in ("deep-short", "unknown", "args-wrong-type"), (name, r)
+    wanted = {
+        "truncated": "JSON parse error, invalid byte 0x1b",
+        "not-object": "QMP input must be a JSON object",
+        "number": "QMP input must be a JSON object",
+        "no-execute": "QMP input lacks member 'execute'",
+        "execute-not-string": "QMP input member 'execute' must be a string",
+        "extra-member": "QMP input member 'foo' is unexpected",
+        "exec-oob": "QMP input member 'exec-oob' is unexpected",
+        "args-not-object": "QMP input member 'arguments' must be an object",
+        "args-wrong-type": "Invalid parameter type for 'trace', expected: boolean",
+        "args-item-type": "Invalid parameter type for 'kinds[0]', expected: string",
+        "args-too-many": "Parameter 'kinds' has more than 64 elements",
+        "args-unknown": "Parameter 'verbose' is unexpected",
+        "reset-args": "Parameter 'x' is unexpected",
+        "kinds-unknown": "Parameter 'kinds' has an unknown event kind 'nope'",
+        "unsubscribe-first": "not subscribed",
+        "not-utf8": "JSON parse error, the request is not UTF-8",
+        "deep": "nested more than 32 deep",
+        "deep-short": "nested more than 32 deep",
+        "id-too-deep": "nested more than 32 deep",
+        "duplicate-execute": "duplicate key 'execute'",
+        "id-inf": "1e999 is out of range",
+        "huge-int": "4300 digits",
+    }
+    for name, text in wanted.items():
+        assert text in errors[name]["error"]["desc"], (name, errors[name])
     assert errors["args-wrong-type"]["id"] == "t"
-    assert "trace" in errors["args-wrong-type"]["error"]["desc"]
-    for name in ("args-not-object", "args-unknown", "kinds-unknown"):
-        assert errors[name]["error"]["class"] == "InvalidArgument", errors[name]
-    for name in ("garbage", "truncated", "not-object", "number", "no-execute", "execute-not-string",
-                 "extra-member", "nan", "not-utf8", "deep", "deep-short", "huge-int",
-                 "duplicate-execute", "duplicate-argument", "id-inf", "id-too-deep"):
-        assert errors[name]["error"]["class"] == "GenericError", errors[name]
-        assert "internal error" not in errors[name]["error"]["desc"], errors[name]
-        assert "id" not in errors[name] or name in ("deep-short",), errors[name]
-    assert errors["unsubscribe-first"]["error"]["class"] == "InvalidState"
-    assert "duplicate key 'execute'" in errors["duplicate-execute"]["error"]["desc"]
-    assert "1e999 is out of range" in errors["id-inf"]["error"]["desc"]
+    for ident, r in seen["idents"]:
+        assert r == {"return": {"running": True, "singlestep": False, "status": "running"}, "id": ident}, r
+    assert [r["id"] for r in seen["back_to_back"]] == ["a", "b"]
+    assert seen["back_to_back"][1]["return"] == controlsock.version_info()
+    assert seen["cut"]["id"] == '}{]["x' and seen["cut"]["return"]["status"] == "running"
     assert seen["accepted"] == controlsock.MAX_CLIENTS - 1
     assert len(seen["refused"]) == 20 - (controlsock.MAX_CLIENTS - 1)
-    assert all(r["error"]["class"] == "TooManyClients" for r in seen["refused"])
+    assert all(r == {"error": {"class": "GenericError", "desc": "too many clients (at most 8)"}}
+               for r in seen["refused"])
     # The guest kept going the whole time.
     exits = [s["exits"]["io:hypercall"] for s in (seen["s0"], seen["s1"], seen["final"])]
     assert exits == sorted(exits) and exits[0] < exits[1] < exits[2]
@@ -480,7 +621,7 @@ def test_control_path_that_is_not_a_stale_socket_is_a_usage_error(tmp_path: Path
     cp = vtl_cli("run", "--control", "/tmp/" + "x" * 200)
     assert cp.returncode == 2 and "too long" in cp.stderr
     # A socket somebody listens on is theirs.
-    path = _sock_path(tmp_path)
+    path = control_sock_path(tmp_path)
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live.bind(os.fspath(path))
     live.listen(1)
@@ -494,7 +635,7 @@ def test_control_path_that_is_not_a_stale_socket_is_a_usage_error(tmp_path: Path
 
 
 def test_stale_socket_is_replaced_and_removed_after_the_run(tmp_path: Path) -> None:
-    path = _sock_path(tmp_path)
+    path = control_sock_path(tmp_path)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(os.fspath(path))
     stale.close()                                  # the file stays, nobody listens
@@ -504,14 +645,14 @@ def test_stale_socket_is_replaced_and_removed_after_the_run(tmp_path: Path) -> N
     assert not path.exists()
 
 
-@pytest.mark.parametrize("how,status", [("sigterm", 143), ("sigint", 130), ("timeout", 124), ("stop", 5)])
+@pytest.mark.parametrize("how,status", [("sigterm", 143), ("sigint", 130), ("timeout", 124), ("quit", 5)])
 def test_socket_file_is_removed_however_the_run_ends(tmp_path: Path, how: str, status: int) -> None:
-    path = _sock_path(tmp_path)
+    path = control_sock_path(tmp_path)
     extra = ("--timeout", "2") if how == "timeout" else ("--timeout", "600")
     p = subprocess.Popen([sys.executable, "-m", "vtl", *LONG, *extra, "--json", "--control", str(path)],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(path)
+        wait_for_path(path)
         assert os.stat(path).st_mode & 0o777 == 0o600
         c, _ = _connect(path)
         assert c.ok("query-status")["running"] is True
@@ -519,8 +660,8 @@ def test_socket_file_is_removed_however_the_run_ends(tmp_path: Path, how: str, s
             p.send_signal(signal.SIGTERM)
         elif how == "sigint":
             p.send_signal(signal.SIGINT)
-        elif how == "stop":
-            c.ok("stop")
+        elif how == "quit":
+            c.ok("quit")
         out, err = p.communicate(timeout=SAFETY_TIMEOUT)
         c.close()
     finally:
@@ -536,30 +677,30 @@ def test_socket_file_is_removed_however_the_run_ends(tmp_path: Path, how: str, s
 def test_reset_over_the_socket_clears_everything_and_vtl0_boots_again(guest_images: tuple[Path, Path],
                                                                       tmp_path: Path) -> None:
     """bench-intercept-allow hardens (attributes, locked tables, register intercepts, VTL1
-    pinning the MSRs) and then runs long; `reset` ends VTL1 and every protection, and VTL0
-    boots again from its image (and hardens again: the same scenario)."""
-    path = _sock_path(tmp_path)
+    pinning the MSRs) and then runs long; `system_reset` ends VTL1 and every protection, and
+    VTL0 boots again from its image (and hardens again: the same scenario)."""
+    path = control_sock_path(tmp_path)
     seen: dict[str, Any] = {}
 
     def client() -> None:
         c, _ = _connect(path)
         deadline = time.monotonic() + 30
-        while c.ok("query-protections")["intercept_control"] is None:
+        while c.ok("vtl-query-protections")["intercept_control"] is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        seen["before"] = c.ok("query-status")
-        c.ok("subscribe", kinds=["lifecycle", "vtl_enabled"])
-        assert c.ok("reset") == {}
+        seen["before"] = c.ok("vtl-query-status")
+        c.ok("vtl-subscribe", kinds=["lifecycle", "vtl_enabled"])
+        assert c.ok("system_reset") == {}
         events: list[dict[str, Any]] = list(c.events)
         while not any(e["event"] == "vtl_enabled" for e in events):
             msg = c.line()
             assert msg is not None
             events.append(msg)
         seen["events"] = events
-        seen["after"] = c.ok("query-status")
-        c.ok("stop")
+        seen["after"] = c.ok("vtl-query-status")
+        c.ok("quit")
         tail = [m for m in iter(c.line, None)]
-        assert tail[-1]["event"] == "shutdown"
+        assert tail[-1]["event"] == "SHUTDOWN"
 
     with _partition(guest_images, "bench-intercept-allow", 2_000_000) as p:
         result, sched = _run_with_client(p, path, client, timeout=RUN_TIMEOUT)
@@ -570,6 +711,11 @@ def test_reset_over_the_socket_clears_everything_and_vtl0_boots_again(guest_imag
     steps = [(e["event"], e["data"].get("step")) for e in events]
     resets = [e for e in events if e["event"] == "lifecycle" and e["data"]["step"] == "reset"]
     assert len(resets) == 1, steps
+    # QEMU's RESET, to every client, as QEMU words a reset asked for by system_reset.
+    qemu_resets = [e for e in events if e["event"] == "RESET"]
+    assert [e["data"] for e in qemu_resets] == [{"guest": False, "reason": "host-qmp-system-reset",
+                                                 "by": "user"}]
+    assert qemu_resets[0]["timestamp"] == resets[0]["timestamp"]
     r = resets[0]["data"]
     assert r["by"] == "user"
     assert r["before"]["vtl1_enabled"] and r["before"]["intercept_control"] is not None
@@ -581,7 +727,7 @@ def test_reset_over_the_socket_clears_everything_and_vtl0_boots_again(guest_imag
     assert r["after"]["vtl1_region_zero"] and r["after"]["boot_count"] == 1
     # Then VTL0 booted again and enabled a new VTL1, measured the same.
     enabled = [e for e in events if e["event"] == "vtl_enabled"]
-    assert enabled and enabled[-1]["timestamp"] > resets[0]["timestamp"]
+    assert enabled and _stamp(enabled[-1]) > _stamp(resets[0])
     assert enabled[-1]["data"]["sha256"] == before["vtl1"]["measurement"]
     assert after["boot_count"] == 1 and after["resets"] == 1 and after["running"] is True
     assert result.reason == "stopped" and result.resets == 1 and result.boot_count == 1

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,18 @@ def vtl_cli(*args: str, env: dict[str, str] | None = None,
 def cli_json(*args: str) -> Any:
     cp = vtl_cli(*args, "--json")
     return json.loads(cp.stdout)
+
+
+def control_sock_path(tmp_path: Path) -> Path:
+    """A path for `--control`: sun_path holds 107 bytes and pytest's tmp_path can be long."""
+    path = tmp_path / "c.sock"
+    if len(os.fsencode(path)) > 107:
+        path = Path(f"/tmp/vtl-ctl-{os.getpid()}-{time.monotonic_ns()}.sock")
+    return path
+
+
+def wait_for_path(path: Path, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)

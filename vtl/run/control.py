@@ -4,8 +4,9 @@ trio owns the timeout and the signals: SIGINT and SIGTERM stop the guest and the
 ends as "interrupted" (130) or "terminated" (143), a timeout as "timeout" (124).
 Stopping a vCPU that sits in KVM_RUN takes kvm_run.immediate_exit plus a signal to
 its thread (api.rst, KVM_RUN).  With `control_path`, trio also serves the control socket
-(vtl/run/controlsock.py, docs/control-socket.md) for the life of the run; its `stop` ends
-the run as "stopped" (5), its `reset` asks the scheduler for an emulated RESET.
+(QMP: vtl/run/controlsock.py, docs/control-socket.md) for the life of the run; its `quit`
+ends the run as "stopped" (5), its `system_reset` asks the scheduler for an emulated RESET,
+`stop` and `cont` pause and resume every VP (the scheduler's pause_all / resume_all).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import trio
 from vtl.core.partition import Partition
 from vtl.run import controlsock
 from vtl.run.result import RunResult
-from vtl.run.runner import KICK_SIGNAL
+from vtl.run.runner import KICK_SIGNAL, Request
 from vtl.run.scheduler import Scheduler
 from vtl.services.console import Console
 from vtl.services.outcomes import STATUS_INTERRUPTED, STATUS_STOPPED, STATUS_TERMINATED, STATUS_TIMEOUT
@@ -59,17 +60,17 @@ async def _supervise(sched: Scheduler, timeout: float | None,
                     await kick(STATUS_TERMINATED, "terminated", "terminated (SIGTERM)")
                 return
 
-    def request_reset(by: str) -> None:
+    def request_reset(by: str) -> Request:
         # Queued for the boot VP, which carries it out (the request kicks it once).
-        sched.request_reset(by)
+        return sched.request_reset(by)
 
     async with trio.open_nursery() as nursery:
         if timeout is not None:
             nursery.start_soon(watchdog, timeout)
         nursery.start_soon(on_signal)
         actions = controlsock.Actions(
-            stop=lambda: nursery.start_soon(kick, STATUS_STOPPED, "stopped",
-                                            "stopped over the control socket"),
+            quit=lambda: nursery.start_soon(kick, STATUS_STOPPED, "stopped",
+                                            "ended by quit over the control socket"),
             reset=request_reset)
         serving = (controlsock.serving(control, sched, actions) if control is not None
                    else contextlib.nullcontext(None))
@@ -86,7 +87,7 @@ def run(partition: Partition, console: Console | None = None,
         scheduler: Callable[[Partition, Console | None], Scheduler] = Scheduler
         ) -> tuple[RunResult, Scheduler]:
     """Run `partition` until the guest reports an exit status, crashes, times out or is
-    stopped by a signal (or `stop` on the control socket at `control_path`).  Errors
+    stopped by a signal (or `quit` on the control socket at `control_path`).  Errors
     inside the run end it with reason "vmm_error".  A control socket that cannot be
     opened raises controlsock.ControlSocketError before the guest runs; its file is
     removed when the run ends, however it ends."""

@@ -23,7 +23,7 @@ class VpSummary(BaseModel):
 class RunResult(BaseModel):
     status: int
     # guest_exit | triple_fault | crash | halted | stopped_by_vtl1 | timeout | interrupted
-    # | terminated | stopped (the control socket's `stop`) | vmm_error
+    # | terminated | stopped (the control socket's `quit`) | vmm_error
     reason: str
     message: str
     wall_s: float

@@ -85,6 +85,7 @@ class VpRunner:
         self.requests: deque[Request] = deque()
         self.state = RunState.RUNNING if vp.state.vtl is not None else RunState.OFFLINE
         self.ident: int | None = None          # the thread's id once it runs
+        self.native_id: int | None = None      # ... and its kernel thread id (TID)
         self._cond = threading.Condition()
         self.served = 0                        # requests acknowledged (status, tests)
         self._claimed = False                  # a START is queued or done (VTL_E_BUSY after)

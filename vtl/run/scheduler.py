@@ -179,6 +179,7 @@ class Scheduler:
     def _vp_thread(self, runner: VpRunner) -> None:
         vp = runner.vp
         runner.ident = threading.get_ident()
+        runner.native_id = threading.get_native_id()
         try:
             self._vp_loop(runner)
         except Exception as e:    # a VMM bug or host failure ends the run, never the process

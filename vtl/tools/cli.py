@@ -27,7 +27,7 @@ exit status: 0 = the guest passed; otherwise the guest's own status, or
   2 usage error; for `vtl attack`, an attack that was not blocked
   3 a guest crashed (triple fault, emulation failure, halt)
   4 VTL1 stopped the partition
-  5 stopped over the control socket (`vtl run --control`, command `stop`)
+  5 ended over the control socket (`vtl run --control`, QMP command `quit`)
   124 timeout, 130 interrupted (Ctrl-C), 141 output closed (e.g. `| head`), 143 terminated (SIGTERM)
 Docs: README.md, docs/abi.md, docs/architecture.md."""
 
@@ -185,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="do not show or keep the guest console")
     r.add_argument("--control", type=Path, metavar="PATH",
                    help="serve a control socket at PATH (a Unix socket, mode 0600) while the guest runs: "
-                        "JSON lines, QMP-like (query-status, query-protections, subscribe to events, "
-                        "reset, stop; docs/control-socket.md).  `stop` ends the run with exit status 5.  "
+                        "QMP, as QEMU speaks it, so qmp-shell and qemu.qmp drive it (query-status, "
+                        "stop/cont pause and resume every VP, system_reset, query-cpus-fast, and the "
+                        "project's vtl-query-protections, vtl-subscribe to events; docs/control-socket.md).  "
+                        "`quit` ends the run with exit status 5.  "
                         "A stale socket at PATH is replaced; anything else there, or a missing "
                         "directory, is a usage error (exit 2).  The file is removed when the run ends")
 
