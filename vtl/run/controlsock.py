@@ -49,7 +49,6 @@ from pydantic_core import ErrorDetails
 from vmm.errors import VmmError
 from vmm.memattr import describe
 from vmm.x86 import PINNED_MSRS
-from vtl.abi import ABI
 from vtl.core.events import Event, Lifecycle
 from vtl.run.result import RunResult
 from vtl.run.runner import QueueFull, Request
