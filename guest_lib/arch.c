@@ -47,9 +47,23 @@ struct jmpbuf { uint64_t rbx, rbp, r12, r13, r14, r15, rsp, rip; };
 int guest_setjmp(struct jmpbuf *jb) __attribute__((returns_twice));
 void guest_longjmp(struct jmpbuf *jb, int val) __attribute__((noreturn));
 
-static struct jmpbuf fault_jb;
-static struct fault_info *volatile fault_out;
-static volatile int fault_armed;
+/* One fault catcher per VP (VPs take faults at the same time): cpu_index() says which.
+ * The weak default is for a kernel with one VP; VTL0 (guest_vtl0/smp.c) and VTL1
+ * (guest_vtl1/main.c) tell it from the stack the code runs on. */
+static struct jmpbuf fault_jb[VTL1_MAX_VPS];
+static struct fault_info *volatile fault_out[VTL1_MAX_VPS];
+static volatile int fault_armed[VTL1_MAX_VPS];
+
+uint32_t __attribute__((weak)) cpu_index(void)
+{
+	return 0;
+}
+
+static uint32_t __attribute__((noinline)) this_cpu(void)
+{
+	uint32_t c = cpu_index();
+	return c < VTL1_MAX_VPS ? c : 0;
+}
 
 /* A 16-byte system descriptor (TSS, LDT) at d[0..1]. */
 static void system_desc(uint64_t *d, uint64_t base, uint64_t limit, uint64_t type)
@@ -146,15 +160,16 @@ void exception_handler(struct regs_frame *f)
 			return;
 		}
 	}
-	if (fault_armed) {
-		fault_armed = 0;
-		struct fault_info *fi = fault_out;
+	uint32_t cpu = this_cpu();
+	if (fault_armed[cpu]) {
+		fault_armed[cpu] = 0;
+		struct fault_info *fi = fault_out[cpu];
 		fi->vector = (int)f->vector;
 		fi->error_code = f->error_code;
 		fi->rip = f->rip;
 		fi->cs = f->cs;
 		fi->cr2 = cr2;
-		guest_longjmp(&fault_jb, 1);
+		guest_longjmp(&fault_jb[cpu], 1);
 	}
 	printf("exception %s (%lu) err=%#lx rip=%#lx cr2=%#lx cs=%#lx\n", vector_name((int)f->vector),
 	       f->vector, f->error_code, f->rip, cr2, f->cs);
@@ -165,13 +180,14 @@ void exception_handler(struct regs_frame *f)
 
 int try_run(void (*fn)(void *), void *arg, struct fault_info *fi)
 {
+	uint32_t cpu = this_cpu();
 	memset(fi, 0, sizeof(*fi));
 	fi->vector = -1;
-	if (guest_setjmp(&fault_jb) == 0) {
-		fault_out = fi;
-		fault_armed = 1;
+	if (guest_setjmp(&fault_jb[cpu]) == 0) {
+		fault_out[cpu] = fi;
+		fault_armed[cpu] = 1;
 		fn(arg);
-		fault_armed = 0;
+		fault_armed[cpu] = 0;
 		return 0;
 	}
 	return 1;

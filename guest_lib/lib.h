@@ -68,9 +68,8 @@ void __attribute__((noreturn)) guest_exit(uint32_t status);
 #define LDT_SEL   0x38        /* an LDT descriptor (LDTR stays 0 unless someone loads it) */
 #define TSS2_SEL  0x48        /* a second, available TSS descriptor (TR stays TSS_SEL) */
 void arch_init(void);         /* GDT with user segments, a TSS, an LDT and a spare TSS; IDT for vectors 0-31 */
-void arch_init_ap(void);
+void arch_init_ap(void);      /* an AP: load the boot VP's GDT and IDT (no TR)        */
 extern volatile uint64_t skip_vtl_return_ud;   /* arch.c: #UD at a VTL0 VTL-return OUT resumes after it */
-      /* an AP: load the boot VP's GDT and IDT (no TR)        */
 
 struct regs_frame {           /* what the exception stubs push, lowest address first */
 	uint64_t r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
@@ -82,8 +81,10 @@ struct fault_info {
 	int vector;
 	uint64_t error_code, rip, cs, cr2;
 };
-/* Run fn(arg); if it faults, record the fault and return 1 instead (kvm-unit-tests style). */
+/* Run fn(arg); if it faults, record the fault and return 1 instead (kvm-unit-tests style).
+ * Per VP: each VP's faults are caught by its own try_run (cpu_index()). */
 int try_run(void (*fn)(void *), void *arg, struct fault_info *fi);
+uint32_t cpu_index(void);     /* the running VP's index (weak default 0; each kernel's own) */
 const char *vector_name(int vector);
 
 /* ---- report channel (guest_lib/report.c; docs/abi.md "Report channel") ----

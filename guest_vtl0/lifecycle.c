@@ -87,6 +87,13 @@ static void load_staged(const char *name, const char *next, uint64_t param)
 	       kreq.nr_segments, kreq.priv_gpa, kreq.priv_pages);
 }
 
+/* For other scenario files (xvp.c): the staged image placed, the request filled. */
+struct vtl_kexec_request *kexec_stage(const char *name, const char *next, uint64_t param)
+{
+	load_staged(name, next, param);
+	return &kreq;
+}
+
 static uint64_t kexec_validate(void)
 {
 	uint64_t rcx = 0;

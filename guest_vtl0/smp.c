@@ -21,6 +21,17 @@ extern void ap_entry(void);     /* entry.S: RSP from the start request, RDI = VP
 
 static inline void halt(void) { asm volatile("hlt" ::: "memory"); }
 
+/* The running VP (for try_run's per-VP fault catcher): an AP runs on its own stack from
+ * ap_stacks[], the boot VP on the kernel stack (or, from CPL3, the TSS's), so RSP says. */
+uint32_t cpu_index(void)
+{
+	uint64_t sp, base = (uint64_t)ap_stacks;
+	asm volatile("mov %%rsp, %0" : "=r"(sp));
+	if (sp > base && sp <= base + sizeof(ap_stacks))
+		return (uint32_t)((sp - 1 - base) / AP_STACK_SIZE);
+	return 0;
+}
+
 void ipi(uint64_t vp)
 {
 	hypercall(VTL_HC_SEND_IPI, vp, 0, 0, NULL);
@@ -96,15 +107,26 @@ uint64_t smp_boot(const char *name)
 	return online;
 }
 
-/* Run fn(vp, arg) on AP `vp` and wait for it to finish. */
-void smp_run_on(uint64_t vp, void (*fn)(uint64_t, uint64_t), uint64_t arg)
+/* Hand fn(vp, arg) to AP `vp` and return at once (smp_wait waits for it). */
+void smp_post(uint64_t vp, void (*fn)(uint64_t, uint64_t), uint64_t arg)
 {
 	ap[vp].done = 0;
 	ap[vp].arg = arg;
 	ap[vp].fn = (uint64_t)fn;
 	ipi(vp);
+}
+
+void smp_wait(uint64_t vp)
+{
 	while (!ap[vp].done)
 		halt();
+}
+
+/* Run fn(vp, arg) on AP `vp` and wait for it to finish. */
+void smp_run_on(uint64_t vp, void (*fn)(uint64_t, uint64_t), uint64_t arg)
+{
+	smp_post(vp, fn, arg);
+	smp_wait(vp);
 }
 
 /* Give fn to every AP at once; VP0 runs it too; then wait for all. */
@@ -317,7 +339,7 @@ SCENARIO(sc_smp_start_hostile, "smp-start-hostile",
 }
 
 SCENARIO(sc_smp_eob_unlocked, "smp-eob-unlocked",
-	 "VTL1 starts every AP, the last never locks: END_OF_BOOT refused (--vps 2+)")
+	 "attack: VTL1 starts every AP, the last never locks: END_OF_BOOT refused (--vps 2+)")
 {
 	const char *name = "smp-eob-unlocked";
 	uint64_t n = boot_info->nr_vps, ps = (uint64_t)_priv_start, pinning = 0;

@@ -33,6 +33,8 @@ uint64_t smp_start_request(const struct vtl_start_vp *req);
 void smp_lock_aps(const char *name, uint64_t skip);
 void smp_echo_all(const char *name);
 void smp_run_on(uint64_t vp, void (*fn)(uint64_t, uint64_t), uint64_t arg);
+void smp_post(uint64_t vp, void (*fn)(uint64_t, uint64_t), uint64_t arg);
+void smp_wait(uint64_t vp);
 void smp_run_all(void (*fn)(uint64_t, uint64_t), uint64_t arg);
 void ipi(uint64_t vp);
 
@@ -72,6 +74,10 @@ extern char _text_start[], _text_end[], _priv_start[], _priv_end[], _image_end[]
  * physical addresses; NULL on success, else why not. */
 const char *kexec_load_staged(struct vtl_kexec_request *req);
 uint64_t kexec_staged_symbol(const char *name);   /* its value in the staged file, 0 if none */
+/* lifecycle.c: the staged image placed for a kexec to scenario `next` (boot_info.param =
+ * param); the request (VTL0 memory) that KEXEC_VALIDATE takes.  Fails the scenario if the
+ * staged file is not a kernel this loader places. */
+struct vtl_kexec_request *kexec_stage(const char *name, const char *next, uint64_t param);
 
 /* A scenario: listed in .vtl_scenarios so the VMM can list and select it. */
 #define SCENARIO(id, name_, desc_)                                                  \

@@ -392,6 +392,12 @@ static uint64_t kexec_persist(void)
 
 uint64_t kexec_jump(void)
 {
+	/* The next kernel starts on the boot VP (the VMM restarts VTL0 there, the APs go
+	 * offline), as Linux moves kexec to its reboot CPU: asked for on an AP, the jump would
+	 * restart the boot VP wherever it was, in the middle of a VTL1 call perhaps. */
+	if (this_vp() != 0)
+		return kexec_refuse("kexec_jump", VTL_CALL_KEXEC_JUMP, VTL_E_POLICY,
+				    "asked for on an AP: the next kernel starts on the boot VP");
 	if (!kx.valid || kexec_policy == VTL_KEXEC_POLICY_DENY)
 		return kexec_refuse("kexec_jump", VTL_CALL_KEXEC_JUMP, VTL_E_POLICY,
 				    kx.valid ? "the kexec policy is deny" : "no validated image");
@@ -399,10 +405,12 @@ uint64_t kexec_jump(void)
 	if (kexec_policy == VTL_KEXEC_POLICY_TEARDOWN) {
 		st = request_restart(VTL_RESTART_F_TEARDOWN);
 		printf("kexec (teardown) to %#lx: %s\n", kreq.entry, vtl_status_name(st));
-		if (st == VTL_OK)
+		if (st == VTL_OK) {
 			kx.valid = 0;
-		else
+			vtl1_lock_kept = 1;     /* nothing else is served before VTL1's end */
+		} else {
 			kexec_refuse("kexec_jump", VTL_CALL_KEXEC_JUMP, st, "the VMM refused VTL_HC_VTL0_RESTART");
+		}
 		return st;
 	}
 	st = kexec_persist();
@@ -414,6 +422,8 @@ uint64_t kexec_jump(void)
 	printf("kexec (persist) to %#lx: %s\n", kreq.entry, vtl_status_name(st));
 	if (why)
 		kexec_refuse("kexec_jump", VTL_CALL_KEXEC_JUMP, st, why);
+	else
+		vtl1_lock_kept = 1;     /* until the next kernel's first call (main.c) */
 	kx.valid = 0;
 	return st;
 }

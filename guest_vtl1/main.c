@@ -6,6 +6,7 @@
 uint8_t vtl1_stacks[VTL1_MAX_VPS][VTL1_STACK_SIZE] __attribute__((aligned(VTL1_STACK_SIZE)));
 struct vtl_boot_info *bi;
 struct spinlock vtl1_lock;
+int vtl1_lock_kept;
 _Static_assert(__builtin_offsetof(struct vtl_boot_info, vp_index) == VTL_BOOT_INFO_VP_INDEX_OFF,
 	       "entry.S reads vp_index at VTL_BOOT_INFO_VP_INDEX_OFF");
 
@@ -13,6 +14,12 @@ _Static_assert(__builtin_offsetof(struct vtl_boot_info, vp_index) == VTL_BOOT_IN
 struct frame {
 	uint64_t r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
 };
+
+/* The running VP for guest_lib's exception handler (from the stack, as this_vp()). */
+uint32_t cpu_index(void)
+{
+	return this_vp();
+}
 
 static int boot_info_ok(const struct vtl_boot_info *boot, uint32_t vp)
 {
@@ -132,15 +139,25 @@ int vtl1_dispatch(struct frame *f)
 		ctl->vtl0_rax = VTL_OK;
 		return 0;
 	}
-	spin_lock(&vtl1_lock);
+	if (vtl1_lock_kept && vp == 0)
+		vtl1_lock_kept = 0;     /* the next kernel's first entry: the lock is held already */
+	else
+		spin_lock(&vtl1_lock);
 	int fast = dispatch_locked(f, ctl);
-	spin_unlock(&vtl1_lock);
+	if (!vtl1_lock_kept)
+		spin_unlock(&vtl1_lock);
 	return fast;
 }
 
 /* Everything else, under vtl1_lock: VTL1 on another VP may be in here too. */
 static int dispatch_locked(struct frame *f, struct vtl_control *ctl)
 {
+	if (ctl->entry_reason == VTL_ENTRY_NONE) {
+		/* An AP the old kernel had in here (waiting for the lock a kexec kept), started
+		 * again by the next kernel: its start, as at the top of vtl1_dispatch. */
+		report_value("vtl1_up", this_vp());
+		return 0;
+	}
 	if (ctl->entry_reason == VTL_ENTRY_INTERCEPT) {
 		policy_intercept(&ctl->intercept);
 		return 0;

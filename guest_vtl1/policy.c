@@ -285,10 +285,13 @@ uint64_t policy_get(uint64_t gpa)
 }
 
 /* ---- the lock ------------------------------------------------------------------------
- * Walk VTL0's page tables (each table page copied once into VTL1 memory): every table
- * page becomes read-only for good; every executable mapping must be of a page VTL0
- * cannot write; every byte VTL0 can execute is scanned for instructions that write
- * CR0/CR3/CR4/XCR0/GDTR/IDTR/LDTR/TR, which may only lie in the privileged section. */
+ * Walk VTL0's page tables: every table page becomes read-only for good; every executable
+ * mapping must be of a page VTL0 cannot write; every byte VTL0 can execute is scanned for
+ * instructions that write CR0/CR3/CR4/XCR0/GDTR/IDTR/LDTR/TR, which may only lie in the
+ * privileged section.  Seal first, then read (as for kexec images and modules): VTL0 on
+ * another VP runs while VTL1 walks, so each table page is made NW|NX for VTL0 before the
+ * walk reads it, and the tree the walk checks is the tree that is locked (docs/smp.md,
+ * "Cross-VP attacks").  A refused lock gives every page it sealed its attributes back. */
 static uint64_t tables[VTL_PROTECT_MAX_PER_CALL];
 static uint64_t ntables, wx_violations, priv_violations, first_priv_violation;
 static uint64_t tcopy[4][512] __attribute__((aligned(4096)));
@@ -296,12 +299,44 @@ static struct xleaf { uint64_t va, pa, size; } xleaves[MAX_XLEAVES];
 static uint64_t nxleaves;
 static int xleaves_overflow;
 
-static int add_table(uint64_t pa)
+static uint64_t apply_range(uint64_t gpa, uint64_t pages, uint64_t attrs);
+
+/* A page sealed for a lock in progress: NW|NX at the VMM, page[] unchanged until the lock
+ * holds (the lock's own checks judge what the page was), put back if it is refused. */
+static uint64_t seal_page(uint64_t pa)
+{
+	if ((page[pa >> 12] & ATTR_MASK) == (VTL_MEM_NW | VTL_MEM_NX))
+		return VTL_OK;
+	return apply_range(pa, 1, VTL_MEM_NW | VTL_MEM_NX);
+}
+
+static void unseal_page(uint64_t pa)
+{
+	if ((page[pa >> 12] & ATTR_MASK) != (VTL_MEM_NW | VTL_MEM_NX) &&
+	    apply_range(pa, 1, page[pa >> 12] & ATTR_MASK) != VTL_OK)
+		printf("lock: could not give %#lx its attributes back\n", pa);
+}
+
+/* The next table page of the walk: VTL0's, one VTL1 may make read-only for good, sealed
+ * before anything of it is read.  VTL_OK, or why the lock is refused. */
+static uint64_t add_table(uint64_t pa)
 {
 	if (!in_vtl0(pa, 4096) || ntables >= VTL_PROTECT_MAX_PER_CALL)
-		return 0;
+		return VTL_E_INVALID_ARG;
+	if (check_range(pa, 1, VTL_MEM_NW | VTL_MEM_NX, 0) != VTL_OK || in_priv(pa))
+		return VTL_E_IMMUTABLE;
+	uint64_t st = seal_page(pa);
+	if (st != VTL_OK)
+		return st;
 	tables[ntables++] = pa;
-	return 1;
+	return VTL_OK;
+}
+
+static void unseal_tables(void)
+{
+	for (uint64_t i = 0; i < ntables; i++)
+		unseal_page(tables[i]);
+	ntables = 0;
 }
 
 static void check_exec(uint64_t va, uint64_t pa, uint64_t size)
@@ -420,18 +455,19 @@ static uint64_t scan_executable(void)
 
 static uint64_t walk(uint64_t root)
 {
+	uint64_t st;
 	ntables = wx_violations = priv_violations = nxleaves = 0;
 	xleaves_overflow = 0;
-	if (!add_table(root))
-		return VTL_E_INVALID_ARG;
+	if ((st = add_table(root)) != VTL_OK)
+		return st;
 	memcpy(tcopy[3], (void *)root, 4096);
 	for (uint64_t i4 = 0; i4 < 512; i4++) {
 		uint64_t e4 = tcopy[3][i4];
 		if (!(e4 & PTE_P))
 			continue;
 		uint64_t pdpt = e4 & PTE_ADDR;
-		if (!add_table(pdpt))
-			return VTL_E_INVALID_ARG;
+		if ((st = add_table(pdpt)) != VTL_OK)
+			return st;
 		memcpy(tcopy[2], (void *)pdpt, 4096);
 		for (uint64_t i3 = 0; i3 < 512; i3++) {
 			uint64_t e3 = tcopy[2][i3];
@@ -440,8 +476,8 @@ static uint64_t walk(uint64_t root)
 			if (e3 & PTE_PS)
 				return VTL_E_POLICY;    /* 1 GiB pages: not supported by the check */
 			uint64_t pd = e3 & PTE_ADDR;
-			if (!add_table(pd))
-				return VTL_E_INVALID_ARG;
+			if ((st = add_table(pd)) != VTL_OK)
+				return st;
 			memcpy(tcopy[1], (void *)pd, 4096);
 			for (uint64_t i2 = 0; i2 < 512; i2++) {
 				uint64_t e2 = tcopy[1][i2];
@@ -456,8 +492,8 @@ static uint64_t walk(uint64_t root)
 					continue;
 				}
 				uint64_t pt = e2 & PTE_ADDR;
-				if (!add_table(pt))
-					return VTL_E_INVALID_ARG;
+				if ((st = add_table(pt)) != VTL_OK)
+					return st;
 				memcpy(tcopy[0], (void *)pt, 4096);
 				for (uint64_t i1 = 0; i1 < 512; i1++) {
 					uint64_t e1 = tcopy[0][i1];
@@ -587,7 +623,9 @@ static uint64_t read_u64_va(uint64_t root, uint64_t va, int *ok)
 	return v;
 }
 
-static uint64_t check_descriptor_tables(const struct vp_pins *pin, uint64_t root)
+/* The pages of the tables the pinned registers read (desc_pages[]): mapped, VTL0's.
+ * Nothing of what they hold is read yet: desc_contents does, once they are sealed. */
+static uint64_t desc_collect(const struct vp_pins *pin, uint64_t root)
 {
 	ndesc = desc_violations = 0;
 	uint64_t gdt = pin->gdtr, idt = pin->idtr, tss = pin->tr_base, ldt = pin->ldtr_base;
@@ -599,6 +637,14 @@ static uint64_t check_descriptor_tables(const struct vp_pins *pin, uint64_t root
 		return VTL_E_POLICY;
 	if ((pin->ldtr & ~3ULL) && !desc_range(root, ldt, pin->ldtr_limit + 1, "LDT"))
 		return VTL_E_POLICY;
+	return VTL_OK;
+}
+
+/* What the sealed tables hold: no stack the TSS names and no gate's handler in the
+ * privileged section (nor, desc_collect found, a table itself). */
+static uint64_t desc_contents(const struct vp_pins *pin, uint64_t root)
+{
+	uint64_t idt = pin->idtr, tss = pin->tr_base;
 	/* The stacks the TSS names: RSP0-2 and IST1-7 (the frame below each top). */
 	for (uint64_t slot = 0; (pin->tr & ~3ULL) && slot < 10; slot++) {
 		uint64_t off = 4 + 8 * (slot < 3 ? slot : slot + 1);
@@ -651,10 +697,11 @@ static uint64_t read_pins(struct vp_pins *n, uint64_t *cr3)
 	return VTL_OK;
 }
 
-/* The descriptor-table pages check_descriptor_tables found become NW|NX (immutable), but
+/* The descriptor-table pages desc_collect found become NW|NX (immutable), but
  * those VTL0 cannot write already (its text, rodata, or sealed by an earlier lock): they
  * must be data VTL1 may seal.  The pages to seal go to seal[]. */
 static uint64_t seal[MAX_DESC_PAGES];
+static uint64_t nsealed;                /* of seal[], sealed by the lock in progress */
 static uint64_t desc_to_seal(uint64_t *nseal)
 {
 	*nseal = 0;
@@ -669,6 +716,27 @@ static uint64_t desc_to_seal(uint64_t *nseal)
 	return VTL_OK;
 }
 
+/* Seal first, then read: the descriptor tables a lock pins are NW|NX for VTL0 before VTL1
+ * reads a gate or a stack out of them (VTL0 on another VP runs meanwhile). */
+static uint64_t desc_seal(const struct vp_pins *pin, uint64_t root, uint64_t *nseal)
+{
+	uint64_t st = desc_collect(pin, root);
+	if (st == VTL_OK)
+		st = desc_to_seal(nseal);
+	for (nsealed = 0; st == VTL_OK && nsealed < *nseal; nsealed++)
+		st = seal_page(seal[nsealed]);
+	if (st == VTL_OK)
+		st = desc_contents(pin, root);
+	return st;
+}
+
+static void unseal_desc(void)
+{
+	for (uint64_t i = 0; i < nsealed; i++)
+		unseal_page(seal[i]);
+	nsealed = 0;
+}
+
 static int is_root(uint64_t root);
 static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out);
 static uint64_t lock_ap(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out);
@@ -681,11 +749,20 @@ static uint64_t lock_ap(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_
 uint64_t policy_lock_page_tables(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out)
 {
 	*pinning_out = 0;
-	if (locked)
-		return lock_ap(sec_gpa, sec_pages, pinning_out);
+	nsealed = 0;
+	if (locked) {
+		uint64_t st = lock_ap(sec_gpa, sec_pages, pinning_out);
+		if (st != VTL_OK)
+			unseal_desc();
+		return st;
+	}
+	ntables = 0;
 	uint64_t st = lock(sec_gpa, sec_pages, pinning_out);
-	if (st != VTL_OK && !locked)
-		priv_gpa = priv_pages = 0;      /* a refused lock names no section */
+	if (st != VTL_OK && !locked) {
+		unseal_desc();                  /* a refused lock leaves nothing sealed ... */
+		unseal_tables();
+		priv_gpa = priv_pages = 0;      /* ... and names no section */
+	}
 	return st;
 }
 
@@ -739,14 +816,8 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 		       priv_violations);
 		return VTL_E_POLICY;
 	}
-	for (uint64_t i = 0; i < ntables; i++)
-		if (check_range(tables[i], 1, VTL_MEM_NW | VTL_MEM_NX, 0) != VTL_OK || in_priv(tables[i]))
-			return VTL_E_IMMUTABLE;
-	st = check_descriptor_tables(&n, root);
-	if (st != VTL_OK)
-		return st;
 	uint64_t nseal = 0;
-	st = desc_to_seal(&nseal);
+	st = desc_seal(&n, root, &nseal);
 	if (st != VTL_OK)
 		return st;
 
@@ -766,26 +837,15 @@ static uint64_t lock(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_out
 		return st;
 	}
 
-	st = vmm_protect((uint64_t)tables, ntables, VTL_MEM_NW | VTL_MEM_NX, 0);
-	if (st != VTL_OK) {
-		if (pinning)
-			set_intercept_control(0);
-		return st;
-	}
+	/* The tables and descriptor tables were sealed as the walk and the checks read them:
+	 * from here on they are VTL1's record too. */
 	for (uint64_t i = 0; i < ntables; i++) {
 		record(tables[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
 		page[tables[i] >> 12] |= F_TABLE;
 	}
-	if (nseal) {
-		st = vmm_protect((uint64_t)seal, nseal, VTL_MEM_NW | VTL_MEM_NX, 0);
-		if (st != VTL_OK) {
-			if (pinning)
-				set_intercept_control(0);
-			return st;
-		}
-		for (uint64_t i = 0; i < nseal; i++)
-			record(seal[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
-	}
+	for (uint64_t i = 0; i < nseal; i++)
+		record(seal[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
+	nsealed = 0;
 	n.have_tables = 1;
 	for (uint64_t k = 0; k < nxleaves; k++)
 		for (uint64_t off = 0; off < xleaves[k].size; off += 4096) {
@@ -864,20 +924,10 @@ static uint64_t lock_ap(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_
 		printf("lock refused: VP%u runs on CR3 %#lx, not a root VTL1 locked\n", vp, cr3);
 		return VTL_E_POLICY;
 	}
-	st = check_descriptor_tables(&n, root);
-	if (st != VTL_OK)
-		return st;
 	uint64_t nseal = 0;
-	st = desc_to_seal(&nseal);
+	st = desc_seal(&n, root, &nseal);
 	if (st != VTL_OK)
 		return st;
-	if (nseal) {
-		st = vmm_protect((uint64_t)seal, nseal, VTL_MEM_NW | VTL_MEM_NX, 0);
-		if (st != VTL_OK)
-			return st;
-		for (uint64_t i = 0; i < nseal; i++)
-			record(seal[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
-	}
 	n.have_tables = 1;
 	n.pinning = 0;
 	if (section_judged) {
@@ -892,6 +942,9 @@ static uint64_t lock_ap(uint64_t sec_gpa, uint64_t sec_pages, uint64_t *pinning_
 		n.have_xcr0 = vp_reg(VTL_REG_XCR0, &n.xcr0) == VTL_OK;
 		n.have_gdtr = n.have_idtr = n.have_ldtr = n.have_tr = 1;
 	}
+	for (uint64_t i = 0; i < nseal; i++)
+		record(seal[i], 1, VTL_MEM_NW | VTL_MEM_NX, VTL_PROTECT_IMMUTABLE);
+	nsealed = 0;
 	n.locked = 1;
 	*pin = n;
 	*pinning_out = (uint64_t)n.pinning;

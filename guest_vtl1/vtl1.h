@@ -41,6 +41,13 @@ static inline void spin_unlock(struct spinlock *l)
 	__atomic_store_n(&l->held, 0, __ATOMIC_RELEASE);
 }
 extern struct spinlock vtl1_lock;
+/* A kexec is one step for VTL1 (docs/smp.md, "Cross-VP attacks"): a successful
+ * KEXEC_JUMP (on the boot VP) keeps vtl1_lock through the restart, and the next kernel's
+ * first VTL1 entry on the boot VP takes it over.  So nothing an AP of the old kernel asked
+ * for (a call spinning on the lock meanwhile) is ever served on the state VTL1 made for
+ * the next kernel, and no AP is taken offline holding the lock; an AP the next kernel
+ * starts again resumes in its own start (entry reason NONE), under the lock. */
+extern int vtl1_lock_kept;
 
 /* policy.c: VTL1's memory policy for VTL0.
  * page[] (one byte per VTL0 page; tests/test_fuzz.py reads it): VTL_MEM_* | F_* */

@@ -24,11 +24,11 @@ from vtl.services.reports import Reports
 pytestmark = pytest.mark.kvm
 
 
-def _call(p: Partition, gpa: int, state: Any = IN_VTL1_CALL) -> tuple[int, Any]:
+def _call(p: Partition, gpa: int, state: Any = IN_VTL1_CALL, on: int = 0) -> tuple[int, Any]:
     events = EventLog()
     hc = Hypercalls(p, events, Refusals(p.mem, p.layout, events, lambda *_: True), Reports(p, events),
                     Vtl0Protection(p))
-    vp = p.vps[0]
+    vp = p.vps[on]
     vp.state = state
     vp.restart = None
     reply = hc.vtl0_restart(vp, SimpleNamespace(regs=SimpleNamespace(rdi=gpa)))  # type: ignore[arg-type]
@@ -82,3 +82,12 @@ def test_the_request_must_be_in_vtl1_memory_and_inside_a_call(partition: Partiti
         assert status == ABI.VTL_E_OUT_OF_RANGE and req is None, hex(bad)
     status, req = _call(partition, gpa, state=RUNNING_VTL0)
     assert status == ABI.VTL_E_INVALID_ARG and req is None
+
+
+def test_only_the_boot_vp_asks_for_the_restart(guest_images: tuple[Path, Path]) -> None:
+    """The next kernel starts on the boot VP (docs/smp.md, "Cross-VP attacks"): an AP's VTL1
+    asking is refused, nothing pending."""
+    with Partition(PartitionConfig(vtl0_image=guest_images[0], vtl1_image=guest_images[1], nr_vps=2)) as p:
+        status, req = _call(p, _request(p), on=1)
+        assert status == ABI.VTL_E_INVALID_ARG and req is None
+        assert _call(p, _request(p), on=0)[0] == ABI.VTL_OK

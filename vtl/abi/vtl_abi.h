@@ -116,8 +116,9 @@
                                            intercept cleared, its region zeroed.  RAX =
                                            VTL_OK, VTL_E_INVALID_ARG (entry or image outside
                                            VTL0's image window, unknown flags, scenario not
-                                           NUL-terminated), VTL_E_OUT_OF_RANGE (request not
-                                           in VTL1 memory). */
+                                           NUL-terminated; asked for on an AP: the next
+                                           kernel starts on the boot VP), VTL_E_OUT_OF_RANGE
+                                           (request not in VTL1 memory). */
 #define VTL_HC_VTL1_FIRST          0x0100 /* codes >= this are VTL1-only             */
 
 /* registers readable through VTL_HC_GET_VP_REGISTER (VTL0's private state) */
@@ -165,7 +166,9 @@
                                              first call (on the boot VP) also locks the tables
                                              and names the section; each AP then calls it on
                                              itself with the same section, on the locked root
-                                             (docs/smp.md)                                   */
+                                             (docs/smp.md).  Each table and descriptor-table
+                                             page is sealed before VTL1 reads it; a refused
+                                             lock gives them their attributes back           */
 #define VTL_CALL_END_OF_BOOT       0x07   /* ro_after_init becomes R; boot-only calls refused.
                                              VTL_E_POLICY while an AP VTL1 started has not
                                              locked its registers (its own LOCK_PAGE_TABLES) */
@@ -197,8 +200,10 @@
 #define VTL_CALL_KEXEC_JUMP        0x0B   /* no arguments.  With a validated image and a
                                              policy that allows it: teardown or persist (see
                                              VTL_KEXEC_POLICY_*); VTL0 never sees the return.
-                                             Else (no validated image, policy DENY)
-                                             VTL_E_POLICY, nothing changed.                  */
+                                             Else (no validated image, policy DENY, asked
+                                             for on an AP: the boot VP jumps) VTL_E_POLICY,
+                                             nothing changed.  A jump keeps VTL1's lock until
+                                             the next kernel's first VTL1 entry (smp.md)     */
 #define VTL_CALL_KEXEC_UNLOAD      0x0C   /* drop the validated image: its pages get their
                                              attributes from before the validation back.
                                              VTL_E_POLICY if there is none                   */

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
+from typing import cast
 
 from pydantic import BaseModel
 
 from vmm.elf import ElfImage
 from vmm.errors import GuestImageError
 from vtl.abi import abi_ffi
+from vtl.core.config import KexecPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIO_SECTION = ".vtl_scenarios"
@@ -29,9 +32,41 @@ def default_kexec_image() -> Path:
     return Path(os.environ.get("VTL_KEXEC_IMAGE", REPO / "guest_vtl0" / "build" / "vtl0-kexec.elf"))
 
 
+# What a scenario needs of its partition, declared at the end of its description in
+# parentheses (docs/smp.md, "Cross-VP attacks"): "--vps N+" (at least N VPs), "staged" (the
+# built-in next kernel staged in VTL0 memory and on VTL1's allowlist, as `vtl run --stage
+# FILE --trust FILE`), "teardown" / "persist" / "deny" (VTL1's kexec policy).  `vtl attack`
+# gives each attack what it declares; `vtl run` users pass the same options themselves.
+_NEEDS = re.compile(r"\(([^()]*)\)\s*$")
+_VPS = re.compile(r"^--vps (\d+)\+$")
+POLICIES = ("teardown", "persist", "deny")
+
+
 class Scenario(BaseModel):
     name: str
     description: str
+
+    def _needs(self) -> list[str]:
+        m = _NEEDS.search(self.description)
+        return [t.strip() for t in m.group(1).split(",")] if m else []
+
+    @property
+    def min_vps(self) -> int:
+        """The VPs it needs (1 unless it declares "--vps N+")."""
+        for t in self._needs():
+            if m := _VPS.match(t):
+                return max(1, int(m.group(1)))
+        return 1
+
+    @property
+    def staged(self) -> bool:
+        """It needs the built-in next kernel staged and trusted ("staged")."""
+        return "staged" in self._needs()
+
+    @property
+    def kexec_policy(self) -> KexecPolicy | None:
+        """The kexec policy it declares, if any."""
+        return next((cast(KexecPolicy, t) for t in self._needs() if t in POLICIES), None)
 
 
 def _cstr(raw: bytes) -> str:

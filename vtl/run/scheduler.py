@@ -544,6 +544,7 @@ class Scheduler:
                         detail=f"VTL0 starts at {req.entry:#x} (scenario {req.scenario!r})")
         self._generation += 1
         self.kexecs += 1
+        self._steps.clear()     # the other VPs' calls in flight are void: they are offline now
         self._vtl1_event("torn down at a kexec (teardown)" if req.teardown
                          else "kept across a kexec (persist)")
 

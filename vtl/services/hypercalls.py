@@ -140,6 +140,11 @@ class Hypercalls:
         gpa = vcpu.regs.rdi
         if vp.state is not IN_VTL1_CALL:
             return Reply(int(ABI.VTL_E_INVALID_ARG), "VTL_HC_VTL0_RESTART outside a VTL call VTL1 serves")
+        if vp.index != 0:
+            # The next kernel starts on the boot VP, the APs offline: asked for on an AP, the
+            # restart would take the boot VP from wherever it is (inside VTL1 perhaps).
+            return Reply(int(ABI.VTL_E_INVALID_ARG), f"VTL_HC_VTL0_RESTART from VP{vp.index}: the next "
+                         "kernel starts on the boot VP, which asks for it")
         lay = self.p.layout
         if not lay.vtl1_base <= gpa <= lay.vtl1_end - RESTART_SIZE:      # wholly in VTL1's region
             return Reply(int(ABI.VTL_E_OUT_OF_RANGE), "struct vtl_restart is not in VTL1's memory")

@@ -84,14 +84,24 @@ class Vtl0Protection:
         backend = self.p.backend
         ops0 = backend.ops
         applied = 0
+        amap = self.p.vtl0_attrs
+        # each page's restrictions before, with the new ones added (NR only with NW and NX)
+        union = bytes(ALL if (a | attrs) & NR else (a | attrs) & ALL for a in range(256))
         for gpa, pages, first in runs:
+            # Another VP's VTL0 runs meanwhile, and its exits are judged by this map (vtl/run/
+            # exits.py): while the backend changes, the map holds every restriction of before
+            # and after, so that an access the backend already stops is never taken for a
+            # fault of unbacked memory (docs/smp.md, "Cross-VP attacks").
+            lo = gpa // PAGE_SIZE
+            old = bytes(amap[lo:lo + pages])
+            amap[lo:lo + pages] = old.translate(union)
             try:
                 backend.set_range(gpa, pages * PAGE_SIZE, attrs)
             except ExhaustedError as e:
+                amap[lo:lo + pages] = old
                 return ProtectionResult(int(ABI.VTL_E_NO_RESOURCES), first, applied, len(runs),
                                backend.ops - ops0, str(e))
-            lo = gpa // PAGE_SIZE
-            self.p.vtl0_attrs[lo:lo + pages] = bytes([attrs]) * pages
+            amap[lo:lo + pages] = bytes([attrs]) * pages
             applied += pages
         return ProtectionResult(status, stop, applied, len(runs), backend.ops - ops0, reason, attrs)
 

@@ -6,8 +6,14 @@ Observed after each run, by the VMM itself: every memory target the guest named 
 the report channel (read back from guest memory), every MSR and register target (read
 from KVM: MSRs, sregs, XCR0), every planted-code marker (read back: did the attacker's
 code run?), plus the intercepts, verdicts and refusals on the event stream and the
-statuses the guest was given.  What only the guest can see (a #PF inside VTL0) is
+statuses the guest was given, and the run's own record (vtl/tools/invariants.py:
+END_OF_BOOT only with every VP pinned, nothing of VTL1 after a RESET, a validated kexec
+image equal to the trusted file, ...).  What only the guest can see (a #PF inside VTL0) is
 labelled as guest-reported and never decides an outcome.
+
+Each attack runs with what its description declares (docs/smp.md, "Cross-VP attacks"):
+at least its VPs ("--vps N+"), the built-in next kernel staged and trusted ("staged"),
+its kexec policy.
 
 Outcomes: blocked (nothing changed); detected after the fact (something changed and
 VTL1 then stopped the partition); not enforced on this host (something changed where
@@ -29,13 +35,15 @@ from vmm.x86 import VECTOR_NAMES
 from vtl.abi import ABI
 from vtl.core.config import Backend, PartitionConfig
 from vtl.core.events import EventLog
-from vtl.core.images import UnknownScenario, near_names, scenarios
+from vtl.core.images import Scenario, UnknownScenario, default_kexec_image, near_names, scenarios
 from vtl.core.partition import Partition
+from vtl.core.trust import trust_digest
 from vtl.core.vtl import Vtl
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
 from vtl.services.reports import Report
 from vtl.tools.expectations import BLOCKED, category
+from vtl.tools.invariants import check_run
 from vtl.tools.progress import QUIET, Step
 
 # What a hardened partition should do, for the scenarios whose description does not say.
@@ -83,30 +91,51 @@ class AttackResult(BaseModel):
     as_expected: bool = False   # the observed outcome is the expected one for this mode
 
 
-def attack_scenarios(vtl0: Path) -> list[tuple[str, str]]:
+def attack_scenarios(vtl0: Path, max_vps: int | None = None) -> list[tuple[str, str]]:
     """(name, expectation) of every attack the image carries: a description starting
-    with "attack: ", or one of the refusal scenarios the VMM itself answers."""
+    with "attack: ", or one of the refusal scenarios the VMM itself answers.  `max_vps`:
+    only those that need no more VPs than that (Heki mode and `vtl compare` run one)."""
     out = []
     for s in scenarios(read_image(vtl0)):
+        if max_vps is not None and s.min_vps > max_vps:
+            continue
         if s.description.startswith("attack: ") or s.name in EXPECTED:
             out.append((s.name, EXPECTED.get(s.name, s.description.removeprefix("attack: "))))
     return out
 
 
+def scenario_needs(vtl0: Path, scenario: str) -> Scenario | None:
+    """What the scenario declares it needs of its partition (vtl/core/images.py)."""
+    return next((s for s in scenarios(read_image(vtl0)) if s.name == scenario), None)
+
+
 def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Backend | None = None,
-               timeout: float = 120.0, vps: int = 1) -> AttackResult:
+               timeout: float = 120.0, vps: int = 1, param: int = 0,
+               events: EventLog | None = None) -> AttackResult:
+    """One attack in a fresh partition.  `param`: the scenario's boot_info.param (the
+    cross-VP attacks' control run is 1); `events`: the log to record into (tests read it)."""
     # The timeout only catches a scenario that never ends; the slowest (kexec) take ~8 s here
     # and several times that on a loaded machine, which must not turn into an "error".
-    events = EventLog(trace=True)
+    # Each attack gets what its description declares (docs/smp.md, "Cross-VP attacks"): at
+    # least its VPs, and the built-in next kernel staged and trusted, with its kexec policy.
+    needs = scenario_needs(vtl0, scenario)
+    staged = default_kexec_image() if needs is not None and needs.staged else None
+    events = events if events is not None else EventLog(trace=True)
     cfg = PartitionConfig(vtl0_image=vtl0, vtl1_image=vtl1, scenario=scenario, attr_backend=backend,
-                          nr_vps=vps)
+                          nr_vps=max(vps, needs.min_vps if needs is not None else 1), param=param,
+                          staged=staged, trust=[trust_digest(staged)] if staged is not None else [],
+                          kexec_policy=(needs.kexec_policy if needs is not None else None) or "teardown")
     with Partition(cfg, events) as p:
         result, sched = control.run(p, None, timeout)
         raise_if_interrupted(result)
         reports = list(sched.reports.records)
         changed, checked, unenforced = read_back(p, reports)
+        run_checked, wrong = check_run(p, events, staged)
+        checked += run_checked
+        changed += wrong
         backend_name = p.backend_name
-    mechanism = _mechanism(events, reports, backend_name)
+        many = len(p.vps) > 1
+    mechanism = _mechanism(events, reports, backend_name, many)
     if changed and unenforced:
         outcome, mechanism = "not enforced on this host", "; ".join(unenforced)
     elif changed and result.reason == "stopped_by_vtl1":
@@ -187,21 +216,39 @@ def read_back(p: Partition, reports: list[Report]) -> tuple[list[str], list[str]
     return changed, checked, unenforced
 
 
-def _mechanism(events: EventLog, reports: list[Report], backend: str) -> str:
+def _mechanism(events: EventLog, reports: list[Report], backend: str, many: bool = False) -> str:
     # A refused status is VTL1's policy unless the VMM itself refused (a `refused` event).
     by_vmm = {r.response for r in events.of_kind("refused")}  # type: ignore[union-attr]
     statuses = [STATUS_NAMES.get(r.value[1], str(r.value[1])) for r in reports
                 if r.kind == "status" and r.value[1] != 0]
     statuses = [s for s in statuses if s not in by_vmm]
     policy = f"VTL1 policy: {statuses[0]}" if statuses else ""
-    return "; then ".join(x for x in (policy, _enforcement(events, reports, backend)) if x) or "none observed"
+    return "; then ".join(x for x in (policy, _enforcement(events, reports, backend, many)) if x) \
+        or "none observed"
 
 
-def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
-    icpt: list[Any] = events.of_kind("intercept")
-    verdicts: list[Any] = events.of_kind("verdict")
-    if icpt:
-        i, v = icpt[-1], verdicts[-1] if verdicts else None
+def _judged(events: EventLog) -> list[tuple[Any, Any]]:
+    """(intercept, its verdict or None) in order; each VP's verdict follows its own
+    intercept, whatever other VPs were judged meanwhile."""
+    pairs: list[tuple[Any, Any]] = []
+    open_: dict[int, int] = {}
+    for e in events.events:
+        if e.kind == "intercept":
+            open_[e.vp] = len(pairs)
+            pairs.append((e, None))
+        elif e.kind == "verdict" and e.vp in open_:
+            k = open_.pop(e.vp)
+            pairs[k] = (pairs[k][0], e)
+    return pairs
+
+
+def _enforcement(events: EventLog, reports: list[Report], backend: str, many: bool = False) -> str:
+    """What stopped it; `many`: the partition has several VPs, say which VP it was on."""
+    pairs = _judged(events)
+    if pairs:
+        # What stopped the attack: the last intercept VTL1 refused (or the last one judged,
+        # if it refused none), on whichever VP it came.
+        i, v = next((p for p in reversed(pairs) if p[1] is not None and p[1].verdict != "allow"), pairs[-1])
         if i.type == "msr":
             what, via = f"MSR {i.msr:#x}", "MSR filter"
         elif i.type == "memory":
@@ -214,11 +261,16 @@ def _enforcement(events: EventLog, reports: list[Report], backend: str) -> str:
             via = "privileged section"
         answer = "no verdict" if v is None else (
             VECTOR_NAMES.get(v.vector, f"vector {v.vector}") if v.verdict == "inject_fault" else v.verdict)
-        return f"{via}: {i.access} intercept on {what} -> VTL1 {answer}"
+        return f"{via}: {i.access} intercept on {what}{f' from VP{i.vp}' if many else ''} -> VTL1 {answer}"
     refused: list[Any] = events.of_kind("refused")
     if refused:
         r = refused[-1]
         return f"VMM refusal: {r.reason} -> {r.response}"
+    resets: list[Any] = [e for e in events.of_kind("lifecycle") if getattr(e, "step", "") == "reset"]
+    if resets:
+        r = resets[-1]
+        return (f"RESET ({r.by} on VP{r.vp}): VTL1 ended with every protection and pin, its memory "
+                "zeroed, nothing of it after (the VMM's record)")
     return guest_reported_fault(reports, "VTL0", "NX in VTL0 page tables locked r-- by VTL1, EFER.NXE pinned",
                                 "")
 
@@ -239,14 +291,21 @@ def guest_reported_fault(reports: list[Report], where: str, nx_why: str, after: 
 def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None,
             progress: Callable[[int], AbstractContextManager[Step]] | None = None,
             only: list[str] | None = None,
-            run: Callable[[str, str], AttackResult] | None = None, vps: int = 1) -> list[AttackResult]:
+            run: Callable[[str, str], AttackResult] | None = None, vps: int = 1,
+            max_vps: int | None = None) -> list[AttackResult]:
     """Every attack of the image (or those named in `only`), in the image's order;
     `progress(total)` gives the Step told of each; `run(name, expected)` runs one (default:
-    run_attack in VTL mode; vtl/tools/heki_attack.py passes Heki mode's)."""
-    found = attack_scenarios(vtl0)
+    run_attack in VTL mode, each with the VPs it declares, at least `vps`;
+    vtl/tools/heki_attack.py passes Heki mode's, with `max_vps` 1: its partitions have one)."""
+    found = attack_scenarios(vtl0, max_vps)
     if only:
         names = [name for name, _ in found]
         unknown = [n for n in only if n not in names]
+        wider = {name for name, _ in attack_scenarios(vtl0)} if max_vps is not None else set()
+        if unknown and unknown[0] in wider:
+            raise UnknownScenario(f"{unknown[0]!r} needs more than {max_vps} VP"
+                                  f"{'s' if max_vps != 1 else ''} (a cross-VP attack, docs/smp.md): "
+                                  "not run in this mode")
         if unknown:
             raise UnknownScenario(f"{unknown[0]!r} is not an attack scenario of {vtl0}; "
                                   f"{near_names(unknown[0], names)}`vtl scenarios` lists all (attacks "

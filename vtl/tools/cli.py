@@ -201,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attack", help="run every attack scenario in a fresh partition; what was blocked, how",
                        description="Each attack scenario of the VTL0 image runs in a fresh, hardened "
-                       "partition.  The outcome is observed by the VMM (target memory and MSRs read back "
-                       "after the run, intercepts/verdicts/refusals on the event stream, what the guest "
-                       "reported through the report channel): blocked, detected after the fact, not "
+                       "partition, with at least the VPs its description declares (\"(--vps 2+)\": the "
+                       "cross-VP attacks, docs/smp.md).  The outcome is observed by the VMM (target "
+                       "memory and MSRs read back after the run, intercepts/verdicts/refusals on the event "
+                       "stream, what the guest reported through the report channel, the run checked "
+                       "against its own record): blocked, detected after the fact, not "
                        "enforced on this host, or succeeded.  Exit 2 if any attack was not blocked.",
                        formatter_class=fmt)
     _images(a)

@@ -39,6 +39,11 @@ class Category:
 
 
 CATEGORIES: tuple[Category, ...] = (
+    # Attacks a second VP makes (docs/smp.md, "Cross-VP attacks"): they need VTL1 on every
+    # VP; Heki mode is one VM with one VP, so `vtl attack --mode heki` and `vtl compare`
+    # leave them out.
+    Category("cross-VP", r"^xvp-|^smp-", NOT_APPLICABLE,
+             "a cross-VP attack: it needs VTL1 on several VPs; Heki mode has no VTL1 and one VP"),
     # Scenarios built on VTL1 itself (its memory, its calls, its lock, END_OF_BOOT, its
     # allowlist): Heki has no VTL1, so the VMM refuses the first VTL request.
     Category("needs VTL1", r"vtl1|^vtl-|^enable-|^unknown-(call-code|hypercall)$|^ask-|^protect-list|"
