@@ -25,7 +25,7 @@ from vmm.measure import loaded_image_sha256
 from vmm.memattr import NR, NW, NX
 from vtl.abi import ABI, abi_ffi
 from vtl.core.trust import trust_digest
-from vtl.lifecycle.state import unprotected
+from vtl.lifecycle.protections import unprotected
 
 pytestmark = pytest.mark.kvm
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.vtlrun import run_scenario
-from vtl.lifecycle.state import unprotected
+from vtl.lifecycle.protections import unprotected
 
 
 def _fds() -> int:

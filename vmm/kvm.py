@@ -361,6 +361,11 @@ class VCpu:
         ioctl(self.fd, u.KVM_GET_MP_STATE, m)
         return int(m.mp_state)
 
+    def set_mp_state(self, state: int) -> None:
+        m = ffi.new("struct kvm_mp_state *")
+        m.mp_state = state
+        ioctl(self.fd, u.KVM_SET_MP_STATE, m)
+
     def set_cpuid(self, cpuid: Any) -> None:
         ioctl(self.fd, u.KVM_SET_CPUID2, cpuid)
 

@@ -89,6 +89,17 @@
                                              next HLT at once.  No vector is delivered (no
                                              local APIC here).  RAX = VTL_OK,
                                              VTL_E_INVALID_ARG (no such VP). */
+#define VTL_HC_SNAPSHOT            0x0007 /* VTL0: save the whole partition to the directory
+                                             the run was given (`vtl run --snapshot DIR`,
+                                             docs/snapshot.md), once per run.  Saved after
+                                             every other VP is paused where no switch or
+                                             intercept is half done.  RAX = VTL_OK and RDX = 0
+                                             in the run that saved, RDX = 1 in a run restored
+                                             from it (as fork returns twice); VTL_E_DISABLED
+                                             (no directory), VTL_E_BUSY (taken already, or an
+                                             intercept is being judged on another VP: ask
+                                             again), VTL_E_NO_RESOURCES (it could not be
+                                             written; the run goes on). */
 #define VTL_HC_GET_VP_REGISTER     0x0101 /* VTL1: RDI = vp, RSI = VTL_REG_*; RDX = value */
 #define VTL_HC_MODIFY_VTL_PROTECTION 0x0102 /* VTL1: RDI = GPA of struct vtl_protect_request
                                            (in VTL1 memory).  RAX = status, RDX = index of

@@ -159,7 +159,7 @@ class Lifecycle(_Event):
     """A step of a lifecycle flow (design §7): kexec validation and jump, VTL1's
     teardown, VTL0's restart, RESET, module validation/load/unload, VTL1's enable.
     `before`/`after`: the protections and pins the VMM holds and reads from KVM
-    (vtl/lifecycle/state.py); `duration_us`: the step alone, without the snapshots."""
+    (vtl/lifecycle/protections.py); `duration_us`: the step alone, without the snapshots."""
     kind: Literal["lifecycle"] = "lifecycle"
     step: str
     by: str                             # vtl0 | vtl1 | vmm | user

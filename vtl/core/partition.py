@@ -31,7 +31,10 @@ from vtl.core.vtl import Vtl, VtlArray
 
 
 class Partition:
-    def __init__(self, config: PartitionConfig, events: EventLog | None = None) -> None:
+    def __init__(self, config: PartitionConfig, events: EventLog | None = None, *, boot: bool = True) -> None:
+        """`boot`: VTL0 boots from its image (the default).  False: the VMs and vCPUs are
+        created but nothing is written to memory or vCPUs, for a restore to fill them
+        (vtl/lifecycle/snapshot.py)."""
         lay.validate(config.mem_size, config.nr_vps)
         self.config = config
         self.layout = lay.Layout(config.mem_size)
@@ -69,7 +72,7 @@ class Partition:
         self.boot_count = 0
         self._closed = False
         try:
-            self.build_vtl0()
+            self.build_vtl0(boot=boot)
         except BaseException:
             self.close()
             raise
@@ -101,20 +104,26 @@ class Partition:
         data = read_input(path, "--stage", self.layout.mem_size, GuestImageError)
         return lay.staged_gpa(self.layout, len(data)), data
 
-    def build_vtl0(self) -> None:
-        """VTL0's VM, vCPUs and boot state from its image (at creation and at a RESET)."""
+    def build_vtl0(self, boot: bool = True) -> None:
+        """VTL0's VM, vCPUs and boot state from its image (at creation and at a RESET);
+        without `boot`, the VM and its vCPUs only (a restore loads memory and state)."""
         img = self.vtl0_image
-        load_image(img, self.mem, *self.layout.image_window(Vtl.VTL0))
         self.kernel_range = (img.start, img.end)
         staged_gpa, staged = self.staged
-        if staged:
-            self.mem.write(staged_gpa, staged)
+        if boot:
+            load_image(img, self.mem, *self.layout.image_window(Vtl.VTL0))
+            if staged:
+                self.mem.write(staged_gpa, staged)
         vm = self.new_vm(Vtl.VTL0)
         # VTL0's memory is mapped through the attribute backend VTL1 will steer.
         self.backend = make_backend(self.config.attr_backend, vm, self.mem, self.layout.vtl0_ranges())
         # Writes to the pinned MSRs exit to the VMM, which asks VTL1 once it exists.
         vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR, u.KVM_MSR_EXIT_REASON_FILTER)
         self._msr_filter = vm.set_msr_filter(deny_write=list(PINNED_MSRS))
+        if not boot:
+            for vp in self.vps:
+                vp.add_vcpu(Vtl.VTL0, self.new_vcpu(vm, vp.index))
+            return
         flags = self.boot_flags()
         cr3 = lay.write_boot_tables(self.mem, self.layout, Vtl.VTL0)
         for vp in self.vps:

@@ -82,6 +82,13 @@ class InterceptControls:
         self._by_vp = [ctl] * len(self._by_vp)
         self._section = (ctl.priv_gpa, ctl.priv_pages) if ctl is not None and ctl.priv_pages else None
 
+    def load(self, by_vp: list[InterceptControl | None], section: tuple[int, int] | None) -> None:
+        """Every VP's control and the section as a snapshot saved them (`of`, `section`)."""
+        if len(by_vp) != len(self._by_vp):
+            raise ValueError(f"{len(by_vp)} intercept controls for {len(self._by_vp)} VPs")
+        self._by_vp = list(by_vp)
+        self._section = section
+
     def of(self, vp: int) -> InterceptControl | None:
         """What VTL1 judges on VP `vp` (its control as set, the section aside)."""
         return self._by_vp[vp]

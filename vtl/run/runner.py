@@ -22,6 +22,9 @@ Run states (what `vtl` shows as a VP's `run_state`; the VTL position is `VpState
   paused    acknowledged a pause and waits for resume (or stop)
   halted    its VTL0 executed HLT; it waits for a wake (VTL_HC_SEND_IPI) or any request
   exited    its loop has ended (the VP is stopped)
+
+A SNAPSHOT request is carried out on the VP's thread like the others, and also while
+the VP is paused by the user or halted (saving changes nothing a pause holds).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Kind(StrEnum):
     RESET = "reset"
     START = "start"
     WAKE = "wake"
+    SNAPSHOT = "snapshot"       # save the partition (vtl/run/snapshot.py); served even while paused
 
 
 @dataclass(eq=False)
@@ -94,6 +98,17 @@ class VpRunner:
         # not idle, or "every VP idles" could be concluded in that window and end the run.
         self._acting = False
         self.pending_wake = False              # a wake that came while it ran (its own thread only)
+        self.paused_from: RunState | None = None  # while paused: the state it resumes to
+        self.resume_halted = False             # restored halted: the loop starts idle (a snapshot)
+
+    @property
+    def claimed(self) -> bool:
+        return self._claimed
+
+    def restore_claim(self, claimed: bool) -> None:
+        """A restored AP's start claim (started, or a start it had queued is void)."""
+        with self._cond:
+            self._claimed = claimed
 
     # --- any thread -----------------------------------------------------------------------
     def post(self, kind: Kind, payload: Any = None) -> Request:

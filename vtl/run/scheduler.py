@@ -17,7 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from vmm import exits as ex
@@ -43,10 +44,12 @@ from vtl.core.vp import (
     stopped,
 )
 from vtl.core.vtl import Vtl
+from vtl.lifecycle import snapfile
 from vtl.lifecycle.enable import enable_vtl1
+from vtl.lifecycle.protections import protections, record_step
 from vtl.lifecycle.reset import reset_partition
 from vtl.lifecycle.restart import restart_vtl0
-from vtl.lifecycle.state import record_step, snapshot
+from vtl.lifecycle.snapshot import partition_state
 from vtl.lifecycle.teardown import teardown_vtl1
 from vtl.run import fastpath
 from vtl.run.exits import ExitDispatcher
@@ -65,6 +68,7 @@ from vtl.services.outcomes import (
     Outcome,
     ReadVpRegister,
     Reset,
+    SaveSnapshot,
     SendIpi,
     StartVp,
     Step,
@@ -100,6 +104,19 @@ VTL0, VTL1 = Vtl.VTL0, Vtl.VTL1
 memmove = ffi._backend.memmove   # skips cffi's Python-level wrapper on the switch path
 
 IoHandler = Callable[[VirtualProcessor, VCpu], Outcome]
+# Where a snapshot can be asked for (SnapshotJob.by): the guest (VTL_HC_SNAPSHOT), the
+# trigger `vtl run --snapshot-at hardened`, the control socket.
+SNAPSHOT_TRIGGERS = ("hardened",)
+
+
+@dataclass(frozen=True)
+class SnapshotJob:
+    path: Path
+    by: str                     # guest | hardened | user
+
+
+class SnapshotRefused(Exception):
+    """A snapshot that cannot be taken now (the reason is one line); the run goes on."""
 
 
 class Scheduler:
@@ -137,11 +154,19 @@ class Scheduler:
         self.kexecs = 0
         self.vtl1_history: list[str] = []              # RunResult.vtl1_history
         self.vtl1_history_omitted = 0
-        # Lifecycle VTL calls in flight per VP: (step, snapshot before, start time).
+        # Lifecycle VTL calls in flight per VP: (step, protection record before, start time).
         self._steps: dict[int, tuple[str, dict[str, Any], float]] = {}
         # Kicks (any thread) touch vCPUs' kvm_run; flows that close or create vCPUs hold it.
         self._lock = threading.RLock()
         self._t0 = 0.0
+        # Snapshots (docs/snapshot.md): where the guest's VTL_HC_SNAPSHOT and the trigger
+        # save, the trigger, what each save wrote, and the snapshot this run came from.
+        self.snapshot_dir: Path | None = None
+        self.snapshot_at: str | None = None
+        self.snapshots: list[dict[str, Any]] = []
+        self._guest_snapshot_taken = False
+        self._trigger_fired = False
+        self.restored_from: dict[str, Any] | None = None
         self._trace = self.events.trace                # per-call events only when someone listens
         self._io: dict[int, IoHandler] = {
             ABI.VTL_PORT_CONSOLE: self._on_console,
@@ -190,6 +215,10 @@ class Scheduler:
     def _vp_loop(self, runner: VpRunner) -> None:
         vp = runner.vp
         self._transition(vp, vp.state)
+        if runner.resume_halted:                    # restored from a snapshot while halted
+            runner.resume_halted = False
+            assert vp.current is not None
+            self._halt(vp, int(vp.current.regs.rip))
         ioctl, kvm_run, null = libc.ioctl, u.KVM_RUN, ffi.NULL
         handlers = self._io
         port_counts = vp.port_counts
@@ -280,6 +309,8 @@ class Scheduler:
             case Kind.WAKE:
                 runner.pending_wake = True              # not halted: the next HLT ends at once
                 req.ack(False)
+            case Kind.SNAPSHOT:
+                self._serve_snapshot(runner, req)
 
     def _paused(self, runner: VpRunner, req: Request) -> None:
         """Acknowledge a pause and wait until resumed.  Two kinds nest: a flow's (another
@@ -287,6 +318,7 @@ class Scheduler:
         queue, since the pauser must find every VP where it left it) and the user's
         (pause_all: a stop is served at once, anything else waits for the resume)."""
         before = runner.state
+        runner.paused_from = before
         runner.set_state(RunState.PAUSED)
         depth = {False: 0, True: 0}             # by "is the user's"
         depth[req.payload == USER_PAUSE] += 1
@@ -306,9 +338,12 @@ class Scheduler:
                 self._finish(runner.vp, r.payload)
                 r.ack(True)
                 break
+            elif r.kind is Kind.SNAPSHOT and not depth[False]:
+                self._serve_snapshot(runner, r)         # saving changes nothing a pause holds
             else:
                 held.append(r)
         runner.put_back(held)
+        runner.paused_from = None
         if runner.vp.state.name != "stopped":
             runner.set_state(before)
 
@@ -425,6 +460,8 @@ class Scheduler:
                 self._set_status(vp, ABI.VTL_OK)
             case Halt(rip):
                 self._halt(vp, rip)
+            case SaveSnapshot():
+                self._guest_snapshot(vp)
             case ReadVpRegister(index, reg):
                 vcpu = vp.current
                 assert vcpu is not None
@@ -515,7 +552,7 @@ class Scheduler:
 
     # --- lifecycle VTL calls (timeline steps; rare, so off the switch path's budget) ---------
     def _step_begin(self, vp: VirtualProcessor, code: int) -> None:
-        self._steps[vp.index] = (LIFECYCLE_CALLS[code], snapshot(self.p), time.perf_counter())
+        self._steps[vp.index] = (LIFECYCLE_CALLS[code], protections(self.p), time.perf_counter())
 
     def _step_end(self, vp: VirtualProcessor, status: int | None, detail: str = "") -> None:
         step = self._steps.pop(vp.index, None)
@@ -528,7 +565,9 @@ class Scheduler:
                              f"{self._vtl1_reason('kexec_jump', status)}")
         self.events.emit(Lifecycle(ts=self.events.now(), vp=vp.index, vtl=0, step=name, by="vtl0",
                                    status=status, detail=detail, duration_us=round(dt, 1),
-                                   before=before, after=snapshot(self.p)))
+                                   before=before, after=protections(self.p)))
+        if name == "end_of_boot" and status == ABI.VTL_OK:
+            self._hardened(vp)
 
     def _kexec(self, vp: VirtualProcessor, req: RestartRequest) -> None:
         """VTL1 asked for VTL0's restart at a new kernel while serving KEXEC_JUMP."""
@@ -547,6 +586,150 @@ class Scheduler:
         self._steps.clear()     # the other VPs' calls in flight are void: they are offline now
         self._vtl1_event("torn down at a kexec (teardown)" if req.teardown
                          else "kept across a kexec (persist)")
+
+    # --- snapshots (docs/snapshot.md; the format: vtl/lifecycle/snapfile.py) -------------
+    def request_snapshot(self, path: Path, by: str = "user") -> Request:
+        """Ask for a snapshot at `path` (any thread; the control socket's vtl-snapshot-save).
+        The boot VP saves it at the top of its loop, paused or not; the request's result is
+        the save's record (a dict) or a SnapshotRefused."""
+        with self._lock:
+            return self.runners[0].post(Kind.SNAPSHOT, SnapshotJob(Path(path), by))
+
+    def _serve_snapshot(self, runner: VpRunner, req: Request) -> None:
+        try:
+            req.ack(self._save(runner.vp, req.payload))
+        except SnapshotRefused as e:
+            req.ack(e)
+
+    def _hardened(self, vp: VirtualProcessor) -> None:
+        """The guest's hardening has ended (END_OF_BOOT; a mode says when for itself): the
+        `--snapshot-at hardened` trigger saves at the top of this VP's loop, once."""
+        if self.snapshot_at == "hardened" and self.snapshot_dir is not None and not self._trigger_fired:
+            self._trigger_fired = True
+            self.runners[vp.index].post(Kind.SNAPSHOT, SnapshotJob(self.snapshot_dir, "hardened"))
+
+    def _guest_snapshot(self, vp: VirtualProcessor) -> None:
+        """VTL_HC_SNAPSHOT (vtl_abi.h): the saved VTL0 sees RDX = 1 when restored, this one 0."""
+        vcpu = vp.current
+        assert vcpu is not None
+        if self.snapshot_dir is None:
+            self.refusals.status(vp, vcpu, f"hypercall {ABI.VTL_HC_SNAPSHOT:#x}",
+                                 "no snapshot directory (vtl run --snapshot DIR)", ABI.VTL_E_DISABLED)
+            return
+        if self._guest_snapshot_taken:
+            self.refusals.status(vp, vcpu, f"hypercall {ABI.VTL_HC_SNAPSHOT:#x}",
+                                 "this run's snapshot is taken already", ABI.VTL_E_BUSY)
+            return
+        regs = vcpu.regs
+        regs.rax, regs.rdx = ABI.VTL_OK, 1
+        vcpu.run.kvm_dirty_regs |= SYNC_REGS
+        try:
+            self._save(vp, SnapshotJob(self.snapshot_dir, "guest"))
+            self._guest_snapshot_taken = True
+            status = ABI.VTL_OK
+        except SnapshotRefused as e:
+            status = ABI.VTL_E_BUSY if "busy" in str(e) else ABI.VTL_E_NO_RESOURCES
+            self.refusals.status(vp, vcpu, f"hypercall {ABI.VTL_HC_SNAPSHOT:#x}", str(e), status)
+        vcpu = vp.current            # the same vCPU (a save replaces nothing); its synced copy is fresh
+        assert vcpu is not None
+        vcpu.regs.rax, vcpu.regs.rdx = status, 0
+        vcpu.run.kvm_dirty_regs |= SYNC_REGS
+
+    def _not_quiescent(self, saver: VirtualProcessor) -> str | None:
+        """Why the partition cannot be saved now (every other VP paused), or None."""
+        for vp, r in zip(self.p.vps, self.runners, strict=True):
+            if vp.state.name == "stopped":
+                return "the run has ended"
+            if vp.state.entry is Entry.INTERCEPT:
+                return f"busy: VP{vp.index}'s VTL1 is judging an intercept"
+            if vp.state is OFFLINE and r.claimed:
+                return f"busy: VP{vp.index} is being started"
+        return None
+
+    def _save(self, vp: VirtualProcessor, job: SnapshotJob) -> dict[str, Any]:
+        """Save the partition and the run to `job.path` with every other VP paused."""
+        t0 = time.perf_counter()
+        with self._others_paused(vp) as current:
+            if not current:
+                raise SnapshotRefused("busy: the partition was reset meanwhile")
+            why = self._not_quiescent(vp)
+            if why is not None:
+                raise SnapshotRefused(why)
+            with self._lock:
+                try:
+                    part = partition_state(self.p, self.policy_extra())
+                    state = {"partition": part, "run": self.run_state(vp)}
+                    manifest = snapfile.write(job.path, state, self.p.mem)
+                except VmmError as e:
+                    raise SnapshotRefused(str(e)) from None
+        dt = (time.perf_counter() - t0) * 1e6
+        record = {"path": str(job.path), "by": job.by, "vp": vp.index,
+                  "policy_digest": part["protections"]["policy_digest"],
+                  "memory_sha256": manifest["files"][snapfile.MEMORY]["sha256"],
+                  "duration_us": round(dt, 1)}
+        self.snapshots.append(record)
+        self.events.emit(Lifecycle(ts=self.events.now(), vp=vp.index, vtl=0, step="snapshot_save", by=job.by,
+                                   detail=f"saved to {job.path}", duration_us=round(dt, 1),
+                                   before=part["protections"], after=part["protections"]))
+        return record
+
+    def policy_extra(self) -> object:
+        """Policy a mode holds outside the partition, for the protection digest (none here)."""
+        return None
+
+    def run_state(self, saver: VirtualProcessor) -> dict[str, Any]:
+        """The run's own state for a snapshot: what the services and runners hold."""
+        runners = []
+        for r in self.runners:
+            st = r.paused_from if r.state is RunState.PAUSED and r.paused_from is not None else r.state
+            runners.append({"halted": st is RunState.HALTED, "pending_wake": r.pending_wake})
+        return {
+            "mode": self.p.config.mode,
+            "resets": self.resets, "kexecs": self.kexecs,
+            "vtl1_history": list(self.vtl1_history), "vtl1_history_omitted": self.vtl1_history_omitted,
+            "steps": {str(i): [name, before] for i, (name, before, _) in self._steps.items()},
+            "runners": runners,
+            "reports": self.reports.state(),
+            "intercepts": self.intercepts.count, "register_intercepts": self.intercepts.register_count,
+            "single_steps": self.stepper.count,
+            "guest_snapshot_taken": self._guest_snapshot_taken,
+            "snapshots": list(self.snapshots),
+        }
+
+    def load_run_state(self, d: dict[str, Any]) -> None:
+        """The inverse of run_state, into this scheduler before it runs (vtl/run/restore.py
+        has checked the partition; a malformed field here is a ValueError)."""
+        if d.get("mode") != self.p.config.mode:
+            raise ValueError(f"the snapshot's run is in mode {d.get('mode')!r}")
+        self.resets, self.kexecs = _count(d, "resets"), _count(d, "kexecs")
+        hist = d.get("vtl1_history")
+        if (not isinstance(hist, list) or len(hist) > VTL1_HISTORY_MAX
+                or not all(isinstance(h, str) for h in hist)):
+            raise ValueError("vtl1_history is malformed")
+        self.vtl1_history, self.vtl1_history_omitted = list(hist), _count(d, "vtl1_history_omitted")
+        steps = d.get("steps")
+        if not isinstance(steps, dict):
+            raise ValueError("steps is malformed")
+        for key, val in steps.items():
+            if not (key.isdigit() and int(key) < len(self.p.vps) and isinstance(val, list) and len(val) == 2
+                    and val[0] in LIFECYCLE_CALLS.values() and isinstance(val[1], dict)):
+                raise ValueError("a lifecycle step in flight is malformed")
+            self._steps[int(key)] = (val[0], val[1], time.perf_counter())
+        runners = d.get("runners")
+        if not isinstance(runners, list) or len(runners) != len(self.runners):
+            raise ValueError("the runners do not match the VP count")
+        for r, saved in zip(self.runners, runners, strict=True):
+            if not isinstance(saved, dict):
+                raise ValueError("a runner is malformed")
+            r.pending_wake = saved.get("pending_wake") is True
+            r.resume_halted = saved.get("halted") is True and r.vp.state is RUNNING_VTL0
+            r.restore_claim(r.vp.index != 0 and r.vp.state is not OFFLINE)
+        self.reports.load(d.get("reports"))
+        self.intercepts.count = _count(d, "intercepts")
+        self.intercepts.register_count = _count(d, "register_intercepts")
+        self.stepper.count = _count(d, "single_steps")
+        self._guest_snapshot_taken = d.get("guest_snapshot_taken") is True
+        self._trigger_fired = True          # the trigger's point is behind the restored run
 
     def _vtl1_reason(self, name: str, status: int | None) -> str:
         """VTL1's own reason for refusing `name`: the text of its last STATUS report of it."""
@@ -817,3 +1000,10 @@ class Scheduler:
 
 def _describe(e: Exception) -> str:
     return str(e) if isinstance(e, VmmError) else f"internal error: {type(e).__name__}: {e}"
+
+
+def _count(d: dict[str, Any], key: str) -> int:
+    v = d.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 63:
+        raise ValueError(f"{key} is not a count")
+    return v

@@ -22,7 +22,7 @@ from vtl.core.events import EventLog, ProtectionChanged
 from vtl.core.partition import Partition
 from vtl.core.vp import IN_VTL1_CALL, OFFLINE, RestartRequest, VirtualProcessor
 from vtl.core.vtl import Vtl
-from vtl.services.outcomes import EnableVtl1, Outcome, ReadVpRegister, Reset, SendIpi, StartVp
+from vtl.services.outcomes import EnableVtl1, Outcome, ReadVpRegister, Reset, SaveSnapshot, SendIpi, StartVp
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import STATUS_NAMES, Refusals
@@ -37,7 +37,7 @@ class Reply:
 
 
 Handler = Callable[[VirtualProcessor, VCpu],
-                   "Reply | EnableVtl1 | Reset | StartVp | SendIpi | ReadVpRegister"]
+                   "Reply | EnableVtl1 | Reset | StartVp | SendIpi | ReadVpRegister | SaveSnapshot"]
 RESTART_SIZE = abi_ffi.sizeof("struct vtl_restart")
 START_VP_SIZE = abi_ffi.sizeof("struct vtl_start_vp")
 VTL0_ONLY, VTL1_ONLY, ANY_VTL = frozenset({Vtl.VTL0}), frozenset({Vtl.VTL1}), frozenset(Vtl)
@@ -57,6 +57,7 @@ class Hypercalls:
             ABI.VTL_HC_RESET: (self.reset, ANY_VTL),
             ABI.VTL_HC_START_VP: (self.start_vp, ANY_VTL),
             ABI.VTL_HC_SEND_IPI: (self.send_ipi, ANY_VTL),
+            ABI.VTL_HC_SNAPSHOT: (self.snapshot, VTL0_ONLY),
             ABI.VTL_HC_VTL0_RESTART: (self.vtl0_restart, VTL1_ONLY),
         }
         if privileged is not None:
@@ -81,7 +82,7 @@ class Hypercalls:
                                ABI.VTL_E_ACCESS_DENIED)
             return None
         reply = handler(vp, vcpu)
-        if isinstance(reply, (EnableVtl1, Reset, StartVp, SendIpi, ReadVpRegister)):
+        if isinstance(reply, (EnableVtl1, Reset, StartVp, SendIpi, ReadVpRegister, SaveSnapshot)):
             return reply
         self.answer(vp, vcpu, code, reply)
         return None
@@ -133,6 +134,11 @@ class Hypercalls:
         if target >= len(self.p.vps):
             return Reply(int(ABI.VTL_E_INVALID_ARG), f"no VP {target}")
         return SendIpi(int(target))
+
+    def snapshot(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply | SaveSnapshot:
+        """Whether a snapshot can be taken (a directory, none taken yet) is the scheduler's
+        to decide: it holds the run's snapshot settings."""
+        return SaveSnapshot()
 
     def vtl0_restart(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
         """Validate and copy VTL1's struct vtl_restart; the scheduler applies it at VTL1's

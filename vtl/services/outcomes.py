@@ -88,7 +88,14 @@ class ReadVpRegister:
     reg: int
 
 
-Outcome = Enter | EnableVtl1 | Step | Reset | Stop | StartVp | Halt | SendIpi | ReadVpRegister | None
+@dataclass(frozen=True, slots=True)
+class SaveSnapshot:
+    """VTL_HC_SNAPSHOT: save the partition at the top of this VP's loop (a snapshot is
+    taken between exits, never inside one: vtl/run/snapshot.py)."""
+
+
+Outcome = (Enter | EnableVtl1 | Step | Reset | Stop | StartVp | Halt | SendIpi | ReadVpRegister | SaveSnapshot
+           | None)
 
 # How a run ended, besides the guest's own status (documented in `vtl run --help`).
 STATUS_VMM_ERROR = 1

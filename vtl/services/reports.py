@@ -123,5 +123,23 @@ class Reports:
             self.data_bytes += len(data)
         return Report(vp=vp, vtl=int(vtl), kind=kind, name=name, value=value, text=text, data=data)
 
+    def state(self) -> list[dict[str, object]]:
+        """The records as JSON for a snapshot (data as hex)."""
+        return [{**r.model_dump(exclude={"data"}), "data": r.data.hex()} for r in self.records]
+
+    def load(self, saved: object) -> None:
+        """A snapshot's records, within the same budget as the guest's (ValueError if not)."""
+        if not isinstance(saved, list) or len(saved) > MAX_REPORTS:
+            raise ValueError(f"the reports are not a list of at most {MAX_REPORTS}")
+        records = []
+        for d in saved:
+            if not isinstance(d, dict) or not isinstance(d.get("data"), str):
+                raise ValueError("a report is malformed")
+            records.append(Report(**{**d, "data": bytes.fromhex(d["data"])}))
+        data_bytes = sum(len(r.data) for r in records)
+        if data_bytes > MAX_DATA_BYTES or any(r.kind not in KINDS.values() for r in records):
+            raise ValueError("the reports exceed the run's budget or name an unknown kind")
+        self.records, self.data_bytes = records, data_bytes
+
     def of_kind(self, kind: str) -> list[Report]:
         return [r for r in self.records if r.kind == kind]

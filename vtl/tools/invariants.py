@@ -18,7 +18,7 @@ from vmm.elf import read_image
 from vtl.abi import ABI
 from vtl.core.events import EventLog
 from vtl.core.partition import Partition
-from vtl.lifecycle.state import unprotected
+from vtl.lifecycle.protections import unprotected
 
 # Lifecycle steps after which nothing of the VTL1 before them may act: a RESET ends VTL1,
 # a teardown ends it, a restart (kexec) replaces the kernel that made every VTL call so far.

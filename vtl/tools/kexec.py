@@ -4,7 +4,7 @@ A flow is a VTL0 scenario of the image ("kexec-teardown", "kexec-persist",
 "kexec-deny") run with VTL1's kexec policy of the same name, the next kernel staged in
 VTL0's memory (`--image`, default the built-in kernel linked at 8 MiB) and, unless
 `--untrusted`, that kernel on VTL1's allowlist.  The timeline is the run's Lifecycle
-events (vtl/lifecycle/state.py): each step, who did it, how long it took, the
+events (vtl/lifecycle/protections.py): each step, who did it, how long it took, the
 protections and pins before and after, read by the VMM from its own maps and from KVM.
 
 The checks are what the VMM observes, never the guest's word: snapshots taken by the VMM
@@ -27,7 +27,7 @@ from vtl.core.events import EventLog, Lifecycle
 from vtl.core.images import scenarios
 from vtl.core.partition import Partition
 from vtl.core.trust import trust_digest
-from vtl.lifecycle.state import unprotected
+from vtl.lifecycle.protections import unprotected
 from vtl.run import control
 from vtl.run.result import RunResult, raise_if_interrupted
 from vtl.services.console import Console

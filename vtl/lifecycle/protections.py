@@ -1,11 +1,14 @@
 """What a lifecycle step changes: the protections and pins of a partition, as the VMM
 holds them and as it reads them from KVM and the host kernel.
 
-A snapshot is a plain dict (it goes into events, the control socket and `vtl kexec
---json`).  `digest` covers everything that is policy (VTL0's attribute map, the runs the
-backend applied, the register intercept control, whether VTL1 judges the pinned MSRs),
-so two snapshots are "the same protections and pins" exactly when their digests match
-(the deny flow compares them whole).  The registers are read from KVM's vCPU state.
+(A *snapshot* is something else: the whole partition saved to a directory,
+vtl/lifecycle/snapshot.py.)  The protection record is a plain dict (it goes into
+events, the control socket and `vtl kexec --json`).  `digest` covers everything that
+is policy (VTL0's attribute map, the runs the backend applied, the register intercept
+control, whether VTL1 judges the pinned MSRs, a mode's own policy), so two records are
+"the same protections and pins" exactly when their digests match (the deny flow
+compares them whole; a restore compares the saved one with the rebuilt partition's).
+The registers are read from KVM's vCPU state.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from vtl.core.partition import Partition
 from vtl.core.vtl import Vtl
 
 
-def snapshot(p: Partition) -> dict[str, Any]:
+def protections(p: Partition, extra: object = None) -> dict[str, Any]:
+    """The protection record of `p` now.  `extra`: policy a mode holds outside the
+    partition (Heki's pins and page permissions), in the digest too."""
     # VTL1 never sets attributes in its own region, so counting the whole map is exact.
     pages = {describe(a): n for a in range(1, 8) if (n := p.vtl0_attrs.count(a))}
     applied = [(s, e, a) for s, e, a in p.backend.runs() if a]
@@ -35,8 +40,14 @@ def snapshot(p: Partition) -> dict[str, Any]:
     # The VPs whose register writes VTL1 judges (each VP's own control; docs/smp.md).
     pinned_vps = [vp.index for vp in p.vps if p.intercept_controls.pinned(vp.index)]
     msr_pins = sorted(PINNED_MSRS.values()) if p.vtl1_enabled else []
+    # The policy as VTL1 (or a mode) set it, whatever backend applies it; `digest` adds
+    # what this backend applied (equal only through the same backend).
+    policy = hashlib.sha256(bytes(p.vtl0_attrs))
+    policy.update(repr((control, pinned_vps, msr_pins, extra)).encode())
     h = hashlib.sha256(bytes(p.vtl0_attrs))
     h.update(repr((applied, control, pinned_vps, msr_pins)).encode())
+    if extra is not None:
+        h.update(repr(extra).encode())
     out: dict[str, Any] = {
         "vtl1_enabled": p.vtl1_enabled,
         "vtl1_measurement": p.vtl1_measurement,
@@ -49,6 +60,7 @@ def snapshot(p: Partition) -> dict[str, Any]:
         "pinned_vps": pinned_vps,
         "msr_pins": msr_pins,
         "digest": h.hexdigest(),
+        "policy_digest": policy.hexdigest(),
     }
     if not p.vtl1_enabled:         # what VTL0 would read there now (zeros after a teardown)
         out["vtl1_region_zero"] = p.mem.read(p.layout.vtl1_base, p.layout.vtl1_size).count(0) \
@@ -76,10 +88,10 @@ def record_step(p: Partition, step: str, by: str, action: Callable[[], Any], *, 
                 detail: str = "") -> Any:
     """Run `action` as lifecycle step `step`, emitting a Lifecycle event with the state
     before and after; the duration covers the action only."""
-    before = snapshot(p)
+    before = protections(p)
     t0 = time.perf_counter()
     out = action()
     dt = (time.perf_counter() - t0) * 1e6
     p.events.emit(Lifecycle(ts=p.events.now(), vp=vp, vtl=vtl, step=step, by=by, detail=detail,
-                            duration_us=round(dt, 1), before=before, after=snapshot(p)))
+                            duration_us=round(dt, 1), before=before, after=protections(p)))
     return out

@@ -1,0 +1,179 @@
+"""The snapshot directory: a versioned format with a manifest of SHA-256 digests.
+
+In the spirit of Firecracker's snapshot (a memory file plus a versioned state file),
+a snapshot is a directory of three files (docs/snapshot.md):
+
+  manifest.json  {"format": "vtl-snapshot", "version": 1, "created": ISO time,
+                  "files": {name: {"size": bytes, "sha256": hex}}}: written last
+  state.json     the partition and the run (vtl/lifecycle/snapshot.py, vtl/run/snapshot.py)
+  memory.bin     guest memory, offset = GPA, sparse (vmm/memfile.py)
+
+It is written into a temporary directory beside the target and renamed into place only
+when complete, so a directory that exists is a whole snapshot or nothing of ours; the
+target must not exist (a snapshot never replaces anything).  Reading checks, before any
+VM exists: the format and version, that the manifest names exactly these files, each
+file's size and digest, and that state.json parses.  Every refusal is one line
+(SnapshotError).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from vmm import memfile
+from vmm.errors import VmmError
+from vmm.memory import GuestMemory
+
+FORMAT = "vtl-snapshot"
+VERSION = 1
+MANIFEST, STATE, MEMORY = "manifest.json", "state.json", "memory.bin"
+FILES = (STATE, MEMORY)
+# state.json holds registers, VPs and maps, never guest-sized data: a bound on what a
+# snapshot someone hands us can make the VMM read into memory.
+MAX_STATE = 16 << 20
+MAX_MANIFEST = 64 << 10
+
+
+class SnapshotError(VmmError):
+    """A snapshot that cannot be written here or cannot be restored (one line)."""
+
+
+def write(path: Path, state: dict[str, Any], mem: GuestMemory) -> dict[str, Any]:
+    """Write a snapshot of `state` and `mem` at `path` (which must not exist); returns the
+    manifest."""
+    path = Path(path)
+    if os.path.lexists(path):
+        raise SnapshotError(f"{path} already exists (a snapshot is written to a new directory)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SnapshotError(f"{parent} is not a directory")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    except OSError as e:
+        raise SnapshotError(f"cannot write a snapshot in {parent}: {e.strerror}") from None
+    try:
+        files: dict[str, dict[str, Any]] = {}
+        blob = json.dumps(state, sort_keys=True).encode()
+        if len(blob) > MAX_STATE:
+            raise SnapshotError(f"the state is {len(blob)} bytes, more than the format's {MAX_STATE}")
+        files[STATE] = {"size": len(blob), "sha256": _sha256(blob)}
+        (tmp / STATE).write_bytes(blob)
+        with open(tmp / MEMORY, "wb") as f:
+            files[MEMORY] = {"size": mem.size, "sha256": memfile.save(mem, f)}
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {"format": FORMAT, "version": VERSION,
+                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        os.rename(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SnapshotError(f"cannot write the snapshot {path}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _regular(path: Path, what: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SnapshotError(f"{what}: {path} is missing") from None
+    except OSError as e:
+        raise SnapshotError(f"{what}: cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"{what}: {path} is not a regular file")
+    return st
+
+
+def _read_small(path: Path, limit: int, what: str) -> bytes:
+    st = _regular(path, what)
+    if st.st_size > limit:
+        raise SnapshotError(f"{what}: {path.name} is {st.st_size} bytes, more than {limit}")
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except OSError as e:
+        raise SnapshotError(f"{what}: cannot read {path}: {e.strerror}") from None
+
+
+class Snapshot:
+    """A snapshot directory, verified: `manifest`, `state`, and the memory file to load."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], state: dict[str, Any]) -> None:
+        self.path, self.manifest, self.state = path, manifest, state
+
+    @property
+    def memory_path(self) -> Path:
+        return self.path / MEMORY
+
+    def load_memory(self, mem: GuestMemory) -> None:
+        with open(self.memory_path, "rb") as f:
+            memfile.load(mem, f)
+
+
+def read(path: Path, check_memory: Callable[[BinaryIO, int], str] = memfile.digest) -> Snapshot:
+    """Open and verify the snapshot at `path` (see the module doc); nothing is built."""
+    path = Path(path)
+    what = f"snapshot {path}"
+    if not path.is_dir():
+        raise SnapshotError(f"{what}: not a directory" if path.exists() else f"{what}: no such directory")
+    raw = _read_small(path / MANIFEST, MAX_MANIFEST, what)
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise SnapshotError(f"{what}: {MANIFEST} is not JSON (corrupt)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SnapshotError(f"{what}: {MANIFEST} is not a {FORMAT} manifest")
+    version = manifest.get("version")
+    if version != VERSION:
+        raise SnapshotError(f"{what}: format version {version!r}, this vtl reads version {VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or sorted(files) != sorted(FILES):
+        raise SnapshotError(f"{what}: the manifest must list exactly {', '.join(FILES)}")
+    for name in FILES:
+        entry = files[name]
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str)):
+            raise SnapshotError(f"{what}: the manifest's entry for {name} is malformed")
+    blob = _read_small(path / STATE, MAX_STATE, what)
+    _check(what, STATE, len(blob), _sha256(blob), files[STATE])
+    st = _regular(path / MEMORY, what)
+    if st.st_size != files[MEMORY]["size"]:
+        raise SnapshotError(f"{what}: {MEMORY} is {st.st_size} bytes, the manifest says "
+                            f"{files[MEMORY]['size']} (truncated?)")
+    try:
+        with open(path / MEMORY, "rb") as f:
+            mem_digest = check_memory(f, st.st_size)
+    except OSError as e:
+        raise SnapshotError(f"{what}: cannot read {MEMORY}: {e.strerror}") from None
+    _check(what, MEMORY, st.st_size, mem_digest, files[MEMORY])
+    try:
+        state = json.loads(blob)
+    except (ValueError, UnicodeDecodeError):
+        raise SnapshotError(f"{what}: {STATE} is not JSON") from None
+    if not isinstance(state, dict):
+        raise SnapshotError(f"{what}: {STATE} is not an object")
+    return Snapshot(path, manifest, state)
+
+
+def _check(what: str, name: str, size: int, digest: str, entry: dict[str, Any]) -> None:
+    if size != entry["size"]:
+        raise SnapshotError(f"{what}: {name} is {size} bytes, the manifest says {entry['size']} (truncated?)")
+    if digest != entry["sha256"]:
+        raise SnapshotError(f"{what}: {name} does not match its SHA-256 in the manifest (corrupt)")
