@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 
@@ -50,6 +52,10 @@ class RunResult(BaseModel):
     switch_path: str = ""           # which path switched VTLs: C, or Python and why
     ended_on_vp: int = 0            # the VP whose stop ended the run (the others followed)
     vps: list[VpSummary] = []
+    # Snapshots this run saved (path, by, policy digest, memory SHA-256, duration), and the
+    # one it was restored from (path, digests compared, backends, duration): docs/snapshot.md.
+    snapshots: list[dict[str, Any]] = []
+    restored_from: dict[str, Any] | None = None
 
 
 VTL1_HISTORY_MAX = 32

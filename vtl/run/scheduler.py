@@ -782,7 +782,8 @@ class Scheduler:
             ended_on_vp=index, vps=self.vp_summaries(),
             fast_switches=sum(vp.fast_switches for vp in self.p.vps),
             switch_path=fastpath.DESCRIPTION if not (fastpath.AVAILABLE and not self.use_fastpath)
-            else "Python (asked for)")
+            else "Python (asked for)",
+            snapshots=list(self.snapshots), restored_from=self.restored_from)
 
     def vp_summaries(self) -> list[VpSummary]:
         ctls = self.p.intercept_controls

@@ -191,6 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "`quit` ends the run with exit status 5.  "
                         "A stale socket at PATH is replaced; anything else there, or a missing "
                         "directory, is a usage error (exit 2).  The file is removed when the run ends")
+    r.add_argument("--snapshot", type=Path, metavar="DIR",
+                   help="where this run saves a snapshot (a new directory: guest memory, every vCPU of "
+                        "every VTL, the protections and pins, the run's state, with a manifest of SHA-256 "
+                        "digests; docs/snapshot.md): when the guest asks (VTL_HC_SNAPSHOT) or at "
+                        "--snapshot-at.  DIR must not exist")
+    r.add_argument("--snapshot-at", choices=("hardened",), default=None,
+                   help="save the --snapshot when the guest's hardening has ended (VTL mode: VTL1 "
+                        "accepted END_OF_BOOT; Heki mode: the kernel's pages protected after its CR "
+                        "pins); the run then goes on")
+    r.add_argument("--restore", type=Path, metavar="DIR",
+                   help="instead of booting, restore the partition saved in DIR (`--snapshot`) and "
+                        "resume it: checked whole first (format version, every file's SHA-256, the "
+                        "images, VP count, memory size and the host's CPUID), its protections rebuilt "
+                        "through --backend (default: the best this host has, whichever was saved) "
+                        "and their policy digest compared with the saved one before the first "
+                        "instruction; a snapshot that fails any check is refused in one line, exit "
+                        "1, nothing run.  Options that define the partition (--vps, --mem, --mode, "
+                        "--scenario, --param, --trust, --kexec-policy, --stage, --no-vtl1, "
+                        "--reset-on-triple-fault) must match the snapshot when given; --vtl0-image "
+                        "and --vtl1-image may name the same files elsewhere")
 
     s = sub.add_parser("scenarios", help="list the scenarios built into a VTL0 image")
     _images(s, vtl1=False)
@@ -339,32 +359,52 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ControlSocketError as e:
             print(f"vtl run: error: {e}", file=sys.stderr)
             return 2
+    usage = _snapshot_usage(args)
+    if usage is not None:
+        print(f"vtl run: error: {usage}", file=sys.stderr)
+        return 2
     out = sys.stderr if args.json else sys.stdout
     writer = _ConsoleWriter(out)
-    config = PartitionConfig(vtl0_image=args.vtl0_image,
-                             vtl1_image=None if args.no_vtl1 else args.vtl1_image,
-                             mem_size=args.mem, nr_vps=args.vps, scenario=args.scenario,
-                             param=args.param, attr_backend=args.backend, **_lifecycle_config(args))
-    check_scenario(read_image(config.vtl0_image), args.scenario)     # a usage error, before KVM
-    if args.mode == "heki":
-        from vtl.modes.heki import heki_config
-
-        config = heki_config(config)
     # A guest decides how many events and lines there are: keep none of them in memory
     # beyond a short tail for --json.
     events = EventLog(keep=0)
+    if args.restore is not None:
+        from vtl.run.restore import open_snapshot
+
+        snap = open_snapshot(args.restore)             # refused whole before anything is built
+        config = _restore_config(args, snap)
+    else:
+        config = PartitionConfig(vtl0_image=args.vtl0_image,
+                                 vtl1_image=None if args.no_vtl1 else args.vtl1_image,
+                                 mem_size=args.mem, nr_vps=args.vps, scenario=args.scenario,
+                                 param=args.param, attr_backend=args.backend, **_lifecycle_config(args))
+        check_scenario(read_image(config.vtl0_image), args.scenario)     # a usage error, before KVM
+        if args.mode == "heki":
+            from vtl.modes.heki import heki_config
+
+            config = heki_config(config)
     console = Console(config.nr_vps, None if args.quiet else writer, keep=0 if args.quiet else 200)
+    make = _mode_scheduler(config.mode).get("scheduler")
     try:
-        with Partition(config, events) as partition:
+        if args.restore is not None:
+            from vtl.run.restore import restore
+
+            partition, restored = restore(snap, config=config, events=events, console=console,
+                                          **_mode_scheduler(config.mode))
+            make = _the(restored)
+        else:
+            partition = Partition(config, events)
+        with partition:
             if args.events is not None:
                 events.open_file(args.events)
             result, sched = control.run(partition, console, args.timeout, args.control,
-                                        **_mode_scheduler(args.mode))
+                                        scheduler=_with_snapshots(make, args))
     except ControlSocketError as e:
         print(f"vtl run: error: {e}", file=sys.stderr)
         return 2
     finally:
         events.close()
+    scenario = config.scenario or "boot"
     if isinstance(writer.failed, BrokenPipeError):
         _silence_stdout()
         return STATUS_PIPE_CLOSED     # the reader went away (`| head`): stop quietly, as tools do
@@ -373,7 +413,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         doc = result.model_dump()
-        doc.update(scenario=args.scenario or "boot", console_tail=list(console.tail),
+        doc.update(scenario=scenario, console_tail=list(console.tail),
                    console_line_count=console.lines, events=dict(events.counts),
                    reports=[r.model_dump(exclude={"data"}) for r in sched.reports.records],
                    max_rss_mib=_peak_rss_mib())
@@ -382,13 +422,98 @@ def cmd_run(args: argparse.Namespace) -> int:
             doc.update(mode="heki", heki=heki.summary())
         _print_json(doc)
     else:
-        lines = run_summary_lines(result, args.scenario or "boot", config)
+        lines = run_summary_lines(result, scenario, config)
         heki = getattr(sched, "heki", None)
         out.write("\n".join(lines + (heki.summary_lines() if heki is not None else [])) + "\n")
     if result.reason == "vmm_error":
         print(f"vtl run: error: {result.message}", file=sys.stderr)
         return 1
     return result.status & 0xFF
+
+
+def _snapshot_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with the snapshot options, before anything is read or built."""
+    if args.snapshot_at is not None and args.snapshot is None:
+        return "--snapshot-at needs --snapshot DIR (where to save)"
+    if args.snapshot is not None:
+        if os.path.lexists(args.snapshot):
+            return f"--snapshot {args.snapshot}: it exists (a snapshot is written to a new directory)"
+        parent = args.snapshot.parent
+        if not parent.is_dir():
+            return f"--snapshot {args.snapshot}: {parent} is not a directory"
+        if args.restore is not None and args.snapshot.resolve() == args.restore.resolve():
+            return "--snapshot and --restore name the same directory"
+    return None
+
+
+# Options that define a partition: with --restore, the snapshot does; given, they must agree.
+_DEFINING = {"vps": "nr_vps", "mem": "mem_size", "mode": "mode", "scenario": "scenario", "param": "param",
+             "kexec_policy": "kexec_policy", "reset_on_triple_fault": "reset_on_triple_fault"}
+
+
+def _restore_config(args: argparse.Namespace, snap: Any) -> Any:
+    """The snapshot's config, the images where the command line puts them, the backend
+    it asks for; an option given that contradicts the snapshot is refused (one line)."""
+    from vtl.core.trust import trust_list
+    from vtl.lifecycle.snapfile import SnapshotError
+    from vtl.run.restore import config_of
+
+    saved = config_of(snap)
+    given = _given_options(args)
+    for opt, field in _DEFINING.items():
+        if opt in given and getattr(args, opt) != getattr(saved, field):
+            flag = "--" + opt.replace("_", "-")
+            raise SnapshotError(f"{flag} {getattr(args, opt)} does not match the snapshot's "
+                                f"{getattr(saved, field)}")
+    if "no_vtl1" in given and (saved.vtl1_image is None) != args.no_vtl1:
+        raise SnapshotError("--no-vtl1 does not match the snapshot (VTL1 was "
+                            f"{'disabled' if saved.vtl1_image is None else 'available'})")
+    if "trust" in given and trust_list(args.trust) != saved.trust:
+        raise SnapshotError("--trust does not match the snapshot's allowlist")
+    update: dict[str, Any] = {"attr_backend": args.backend}
+    if "vtl0_image" in given:
+        update["vtl0_image"] = args.vtl0_image
+    if "vtl1_image" in given and saved.vtl1_image is not None:
+        update["vtl1_image"] = args.vtl1_image
+    if "stage" in given:
+        update["staged"] = args.stage
+    return saved.model_copy(update=update)
+
+
+def _given_options(args: argparse.Namespace) -> set[str]:
+    """The run options given on the command line (argparse only knows their values)."""
+    argv = getattr(args, "argv", None) or []
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    run = sub.choices["run"]
+    for action in run._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        given = vars(run.parse_args(argv[argv.index("run") + 1:] if "run" in argv else []))
+    except (SystemExit, ValueError):
+        return set()
+    return set(given)
+
+
+def _the(sched: Any) -> Any:
+    """A scheduler factory that hands out `sched` (a restored run's, built by the restore)."""
+    def factory(p: Any, c: Any) -> Any:
+        return sched
+    return factory
+
+
+def _with_snapshots(make: Any, args: argparse.Namespace) -> Any:
+    """The run's scheduler with its snapshot settings (--snapshot, --snapshot-at)."""
+    from vtl.run.scheduler import Scheduler
+
+    factory = make or Scheduler
+
+    def build(p: Any, c: Any) -> Any:
+        s = factory(p, c)
+        s.snapshot_dir = args.snapshot
+        s.snapshot_at = args.snapshot_at
+        return s
+    return build
 
 
 def _mode_scheduler(mode: str) -> dict[str, Any]:
@@ -582,6 +707,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args)

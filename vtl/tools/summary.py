@@ -48,6 +48,7 @@ def run_summary_lines(result: RunResult, scenario: str, config: PartitionConfig)
         *([f"lifecycle     {result.boot_count} reboots of VTL0 ({result.resets} resets, "
             f"{result.kexecs} kexecs)"] if result.boot_count else []),
         *vps,
+        *_snapshot_lines(result),
         f"VTL switches  {result.vtl_switches} ({result.vtl_calls} calls, {result.vtl_returns} returns"
         f"{_switch_path(result)})",
         f"exits         {exits or 'none'}",
@@ -61,3 +62,17 @@ def _switch_path(result: RunResult) -> str:
     if result.fast_switches:
         return f"; {result.fast_switches} by the C switch path"
     return f"; switch path {result.switch_path}" if result.switch_path.startswith(("off", "not")) else ""
+
+
+def _snapshot_lines(result: RunResult) -> list[str]:
+    out = []
+    r = result.restored_from
+    if r is not None:
+        through = r["backend"] if r["backend"] == r["saved_backend"] else \
+            f"{r['backend']} (saved through {r['saved_backend']})"
+        out.append(f"{'restored':<14}from {r['path']} in {r['duration_us'] / 1000:.1f} ms through {through}; "
+                   f"policy digest {r['policy_digest'][:16]}… equal to the saved one")
+    for i, s in enumerate(result.snapshots):
+        out.append(f"{'' if i else 'snapshot':<14}{s['path']} ({s['by']}, VP{s['vp']}) "
+                   f"in {s['duration_us'] / 1000:.1f} ms; policy digest {s['policy_digest'][:16]}…")
+    return out
