@@ -24,7 +24,7 @@ LIB_SRC  := guest_lib/console.c guest_lib/string.c guest_lib/arch.c guest_lib/pa
             guest_lib/entry_common.S guest_lib/priv.S
 VTL0_SRC := guest_vtl0/entry.S guest_vtl0/main.c guest_vtl0/scenarios.c guest_vtl0/lifecycle.c \
             guest_vtl0/elfload.c guest_vtl0/modules.S guest_vtl0/heki.c guest_vtl0/heki_kexec.c \
-            guest_vtl0/compare.c guest_vtl0/smp.c guest_vtl0/xvp.c
+            guest_vtl0/compare.c guest_vtl0/smp.c guest_vtl0/xvp.c guest_vtl0/snapshot.c
 VTL1_SRC := guest_vtl1/entry.S guest_vtl1/main.c guest_vtl1/policy.c guest_vtl1/sha256.c guest_vtl1/lifecycle.c
 VTL0     := guest_vtl0/build/vtl0.elf
 VTL0_KEXEC := guest_vtl0/build/vtl0-kexec.elf   # the same kernel at 0x800000: a kexec target
