@@ -106,7 +106,7 @@ memmove = ffi._backend.memmove   # skips cffi's Python-level wrapper on the swit
 IoHandler = Callable[[VirtualProcessor, VCpu], Outcome]
 # Where a snapshot can be asked for (SnapshotJob.by): the guest (VTL_HC_SNAPSHOT), the
 # trigger `vtl run --snapshot-at hardened`, the control socket.
-SNAPSHOT_TRIGGERS = ("hardened",)
+SNAPSHOT_TRIGGERS = ("hardened", "kexec")
 
 
 @dataclass(frozen=True)
@@ -603,10 +603,12 @@ class Scheduler:
 
     def _hardened(self, vp: VirtualProcessor) -> None:
         """The guest's hardening has ended (END_OF_BOOT; a mode says when for itself): the
-        `--snapshot-at hardened` trigger saves at the top of this VP's loop, once."""
-        if self.snapshot_at == "hardened" and self.snapshot_dir is not None and not self._trigger_fired:
+        `--snapshot-at` trigger saves at the top of this VP's loop, once: `hardened` at the
+        first kernel's, `kexec` at the first one a kexec started."""
+        due = self.snapshot_at == "hardened" or (self.snapshot_at == "kexec" and self.kexecs > 0)
+        if due and self.snapshot_dir is not None and not self._trigger_fired:
             self._trigger_fired = True
-            self.runners[vp.index].post(Kind.SNAPSHOT, SnapshotJob(self.snapshot_dir, "hardened"))
+            self.runners[vp.index].post(Kind.SNAPSHOT, SnapshotJob(self.snapshot_dir, self.snapshot_at))
 
     def _guest_snapshot(self, vp: VirtualProcessor) -> None:
         """VTL_HC_SNAPSHOT (vtl_abi.h): the saved VTL0 sees RDX = 1 when restored, this one 0."""
