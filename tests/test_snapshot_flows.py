@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from vtl.core.events import EventLog
 from vtl.core.vtl import Vtl
@@ -22,7 +23,10 @@ from .vtlrun import REPO, vtl_cli
 KEXEC_IMAGE = REPO / "guest_vtl0" / "build" / "vtl0-kexec.elf"
 
 
-def _restored_run(path: Path, backend: str | None = None) -> tuple[RunResult, dict[int, tuple[int, int]], dict]:
+Targets = dict[int, tuple[int, int]]
+
+
+def _restored_run(path: Path, backend: str | None = None) -> tuple[RunResult, Targets, dict[str, Any]]:
     """Restore `path` in-process and run it to its end; returns the result, every attack
     target the restored guest named as (old, value read back by the VMM), the saved state."""
     snap = open_snapshot(path)
@@ -32,13 +36,14 @@ def _restored_run(path: Path, backend: str | None = None) -> tuple[RunResult, di
                        scheduler=factory)
     with p:
         result, _ = control.run(p, None, 300, None, scheduler=lambda _p, _c: sched)
-        targets = {r.value[0]: (r.value[2], p.mem.read_u64(r.value[0])) for r in sched.reports.of_kind("target")}
+        targets = {r.value[0]: (r.value[2], p.mem.read_u64(r.value[0]))
+                   for r in sched.reports.of_kind("target")}
         heki = sched.heki.state.policy() if isinstance(sched, HekiScheduler) else None
     return result, targets, {"state": snap.state, "heki": heki,
                              "values": {r.name: r.value[0] for r in sched.reports.of_kind("value")}}
 
 
-def _save(tmp_path: Path, *args: str) -> tuple[Path, dict]:
+def _save(tmp_path: Path, *args: str) -> tuple[Path, dict[str, Any]]:
     snap = tmp_path / "snap"
     cp = vtl_cli("run", "--quiet", "--json", "--snapshot", str(snap), *args)
     assert cp.returncode == 0, cp.stderr

@@ -608,7 +608,8 @@ class Scheduler:
         due = self.snapshot_at == "hardened" or (self.snapshot_at == "kexec" and self.kexecs > 0)
         if due and self.snapshot_dir is not None and not self._trigger_fired:
             self._trigger_fired = True
-            self.runners[vp.index].post(Kind.SNAPSHOT, SnapshotJob(self.snapshot_dir, self.snapshot_at))
+            job = SnapshotJob(self.snapshot_dir, self.snapshot_at or "hardened")
+            self.runners[vp.index].post(Kind.SNAPSHOT, job)
 
     def _guest_snapshot(self, vp: VirtualProcessor) -> None:
         """VTL_HC_SNAPSHOT (vtl_abi.h): the saved VTL0 sees RDX = 1 when restored, this one 0."""
