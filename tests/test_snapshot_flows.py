@@ -122,3 +122,25 @@ def test_a_restored_vcpu_has_the_saved_control_registers(tmp_path: Path) -> None
                 for reg in ("cr0", "cr3", "cr4", "efer"):
                     assert int(getattr(now, reg)) == want.sreg(reg), (vp.index, vtl, reg)
                 assert int(vcpu.get_regs().rip) == want.reg("rip")
+
+
+def test_a_forged_snapshot_with_other_vtl1_code_under_its_measurement_is_refused(tmp_path: Path) -> None:
+    """The manifest is rewritten to match (a consistent forgery, not corruption): the
+    restore still refuses, since VTL1's read-only segments in memory must be its image's."""
+    import hashlib
+
+    from vmm.elf import PF_X, read_image
+
+    snap, _ = _save(tmp_path, "--scenario", "write-rodata", "--snapshot-at", "hardened")
+    seg = next(s for s in read_image(REPO / "guest_vtl1" / "build" / "vtl1.elf").segments if s.flags & PF_X)
+    with open(snap / "memory.bin", "r+b") as f:
+        f.seek(seg.gpa + 16)
+        byte = f.read(1)
+        f.seek(seg.gpa + 16)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    manifest = json.loads((snap / "manifest.json").read_text())
+    manifest["files"]["memory.bin"]["sha256"] = hashlib.sha256((snap / "memory.bin").read_bytes()).hexdigest()
+    (snap / "manifest.json").write_text(json.dumps(manifest))
+    cp = vtl_cli("run", "--restore", str(snap))
+    assert cp.returncode == 1 and cp.stdout == ""
+    assert cp.stderr.count("\n") == 1 and "VTL1's code" in cp.stderr and "Traceback" not in cp.stderr

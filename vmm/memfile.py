@@ -100,18 +100,27 @@ def digest(f: BinaryIO, size: int) -> str:
     return h.hexdigest()
 
 
-def load(mem: GuestMemory, f: BinaryIO) -> None:
-    """Read the memory file `f` into `mem` (fresh: all zero).  Its size must be the
-    memory's; only data extents are read."""
+def load(mem: GuestMemory, f: BinaryIO) -> str:
+    """Read the memory file `f` into `mem` (fresh: all zero) and return the SHA-256 of
+    what was read, in one pass: the bytes hashed are the bytes loaded, so a file changed
+    after a check cannot slip past it.  Its size must be the memory's; only data extents
+    are read."""
     fd = f.fileno()
     size = os.fstat(fd).st_size
     if size != mem.size:
         raise MemoryFileError(f"the memory file is {size} bytes, the partition's memory {mem.size}")
     view = mem.view
+    h = hashlib.sha256()
+    done = 0
     for start, end in _extents(fd, size):
+        _hash_zeros(h, start - done)
         off = start
         while off < end:
-            n = os.preadv(fd, [view[off:end]], off)
+            n = os.preadv(fd, [view[off:min(end, off + (CHUNK << 4))]], off)
             if n <= 0:
                 raise MemoryFileError("the memory file ended early (truncated while read)")
+            h.update(view[off:off + n])
             off += n
+        done = end
+    _hash_zeros(h, size - done)
+    return h.hexdigest()

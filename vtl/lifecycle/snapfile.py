@@ -89,27 +89,30 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _regular(path: Path, what: str) -> os.stat_result:
+def _open_regular(path: Path, what: str) -> BinaryIO:
+    """Open `path` for reading and check the file opened (not the name) is regular: a FIFO
+    or device swapped in is refused without blocking on it (O_NONBLOCK, then fstat)."""
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise SnapshotError(f"{what}: {path} is missing") from None
+        raise SnapshotError(f"{what}: {path.name} is missing") from None
     except OSError as e:
         raise SnapshotError(f"{what}: cannot read {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SnapshotError(f"{what}: {path} is not a regular file")
-    return st
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(f"{what}: {path.name} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _read_small(path: Path, limit: int, what: str) -> bytes:
-    st = _regular(path, what)
-    if st.st_size > limit:
-        raise SnapshotError(f"{what}: {path.name} is {st.st_size} bytes, more than {limit}")
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit + 1)
-    except OSError as e:
-        raise SnapshotError(f"{what}: cannot read {path}: {e.strerror}") from None
+    with _open_regular(path, what) as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise SnapshotError(f"{what}: cannot read {path}: {e.strerror}") from None
+    if len(data) > limit:
+        raise SnapshotError(f"{what}: {path.name} is more than {limit} bytes")
+    return data
 
 
 class Snapshot:
@@ -123,12 +126,19 @@ class Snapshot:
         return self.path / MEMORY
 
     def load_memory(self, mem: GuestMemory) -> None:
-        with open(self.memory_path, "rb") as f:
-            memfile.load(mem, f)
+        """Load memory.bin into `mem`, hashing what it loads: a file that no longer matches
+        the manifest (corrupt, or changed since `read`) is refused."""
+        with _open_regular(self.memory_path, f"snapshot {self.path}") as f:
+            digest = memfile.load(mem, f)
+        if digest != self.manifest["files"][MEMORY]["sha256"]:
+            raise SnapshotError(f"snapshot {self.path}: {MEMORY} does not match its SHA-256 in the manifest "
+                                "(corrupt)")
 
 
-def read(path: Path, check_memory: Callable[[BinaryIO, int], str] = memfile.digest) -> Snapshot:
-    """Open and verify the snapshot at `path` (see the module doc); nothing is built."""
+def read(path: Path, check_memory: Callable[[BinaryIO, int], str] | None = None) -> Snapshot:
+    """Open and verify the snapshot at `path` (see the module doc); nothing is built.
+    memory.bin's size is checked here, its digest as it is loaded (Snapshot.load_memory,
+    one pass); `check_memory` (memfile.digest) hashes it here too."""
     path = Path(path)
     what = f"snapshot {path}"
     if not path.is_dir():
@@ -153,16 +163,16 @@ def read(path: Path, check_memory: Callable[[BinaryIO, int], str] = memfile.dige
             raise SnapshotError(f"{what}: the manifest's entry for {name} is malformed")
     blob = _read_small(path / STATE, MAX_STATE, what)
     _check(what, STATE, len(blob), _sha256(blob), files[STATE])
-    st = _regular(path / MEMORY, what)
-    if st.st_size != files[MEMORY]["size"]:
-        raise SnapshotError(f"{what}: {MEMORY} is {st.st_size} bytes, the manifest says "
-                            f"{files[MEMORY]['size']} (truncated?)")
-    try:
-        with open(path / MEMORY, "rb") as f:
-            mem_digest = check_memory(f, st.st_size)
-    except OSError as e:
-        raise SnapshotError(f"{what}: cannot read {MEMORY}: {e.strerror}") from None
-    _check(what, MEMORY, st.st_size, mem_digest, files[MEMORY])
+    with _open_regular(path / MEMORY, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != files[MEMORY]["size"]:
+            raise SnapshotError(f"{what}: {MEMORY} is {size} bytes, the manifest says "
+                                f"{files[MEMORY]['size']} (truncated?)")
+        if check_memory is not None:
+            try:
+                _check(what, MEMORY, size, check_memory(f, size), files[MEMORY])
+            except OSError as e:
+                raise SnapshotError(f"{what}: cannot read {MEMORY}: {e.strerror}") from None
     try:
         state = json.loads(blob)
     except (ValueError, UnicodeDecodeError):

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from vmm import vcpustate
+from vmm.elf import PF_W
 from vmm.errors import VmmError
+from vmm.measure import loaded_image_sha256
 from vmm.memattr import valid_attributes
 from vmm.memory import PAGE_SIZE, GuestMemory
 from vmm.regcheck import cpuid_entries
@@ -257,8 +259,19 @@ def _rebuild_vtl1(p: Partition, measurement: Any) -> None:
     already in place."""
     if p.vtl1_image is None:
         raise SnapshotError("the snapshot has VTL1 enabled but its config has no VTL1 image")
-    if not (isinstance(measurement, str) and len(measurement) == 64):
-        raise SnapshotError("snapshot state: VTL1's measurement is missing")
+    img = p.vtl1_image
+    if measurement != loaded_image_sha256(img):
+        raise SnapshotError("snapshot state: VTL1's measurement is not the VTL1 image's")
+    # The measured code must be what is in memory: every segment VTL1 cannot write (its
+    # text and rodata) byte for byte as the image loads it, so a memory file that carries
+    # other VTL1 code under the saved measurement is refused.
+    for seg in img.segments:
+        if seg.flags & PF_W or not seg.filesz:
+            continue
+        if p.mem.read(seg.gpa, seg.filesz) != img.data[seg.offset:seg.offset + seg.filesz]:
+            raise SnapshotError(f"VTL1's code at {seg.gpa:#x} in the memory file is not its measured "
+                                "image's: "
+                                "refused")
     p.vtl1_measurement = measurement
     vm = p.new_vm(Vtl.VTL1)
     vm.map_memory(p.mem, 0, p.layout.mem_size)
