@@ -24,7 +24,7 @@ from typing import Any
 
 from vmm import uapi as u
 from vmm.kvm import VCpu
-from vtl.abi import ABI
+from vtl.abi import ABI, abi_ffi
 from vtl.core.privileged import RegisterWrite
 from vtl.core.vtl import Vtl, VtlArray
 
@@ -52,6 +52,9 @@ class PendingIntercept:
     write: RegisterWrite | None = None  # register: the write VTL1 judges
 
 
+SCENARIO_SIZE = len(abi_ffi.new("struct vtl_restart *").scenario)   # bytes, NUL included
+
+
 @dataclass(frozen=True, slots=True)
 class RestartRequest:
     """VTL1's struct vtl_restart, validated and copied (VTL_HC_VTL0_RESTART)."""
@@ -61,6 +64,17 @@ class RestartRequest:
     image_end: int
     param: int
     scenario: str
+
+    def problem(self, window: tuple[int, int]) -> str | None:
+        """Why this request cannot be applied in VTL0's image window (the one rule for the
+        hypercall and for a request a snapshot carries), or None."""
+        lo, hi = window
+        if not (lo <= self.image_start <= self.entry < self.image_end <= hi):
+            return (f"entry {self.entry:#x} / image {self.image_start:#x}-{self.image_end:#x} outside "
+                    f"VTL0's image window {lo:#x}-{hi:#x}")
+        if len(self.scenario.encode()) >= SCENARIO_SIZE:
+            return "scenario name too long"
+        return None
 
 
 @dataclass(frozen=True, slots=True)

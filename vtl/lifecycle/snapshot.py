@@ -291,6 +291,8 @@ def _load_vp(p: Partition, index: int, saved: Any) -> None:
                             "snapshot holds")
     if state.vtl == Vtl.VTL1 and not p.vtl1_enabled:
         raise SnapshotError(f"snapshot state: VP{index} is in VTL1, which is not enabled")
+    if index == 0 and state is OFFLINE:
+        raise SnapshotError("snapshot state: the boot VP is offline (nothing could start it)")
     vp.state = state
     vp.current = None
     vp.vtl1_up = saved.get("vtl1_up") is True
@@ -299,8 +301,13 @@ def _load_vp(p: Partition, index: int, saved: Any) -> None:
     if r is not None:
         if not isinstance(r, dict) or not isinstance(r.get("scenario"), str) or len(r["scenario"]) > 64:
             raise SnapshotError(f"snapshot state: VP{index}'s restart request is malformed")
-        vp.restart = RestartRequest(_int(r, "entry"), r.get("teardown") is True, _int(r, "image_start"),
-                                    _int(r, "image_end"), _int(r, "param"), r["scenario"])
+        req = RestartRequest(_int(r, "entry"), r.get("teardown") is True, _int(r, "image_start"),
+                             _int(r, "image_end"), _int(r, "param"), r["scenario"])
+        why = req.problem(p.layout.image_window(Vtl.VTL0))
+        if why is not None or index != 0 or state is not IN_VTL1_CALL:
+            raise SnapshotError(f"snapshot state: VP{index}'s restart request cannot be applied "
+                                f"({why or 'only the boot VP in a VTL call has one'})")
+        vp.restart = req
     counters = saved.get("counters")
     if isinstance(counters, dict):
         vp.vtl_calls = _int(counters, "vtl_calls")

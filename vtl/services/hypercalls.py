@@ -162,13 +162,13 @@ class Hypercalls:
             return Reply(int(ABI.VTL_E_INVALID_ARG), f"unknown restart flags {r.flags:#x}")
         if b"\0" not in name:
             return Reply(int(ABI.VTL_E_INVALID_ARG), "scenario is not NUL-terminated")
-        if not (lo <= r.image_start <= r.entry < r.image_end <= hi):
-            return Reply(int(ABI.VTL_E_INVALID_ARG),
-                         f"entry {r.entry:#x} / image {r.image_start:#x}-{r.image_end:#x} outside "
-                         f"VTL0's image window {lo:#x}-{hi:#x}")
-        vp.restart = RestartRequest(int(r.entry), bool(r.flags & ABI.VTL_RESTART_F_TEARDOWN),
-                                    int(r.image_start), int(r.image_end), int(r.param),
-                                    name.split(b"\0", 1)[0].decode("utf-8", "replace"))
+        req = RestartRequest(int(r.entry), bool(r.flags & ABI.VTL_RESTART_F_TEARDOWN),
+                             int(r.image_start), int(r.image_end), int(r.param),
+                             name.split(b"\0", 1)[0].decode("utf-8", "replace"))
+        why = req.problem((lo, hi))
+        if why is not None:
+            return Reply(int(ABI.VTL_E_INVALID_ARG), why)
+        vp.restart = req
         return Reply(int(ABI.VTL_OK))
 
     def report(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
