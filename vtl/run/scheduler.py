@@ -417,11 +417,6 @@ class Scheduler:
         with self._lock:
             return self.runners[0].post(Kind.RESET, Reset(by, "requested"))
 
-    def _interrupted(self) -> Outcome:
-        """An interrupted KVM_RUN: the requests that interrupted it are served at the top
-        of the VP's loop."""
-        return None
-
     def _apply(self, vp: VirtualProcessor, outcome: Outcome) -> None:
         # A step's exit may ask for another step (an instruction that jumps to another page
         # of the section): a loop, not recursion.
@@ -810,7 +805,7 @@ class Scheduler:
     def _run_failed(self, vp: VirtualProcessor, vcpu: VCpu, err: int) -> Outcome:
         if err in (errno.EINTR, errno.EAGAIN):
             vcpu.run.immediate_exit = 0             # cleared before the queue is read
-            return self._interrupted()
+            return None                             # the requests that kicked it: at the loop's top
         # -EFAULT with KVM_EXIT_MEMORY_FAULT is an exit (host-mapping protections on EPT hosts).
         exit = ex.from_result(vcpu, -err)
         vp.exit_counts[exit.name] += 1
@@ -821,7 +816,7 @@ class Scheduler:
         vp.exit_counts[exit.name] += 1
         if isinstance(exit, ex.Interrupted):
             vcpu.run.immediate_exit = 0
-            return self._interrupted()
+            return None                             # the requests that kicked it: at the loop's top
         return self.exits.dispatch(vp, vcpu, exit)
 
     # --- the privileged section's other instructions -----------------------------------------
@@ -858,7 +853,7 @@ class Scheduler:
             return self._run_failed(vp, vcpu, exit.errno)
         if isinstance(exit, ex.Interrupted):
             vcpu.run.immediate_exit = 0
-            return self._interrupted()
+            return None                             # the requests that kicked it: at the loop's top
         if isinstance(exit, ex.MemoryFault):
             vp.exit_counts[exit.name] += 1
             return self.exits.dispatch(vp, vcpu, exit)
