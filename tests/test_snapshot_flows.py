@@ -54,6 +54,12 @@ def _save(tmp_path: Path, *args: str) -> tuple[Path, dict[str, Any]]:
 
 def test_a_scenario_that_snapshots_itself_finds_everything_intact_after_restore(tmp_path: Path) -> None:
     snap, saved = _save(tmp_path, "--scenario", "snapshot-self", "--vps", "2")
+    # `vtl snapshot` verifies it whole and shows what a restore must reproduce.
+    info = vtl_cli("snapshot", str(snap), "--json")
+    assert info.returncode == 0, info.stderr
+    shown = json.loads(info.stdout)
+    assert shown["policy_digest"] == saved["snapshots"][0]["policy_digest"] and shown["vps"] == 2
+    assert shown["memory_on_disk"] < shown["mem_size"] // 16        # sparse
     result, targets, st = _restored_run(snap)
     assert result.reason == "guest_exit" and result.status == 0, result.message
     assert result.restored_from is not None

@@ -281,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
              "what Heki's design gives (exit 0 when they agree)")
     k.add_argument("--json", action="store_true", help="the whole report, timeline included, as JSON")
 
+    sn = sub.add_parser("snapshot", help="what a snapshot directory holds, verified (nothing is run)",
+                        description="Check a snapshot (`vtl run --snapshot DIR`) whole, as a restore would "
+                        "before building anything: the format version, every file's size and SHA-256 "
+                        "(the memory file's included), and show what it holds: mode, VPs and their "
+                        "states, images, VTL1's measurement, the protections and the policy digest a "
+                        "restore must reproduce (docs/snapshot.md).  Exit 1 if it is not whole.",
+                        epilog=EPILOG, formatter_class=fmt)
+    sn.add_argument("dir", type=Path, metavar="DIR", help="the snapshot directory")
+    sn.add_argument("--json", action="store_true")
+
     cm = sub.add_parser("compare", help="every attack and lifecycle scenario and the costs, VTL mode beside "
                         "Heki mode, in one run",
                         description="Run every attack and lifecycle scenario of the VTL0 image in both modes "
@@ -676,6 +686,17 @@ def cmd_memmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from vtl.tools.snapshot_info import describe, lines
+
+    info = describe(args.dir)           # SnapshotError (one line, exit 1) if it is not whole
+    if args.json:
+        _print_json(info)
+    else:
+        print("\n".join(lines(info)))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from vtl.tools.compare import draw_png, render, run_compare
     from vtl.tools.progress import bar, wanted
@@ -699,7 +720,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "scenarios": cmd_scenarios, "caps": cmd_caps,
-            "bench": cmd_bench, "attack": cmd_attack, "memmap": cmd_memmap, "kexec": cmd_kexec}
+            "bench": cmd_bench, "attack": cmd_attack, "memmap": cmd_memmap, "kexec": cmd_kexec,
+            "snapshot": cmd_snapshot}
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
