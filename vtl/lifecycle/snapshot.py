@@ -16,6 +16,16 @@ state, the intercept controls.  Then the protection record is taken again and it
 policy digest must equal the saved one (and the whole digest too, through the same
 backend) before anything runs: a partition restored without its protections is
 refused, never run.
+
+The protection record's digest is what a lifecycle step compares; a snapshot carries
+more policy than that, so `policy_record` is saved beside it and taken again from the
+rebuilt partition, and every field must be equal too: every VP's register intercept
+control (not only the boot VP's), the privileged section, VTL1's state and measurement,
+the kernel range APs may start in, a VP's pending restart, the launch options that are
+policy (the trust list and its kexec policy, reset on triple fault) with the digests of
+the files the rebuilt partition names, and every VP's pinned VTL0 registers as KVM holds
+them (control registers, descriptor tables, XCR0, the pinned MSRs).  So a state.json
+edited to drop any of them, its manifest made consistent, is refused like a corrupt one.
 """
 
 from __future__ import annotations
@@ -95,6 +105,47 @@ def _attr_runs(p: Partition) -> list[list[int]]:
     return [[s, e, a] for s, e, a in p.vtl0_runs() if a > 0]
 
 
+def _pinned_registers(vcpu: Any) -> dict[str, int]:
+    """A VTL0 vCPU's registers that VTL1 pins, as KVM holds them (KVM_GET_*: after a save's
+    flush, or after a restore's load, they are the vCPU's whole state)."""
+    sr = vcpu.get_sregs()
+    out = {"cr0": int(sr.cr0), "cr3": int(sr.cr3), "cr4": int(sr.cr4), "efer": int(sr.efer)}
+    for name in ("gdt", "idt"):
+        t = getattr(sr, name)
+        out[f"{name}r"], out[f"{name}r_limit"] = int(t.base), int(t.limit)
+    for name in ("ldt", "tr"):
+        seg = getattr(sr, name)
+        out[name], out[f"{name}_base"] = int(seg.selector), int(seg.base)
+        out[f"{name}_limit"] = int(seg.limit)
+    out["xcr0"] = int(vcpu.get_xcrs().get(0, 0))
+    for index, value in sorted(vcpu.get_msrs(sorted(PINNED_MSRS)).items()):
+        out[f"msr_{PINNED_MSRS[index].lower()}"] = int(value)
+    return out
+
+
+def policy_record(p: Partition) -> dict[str, Any]:
+    """Every piece of policy `p` carries beyond the protection record's digest (the module
+    doc), as plain JSON: saved with a snapshot, compared whole after a restore."""
+    c = p.config
+    ctls = p.intercept_controls
+    return {
+        "intercept_controls": [_ctl_json(ctls.of(i)) for i in range(len(p.vps))],
+        "privileged_section": list(ctls.section) if ctls.section is not None else None,
+        "vtl1_enabled": p.vtl1_enabled,
+        "vtl1_measurement": p.vtl1_measurement,
+        "kernel_range": list(p.kernel_range),
+        "launch": {"mode": c.mode, "nr_vps": c.nr_vps, "mem_size": c.mem_size,
+                   "trust": [t.hex() for t in c.trust], "kexec_policy": c.kexec_policy,
+                   "reset_on_triple_fault": c.reset_on_triple_fault},
+        "files": {"vtl0_image": _file_sha256(c.vtl0_image), "vtl1_image": _file_sha256(c.vtl1_image),
+                  "staged": _file_sha256(c.staged)},
+        "restarts": [None if (r := vp.restart) is None else
+                     [r.entry, r.teardown, r.image_start, r.image_end, r.param, r.scenario] for vp in p.vps],
+        "vtl0_registers": [None if (v := vp.vcpus[Vtl.VTL0]) is None else _pinned_registers(v)
+                           for vp in p.vps],
+    }
+
+
 def partition_state(p: Partition, extra_policy: object = None) -> dict[str, Any]:
     """The partition now.  Every VP must be out of KVM_RUN (paused, or this thread's)."""
     c = p.config
@@ -133,6 +184,7 @@ def partition_state(p: Partition, extra_policy: object = None) -> dict[str, Any]
         "msr_filter": sorted(PINNED_MSRS.values()),
         "vps": vps,
         "protections": protections(p, extra_policy),
+        "policy": policy_record(p),             # after the vCPUs' save (flushed): KVM holds it all
     }
 
 
@@ -353,7 +405,30 @@ def verify(p: Partition, st: dict[str, Any], extra: object) -> dict[str, Any]:
     if regs != saved_regs:
         raise SnapshotError(f"VP0's VTL0 control registers after the restore {regs} are not the saved "
                             f"{saved_regs}: refused")
+    saved_policy = st.get("policy")
+    if not isinstance(saved_policy, dict):
+        raise SnapshotError("snapshot state: no policy record")
+    where = _difference(policy_record(p), saved_policy)
+    if where is not None:
+        raise SnapshotError(f"the restored partition's policy ({where}) is not the saved one: refused")
     return now
+
+
+def _difference(now: Any, saved: Any, where: str = "") -> str | None:
+    """The first place two policy records differ ("intercept_controls[1].cr0_mask"), or None."""
+    if isinstance(now, dict) and isinstance(saved, dict):
+        for k in sorted(set(now) | set(saved), key=str):
+            d = _difference(now.get(k), saved.get(k), f"{where}.{k}" if where else str(k))
+            if d is not None:
+                return d
+        return None
+    if isinstance(now, list) and isinstance(saved, list) and len(now) == len(saved):
+        for i, (a, b) in enumerate(zip(now, saved, strict=True)):
+            d = _difference(a, b, f"{where}[{i}]")
+            if d is not None:
+                return d
+        return None
+    return None if now == saved else where
 
 
 def restored_summary(p: Partition, st: dict[str, Any], path: Path) -> dict[str, Any]:

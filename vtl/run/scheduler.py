@@ -61,6 +61,7 @@ from vtl.services.console import Console
 from vtl.services.hypercalls import Hypercalls
 from vtl.services.intercepts import Intercepts
 from vtl.services.outcomes import (
+    STATUS_STOPPED,
     STATUS_VMM_ERROR,
     EnableVtl1,
     Enter,
@@ -164,6 +165,11 @@ class Scheduler:
         self.snapshot_dir: Path | None = None
         self.snapshot_at: str | None = None
         self.snapshots: list[dict[str, Any]] = []
+        # The run ends at the trigger's save (`vtl attack --after-restore`): every VP stops
+        # before its next KVM_RUN, so nothing of the guest runs after the instant saved.
+        self.snapshot_stop = False
+        # Why the trigger's save was refused (the run then goes on), None if it was not.
+        self.snapshot_refused: str | None = None
         self._guest_snapshot_taken = False
         self._trigger_fired = False
         self.restored_from: dict[str, Any] | None = None
@@ -340,6 +346,8 @@ class Scheduler:
                 break
             elif r.kind is Kind.SNAPSHOT and not depth[False]:
                 self._serve_snapshot(runner, r)         # saving changes nothing a pause holds
+                if runner.vp.state.name == "stopped":
+                    break                               # the run ended at its save (snapshot_stop)
             else:
                 held.append(r)
         runner.put_back(held)
@@ -594,6 +602,8 @@ class Scheduler:
         try:
             req.ack(self._save(runner.vp, req.payload))
         except SnapshotRefused as e:
+            if req.payload.by in SNAPSHOT_TRIGGERS:
+                self.snapshot_refused = str(e)      # nobody waits on the trigger's request
             req.ack(e)
 
     def _hardened(self, vp: VirtualProcessor) -> None:
@@ -660,15 +670,21 @@ class Scheduler:
                     manifest = snapfile.write(job.path, state, self.p.mem)
                 except VmmError as e:
                     raise SnapshotRefused(str(e)) from None
-        dt = (time.perf_counter() - t0) * 1e6
-        record = {"path": str(job.path), "by": job.by, "vp": vp.index,
-                  "policy_digest": part["protections"]["policy_digest"],
-                  "memory_sha256": manifest["files"][snapfile.MEMORY]["sha256"],
-                  "duration_us": round(dt, 1)}
-        self.snapshots.append(record)
-        self.events.emit(Lifecycle(ts=self.events.now(), vp=vp.index, vtl=0, step="snapshot_save", by=job.by,
-                                   detail=f"saved to {job.path}", duration_us=round(dt, 1),
-                                   before=part["protections"], after=part["protections"]))
+            dt = (time.perf_counter() - t0) * 1e6
+            record = {"path": str(job.path), "by": job.by, "vp": vp.index,
+                      "policy_digest": part["protections"]["policy_digest"],
+                      "memory_sha256": manifest["files"][snapfile.MEMORY]["sha256"],
+                      "duration_us": round(dt, 1)}
+            self.snapshots.append(record)
+            self.events.emit(Lifecycle(ts=self.events.now(), vp=vp.index, vtl=0, step="snapshot_save",
+                                       by=job.by, detail=f"saved to {job.path}", duration_us=round(dt, 1),
+                                       before=part["protections"], after=part["protections"]))
+            if self.snapshot_stop and job.by in SNAPSHOT_TRIGGERS:
+                # Every other VP is still paused: the stop _finish posts reaches each before
+                # its next KVM_RUN (a flow's pause holds it until the resume), and this VP
+                # stops here, so nothing of the guest runs after the instant saved.
+                self._finish(vp, Stop(STATUS_STOPPED, "snapshot_saved",
+                                      f"the run ended at its snapshot ({job.path})"))
         return record
 
     def policy_extra(self) -> object:

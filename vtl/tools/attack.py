@@ -19,12 +19,22 @@ Outcomes: blocked (nothing changed); detected after the fact (something changed 
 VTL1 then stopped the partition); not enforced on this host (something changed where
 the host lacks the mechanism, with why); succeeded (something changed); error (the
 scenario did not finish and nothing changed); not run (the image lacks it).
+
+`after_restore` (`vtl attack --after-restore`, docs/snapshot.md): the fresh partition
+saves a snapshot once its hardening has ended (END_OF_BOOT accepted) and its run ends
+right there, every VP stopped before its next instruction (Scheduler.snapshot_stop); it
+is closed, a new partition is restored from the snapshot (restore's own checks, the
+policy digest among them) into the same event log, and the attack runs on to its end
+in the restored partition, where everything above is observed.  A scenario that never
+reaches the hardened point (or whose save is refused) runs as without the option and
+says so.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +49,12 @@ from vtl.core.images import Scenario, UnknownScenario, default_kexec_image, near
 from vtl.core.partition import Partition
 from vtl.core.trust import trust_digest
 from vtl.core.vtl import Vtl
+from vtl.lifecycle.snapfile import SnapshotError
 from vtl.run import control
-from vtl.run.result import raise_if_interrupted
+from vtl.run.restore import config_of, open_snapshot, restore
+from vtl.run.result import RunResult, raise_if_interrupted
+from vtl.run.scheduler import Scheduler
+from vtl.services.console import Console
 from vtl.services.reports import Report
 from vtl.tools.expectations import BLOCKED, category
 from vtl.tools.invariants import check_run
@@ -89,6 +103,12 @@ class AttackResult(BaseModel):
     category: str = ""          # vtl/tools/expectations.py
     expected_outcome: str = BLOCKED   # what the mode's design should give (never the verdict)
     as_expected: bool = False   # the observed outcome is the expected one for this mode
+    # --after-restore: "restored" (the attack ran on in a partition restored from the
+    # hardened snapshot), "not restored: ..." (why it ran as without), "" (not asked).
+    restore: str = ""
+    attempts_before_save: int = 0       # intercepts and VMM refusals before the save
+    saved_policy_digest: str | None = None      # the snapshot's (the save's record)
+    restored_policy_digest: str | None = None   # the rebuilt partition's, taken at the restore
 
 
 def attack_scenarios(vtl0: Path, max_vps: int | None = None) -> list[tuple[str, str]]:
@@ -111,9 +131,11 @@ def scenario_needs(vtl0: Path, scenario: str) -> Scenario | None:
 
 def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Backend | None = None,
                timeout: float = 120.0, vps: int = 1, param: int = 0,
-               events: EventLog | None = None) -> AttackResult:
+               events: EventLog | None = None, after_restore: bool = False) -> AttackResult:
     """One attack in a fresh partition.  `param`: the scenario's boot_info.param (the
-    cross-VP attacks' control run is 1); `events`: the log to record into (tests read it)."""
+    cross-VP attacks' control run is 1); `events`: the log to record into (tests read it);
+    `after_restore`: the attack runs on in a partition restored from the snapshot its
+    hardened point saved (the module doc)."""
     # The timeout only catches a scenario that never ends; the slowest (kexec) take ~8 s here
     # and several times that on a loaded machine, which must not turn into an "error".
     # Each attack gets what its description declares (docs/smp.md, "Cross-VP attacks"): at
@@ -125,9 +147,20 @@ def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Ba
                           nr_vps=max(vps, needs.min_vps if needs is not None else 1), param=param,
                           staged=staged, trust=[trust_digest(staged)] if staged is not None else [],
                           kexec_policy=(needs.kexec_policy if needs is not None else None) or "teardown")
-    with Partition(cfg, events) as p:
-        result, sched = control.run(p, None, timeout)
-        raise_if_interrupted(result)
+    extra: dict[str, Any] = {}
+    with ExitStack() as stack:
+        p = stack.enter_context(Partition(cfg, events))
+        if after_restore:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtl-attack-")))
+            try:
+                p, result, sched, extra = _run_after_restore(stack, p, events, timeout, tmp / "snapshot",
+                                                             backend)
+            except SnapshotError as e:
+                return _result(scenario, expected, "error", f"the restore was refused: {e}", 0, [], [],
+                               restore=f"not restored: {e}")
+        else:
+            result, sched = control.run(p, None, timeout)
+            raise_if_interrupted(result)
         reports = list(sched.reports.records)
         changed, checked, unenforced = read_back(p, reports)
         run_checked, wrong = check_run(p, events, staged)
@@ -146,9 +179,48 @@ def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Ba
         outcome, mechanism = "error", result.message
     else:
         outcome = "blocked"
+    return _result(scenario, expected, outcome, mechanism, result.status, checked, changed, **extra)
+
+
+def _result(scenario: str, expected: str, outcome: str, mechanism: str, status: int, checked: list[str],
+            changed: list[str], **extra: Any) -> AttackResult:
     return AttackResult(scenario=scenario, expected=expected, outcome=outcome, mechanism=mechanism,
-                        guest_status=result.status, vmm_checked=checked, changed=changed,
-                        category=category(scenario).name, as_expected=outcome == BLOCKED)
+                        guest_status=status, vmm_checked=checked, changed=changed,
+                        category=category(scenario).name, as_expected=outcome == BLOCKED, **extra)
+
+
+def _run_after_restore(stack: ExitStack, p: Partition, events: EventLog, timeout: float, path: Path,
+                       backend: Backend | None) -> tuple[Partition, RunResult, Scheduler, dict[str, Any]]:
+    """Run `p` until its hardened point, where it saves to `path` and its run ends; then
+    the rest of the run in a partition restored from `path` (entered into `stack`).
+    Returns the partition to observe, the run's result and scheduler, and the record's
+    restore fields.  A run that never saved has run whole in `p`."""
+    def saving(part: Partition, console: Console | None) -> Scheduler:
+        s = Scheduler(part, console)
+        s.snapshot_dir, s.snapshot_at, s.snapshot_stop = path, "hardened", True
+        return s
+
+    result, sched = control.run(p, None, timeout, scheduler=saving)
+    raise_if_interrupted(result)
+    if not sched.snapshots or result.reason != "snapshot_saved":
+        why = ("the save at the hardened point was refused: " + sched.snapshot_refused
+               if sched.snapshot_refused is not None else "never hardened")
+        return p, result, sched, {"restore": f"not restored: {why}"}
+    saved = sched.snapshots[0]["policy_digest"]
+    evs = events.events
+    save_at = next((i for i, e in enumerate(evs) if e.kind == "lifecycle" and e.step == "snapshot_save"), 0)
+    attempts = sum(1 for e in evs[:save_at] if e.kind in ("intercept", "refused"))
+    p.close()       # nothing of it is read again: everything observed is the restored one's
+    snap = open_snapshot(path)
+    restored, rsched = restore(snap, config=config_of(snap, backend), events=events)
+    stack.enter_context(restored)
+    after = next((e.after for e in reversed(events.events)
+                  if e.kind == "lifecycle" and e.step == "snapshot_restore"), None) or {}
+    result, rsched = control.run(restored, None, timeout, scheduler=lambda part, console: rsched)
+    raise_if_interrupted(result)
+    return restored, result, rsched, {"restore": "restored", "attempts_before_save": attempts,
+                                      "saved_policy_digest": saved,
+                                      "restored_policy_digest": after.get("policy_digest")}
 
 
 def _registers(p: Partition, vp: int) -> dict[int, tuple[int, int]]:
@@ -292,11 +364,12 @@ def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None,
             progress: Callable[[int], AbstractContextManager[Step]] | None = None,
             only: list[str] | None = None,
             run: Callable[[str, str], AttackResult] | None = None, vps: int = 1,
-            max_vps: int | None = None) -> list[AttackResult]:
+            max_vps: int | None = None, after_restore: bool = False) -> list[AttackResult]:
     """Every attack of the image (or those named in `only`), in the image's order;
     `progress(total)` gives the Step told of each; `run(name, expected)` runs one (default:
     run_attack in VTL mode, each with the VPs it declares, at least `vps`;
-    vtl/tools/heki_attack.py passes Heki mode's, with `max_vps` 1: its partitions have one)."""
+    vtl/tools/heki_attack.py passes Heki mode's, with `max_vps` 1: its partitions have one);
+    `after_restore`: each runs on after a save and restore of its hardened partition."""
     found = attack_scenarios(vtl0, max_vps)
     if only:
         names = [name for name, _ in found]
@@ -320,7 +393,8 @@ def run_all(vtl0: Path, vtl1: Path, backend: Backend | None = None,
         for name, expected in found:
             step(name)
             results.append(run(name, expected) if run is not None
-                           else run_attack(name, expected, vtl0, vtl1, backend, vps=vps))
+                           else run_attack(name, expected, vtl0, vtl1, backend, vps=vps,
+                                           after_restore=after_restore))
             step(name, results[-1].outcome)
     return results
 
@@ -329,14 +403,42 @@ def render(results: list[AttackResult]) -> str:
     w = max(len(r.scenario) for r in results)
     we = min(48, max(len(r.expected) for r in results))
     wo = max(len(r.outcome) for r in results)
-    lines = [f"{'scenario':<{w}}  {'expected':<{we}}  {'outcome':<{wo}}  mechanism / what the VMM observed"]
+    restores = any(r.restore for r in results)
+    wr = max([len("restore")] + [len(_restore_cell(r)) for r in results]) if restores else 0
+    rh = f"{'restore':<{wr}}  " if restores else ""
+    lines = [f"{'scenario':<{w}}  {'expected':<{we}}  {'outcome':<{wo}}  {rh}"
+             "mechanism / what the VMM observed"]
     for r in results:
         exp = r.expected if len(r.expected) <= we else r.expected[:we - 1] + "…"
-        lines.append(f"{r.scenario:<{w}}  {exp:<{we}}  {r.outcome:<{wo}}  {r.mechanism}")
+        rc = f"{_restore_cell(r):<{wr}}  " if restores else ""
+        lines.append(f"{r.scenario:<{w}}  {exp:<{we}}  {r.outcome:<{wo}}  {rc}{r.mechanism}")
     counts: dict[str, int] = {}
     for r in results:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     lines.append(f"\n{len(results)} attack scenarios: {summary}; each in a fresh partition, outcomes "
                  "observed by the VMM (targets, MSRs and registers read back, code markers, events)")
+    if restores:
+        lines.append(restore_summary(results))
     return "\n".join(lines)
+
+
+def _restore_cell(r: AttackResult) -> str:
+    if r.restore != "restored":
+        return r.restore
+    n = r.attempts_before_save
+    return "restored" + (f" ({n} attempt{'s' if n != 1 else ''} before the save)" if n else "")
+
+
+def restore_summary(results: list[AttackResult]) -> str:
+    """--after-restore: how many ran on in a restored partition, and the digests compared."""
+    restored = [r for r in results if r.restore == "restored"]
+    equal = sum(1 for r in restored if r.saved_policy_digest == r.restored_policy_digest)
+    not_restored: dict[str, int] = {}
+    for r in results:
+        if r.restore != "restored":
+            not_restored[r.restore] = not_restored.get(r.restore, 0) + 1
+    rest = "".join(f"; {n} {k}" for k, n in not_restored.items())
+    return (f"after a restore: {len(restored)} attacks ran on in a partition restored from the snapshot of "
+            f"their hardened partition ({sum(1 for r in restored if r.outcome == BLOCKED)} blocked), the "
+            f"policy digest after the restore equal to the saved one in {equal} of {len(restored)}{rest}")

@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     _vps(a)
     a.add_argument("--scenario", nargs="+", metavar="NAME", dest="only",
                    help="run only these attack scenarios (default: every one the image carries)")
+    a.add_argument("--after-restore", action="store_true",
+                   help="each attack's partition saves a snapshot once hardened (END_OF_BOOT accepted, "
+                        "`vtl run --snapshot-at hardened`) and stops there; the attack then runs on in a "
+                        "partition restored from it (its policy digest checked equal to the saved one), "
+                        "where the outcome is observed.  A scenario that never reaches the hardened "
+                        "point runs as without, and the table says so (docs/snapshot.md; VTL mode only)")
     _mode(a, "in Heki mode each outcome is compared with what Heki's design gives (an attack Heki does "
              "not cover is expected to succeed) and the exit status is 2 if any outcome differs")
     a.add_argument("--json", action="store_true")
@@ -640,6 +646,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from vtl.tools.progress import bar, wanted
 
     show = wanted(args.json)
+    if args.mode == "heki" and args.after_restore:
+        print("vtl attack: error: --after-restore is VTL mode's (Heki mode has no snapshot)", file=sys.stderr)
+        return 2
     if args.mode == "heki":
         from vtl.tools.heki_attack import render_heki, run_all_heki
 
@@ -654,7 +663,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         return 0 if all(r.as_expected for r in results) else 2
     results = run_all(args.vtl0_image, args.vtl1_image, args.backend,
                       progress=lambda n: bar(n, "vtl attack", "scenarios", show), only=args.only,
-                      vps=args.vps)
+                      vps=args.vps, after_restore=args.after_restore)
     if args.json:
         _print_json([r.model_dump() for r in results])
     else:
