@@ -312,3 +312,132 @@ def test_qmp_shell_drives_a_run(tmp_path: Path) -> None:
     assert out[9]["return"]["status"] == "running" and out[9]["return"]["resets"] == 0
     assert out[10] == {"return": {}} and len(out) == 11, out
     assert status == 5 and doc["reason"] == "stopped"
+
+
+# A hardened run that goes on for a few seconds after END_OF_BOOT (MOV to CR4 of its own
+# value, each single-stepped by the VMM) and then reports PASS on its own.
+HARDENED_CR4 = ("--scenario", "bench-cr4-write", "--param", "10000")
+
+
+def _passed(doc: dict[str, Any]) -> bool:
+    results = [r for r in doc["reports"] if r["kind"] == "result"]
+    return (doc["status"] == 0 and doc["reason"] == "guest_exit" and bool(results)
+            and results[-1]["value"][0] == 0)
+
+
+async def _next_step(events: Events, step: str) -> dict[str, Any]:
+    """The next `lifecycle` event of `step` (a subscriber to "lifecycle")."""
+    while True:
+        event = await events.next("lifecycle")
+        if event["data"]["step"] == step:
+            return event
+
+
+async def _save(qmp: QMPClient, path: Path) -> Any:
+    try:
+        return await qmp.execute("vtl-snapshot-save", {"path": os.fspath(path)})
+    except ExecuteError as e:
+        return (e.error_class, e.error.error.desc)
+
+
+async def _drive_snapshot(path: Path, snap: Path) -> dict[str, Any]:
+    qmp = QMPClient("vtl-test")
+    events = Events(qmp)
+    await qmp.connect(os.fspath(path))
+    x = qmp.execute
+    commands = await x("query-commands")
+    assert isinstance(commands, list)
+    seen: dict[str, Any] = {"commands": [c["name"] for c in commands]}
+    await x("vtl-subscribe", {"kinds": ["lifecycle"]})
+    # This scenario's lifecycle steps: vtl1_enable, lock_page_tables, end_of_boot (the last
+    # may have come before the subscription, on a slow connect).
+    status = await x("vtl-query-status")
+    assert isinstance(status, dict)
+    if status["events"].get("lifecycle", 0) < 3:
+        await _next_step(events, "end_of_boot")
+
+    # stop, save, cont: the save changes nothing of the pause.
+    assert await x("stop") == {}
+    await events.next("STOP")
+    seen["save"] = await x("vtl-snapshot-save", {"path": os.fspath(snap)})
+    seen["save_event"] = await _next_step(events, "snapshot_save")
+    seen["paused_after"] = await x("query-status")
+    cpus = await x("query-cpus-fast")
+    assert isinstance(cpus, list)
+    seen["run_states"] = {c["run-state"] for c in cpus}
+
+    # Refused, and the run goes on: the path exists, bad arguments.
+    seen["exists"] = await _error(qmp, "vtl-snapshot-save", {"path": os.fspath(snap)})
+    seen["missing"] = await _error(qmp, "vtl-snapshot-save")
+    seen["bad_type"] = await _error(qmp, "vtl-snapshot-save", {"path": 7})
+    seen["extra"] = await _error(qmp, "vtl-snapshot-save", {"path": os.fspath(snap) + "-x", "force": True})
+    seen["empty"] = await _error(qmp, "vtl-snapshot-save", {"path": ""})
+    seen["nul"] = await _error(qmp, "vtl-snapshot-save", {"path": os.fspath(snap) + "\0x"})
+    seen["no_parent"] = await _error(qmp, "vtl-snapshot-save", {"path": os.fspath(snap / "a" / "b")})
+    seen["paused_still"] = await x("query-status")
+
+    # One save at a time: a second client's save while the first is written is refused
+    # at once (a save hashes all 256 MiB of memory: ~100 ms or more, the second request
+    # comes a few ms after the first).
+    other = QMPClient("vtl-test-2")
+    await other.connect(os.fspath(path))
+    first = asyncio.ensure_future(_save(qmp, snap.with_name("one")))
+    await asyncio.sleep(0.02)
+    second = await _save(other, snap.with_name("two"))
+    seen["concurrent"] = [await first, second]
+    await other.disconnect()
+
+    assert await x("cont") == {}
+    await events.next("RESUME")
+    seen["running"] = await x("query-status")
+    await qmp.disconnect()
+    return seen
+
+
+def test_snapshot_save_over_qmp_then_restore(tmp_path: Path) -> None:
+    snap = tmp_path / "snap"
+    with _vtl_run(tmp_path, *HARDENED_CR4) as (proc, path):
+        seen = asyncio.run(_drive_snapshot(path, snap))
+        status, doc = _ended(proc)
+
+    assert "vtl-snapshot-save" in seen["commands"] == controlsock.COMMAND_NAMES
+    save = seen["save"]
+    assert set(save) == {"path", "policy-digest", "memory-sha256", "duration-us", "by"}
+    assert save["path"] == os.fspath(snap) and save["by"] == "user" and save["duration-us"] > 0
+    assert len(save["policy-digest"]) == 64 and len(save["memory-sha256"]) == 64
+    ev = seen["save_event"]["data"]
+    assert ev["step"] == "snapshot_save" and ev["by"] == "user"
+    assert ev["after"]["policy_digest"] == save["policy-digest"]
+    assert seen["paused_after"]["status"] == "paused" and seen["run_states"] == {"paused"}
+    assert sorted(os.listdir(snap)) == ["manifest.json", "memory.bin", "state.json"]
+
+    exists = f"{snap} already exists (a snapshot is written to a new directory)"
+    assert seen["exists"] == ("GenericError", exists)
+    assert seen["missing"] == ("GenericError", "Parameter 'path' is missing")
+    assert seen["bad_type"] == ("GenericError", "Invalid parameter type for 'path', expected: string")
+    assert seen["extra"] == ("GenericError", "Parameter 'force' is unexpected")
+    assert seen["empty"] == ("GenericError", "Parameter 'path' is empty")
+    assert seen["nul"] == ("GenericError", "Parameter 'path' is not a file name (a NUL byte)")
+    assert seen["no_parent"] == ("GenericError", f"{snap / 'a'} is not a directory")
+    assert seen["paused_still"]["status"] == "paused"
+    ok = [r for r in seen["concurrent"] if isinstance(r, dict)]
+    refused = [r for r in seen["concurrent"] if not isinstance(r, dict)]
+    busy = ("GenericError", "a snapshot is being saved already (one at a time)")
+    assert len(ok) == 1 and refused == [busy], seen["concurrent"]
+    assert seen["running"]["status"] == "running"
+
+    # The run went on to its own PASS; it lists the saves it made.
+    assert status == 0 and _passed(doc), doc["message"]
+    assert [s["path"] for s in doc["snapshots"]][0] == os.fspath(snap)
+    assert doc["snapshots"][0]["policy_digest"] == save["policy-digest"]
+
+    # The saved partition, restored, runs to the same PASS under the same policy.
+    restored = subprocess.run([sys.executable, "-m", "vtl", "run", "--quiet", "--json", "--timeout", "600",
+                               "--restore", os.fspath(snap)], cwd=REPO, capture_output=True, text=True,
+                              timeout=SAFETY_TIMEOUT)
+    assert "Traceback" not in restored.stderr, restored.stderr
+    rdoc = json.loads(restored.stdout)
+    assert restored.returncode == 0 and _passed(rdoc), rdoc["message"]
+    assert rdoc["restored_from"]["path"] == os.fspath(snap)
+    assert rdoc["restored_from"]["policy_digest"] == save["policy-digest"]
+    assert rdoc["restored_from"]["vtl1_enabled"] is True

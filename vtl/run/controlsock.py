@@ -52,7 +52,7 @@ from vmm.x86 import PINNED_MSRS
 from vtl.core.events import Event, Lifecycle
 from vtl.run.result import RunResult
 from vtl.run.runner import QueueFull, Request
-from vtl.run.scheduler import Scheduler
+from vtl.run.scheduler import Scheduler, SnapshotRefused
 
 MAX_LINE = 64 * 1024         # bytes in one request (its newline, if any, excluded)
 MAX_CLIENTS = 8
@@ -69,6 +69,10 @@ CLOSE_DRAIN = 0.2            # seconds a closing connection's unread input is dr
 # (vtl-query-protections walks every page).  4: requests take at most a fifth of the time.
 PACING = 4.0
 SUN_PATH_MAX = 107           # sizeof(sockaddr_un.sun_path) - 1 on Linux
+PATH_MAX = 4095              # bytes in a file name the kernel takes (PATH_MAX - 1)
+# vtl-snapshot-save waits at most this long for VP0 to save (it saves between two
+# KVM_RUNs, paused or not; a 256 MiB partition takes well under a second here).
+SAVE_TIMEOUT = 60.0
 TARGET = "x86_64"            # QEMU's SysEmuTarget of every vCPU here
 
 # Every event kind the EventLog can emit (the discriminator of vtl.core.events.Event):
@@ -217,6 +221,33 @@ def _generic(desc: str) -> CommandError:
 
 def _clip(text: str, limit: int = 64) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:400]
+
+
+def _snapshot_target(path: str) -> Path:
+    """vtl-snapshot-save's `path` as an absolute path (relative ones are the run's working
+    directory's): a new directory in an existing one.  Checked here, where the error is
+    the client's, before VP0 is asked (snapfile.write checks existence again, atomically)."""
+    if not path:
+        raise _generic("Parameter 'path' is empty")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:
+        raise _generic("Parameter 'path' is not a file name (an unpaired surrogate)") from None
+    if b"\0" in raw:
+        raise _generic("Parameter 'path' is not a file name (a NUL byte)")
+    target = Path(os.path.abspath(path))
+    if len(os.fsencode(target)) > PATH_MAX:
+        raise _generic(f"Parameter 'path' is longer than {PATH_MAX} bytes")
+    shown = _clip(os.fsdecode(target), 200)
+    if os.path.lexists(target):
+        raise _generic(f"{shown} already exists (a snapshot is written to a new directory)")
+    if not os.path.isdir(target.parent):          # False on any error (EACCES too)
+        raise _generic(f"{_clip(os.fsdecode(target.parent), 200)} is not a directory")
+    return target
 
 
 _NO_ID = object()
@@ -487,12 +518,19 @@ class _SubscribeArgs(_NoArgs):
     kinds: list[str] | None = Field(default=None, max_length=64)
 
 
+class _SnapshotSaveArgs(_NoArgs):
+    path: str
+
+
 @dataclass(frozen=True)
 class _Command:
     name: str
     args: type[_NoArgs] = _NoArgs
     # stop and cont wait for the VPs; they are handled one at a time, after the pacing.
     run_state: bool = False
+    # Waits for a VP to do the work (vtl-snapshot-save): answered after the pacing, outside
+    # its lock, so that other clients' requests go on meanwhile.
+    waits: bool = False
 
 
 COMMANDS = [
@@ -511,6 +549,7 @@ COMMANDS = [
     _Command("vtl-query-protections"),
     _Command("vtl-subscribe", _SubscribeArgs),
     _Command("vtl-unsubscribe"),
+    _Command("vtl-snapshot-save", _SnapshotSaveArgs, waits=True),
 ]
 COMMAND_NAMES = [c.name for c in COMMANDS]
 _BY_NAME = {c.name: c for c in COMMANDS}
@@ -765,6 +804,8 @@ class _Client:
             cmd, args = _validate(msg, self.negotiated)
             if cmd.run_state:
                 return b"", lambda: self.server.run_state_command(cmd.name, ident), None
+            if cmd.waits:
+                return b"", lambda: self.server.waiting_command(cmd, args, ident), None
             result, after = self.server.execute(self, cmd, args)
             return _reply_line(result, ident), None, after
         except CommandError as e:
@@ -796,6 +837,7 @@ class ControlServer:
         self.paused = False             # stopped (QMP's stop): every VP acknowledged its pause
         self.quitting = False
         self.pending_reset: Request | None = None
+        self.pending_save: Request | None = None     # vtl-snapshot-save: one at a time
         # RESETs, from the lifecycle events (whoever asked for them), become QEMU's RESET.
         self._lifecycle = _Feed(token, self._on_lifecycle, frozenset({"lifecycle"}), False, 64)
 
@@ -985,6 +1027,44 @@ class ControlServer:
             raise _generic(f"cannot resume: {e}") from None
         self.broadcast("RESUME")
         return {}
+
+    async def waiting_command(self, cmd: _Command, args: BaseModel, ident: Any) -> bytes:
+        try:
+            assert cmd.name == "vtl-snapshot-save" and isinstance(args, _SnapshotSaveArgs)
+            return _reply_line(await self.snapshot_save(args), ident)
+        except CommandError as e:
+            return _error_line(e.cls, e.desc, ident)
+
+    async def snapshot_save(self, args: _SnapshotSaveArgs) -> dict[str, Any]:
+        """vtl-snapshot-save: ask VP0 for a snapshot at `path` (Scheduler.request_snapshot)
+        and reply with the save's record.  VP0 saves at the top of its loop, with every
+        other VP paused for the save, whether the run is running or stopped (`stop`); the
+        run's pause state is what it was.  The wait is a worker thread's, bounded by
+        SAVE_TIMEOUT; one save at a time (a second is refused at once)."""
+        target = _snapshot_target(args.path)
+        if self.ending():
+            raise _generic("the run is ending: there is nothing to save")
+        pending = self.pending_save
+        if pending is not None and not pending.done.is_set():
+            raise _generic("a snapshot is being saved already (one at a time)")
+        try:
+            req = self.sched.request_snapshot(target, by="user")
+        except QueueFull as e:
+            raise _generic(f"cannot save: {e}") from None
+        self.pending_save = req
+        finished = await trio.to_thread.run_sync(functools.partial(req.done.wait, SAVE_TIMEOUT),
+                                                 abandon_on_cancel=True)
+        if not finished:
+            raise _generic(f"the snapshot {target} is not saved after {SAVE_TIMEOUT:.0f} s "
+                           "(VP0 may still write it)")
+        result = req.result
+        if isinstance(result, SnapshotRefused):
+            raise _generic(f"cannot save the snapshot: {_one_line(str(result))}")
+        if not isinstance(result, dict):
+            raise _generic("the run ended before the snapshot was saved")
+        return {"path": result["path"], "policy-digest": result["policy_digest"],
+                "memory-sha256": result["memory_sha256"], "duration-us": result["duration_us"],
+                "by": result["by"]}
 
     def system_reset(self) -> dict[str, Any]:
         """QEMU's system_reset: ask for an emulated RESET and reply at once; RESET follows

@@ -27,6 +27,7 @@ from vtl.tools.lifecycle_bench import format_lifecycle, lifecycle_costs
 from vtl.tools.progress import QUIET, Step
 from vtl.tools.protect_bench import format_costs, protection_costs
 from vtl.tools.smp_bench import SmpBench, render_smp, run_smp_bench
+from vtl.tools.snapshot_bench import SnapshotCosts, format_snapshot, snapshot_costs
 
 TARGET_RATIO = 1.3
 C_FLOOR = REPO / "bench" / "floor_c"
@@ -59,6 +60,7 @@ class BenchReport(BaseModel):
     protection: dict[str, Any] | None = None     # vtl/protect_bench.py
     lifecycle: dict[str, Any] | None = None      # vtl/tools/lifecycle_bench.py
     smp: SmpBench | None = None                  # vtl/tools/smp_bench.py
+    snapshot: SnapshotCosts | None = None        # vtl/tools/snapshot_bench.py
     switch_path: str = ""                        # the path the null call above was measured on
 
 
@@ -122,14 +124,14 @@ def _has_scenario(name: str) -> bool:
 
 
 def bench_steps(intercepts: int = 2000, protection: bool = True, lifecycle_repeats: int = 1,
-                smp_points: int = 0) -> int:
+                smp_points: int = 0, restores: int = 5) -> int:
     """How many times run_bench with these arguments tells its Step of a new piece of work."""
-    return 4 + 2 * bool(intercepts) + bool(protection) + bool(lifecycle_repeats) + smp_points
+    return 4 + 2 * bool(intercepts) + bool(protection) + bool(lifecycle_repeats) + smp_points + bool(restores)
 
 
 def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
               lifecycle_repeats: int = 1, step: Step = QUIET, smp_calls: int = 0,
-              vp_counts: tuple[int, ...] = (1, 2, 4)) -> BenchReport:
+              vp_counts: tuple[int, ...] = (1, 2, 4), restores: int = 5) -> BenchReport:
     step("Python floor")
     pyf = python_floor(calls)
     step(f"{calls} null VTL calls")
@@ -155,6 +157,9 @@ def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
     if lifecycle_repeats:
         step(f"lifecycle flows x{lifecycle_repeats}")
     life = lifecycle_costs(lifecycle_repeats).model_dump() if lifecycle_repeats else None
+    if restores:
+        step(f"hardened cold boots and saves, {restores} restores")
+    snap = snapshot_costs(restores) if restores else None
     def cr_write(vps: int) -> tuple[float, float]:
         m = measure_vtl_round_trip(max(200, intercepts // 4), scenario="bench-cr-write", vps=vps)
         return m.median_ns, m.p90_ns
@@ -171,7 +176,7 @@ def run_bench(calls: int, intercepts: int = 2000, protection: bool = True,
                        ratio_to_c_floor=round(vtl.median_ns / cf.median_ns, 3) if cf else None,
                        meets_target=ratio <= TARGET_RATIO, intercept_allow_round_trip=icpt,
                        cr_write_round_trip=cr, scan=scan, not_measured=missing, protection=prot,
-                       lifecycle=life, smp=smp, switch_path=fastpath.DESCRIPTION)
+                       lifecycle=life, smp=smp, snapshot=snap, switch_path=fastpath.DESCRIPTION)
 
 
 def render_bench(r: BenchReport) -> str:
@@ -215,6 +220,11 @@ def render_bench(r: BenchReport) -> str:
     if r.lifecycle:
         lines += ["", f"Lifecycle steps (each flow {r.lifecycle['repeats']} times; the step alone, from its "
                   "event):", format_lifecycle(r.lifecycle, v.median_ns)]
+    if r.snapshot:
+        sn = r.snapshot
+        lines += ["", f"Snapshot and restore (scenario {sn.scenario}: hardened, saved at END_OF_BOOT by "
+                  f"--snapshot-at hardened; {sn.cold_boot.samples} cold boots, {sn.restores} clones of one "
+                  "snapshot):", format_snapshot(sn)]
     if r.smp:
         lines += ["", render_smp(r.smp)]
     return "\n".join(lines)

@@ -327,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lifecycle", type=_int_in(0, 100, "--lifecycle"), default=1, metavar="N",
                    help="run each lifecycle flow (kexec teardown/persist/deny, RESET, module load) N "
                         "times and report each step's cost (default: %(default)s; 0 skips)")
+    b.add_argument("--restores", type=_int_in(0, 100, "--restores"), default=5, metavar="N",
+                   help="cold-boot a hardened partition to its --snapshot-at hardened save, then restore N "
+                        "clones of that snapshot and report restore time beside boot time (default: "
+                        "%(default)s; 0 skips)")
     b.add_argument("--vps", type=_vp_list, default=(1, 2, 4), metavar="LIST",
                    help="VP counts for the null-call round trip with every VP calling at once, beside "
                         "Python and C floors with as many threads (default: 1,2,4; docs/smp.md)")
@@ -601,11 +605,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("\n".join(render_costs(costs, floors, part, missing)))
         return 0
     protection = not args.no_protection
-    with bar(bench_steps(args.intercepts, protection, args.lifecycle, len(args.vps) if args.smp_calls else 0),
+    with bar(bench_steps(args.intercepts, protection, args.lifecycle, len(args.vps) if args.smp_calls else 0,
+                         args.restores),
              "vtl bench", "steps",
              wanted(args.json)) as step:
         report = run_bench(args.calls, args.intercepts, protection, args.lifecycle, step,
-                           smp_calls=args.smp_calls, vp_counts=args.vps)
+                           smp_calls=args.smp_calls, vp_counts=args.vps, restores=args.restores)
     if args.json:
         _print_json(report.model_dump())
     else:
