@@ -133,8 +133,7 @@ def test_a_restored_vcpu_has_the_saved_control_registers(tmp_path: Path) -> None
 def test_a_forged_snapshot_with_other_vtl1_code_under_its_measurement_is_refused(tmp_path: Path) -> None:
     """The manifest is rewritten to match (a consistent forgery, not corruption): the
     restore still refuses, since VTL1's read-only segments in memory must be its image's."""
-    import hashlib
-
+    from vmm import memfile
     from vmm.elf import PF_X, read_image
 
     snap, _ = _save(tmp_path, "--scenario", "write-rodata", "--snapshot-at", "hardened")
@@ -145,7 +144,8 @@ def test_a_forged_snapshot_with_other_vtl1_code_under_its_measurement_is_refused
         f.seek(seg.gpa + 16)
         f.write(bytes([byte[0] ^ 0xFF]))
     manifest = json.loads((snap / "manifest.json").read_text())
-    manifest["files"]["memory.bin"]["sha256"] = hashlib.sha256((snap / "memory.bin").read_bytes()).hexdigest()
+    with open(snap / "memory.bin", "rb") as f:
+        manifest["files"]["memory.bin"]["sha256"] = memfile.digest(f, manifest["files"]["memory.bin"]["size"])
     (snap / "manifest.json").write_text(json.dumps(manifest))
     cp = vtl_cli("run", "--restore", str(snap))
     assert cp.returncode == 1 and cp.stdout == ""

@@ -6,7 +6,11 @@ MiB takes a few MiB of disk.  Populated extents of the memfd are found with SEEK
 SEEK_HOLE (shmem keeps untouched pages as holes); zero pages inside them are skipped
 too.  Loading reads only the file's data extents into fresh (zero) memory.
 
-The digest is SHA-256 over the whole file as `sha256sum` reads it, holes as zeros.
+The digest is canonical in the memory's contents and costs what the data costs, not what
+the memory's size does: SHA-256 over the size, then, for every 64 KiB chunk that is not
+all zero, its offset and its bytes, in order.  A hole and a chunk of zeros are the same
+memory, so a copy that fills the holes (`cp` without `--sparse`, `scp`) has the same
+digest, and data written into a hole changes it.
 """
 
 from __future__ import annotations
@@ -49,55 +53,64 @@ def _extents(fd: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
+class _Digest:
+    """The canonical digest (module doc), fed chunk by chunk in offset order."""
+
+    def __init__(self, size: int) -> None:
+        self.h = hashlib.sha256(size.to_bytes(8, "little"))
+        self.last = -1
+
+    def chunk(self, off: int, data: memoryview | bytes) -> bool:
+        """Feed the chunk at `off` (CHUNK aligned); False if it is all zero (not hashed)."""
+        if data == _ZERO[:len(data)]:
+            return False
+        assert off > self.last
+        self.last = off
+        self.h.update(off.to_bytes(8, "little"))
+        self.h.update(data)
+        return True
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def _chunks(fd: int, size: int) -> list[int]:
+    """The CHUNK-aligned offsets that may hold data (those overlapping a data extent)."""
+    offs: list[int] = []
+    for start, end in _extents(fd, size):
+        off = start - start % CHUNK
+        if offs and off <= offs[-1]:
+            off = offs[-1] + CHUNK
+        offs.extend(range(off, end, CHUNK))
+    return offs
+
+
 def save(mem: GuestMemory, f: BinaryIO) -> str:
     """Write `mem` to the regular file `f` (empty, opened for writing); returns the digest."""
     view = mem.view
     size = mem.size
-    h = hashlib.sha256()
+    d = _Digest(size)
     fd = f.fileno()
     os.ftruncate(fd, size)            # holes everywhere; data written where it is
-    done = 0
-    for start, end in _extents(mem.fd, size):
-        start -= start % CHUNK
-        for off in range(start, end, CHUNK):
-            if off < done:
-                continue
-            _hash_zeros(h, off - done)
-            n = min(CHUNK, size - off)
-            chunk = view[off:off + n]
-            h.update(chunk)
-            if chunk != _ZERO[:n]:
-                os.pwrite(fd, chunk, off)
-            done = off + n
-    _hash_zeros(h, size - done)
-    return h.hexdigest()
-
-
-def _hash_zeros(h: hashlib._Hash, n: int) -> None:
-    while n > 0:
-        k = min(n, CHUNK)
-        h.update(_ZERO[:k])
-        n -= k
+    for off in _chunks(mem.fd, size):
+        chunk = view[off:min(off + CHUNK, size)]
+        if d.chunk(off, chunk):
+            os.pwrite(fd, chunk, off)
+    return d.hexdigest()
 
 
 def digest(f: BinaryIO, size: int) -> str:
-    """SHA-256 of the memory file `f` (holes hashed as zeros without reading them)."""
-    h = hashlib.sha256()
+    """The digest of the memory file `f` of `size` bytes (only its data extents are read)."""
+    d = _Digest(size)
     fd = f.fileno()
-    done = 0
     buf = bytearray(CHUNK)
-    for start, end in _extents(fd, size):
-        _hash_zeros(h, start - done)
-        off = start
-        while off < end:
-            n = os.preadv(fd, [memoryview(buf)[:min(CHUNK, end - off)]], off)
-            if n <= 0:
-                raise MemoryFileError("the memory file ended early (truncated while read)")
-            h.update(memoryview(buf)[:n])
-            off += n
-        done = end
-    _hash_zeros(h, size - done)
-    return h.hexdigest()
+    for off in _chunks(fd, size):
+        want = min(CHUNK, size - off)
+        n = os.preadv(fd, [memoryview(buf)[:want]], off)
+        if n != want:
+            raise MemoryFileError("the memory file ended early (truncated while read)")
+        d.chunk(off, memoryview(buf)[:n])
+    return d.hexdigest()
 
 
 def load(mem: GuestMemory, f: BinaryIO) -> str:
@@ -110,17 +123,11 @@ def load(mem: GuestMemory, f: BinaryIO) -> str:
     if size != mem.size:
         raise MemoryFileError(f"the memory file is {size} bytes, the partition's memory {mem.size}")
     view = mem.view
-    h = hashlib.sha256()
-    done = 0
-    for start, end in _extents(fd, size):
-        _hash_zeros(h, start - done)
-        off = start
-        while off < end:
-            n = os.preadv(fd, [view[off:min(end, off + (CHUNK << 4))]], off)
-            if n <= 0:
-                raise MemoryFileError("the memory file ended early (truncated while read)")
-            h.update(view[off:off + n])
-            off += n
-        done = end
-    _hash_zeros(h, size - done)
-    return h.hexdigest()
+    d = _Digest(size)
+    for off in _chunks(fd, size):
+        want = min(CHUNK, size - off)
+        n = os.preadv(fd, [view[off:off + want]], off)
+        if n != want:
+            raise MemoryFileError("the memory file ended early (truncated while read)")
+        d.chunk(off, view[off:off + n])
+    return d.hexdigest()

@@ -42,10 +42,14 @@ def protections(p: Partition, extra: object = None) -> dict[str, Any]:
     msr_pins = sorted(PINNED_MSRS.values()) if p.vtl1_enabled else []
     # The policy as VTL1 (or a mode) set it, whatever backend applies it; `digest` adds
     # what this backend applied (equal only through the same backend).
+    # Every VP's own control (what VTL1 judges is per VP), not only the one tools show.
+    controls = [None if (c := p.intercept_controls.of(i)) is None else
+                (c.flags, c.cr0_mask, c.cr4_mask, c.priv_gpa, c.priv_pages) for i in range(len(p.vps))]
     policy = hashlib.sha256(bytes(p.vtl0_attrs))
-    policy.update(repr((control, pinned_vps, msr_pins, extra)).encode())
+    section = p.intercept_controls.section
+    policy.update(repr((control, controls, section, pinned_vps, msr_pins, extra)).encode())
     h = hashlib.sha256(bytes(p.vtl0_attrs))
-    h.update(repr((applied, control, pinned_vps, msr_pins)).encode())
+    h.update(repr((applied, control, controls, pinned_vps, msr_pins)).encode())
     if extra is not None:
         h.update(repr(extra).encode())
     out: dict[str, Any] = {

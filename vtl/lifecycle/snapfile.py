@@ -41,6 +41,10 @@ FILES = (STATE, MEMORY)
 # snapshot someone hands us can make the VMM read into memory.
 MAX_STATE = 16 << 20
 MAX_MANIFEST = 64 << 10
+# What memory.bin's "sha256" covers (vmm/memfile.py): the size, then every 64 KiB chunk
+# that is not all zero with its offset; not `sha256sum`'s, which would cost a hash of every
+# byte of a mostly empty memory.
+MEMORY_DIGEST = "sha256 of size and non-zero 64 KiB chunks"
 
 
 class SnapshotError(VmmError):
@@ -51,7 +55,12 @@ def write(path: Path, state: dict[str, Any], mem: GuestMemory) -> dict[str, Any]
     """Write a snapshot of `state` and `mem` at `path` (which must not exist); returns the
     manifest."""
     path = Path(path)
-    if os.path.lexists(path):
+    try:
+        exists = os.path.lexists(path)
+        os.fsencode(path)
+    except (ValueError, UnicodeError):           # a NUL byte, an unpaired surrogate
+        raise SnapshotError(f"{str(path)!r} is not a path a snapshot can be written to") from None
+    if exists:
         raise SnapshotError(f"{path} already exists (a snapshot is written to a new directory)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -68,7 +77,7 @@ def write(path: Path, state: dict[str, Any], mem: GuestMemory) -> dict[str, Any]
         files[STATE] = {"size": len(blob), "sha256": _sha256(blob)}
         (tmp / STATE).write_bytes(blob)
         with open(tmp / MEMORY, "wb") as f:
-            files[MEMORY] = {"size": mem.size, "sha256": memfile.save(mem, f)}
+            files[MEMORY] = {"size": mem.size, "sha256": memfile.save(mem, f), "digest": MEMORY_DIGEST}
             f.flush()
             os.fsync(f.fileno())
         manifest = {"format": FORMAT, "version": VERSION,
@@ -161,6 +170,9 @@ def read(path: Path, check_memory: Callable[[BinaryIO, int], str] | None = None)
         if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
                 and isinstance(entry.get("sha256"), str)):
             raise SnapshotError(f"{what}: the manifest's entry for {name} is malformed")
+    if files[MEMORY].get("digest") != MEMORY_DIGEST:
+        raise SnapshotError(f"{what}: the manifest's digest of {MEMORY} is not the {MEMORY_DIGEST!r} this "
+                            "vtl checks")
     blob = _read_small(path / STATE, MAX_STATE, what)
     _check(what, STATE, len(blob), _sha256(blob), files[STATE])
     with _open_regular(path / MEMORY, what) as f:
