@@ -9,9 +9,9 @@ save (the save's Lifecycle event: its time less its duration); the save's own ti
 record's.  `boots` cold boots are made; the first one's snapshot is kept.
 
 Then `restores` clones of that one snapshot, each a fresh Partition: `open_snapshot`
-(verify: the manifest, every file's size and SHA-256, memory.bin read whole) and
-`restore` (rebuild: VMs and vCPUs, the memory file loaded, the attributes applied again,
-the run's state, the protection record compared with the saved one), then closed.  The
+(verify: the manifest, state.json's SHA-256, memory.bin's size) and `restore` (rebuild:
+VMs and vCPUs, memory.bin's data read and hashed in one pass, the attributes applied
+again, the run's state, the protection record compared with the saved one), then closed.  The
 first clone is then run to its end, to show a clone is a partition that runs (not timed).
 
 A restore and a cold boot end at the same point, a hardened partition ready to run, so
@@ -159,7 +159,7 @@ def format_snapshot(c: SnapshotCosts) -> str:
              f"  {'snapshot on disk':<40} {disk}",
              row("restore (verify + rebuild)", c.restore,
                  f"  = {c.speedup:.1f}x faster than a cold boot"),
-             row("  verify (read, SHA-256 of the files)", c.verify),
-             row("  rebuild (VMs, memory, state, policy)", c.rebuild),
+             row("  verify (manifest, state.json SHA-256)", c.verify),
+             row("  rebuild (VMs, memory+hash, policy)", c.rebuild),
              f"  first clone run to its end: {c.clone_run}"]
     return "\n".join(lines)
