@@ -190,3 +190,13 @@ def test_a_snapshot_taken_inside_a_vtl_call_resumes_vtl1_where_it_was(tmp_path: 
     assert again.status == 0 and again.reason == "guest_exit", again.message
     assert again.kexecs == 1 and again.vtl_calls == result.vtl_calls
     assert all(old == now for old, now in targets.values())
+
+
+def test_heki_attacks_after_a_restore_come_out_as_heki_gives() -> None:
+    cp = vtl_cli("attack", "--mode", "heki", "--after-restore", "--scenario", "clear-cr0-wp", "write-rodata",
+                 "--json")
+    assert cp.returncode == 0, cp.stderr
+    results = json.loads(cp.stdout)
+    assert [r["restore"] for r in results] == ["restored", "restored"]
+    assert all(r["outcome"] == "blocked" and r["as_expected"] for r in results)
+    assert all(r["saved_policy_digest"] == r["restored_policy_digest"] for r in results)

@@ -153,8 +153,8 @@ def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Ba
         if after_restore:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtl-attack-")))
             try:
-                p, result, sched, extra = _run_after_restore(stack, p, events, timeout, tmp / "snapshot",
-                                                             backend)
+                p, result, sched, extra = run_after_restore(stack, p, events, timeout, tmp / "snapshot",
+                                                            backend)
             except SnapshotError as e:
                 return _result(scenario, expected, "error", f"the restore was refused: {e}", 0, [], [],
                                restore=f"not restored: {e}")
@@ -189,14 +189,16 @@ def _result(scenario: str, expected: str, outcome: str, mechanism: str, status: 
                         category=category(scenario).name, as_expected=outcome == BLOCKED, **extra)
 
 
-def _run_after_restore(stack: ExitStack, p: Partition, events: EventLog, timeout: float, path: Path,
-                       backend: Backend | None) -> tuple[Partition, RunResult, Scheduler, dict[str, Any]]:
+def run_after_restore(stack: ExitStack, p: Partition, events: EventLog, timeout: float, path: Path,
+                      backend: Backend | None, scheduler: type[Scheduler] = Scheduler
+                      ) -> tuple[Partition, RunResult, Scheduler, dict[str, Any]]:
     """Run `p` until its hardened point, where it saves to `path` and its run ends; then
-    the rest of the run in a partition restored from `path` (entered into `stack`).
+    the rest of the run in a partition restored from `path` (entered into `stack`), both
+    with `scheduler` (a mode's: Heki mode's saves and restores the host-owned policy).
     Returns the partition to observe, the run's result and scheduler, and the record's
     restore fields.  A run that never saved has run whole in `p`."""
     def saving(part: Partition, console: Console | None) -> Scheduler:
-        s = Scheduler(part, console)
+        s = scheduler(part, console)
         s.snapshot_dir, s.snapshot_at, s.snapshot_stop = path, "hardened", True
         return s
 
@@ -212,7 +214,7 @@ def _run_after_restore(stack: ExitStack, p: Partition, events: EventLog, timeout
     attempts = sum(1 for e in evs[:save_at] if e.kind in ("intercept", "refused"))
     p.close()       # nothing of it is read again: everything observed is the restored one's
     snap = open_snapshot(path)
-    restored, rsched = restore(snap, config=config_of(snap, backend), events=events)
+    restored, rsched = restore(snap, config=config_of(snap, backend), events=events, scheduler=scheduler)
     stack.enter_context(restored)
     after = next((e.after for e in reversed(events.events)
                   if e.kind == "lifecycle" and e.step == "snapshot_restore"), None) or {}

@@ -651,15 +651,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from vtl.tools.progress import bar, wanted
 
     show = wanted(args.json)
-    if args.mode == "heki" and args.after_restore:
-        print("vtl attack: error: --after-restore is VTL mode's (Heki mode has no snapshot)", file=sys.stderr)
-        return 2
     if args.mode == "heki":
         from vtl.tools.heki_attack import render_heki, run_all_heki
 
         results = run_all_heki(args.vtl0_image, args.backend,
                                progress=lambda n: bar(n, "vtl attack --mode heki", "scenarios", show),
-                               only=args.only)
+                               only=args.only, after_restore=args.after_restore)
         if args.json:
             _print_json([r.model_dump() for r in results])
         else:

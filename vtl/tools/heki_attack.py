@@ -13,19 +13,28 @@ error (the scenario did not finish and nothing changed).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
 from vtl.core.config import Backend, PartitionConfig
 from vtl.core.events import EventLog
 from vtl.core.partition import Partition
+from vtl.lifecycle.snapfile import SnapshotError
 from vtl.modes.heki import HekiScheduler, heki_config
 from vtl.run import control
 from vtl.run.result import raise_if_interrupted
 from vtl.services.reports import Report
-from vtl.tools.attack import AttackResult, guest_reported_fault, read_back, run_all
+from vtl.tools.attack import (
+    AttackResult,
+    guest_reported_fault,
+    read_back,
+    restore_summary,
+    run_after_restore,
+    run_all,
+)
 from vtl.tools.expectations import (
     BLOCKED,
     NOT_APPLICABLE,
@@ -40,12 +49,27 @@ VTL1_MISSING = ("VTL_E_DISABLED", "VTL_E_NOT_ENABLED")
 
 
 def run_heki_attack(scenario: str, vtl0: Path, backend: Backend | None = None,
-                    timeout: float = 120.0) -> AttackResult:
+                    timeout: float = 120.0, after_restore: bool = False) -> AttackResult:
+    """One attack in a fresh Heki-mode partition; `after_restore`: it runs on in a partition
+    restored from the snapshot its hardened point saved (pins and page permissions carried:
+    docs/snapshot.md), as `vtl attack --after-restore` does in VTL mode."""
     events = EventLog(trace=True)
     cfg = heki_config(PartitionConfig(vtl0_image=vtl0, scenario=scenario, attr_backend=backend))
-    with Partition(cfg, events) as p:
-        result, sched = control.run(p, None, timeout, scheduler=HekiScheduler)
-        raise_if_interrupted(result)
+    extra: dict[str, Any] = {}
+    with ExitStack() as stack:
+        p = stack.enter_context(Partition(cfg, events))
+        if after_restore:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtl-attack-")))
+            try:
+                p, result, sched, extra = run_after_restore(stack, p, events, timeout, tmp / "snapshot",
+                                                            backend, HekiScheduler)
+            except SnapshotError as e:
+                return AttackResult(scenario=scenario, expected="", outcome="error", mechanism=str(e),
+                                    guest_status=0, vmm_checked=[], changed=[], mode="heki",
+                                    category=category(scenario).name, restore=f"not restored: {e}")
+        else:
+            result, sched = control.run(p, None, timeout, scheduler=HekiScheduler)
+            raise_if_interrupted(result)
         reports = list(sched.reports.records)
         changed, checked, _ = read_back(p, reports)
         backend_name = p.backend_name
@@ -73,7 +97,7 @@ def run_heki_attack(scenario: str, vtl0: Path, backend: Backend | None = None,
     return AttackResult(scenario=scenario, expected=f"{cat.heki}: {cat.why}", outcome=outcome,
                         mechanism=mechanism, guest_status=result.status, vmm_checked=checked,
                         changed=changed, mode="heki", category=cat.name, expected_outcome=cat.heki,
-                        as_expected=outcome == cat.heki)
+                        as_expected=outcome == cat.heki, **extra)
 
 
 def heki_mechanism(events: EventLog, reports: list[Report], backend: str) -> str:
@@ -102,11 +126,12 @@ def heki_mechanism(events: EventLog, reports: list[Report], backend: str) -> str
 
 def run_all_heki(vtl0: Path, backend: Backend | None = None,
                  progress: Callable[[int], AbstractContextManager[Step]] | None = None,
-                 only: list[str] | None = None) -> list[AttackResult]:
+                 only: list[str] | None = None, after_restore: bool = False) -> list[AttackResult]:
     # Heki mode is one VM with one VP: the cross-VP attacks (which need VTL1 on every VP)
     # have no counterpart there.
-    return run_all(vtl0, vtl0, backend, progress, only,
-                   run=lambda name, _expected: run_heki_attack(name, vtl0, backend), max_vps=1)
+    def one(name: str, _expected: str) -> AttackResult:
+        return run_heki_attack(name, vtl0, backend, after_restore=after_restore)
+    return run_all(vtl0, vtl0, backend, progress, only, run=one, max_vps=1)
 
 
 def verdict(r: AttackResult) -> str:
@@ -134,4 +159,6 @@ def render_heki(results: list[AttackResult]) -> str:
                  f"patches): {summary}; {ok} as Heki's design gives (vtl/tools/expectations.py), "
                  f"{len(results) - ok} not.  Outcomes observed by the VMM (targets, MSRs and registers read "
                  "back, code markers, events); \"succeeded\" is expected where Heki covers nothing")
+    if any(r.restore for r in results):
+        lines.append(restore_summary(results))
     return "\n".join(lines)
