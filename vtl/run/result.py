@@ -56,6 +56,8 @@ class RunResult(BaseModel):
     # one it was restored from (path, digests compared, backends, duration): docs/snapshot.md.
     snapshots: list[dict[str, Any]] = []
     restored_from: dict[str, Any] | None = None
+    # --snapshot-at that saved nothing: why (the point never reached, or the save refused).
+    snapshot_missed: str | None = None
 
 
 VTL1_HISTORY_MAX = 32

@@ -687,6 +687,15 @@ class Scheduler:
                                       f"the run ended at its snapshot ({job.path})"))
         return record
 
+    def _snapshot_missed(self) -> str | None:
+        if self.snapshot_at is None or self.snapshot_dir is None:
+            return None
+        if any(s["by"] == self.snapshot_at for s in self.snapshots):
+            return None
+        if self.snapshot_refused is not None:
+            return f"the save at --snapshot-at {self.snapshot_at} was refused: {self.snapshot_refused}"
+        return f"the run never reached --snapshot-at {self.snapshot_at} (no END_OF_BOOT accepted there)"
+
     def policy_extra(self) -> object:
         """Policy a mode holds outside the partition, for the protection digest (none here)."""
         return None
@@ -743,7 +752,6 @@ class Scheduler:
         self.intercepts.register_count = _count(d, "register_intercepts")
         self.stepper.count = _count(d, "single_steps")
         self._guest_snapshot_taken = d.get("guest_snapshot_taken") is True
-        self._trigger_fired = True          # the trigger's point is behind the restored run
 
     def _vtl1_reason(self, name: str, status: int | None) -> str:
         """VTL1's own reason for refusing `name`: the text of its last STATUS report of it."""
@@ -797,7 +805,8 @@ class Scheduler:
             fast_switches=sum(vp.fast_switches for vp in self.p.vps),
             switch_path=fastpath.DESCRIPTION if not (fastpath.AVAILABLE and not self.use_fastpath)
             else "Python (asked for)",
-            snapshots=list(self.snapshots), restored_from=self.restored_from)
+            snapshots=list(self.snapshots), restored_from=self.restored_from,
+            snapshot_missed=self._snapshot_missed())
 
     def vp_summaries(self) -> list[VpSummary]:
         ctls = self.p.intercept_controls

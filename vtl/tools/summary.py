@@ -72,6 +72,8 @@ def _snapshot_lines(result: RunResult) -> list[str]:
             f"{r['backend']} (saved through {r['saved_backend']})"
         out.append(f"{'restored':<14}from {r['path']} in {r['duration_us'] / 1000:.1f} ms through {through}; "
                    f"policy digest {r['policy_digest'][:16]}… equal to the saved one")
+    if result.snapshot_missed is not None:
+        out.append(f"{'snapshot':<14}none: {result.snapshot_missed}")
     for i, s in enumerate(result.snapshots):
         out.append(f"{'' if i else 'snapshot':<14}{s['path']} ({s['by']}, VP{s['vp']}) "
                    f"in {s['duration_us'] / 1000:.1f} ms; policy digest {s['policy_digest'][:16]}…")
