@@ -66,6 +66,10 @@ def describe(attrs: int) -> str:
 
 class AttributeBackend(Protocol):
     name: str
+    # Is one set_range atomic for vCPUs running meanwhile?  A memslot split deletes the slot
+    # and then creates its pieces (KVM cannot resize one): a vCPU that touches the range in
+    # between finds no memory there, so its owner must keep every vCPU out of KVM_RUN.
+    atomic: bool
     # When `timing` is set, the backend adds the time spent inside its KVM ioctls /
     # mprotect calls to `syscall_ns` (benchmarks: kernel time vs Python bookkeeping).
     timing: bool
@@ -190,6 +194,7 @@ class _RunMapBackend:
 
 class MemslotBackend(_RunMapBackend):
     name = "memslot"
+    atomic = False
 
     def __init__(self, vm: Vm, mem: GuestMemory, ranges: list[Range],
                  max_slots: int | None = None) -> None:
@@ -353,6 +358,7 @@ class HostMappingBackend(_RunMapBackend):
     ledger allows); tests use it to reach the refusal path quickly."""
 
     name = "host_mapping"
+    atomic = True           # one mprotect: the page tables change under mmap_lock
 
     def __init__(self, vm: Vm, mem: GuestMemory, ranges: list[Range], *,
                  vma_budget: int | None = None) -> None:
@@ -500,6 +506,7 @@ class RwxBackend:
     ioctl; tests pass a fake because no mainline host has these attributes."""
 
     name = "rwx"
+    atomic = True           # KVM_SET_MEMORY_ATTRIBUTES updates the range under the MMU lock
 
     def __init__(self, vm: Vm, mem_size: int, set_attributes: IoctlFn | None = None,
                  ranges: list[Range] | None = None) -> None:

@@ -74,6 +74,7 @@ from vtl.services.outcomes import (
     StartVp,
     Step,
     Stop,
+    WithOthersPaused,
 )
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
@@ -465,6 +466,10 @@ class Scheduler:
                 self._halt(vp, rip)
             case SaveSnapshot():
                 self._guest_snapshot(vp)
+            case WithOthersPaused(action):
+                with self._others_paused(vp) as current:
+                    if current:
+                        action()
             case ReadVpRegister(index, reg):
                 vcpu = vp.current
                 assert vcpu is not None

@@ -22,7 +22,16 @@ from vtl.core.events import EventLog, ProtectionChanged
 from vtl.core.partition import Partition
 from vtl.core.vp import IN_VTL1_CALL, OFFLINE, RestartRequest, VirtualProcessor
 from vtl.core.vtl import Vtl
-from vtl.services.outcomes import EnableVtl1, Outcome, ReadVpRegister, Reset, SaveSnapshot, SendIpi, StartVp
+from vtl.services.outcomes import (
+    EnableVtl1,
+    Outcome,
+    ReadVpRegister,
+    Reset,
+    SaveSnapshot,
+    SendIpi,
+    StartVp,
+    WithOthersPaused,
+)
 from vtl.services.privileged import PrivilegedSection
 from vtl.services.protection import Vtl0Protection
 from vtl.services.refusals import STATUS_NAMES, Refusals
@@ -37,7 +46,8 @@ class Reply:
 
 
 Handler = Callable[[VirtualProcessor, VCpu],
-                   "Reply | EnableVtl1 | Reset | StartVp | SendIpi | ReadVpRegister | SaveSnapshot"]
+                   "Reply | EnableVtl1 | Reset | StartVp | SendIpi | ReadVpRegister | SaveSnapshot "
+                   "| WithOthersPaused"]
 RESTART_SIZE = abi_ffi.sizeof("struct vtl_restart")
 START_VP_SIZE = abi_ffi.sizeof("struct vtl_start_vp")
 VTL0_ONLY, VTL1_ONLY, ANY_VTL = frozenset({Vtl.VTL0}), frozenset({Vtl.VTL1}), frozenset(Vtl)
@@ -82,7 +92,7 @@ class Hypercalls:
                                ABI.VTL_E_ACCESS_DENIED)
             return None
         reply = handler(vp, vcpu)
-        if isinstance(reply, (EnableVtl1, Reset, StartVp, SendIpi, ReadVpRegister, SaveSnapshot)):
+        if not isinstance(reply, Reply):           # an outcome for the scheduler
             return reply
         self.answer(vp, vcpu, code, reply)
         return None
@@ -210,7 +220,15 @@ class Hypercalls:
         status, reason = self.privileged.set_control(vp, vcpu.regs.rdi)
         return Reply(status, reason)
 
-    def modify_vtl_protection(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
+    def modify_vtl_protection(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply | WithOthersPaused:
+        if len(self.p.vps) > 1 and not self.p.backend.atomic:
+            # Memslots are split by deleting and re-creating: no other VP may run meanwhile.
+            def action() -> None:
+                self.answer(vp, vcpu, ABI.VTL_HC_MODIFY_VTL_PROTECTION, self._modify(vp, vcpu))
+            return WithOthersPaused(action)
+        return self._modify(vp, vcpu)
+
+    def _modify(self, vp: VirtualProcessor, vcpu: VCpu) -> Reply:
         regs = vcpu.regs
         out = self.protection.modify(regs.rdi, vp.active_vtl)
         regs.rdx = out.next_index

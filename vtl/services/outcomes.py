@@ -5,6 +5,7 @@ scheduler alone turns it into a VP state transition."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vtl.core.vp import VpState
@@ -89,13 +90,20 @@ class ReadVpRegister:
 
 
 @dataclass(frozen=True, slots=True)
+class WithOthersPaused:
+    """Carry out `action` (on this VP's thread) with every other VP out of KVM_RUN: a
+    change the backend cannot make atomically for running vCPUs (memslot splits)."""
+    action: Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
 class SaveSnapshot:
     """VTL_HC_SNAPSHOT: save the partition at the top of this VP's loop (a snapshot is
     taken between exits, never inside one: vtl/run/snapshot.py)."""
 
 
 Outcome = (Enter | EnableVtl1 | Step | Reset | Stop | StartVp | Halt | SendIpi | ReadVpRegister | SaveSnapshot
-           | None)
+           | WithOthersPaused | None)
 
 # How a run ended, besides the guest's own status (documented in `vtl run --help`).
 STATUS_VMM_ERROR = 1

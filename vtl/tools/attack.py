@@ -147,20 +147,13 @@ def run_attack(scenario: str, expected: str, vtl0: Path, vtl1: Path, backend: Ba
                           nr_vps=max(vps, needs.min_vps if needs is not None else 1), param=param,
                           staged=staged, trust=[trust_digest(staged)] if staged is not None else [],
                           kexec_policy=(needs.kexec_policy if needs is not None else None) or "teardown")
-    extra: dict[str, Any] = {}
     with ExitStack() as stack:
         p = stack.enter_context(Partition(cfg, events))
-        if after_restore:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtl-attack-")))
-            try:
-                p, result, sched, extra = run_after_restore(stack, p, events, timeout, tmp / "snapshot",
-                                                            backend)
-            except SnapshotError as e:
-                return _result(scenario, expected, "error", f"the restore was refused: {e}", 0, [], [],
-                               restore=f"not restored: {e}")
-        else:
-            result, sched = control.run(p, None, timeout)
-            raise_if_interrupted(result)
+        try:
+            p, result, sched, extra = run_partition(stack, p, events, timeout, backend, after_restore)
+        except SnapshotError as e:
+            return _result(scenario, expected, "error", f"the restore was refused: {e}", 0, [], [],
+                           restore=f"not restored: {e}")
         reports = list(sched.reports.records)
         changed, checked, unenforced = read_back(p, reports)
         run_checked, wrong = check_run(p, events, staged)
@@ -187,6 +180,21 @@ def _result(scenario: str, expected: str, outcome: str, mechanism: str, status: 
     return AttackResult(scenario=scenario, expected=expected, outcome=outcome, mechanism=mechanism,
                         guest_status=status, vmm_checked=checked, changed=changed,
                         category=category(scenario).name, as_expected=outcome == BLOCKED, **extra)
+
+
+def run_partition(stack: ExitStack, p: Partition, events: EventLog, timeout: float, backend: Backend | None,
+                  after_restore: bool, scheduler: type[Scheduler] = Scheduler
+                  ) -> tuple[Partition, RunResult, Scheduler, dict[str, Any]]:
+    """An attack's run: whole in `p`, or (`after_restore`) on in a partition restored from
+    the snapshot `p` saves at its hardened point (run_after_restore; a refused restore is a
+    SnapshotError).  Returns the partition to observe, the result, the scheduler and the
+    record's restore fields."""
+    if not after_restore:
+        result, sched = control.run(p, None, timeout, scheduler=scheduler)
+        raise_if_interrupted(result)
+        return p, result, sched, {}
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtl-attack-")))
+    return run_after_restore(stack, p, events, timeout, tmp / "snapshot", backend, scheduler)
 
 
 def run_after_restore(stack: ExitStack, p: Partition, events: EventLog, timeout: float, path: Path,

@@ -13,7 +13,6 @@ error (the scenario did not finish and nothing changed).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
@@ -24,16 +23,14 @@ from vtl.core.events import EventLog
 from vtl.core.partition import Partition
 from vtl.lifecycle.snapfile import SnapshotError
 from vtl.modes.heki import HekiScheduler, heki_config
-from vtl.run import control
-from vtl.run.result import raise_if_interrupted
 from vtl.services.reports import Report
 from vtl.tools.attack import (
     AttackResult,
     guest_reported_fault,
     read_back,
     restore_summary,
-    run_after_restore,
     run_all,
+    run_partition,
 )
 from vtl.tools.expectations import (
     BLOCKED,
@@ -55,21 +52,15 @@ def run_heki_attack(scenario: str, vtl0: Path, backend: Backend | None = None,
     docs/snapshot.md), as `vtl attack --after-restore` does in VTL mode."""
     events = EventLog(trace=True)
     cfg = heki_config(PartitionConfig(vtl0_image=vtl0, scenario=scenario, attr_backend=backend))
-    extra: dict[str, Any] = {}
     with ExitStack() as stack:
         p = stack.enter_context(Partition(cfg, events))
-        if after_restore:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtl-attack-")))
-            try:
-                p, result, sched, extra = run_after_restore(stack, p, events, timeout, tmp / "snapshot",
-                                                            backend, HekiScheduler)
-            except SnapshotError as e:
-                return AttackResult(scenario=scenario, expected="", outcome="error", mechanism=str(e),
-                                    guest_status=0, vmm_checked=[], changed=[], mode="heki",
-                                    category=category(scenario).name, restore=f"not restored: {e}")
-        else:
-            result, sched = control.run(p, None, timeout, scheduler=HekiScheduler)
-            raise_if_interrupted(result)
+        try:
+            p, result, sched, extra = run_partition(stack, p, events, timeout, backend, after_restore,
+                                                    HekiScheduler)
+        except SnapshotError as e:
+            return AttackResult(scenario=scenario, expected="", outcome="error", mechanism=str(e),
+                                guest_status=0, vmm_checked=[], changed=[], mode="heki",
+                                category=category(scenario).name, restore=f"not restored: {e}")
         reports = list(sched.reports.records)
         changed, checked, _ = read_back(p, reports)
         backend_name = p.backend_name
