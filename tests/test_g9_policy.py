@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import pytest
 
-from tests.vtlrun import AttackRun, Run, attack_run, run_scenario
+from tests.vtlrun import AttackRun, Run, attack_run, run_scenario, shared_run
 from vmm.elf import read_image
 from vmm.memattr import NW, NX
 from vtl.abi import ABI
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.kvm
 
 @cache
 def _pinning(images: tuple[Path, Path]) -> bool:
-    run = run_scenario(images, "harden")
+    run = shared_run(images, "harden")
     assert run.passed()
     return bool(run.report("value", "register_pinning").value[0])
 

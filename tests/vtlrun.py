@@ -89,6 +89,19 @@ def run_scenario(images: tuple[Path, Path], scenario: str = "", *, vtl1: bool = 
     return Run(result, list(console.tail), reports, events, p, mem, targets, attr_map, runs)
 
 
+_SHARED_RUNS: dict[tuple[Path, Path, str, int], Run] = {}
+
+
+def shared_run(images: tuple[Path, Path], scenario: str, param: int = 0) -> Run:
+    """`run_scenario(images, scenario, param=param)`, once per test session: for tests that
+    only read the run and would otherwise boot the same partition again (the `harden` boot,
+    the scenarios test_policy.py reads in two tests)."""
+    key = (images[0], images[1], scenario, param)
+    if key not in _SHARED_RUNS:
+        _SHARED_RUNS[key] = run_scenario(images, scenario, param=param)
+    return _SHARED_RUNS[key]
+
+
 def vtl_cli(*args: str, env: dict[str, str] | None = None,
             timeout: float = SAFETY_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vtl", *args], cwd=REPO, text=True,
