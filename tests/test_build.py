@@ -15,7 +15,10 @@ from vmm.elf import read_image
 from vmm.measure import loaded_image_sha256
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGES = ("guest_vtl0/build/vtl0.elf", "guest_vtl1/build/vtl1.elf")
+# `make guests` builds them all; the allowlists name the kexec image's and the modules'
+# digests, so they too must be the same bytes in any directory.
+IMAGES = ("guest_vtl0/build/vtl0.elf", "guest_vtl1/build/vtl1.elf", "guest_vtl0/build/vtl0-kexec.elf",
+          "guest_vtl0/build/module.bin", "guest_vtl0/build/module-priv.bin")
 # What `make guests` reads: the Makefile, the guest sources and the ABI header.
 SOURCES = ("guest_vtl0", "guest_vtl1", "guest_lib", "vtl/abi")
 
@@ -47,6 +50,8 @@ def test_guest_images_are_identical_when_built_in_two_directories(tmp_path: Path
         da, db = (a / image).read_bytes(), (b / image).read_bytes()
         assert da == db, f"{image} differs between {a} and {b}"
         assert str(tmp_path).encode() not in da, f"{image} contains its build directory"
+    assert len((a / "guest_vtl0/build/module.bin").read_bytes()) == 4096
+    assert read_image(a / "guest_vtl0/build/vtl0-kexec.elf").entry == 0x800000
 
 
 # ---- the measurement: SHA-256 of what is loaded (docs/abi.md, "Measurement") ----------------

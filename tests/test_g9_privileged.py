@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.vtlrun import run_scenario
+from tests.vtlrun import run_scenario, shared_run
 from vmm.elf import read_image
 from vmm.memattr import NR, NW, NX
 from vtl.abi import ABI
@@ -79,7 +79,7 @@ def test_built_vtl0_has_register_writes_only_in_its_privileged_section(
 @pytest.mark.kvm
 def test_lock_scans_what_vtl0_can_execute_and_says_whether_registers_are_pinned(
         guest_images: tuple[Path, Path]) -> None:
-    run = run_scenario(guest_images, "harden")
+    run = shared_run(guest_images, "harden")
     assert run.passed(), "\n".join(run.console[-15:])
     v1 = {r.name: r.value[0] for r in run.of_kind("value") if r.vtl == 1}
     syms = read_image(guest_images[0]).symbols()

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 from tests.vtlrun import REPO, vtl_cli
+from vtl.tools.kexec import KexecReport, render
 
 
 def test_teardown_flow_passes_with_a_timeline_of_every_step() -> None:
@@ -28,17 +29,20 @@ def test_teardown_flow_passes_with_a_timeline_of_every_step() -> None:
 
 def test_an_untrusted_image_is_refused_as_expected_and_passes() -> None:
     """--untrusted: VTL1's refusal is the expected result, so it is a pass (exit 0) that says
-    so, with VTL1's own reason (its report, not console text)."""
-    cp = vtl_cli("kexec", "--flow", "teardown", "--untrusted")
-    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr
-    assert "FAIL" not in cp.stdout and "Traceback" not in cp.stderr
-    assert "result: PASS: refused as expected (kexec_validate: VTL_E_POLICY (VTL1: not on the allowlist))" \
-        in cp.stdout.splitlines()
+    so, with VTL1's own reason (its report, not console text).  One run (each takes seconds:
+    VTL1 hashes the whole image before it refuses): the JSON, and the table `vtl kexec`
+    prints for the same report (the refusal under teardown, in process:
+    tests/test_kexec_guest.py)."""
     cp = vtl_cli("kexec", "--flow", "persist", "--untrusted", "--json")
+    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr
     rep = json.loads(cp.stdout)
-    assert cp.returncode == 0 and rep["passed"] and rep["expected_refusal"]
+    assert rep["passed"] and rep["expected_refusal"]
     (val,) = [s for s in rep["steps"] if s["step"] == "kexec_validate"]
     assert val["status"] == "VTL_E_POLICY" and val["refusal"] == "not on the allowlist"
+    table = render(KexecReport.model_validate(rep))
+    assert "FAIL" not in table
+    assert table.splitlines()[-1] == \
+        "result: PASS: refused as expected (kexec_validate: VTL_E_POLICY (VTL1: not on the allowlist))"
 
 
 def test_an_image_vtl1_refuses_says_vtl1s_reason(tmp_path: Path) -> None:
@@ -61,14 +65,13 @@ def test_an_image_vtl1_refuses_says_vtl1s_reason(tmp_path: Path) -> None:
 
 
 def test_vtl_run_summary_says_what_happened_to_vtl1() -> None:
+    # (Each history as the run records it, persist's too: tests/test_kexec_guest.py; --json
+    # prints the run's result, vtl1_history with it.)
     image = str(REPO / "guest_vtl0" / "build" / "vtl0-kexec.elf")
-    cp = vtl_cli("run", "--scenario", "kexec-persist", "--kexec-policy", "persist", "--trust", image,
-                 "--stage", image, "--quiet")
+    cp = vtl_cli("run", "--scenario", "kexec-teardown", "--trust", image, "--stage", image, "--quiet")
     assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr
-    assert "              history: enabled → kept across a kexec (persist)" in cp.stdout.splitlines()
-    cp = vtl_cli("run", "--scenario", "kexec-teardown", "--trust", image, "--stage", image, "--json")
-    assert json.loads(cp.stdout)["vtl1_history"] == ["enabled", "torn down at a kexec (teardown)",
-                                                     "enabled again"]
+    assert ("              history: enabled → torn down at a kexec (teardown) → enabled again"
+            in cp.stdout.splitlines()), cp.stdout
 
 
 def test_a_missing_image_is_one_line_and_status_1() -> None:

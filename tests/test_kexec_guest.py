@@ -10,9 +10,6 @@ vtl0-kexec.elf), staged in VTL0's memory and placed by the old kernel's ELF load
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -62,11 +59,17 @@ def _kexec(images: tuple[Path, Path], scenario: str, policy: str, *, trusted: bo
                         trust=[trust_digest(image)] if trusted else [], snapshot=snapshot)
 
 
+@pytest.fixture(scope="module")
+def teardown_run(guest_images: tuple[Path, Path]) -> Run:
+    """kexec-teardown once for the two tests that read it."""
+    return _kexec(guest_images, "kexec-teardown", "teardown")
+
+
 def test_vtl1_measures_the_placed_segments_as_the_vmm_measures_the_elf(
-        guest_images: tuple[Path, Path]) -> None:
+        guest_images: tuple[Path, Path], teardown_run: Run) -> None:
     # Teardown: VTL1 validates, ends itself; the new kernel finds no VTL1, no protection.
     image = _kexec_image(guest_images)
-    run = _passed(_kexec(guest_images, "kexec-teardown", "teardown"))
+    run = _passed(teardown_run)
     assert run.result.vtl1_history == ["enabled", "torn down at a kexec (teardown)", "enabled again"]
     (m,) = _vtl1_report(run, "bytes", "kexec_measurement")
     assert m.data == trust_digest(image) == bytes.fromhex(loaded_image_sha256(read_image(image)))
@@ -75,9 +78,9 @@ def test_vtl1_measures_the_placed_segments_as_the_vmm_measures_the_elf(
 
 
 def test_kexec_teardown_leaves_nothing_of_vtl1_and_a_fresh_one_can_start(
-        guest_images: tuple[Path, Path]) -> None:
+        guest_images: tuple[Path, Path], teardown_run: Run) -> None:
     old_text = _syms(guest_images[0])["_text_start"]
-    run = _passed(_kexec(guest_images, "kexec-teardown", "teardown"))
+    run = _passed(teardown_run)
     (teardown,) = _steps(run, "vtl1_teardown")
     (restart,) = _steps(run, "vtl0_restart")
     assert teardown.before["vtl1_enabled"] and unprotected(teardown.after)
@@ -241,27 +244,3 @@ def test_reset_ends_all_guest_policy_and_the_next_boot_is_clean(guest_images: tu
 def test_without_reset_on_triple_fault_the_run_ends_hardened(guest_images: tuple[Path, Path]) -> None:
     run = run_scenario(guest_images, "reset-triple-fault")
     assert run.result.reason == "triple_fault" and not _steps(run, "reset")
-
-
-def test_the_kexec_image_and_the_modules_build_reproducibly(tmp_path: Path) -> None:
-    # As tests/test_build.py for vtl0.elf and vtl1.elf: the allowlist names these files'
-    # digests, so the same sources must give the same bytes in any directory.
-    repo = Path(__file__).resolve().parent.parent
-    targets = ["guest_vtl0/build/vtl0-kexec.elf", "guest_vtl0/build/module.bin",
-               "guest_vtl0/build/module-priv.bin"]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "CFLAGS", "LDFLAGS")}
-    trees = [tmp_path / "a", tmp_path / "a-longer-name" / "nested"]
-    for tree in trees:
-        tree.mkdir(parents=True)
-        shutil.copy2(repo / "Makefile", tree / "Makefile")
-        for d in ("guest_vtl0", "guest_lib", "vtl/abi"):
-            shutil.copytree(repo / d, tree / d, ignore=shutil.ignore_patterns("build", "__pycache__"))
-        cp = subprocess.run(["make", "-s", *targets], cwd=tree, env=env, capture_output=True, text=True,
-                            timeout=300)
-        assert cp.returncode == 0, cp.stdout + cp.stderr
-    for t in targets:
-        a, b = (trees[0] / t).read_bytes(), (trees[1] / t).read_bytes()
-        assert a == b and str(tmp_path).encode() not in a, t
-    assert len((trees[0] / targets[1]).read_bytes()) == 4096
-    assert read_image(trees[0] / targets[0]).entry == 0x800000

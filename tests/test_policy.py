@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vtlrun import Run, run_scenario
+from tests.vtlrun import Run, shared_run
 from vmm.memattr import NW, NX
 from vtl.abi import ABI
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.kvm
 
 
 def _run(images: tuple[Path, Path], scenario: str, param: int = 0) -> Run:
-    run = run_scenario(images, scenario, param=param)
+    run = shared_run(images, scenario, param=param)      # the same run for each test that reads it
     assert run.result.status == 0, "\n".join(run.console[-15:])
     result = run.report("result", scenario)
     assert run.passed() and result.vtl == 0 and result.value[0] == 0, result

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.kvm
 
 BENCH = ("bench", "--calls", "100", "--intercepts", "0", "--no-protection", "--lifecycle", "0",
          "--smp-calls", "0")
-ATTACKS = ("attack", "--scenario", "write-kernel-text", "write-rodata")
+# Two attacks the VMM itself refuses (no hardening first: each run is a fraction of a second).
+ATTACKS = ("attack", "--scenario", "vtl-return-from-vtl0", "unknown-hypercall")
 
 
 def _with_terminal_stderr(*args: str) -> tuple[int, str, str]:
@@ -53,7 +54,8 @@ def _with_terminal_stderr(*args: str) -> tuple[int, str, str]:
 def test_attack_shows_a_bar_with_each_scenario_on_a_terminal() -> None:
     status, out, term = _with_terminal_stderr(*ATTACKS)
     assert status == 0, out + term
-    assert "vtl attack: 0/2 scenarios" in term and "write-kernel-text" in term and "write-rodata" in term
+    assert "vtl attack: 0/2 scenarios" in term
+    assert "vtl-return-from-vtl0" in term and "unknown-hypercall" in term
     assert "[1 blocked]" in term                  # outcomes so far, as they complete
     assert "scenarios |" not in out               # the table on stdout stays clean
     assert "2 attack scenarios: 2 blocked" in out

@@ -172,7 +172,7 @@ def test_unknown_hypercall_storm_keeps_the_vmm_small() -> None:
         assert doc["events"]["refused"] >= n
         return doc
 
-    small, big = storm(20_000), storm(200_000)
+    small, big = storm(10_000), storm(100_000)
     assert big["max_rss_mib"] < 200
     assert big["max_rss_mib"] - small["max_rss_mib"] < 10, (small["max_rss_mib"], big["max_rss_mib"])
 

@@ -24,8 +24,9 @@ from vtl.run.result import RunResult
 from vtl.run.runner import Kind, RunState
 from vtl.run.scheduler import Scheduler
 
-# Requests in the race test: resets in runs of RESETS_PER_RUN, each run ended by a stop.
-RUNS, RESETS_PER_RUN = 10, 99
+# Requests in the race test: resets in runs of RESETS_PER_RUN, each run ended by a stop
+# (300 in all: each reset lands on two VPs busy completing I/O, so every one is a race).
+RUNS, RESETS_PER_RUN = 5, 59
 
 
 @contextmanager
@@ -84,9 +85,9 @@ def test_stop_and_reset_requests_race_io_completion_and_none_is_lost(
             result = out[0]
             assert result.reason == "stopped" and result.resets == RESETS_PER_RUN
             assert [vp.run_state for vp in result.vps] == ["exited", "exited"]
-    assert len(latencies) == RUNS * (RESETS_PER_RUN + 1) == 1000
+    assert len(latencies) == RUNS * (RESETS_PER_RUN + 1) == 300
     # Printed, not asserted: a loaded machine may be slow, never lossy (each was honoured).
-    print(f"1000 requests: median {statistics.median(latencies) * 1e3:.1f} ms, "
+    print(f"{len(latencies)} requests: median {statistics.median(latencies) * 1e3:.1f} ms, "
           f"max {max(latencies) * 1e3:.1f} ms")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vtl.core.config import Backend, KexecPolicy, Mode, PartitionConfig
-from vtl.core.events import EventLog
+from vtl.core.events import EventLog, GuestExit, GuestReport
 from vtl.core.partition import Partition
 from vtl.modes.heki import HekiScheduler, heki_config
 from vtl.run import control
@@ -20,6 +20,7 @@ from vtl.run.result import RunResult
 from vtl.run.scheduler import Scheduler
 from vtl.services.console import Console
 from vtl.services.reports import Report
+from vtl.tools.attack import AttackResult, attack_scenarios, run_attack
 
 REPO = Path(__file__).resolve().parent.parent
 # How long a test lets a command or a partition run before it calls it hung.  Generous on
@@ -88,6 +89,19 @@ def run_scenario(images: tuple[Path, Path], scenario: str = "", *, vtl1: bool = 
     return Run(result, list(console.tail), reports, events, p, mem, targets, attr_map, runs)
 
 
+_SHARED_RUNS: dict[tuple[Path, Path, str, int], Run] = {}
+
+
+def shared_run(images: tuple[Path, Path], scenario: str, param: int = 0) -> Run:
+    """`run_scenario(images, scenario, param=param)`, once per test session: for tests that
+    only read the run and would otherwise boot the same partition again (the `harden` boot,
+    the scenarios test_policy.py reads in two tests)."""
+    key = (images[0], images[1], scenario, param)
+    if key not in _SHARED_RUNS:
+        _SHARED_RUNS[key] = run_scenario(images, scenario, param=param)
+    return _SHARED_RUNS[key]
+
+
 def vtl_cli(*args: str, env: dict[str, str] | None = None,
             timeout: float = SAFETY_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vtl", *args], cwd=REPO, text=True,
@@ -112,3 +126,45 @@ def wait_for_path(path: Path, seconds: float = 15.0) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.01)
+
+
+@dataclass(frozen=True)
+class AttackRun:
+    """One `run_attack` (what `vtl attack` runs for a scenario): its result, and the run's
+    events, which hold the guests' reports and each VP's exit as the VMM logged them."""
+    result: AttackResult
+    events: EventLog
+
+    def of_kind(self, kind: str) -> list[GuestReport]:
+        """The guests' reports of `kind` (result, target, msr, status, fault, value, ...)."""
+        return [e for e in self.events.of_kind("report") if isinstance(e, GuestReport) and e.report == kind]
+
+    def report(self, kind: str, name: str) -> GuestReport:
+        found = [r for r in self.of_kind(kind) if r.name == name]
+        assert found, f"no {kind} report named {name!r}: {[(r.report, r.name) for r in self.of_kind(kind)]}"
+        return found[-1]
+
+    def passed(self) -> bool:
+        """As Run.passed: the run ended with the guest's exit status 0 and its own PASS report."""
+        exits = [e for e in self.events.of_kind("guest_exit") if isinstance(e, GuestExit)]
+        results = self.of_kind("result")
+        return (bool(exits) and exits[0].reason == "guest_exit" and exits[0].status == 0
+                and bool(results) and results[-1].value[0] == 0)
+
+
+_ATTACK_RUNS: dict[tuple[Path, Path, str, int, int, int], AttackRun] = {}
+
+
+def attack_run(images: tuple[Path, Path], scenario: str, *, vps: int = 1, param: int = 0,
+               keep: int = 10_000) -> AttackRun:
+    """`run_attack(scenario)` in a fresh partition, as `vtl attack` runs it (its expectation,
+    an event log keeping the last `keep` events, the default of `vtl attack`'s), once per
+    test session for the same arguments: tests/test_attacks.py, test_g9_policy.py and
+    test_xvp_attacks.py assert on the same run."""
+    key = (images[0], images[1], scenario, vps, param, keep)
+    if key not in _ATTACK_RUNS:
+        expected = dict(attack_scenarios(images[0])).get(scenario, "")
+        events = EventLog(trace=True, keep=keep)
+        result = run_attack(scenario, expected, images[0], images[1], vps=vps, param=param, events=events)
+        _ATTACK_RUNS[key] = AttackRun(result, events)
+    return _ATTACK_RUNS[key]
