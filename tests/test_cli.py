@@ -37,7 +37,7 @@ def test_caps_json_reports_each_mechanism_and_a_strategy_per_protection() -> Non
 
 def test_bench_json_has_three_figures_and_ratios() -> None:
     b = cli_json("bench", "--calls", "1000", "--intercepts", "200", "--no-protection", "--lifecycle", "0",
-                 "--smp-calls", "0")
+                 "--smp-calls", "0", "--restores", "0")
     for key in ("vtl_round_trip", "python_floor", "c_floor"):
         assert b[key]["median_ns"] > 0, key
     assert b["ratio_to_python_floor"] == pytest.approx(

@@ -19,7 +19,7 @@ from tests.vtlrun import REPO, SAFETY_TIMEOUT, vtl_cli
 pytestmark = pytest.mark.kvm
 
 BENCH = ("bench", "--calls", "100", "--intercepts", "0", "--no-protection", "--lifecycle", "0",
-         "--smp-calls", "0")
+         "--smp-calls", "0", "--restores", "0")
 # Two attacks the VMM itself refuses (no hardening first: each run is a fraction of a second).
 ATTACKS = ("attack", "--scenario", "vtl-return-from-vtl0", "unknown-hypercall")
 

@@ -12,7 +12,7 @@ from tests.vtlrun import cli_json
 def test_bench_vps_measures_every_vp_count_on_both_paths_beside_floors(
         guest_images: tuple[Path, Path]) -> None:
     b = cli_json("bench", "--calls", "500", "--intercepts", "0", "--no-protection", "--lifecycle", "0",
-                 "--vps", "1,2", "--smp-calls", "500")
+                 "--vps", "1,2", "--smp-calls", "500", "--restores", "0")
     smp = b["smp"]
     assert [p["vps"] for p in smp["points"]] == [1, 2]
     for p in smp["points"]:
