@@ -250,3 +250,15 @@ def test_any_field_of_a_consistent_state_changed_is_a_clean_refusal_or_a_restore
             p.close()
         except (VmmError, ValueError, OSError, RuntimeError):
             pass
+
+
+def test_a_snapshot_at_vtl1_up_holds_an_offline_ap_and_restores(tmp_path: Path) -> None:
+    """--snapshot-at vtl1: saved once VTL1 came up on the boot VP, before any hardening,
+    the AP not started yet; the restored run starts it and the attack on VTL1's memory
+    is still refused (the VMM reads VTL1's memory back unchanged)."""
+    snap, saved = _save(tmp_path, "--scenario", "read-vtl1-memory", "--vps", "2", "--snapshot-at", "vtl1")
+    state = json.loads((snap / "state.json").read_text())["partition"]
+    assert [v["state"] for v in state["vps"]] == ["running_vtl0", "offline"] and state["vtl1_enabled"]
+    result, targets, _ = _restored_run(snap)
+    assert result.reason == "guest_exit" and result.status == 0, result.message
+    assert all(old == now for old, now in targets.values())

@@ -108,7 +108,7 @@ memmove = ffi._backend.memmove   # skips cffi's Python-level wrapper on the swit
 IoHandler = Callable[[VirtualProcessor, VCpu], Outcome]
 # Where a snapshot can be asked for (SnapshotJob.by): the guest (VTL_HC_SNAPSHOT), the
 # trigger `vtl run --snapshot-at hardened`, the control socket.
-SNAPSHOT_TRIGGERS = ("hardened", "kexec")
+SNAPSHOT_TRIGGERS = ("hardened", "kexec", "vtl1")
 
 
 @dataclass(frozen=True)
@@ -615,8 +615,12 @@ class Scheduler:
         """The guest's hardening has ended (END_OF_BOOT; a mode says when for itself): the
         `--snapshot-at` trigger saves at the top of this VP's loop, once: `hardened` at the
         first kernel's, `kexec` at the first one a kexec started."""
-        due = self.snapshot_at == "hardened" or (self.snapshot_at == "kexec" and self.kexecs > 0)
-        if due and self.snapshot_dir is not None and not self._trigger_fired:
+        if self.snapshot_at == "hardened" or (self.snapshot_at == "kexec" and self.kexecs > 0):
+            self._trigger(vp)
+
+    def _trigger(self, vp: VirtualProcessor) -> None:
+        """The --snapshot-at point is here: save at the top of this VP's loop, once."""
+        if self.snapshot_dir is not None and not self._trigger_fired:
             self._trigger_fired = True
             job = SnapshotJob(self.snapshot_dir, self.snapshot_at or "hardened")
             self.runners[vp.index].post(Kind.SNAPSHOT, job)
@@ -699,7 +703,8 @@ class Scheduler:
             return None
         if self.snapshot_refused is not None:
             return f"the save at --snapshot-at {self.snapshot_at} was refused: {self.snapshot_refused}"
-        return f"the run never reached --snapshot-at {self.snapshot_at} (no END_OF_BOOT accepted there)"
+        where = "VTL1 never came up" if self.snapshot_at == "vtl1" else "no END_OF_BOOT accepted there"
+        return f"the run never reached --snapshot-at {self.snapshot_at} ({where})"
 
     def policy_extra(self) -> object:
         """Policy a mode holds outside the partition, for the protection digest (none here)."""
@@ -974,6 +979,8 @@ class Scheduler:
             dst.dirty[0] |= SYNC_REGS
             vp.vtl1_up = True
             outcome = None
+            if vp.index == 0 and self.snapshot_at == "vtl1":
+                self._trigger(vp)
         else:
             # An intercept: VTL0's registers were never handed to VTL1; apply the verdict.
             assert state.pending is not None

@@ -196,11 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "every VTL, the protections and pins, the run's state, with a manifest of SHA-256 "
                         "digests; docs/snapshot.md): when the guest asks (VTL_HC_SNAPSHOT) or at "
                         "--snapshot-at.  DIR must not exist")
-    r.add_argument("--snapshot-at", choices=("hardened", "kexec"), default=None,
+    r.add_argument("--snapshot-at", choices=("hardened", "kexec", "vtl1"), default=None,
                    help="save the --snapshot when the guest's hardening has ended (VTL mode: VTL1 "
                         "accepted END_OF_BOOT; Heki mode: the kernel's pages protected after its CR "
                         "pins): `hardened` the first kernel's, `kexec` the first kernel a kexec "
-                        "started; the run then goes on")
+                        "started; `vtl1`: once VTL1 has come up on the boot VP (its first VTL return "
+                        "after the enable), before any hardening; the run then goes on")
     r.add_argument("--restore", type=Path, metavar="DIR",
                    help="instead of booting, restore the partition saved in DIR (`--snapshot`) and "
                         "resume it: checked whole first (format version, every file's SHA-256, the "
