@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from typing import BinaryIO
 
 from vmm.errors import VmmError
@@ -99,35 +100,32 @@ def save(mem: GuestMemory, f: BinaryIO) -> str:
     return d.hexdigest()
 
 
-def digest(f: BinaryIO, size: int) -> str:
-    """The digest of the memory file `f` of `size` bytes (only its data extents are read)."""
+def _read(fd: int, size: int, into: Callable[[int, int], memoryview]) -> str:
+    """Read every chunk of the memory file that may hold data into `into(off, n)` and
+    return the digest of what was read (the bytes hashed are the bytes read)."""
     d = _Digest(size)
-    fd = f.fileno()
-    buf = bytearray(CHUNK)
     for off in _chunks(fd, size):
         want = min(CHUNK, size - off)
-        n = os.preadv(fd, [memoryview(buf)[:want]], off)
-        if n != want:
+        dst = into(off, want)
+        if os.preadv(fd, [dst], off) != want:
             raise MemoryFileError("the memory file ended early (truncated while read)")
-        d.chunk(off, memoryview(buf)[:n])
+        d.chunk(off, dst)
     return d.hexdigest()
 
 
+def digest(f: BinaryIO, size: int) -> str:
+    """The digest of the memory file `f` of `size` bytes (only its data extents are read)."""
+    buf = memoryview(bytearray(CHUNK))
+    return _read(f.fileno(), size, lambda off, n: buf[:n])
+
+
 def load(mem: GuestMemory, f: BinaryIO) -> str:
-    """Read the memory file `f` into `mem` (fresh: all zero) and return the SHA-256 of
-    what was read, in one pass: the bytes hashed are the bytes loaded, so a file changed
-    after a check cannot slip past it.  Its size must be the memory's; only data extents
-    are read."""
+    """Read the memory file `f` into `mem` (fresh: all zero) and return its digest, in one
+    pass: the bytes hashed are the bytes loaded, so a file changed after a check cannot
+    slip past it.  Its size must be the memory's; only data extents are read."""
     fd = f.fileno()
     size = os.fstat(fd).st_size
     if size != mem.size:
         raise MemoryFileError(f"the memory file is {size} bytes, the partition's memory {mem.size}")
     view = mem.view
-    d = _Digest(size)
-    for off in _chunks(fd, size):
-        want = min(CHUNK, size - off)
-        n = os.preadv(fd, [view[off:off + want]], off)
-        if n != want:
-            raise MemoryFileError("the memory file ended early (truncated while read)")
-        d.chunk(off, view[off:off + n])
-    return d.hexdigest()
+    return _read(fd, size, lambda off, n: view[off:off + n])

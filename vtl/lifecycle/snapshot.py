@@ -123,7 +123,13 @@ def _pinned_registers(vcpu: Any) -> dict[str, int]:
     return out
 
 
-def policy_record(p: Partition) -> dict[str, Any]:
+def _files(c: PartitionConfig) -> dict[str, str | None]:
+    """The SHA-256 of the files a partition names (each read once)."""
+    return {"vtl0_image": _file_sha256(c.vtl0_image), "vtl1_image": _file_sha256(c.vtl1_image),
+            "staged": _file_sha256(c.staged)}
+
+
+def policy_record(p: Partition, files: dict[str, str | None] | None = None) -> dict[str, Any]:
     """Every piece of policy `p` carries beyond the protection record's digest (the module
     doc), as plain JSON: saved with a snapshot, compared whole after a restore."""
     c = p.config
@@ -137,8 +143,7 @@ def policy_record(p: Partition) -> dict[str, Any]:
         "launch": {"mode": c.mode, "nr_vps": c.nr_vps, "mem_size": c.mem_size,
                    "trust": [t.hex() for t in c.trust], "kexec_policy": c.kexec_policy,
                    "reset_on_triple_fault": c.reset_on_triple_fault},
-        "files": {"vtl0_image": _file_sha256(c.vtl0_image), "vtl1_image": _file_sha256(c.vtl1_image),
-                  "staged": _file_sha256(c.staged)},
+        "files": files if files is not None else _files(c),
         "restarts": [None if (r := vp.restart) is None else
                      [r.entry, r.teardown, r.image_start, r.image_end, r.param, r.scenario] for vp in p.vps],
         "vtl0_registers": [None if (v := vp.vcpus[Vtl.VTL0]) is None else _pinned_registers(v)
@@ -167,10 +172,10 @@ def partition_state(p: Partition, extra_policy: object = None) -> dict[str, Any]
                       for vtl in Vtl if (vcpu := vp.vcpus[vtl]) is not None},
         })
     ctls = p.intercept_controls
+    files = _files(c)
     return {
         "config": _config_json(c),
-        "files": {"vtl0_image": _file_sha256(c.vtl0_image), "vtl1_image": _file_sha256(c.vtl1_image),
-                  "staged": _file_sha256(c.staged)},
+        "files": files,
         "cpuid_sha256": cpuid_digest(p),
         "vtl1_enabled": p.vtl1_enabled,
         "vtl1_measurement": p.vtl1_measurement,
@@ -184,7 +189,7 @@ def partition_state(p: Partition, extra_policy: object = None) -> dict[str, Any]
         "msr_filter": sorted(PINNED_MSRS.values()),
         "vps": vps,
         "protections": protections(p, extra_policy),
-        "policy": policy_record(p),             # after the vCPUs' save (flushed): KVM holds it all
+        "policy": policy_record(p, files),      # after the vCPUs' save (flushed): KVM holds it all
     }
 
 

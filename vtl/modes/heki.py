@@ -626,8 +626,8 @@ class HekiScheduler(Scheduler):
     def policy_extra(self) -> object:
         return self.heki.state.policy()
 
-    def run_state(self, saver: VirtualProcessor) -> dict[str, Any]:
-        d = super().run_state(saver)
+    def run_state(self) -> dict[str, Any]:
+        d = super().run_state()
         d["heki"] = {**self.heki.state.to_json(), "hypercalls": self.heki.hypercalls,
                      "denials": self.heki.denials}
         return d

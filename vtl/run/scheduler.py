@@ -118,7 +118,12 @@ class SnapshotJob:
 
 
 class SnapshotRefused(Exception):
-    """A snapshot that cannot be taken now (the reason is one line); the run goes on."""
+    """A snapshot that cannot be taken now (the reason is one line); the run goes on.
+    `busy`: it could be taken a moment later (the guest is told VTL_E_BUSY)."""
+
+    def __init__(self, why: str, busy: bool = False) -> None:
+        super().__init__(why)
+        self.busy = busy
 
 
 class Scheduler:
@@ -645,40 +650,40 @@ class Scheduler:
             self._guest_snapshot_taken = True
             status = ABI.VTL_OK
         except SnapshotRefused as e:
-            status = ABI.VTL_E_BUSY if "busy" in str(e) else ABI.VTL_E_NO_RESOURCES
+            status = ABI.VTL_E_BUSY if e.busy else ABI.VTL_E_NO_RESOURCES
             self.refusals.status(vp, vcpu, f"hypercall {ABI.VTL_HC_SNAPSHOT:#x}", str(e), status)
         vcpu = vp.current            # the same vCPU (a save replaces nothing); its synced copy is fresh
         assert vcpu is not None
         vcpu.regs.rax, vcpu.regs.rdx = status, 0
         vcpu.run.kvm_dirty_regs |= SYNC_REGS
 
-    def _not_quiescent(self, saver: VirtualProcessor) -> str | None:
-        """Why the partition cannot be saved now (every other VP paused), or None."""
+    def _check_quiescent(self) -> None:
+        """Refuse the save unless every VP is where a snapshot can hold it (every other VP
+        is paused)."""
         for vp, r in zip(self.p.vps, self.runners, strict=True):
             if vp.state.name == "stopped":
-                return "the run has ended"
+                raise SnapshotRefused("the run has ended")
             if vp.state.entry is Entry.INTERCEPT:
-                return f"busy: VP{vp.index}'s VTL1 is judging an intercept"
+                raise SnapshotRefused(f"busy: VP{vp.index}'s VTL1 is judging an intercept", busy=True)
             if vp.state is OFFLINE and r.claimed:
-                return f"busy: VP{vp.index} is being started"
-        return None
+                raise SnapshotRefused(f"busy: VP{vp.index} is being started", busy=True)
 
     def _save(self, vp: VirtualProcessor, job: SnapshotJob) -> dict[str, Any]:
         """Save the partition and the run to `job.path` with every other VP paused."""
         t0 = time.perf_counter()
         with self._others_paused(vp) as current:
             if not current:
-                raise SnapshotRefused("busy: the partition was reset meanwhile")
-            why = self._not_quiescent(vp)
-            if why is not None:
-                raise SnapshotRefused(why)
-            with self._lock:
-                try:
+                raise SnapshotRefused("busy: the partition was reset meanwhile", busy=True)
+            self._check_quiescent()
+            try:
+                with self._lock:            # vCPUs are flushed and read: no kick meanwhile
                     part = partition_state(self.p, self.policy_extra())
-                    state = {"partition": part, "run": self.run_state(vp)}
-                    manifest = snapfile.write(job.path, state, self.p.mem)
-                except VmmError as e:
-                    raise SnapshotRefused(str(e)) from None
+                state = {"partition": part, "run": self.run_state()}
+                # Still with every other VP paused (memory must not change while written),
+                # but no longer holding off kicks.
+                manifest = snapfile.write(job.path, state, self.p.mem)
+            except VmmError as e:
+                raise SnapshotRefused(str(e)) from None
             dt = (time.perf_counter() - t0) * 1e6
             record = {"path": str(job.path), "by": job.by, "vp": vp.index,
                       "policy_digest": part["protections"]["policy_digest"],
@@ -710,7 +715,7 @@ class Scheduler:
         """Policy a mode holds outside the partition, for the protection digest (none here)."""
         return None
 
-    def run_state(self, saver: VirtualProcessor) -> dict[str, Any]:
+    def run_state(self) -> dict[str, Any]:
         """The run's own state for a snapshot: what the services and runners hold."""
         runners = []
         for r in self.runners:
