@@ -36,7 +36,7 @@ def _stopped(signum: int) -> int:
     return status
 
 
-def entry() -> int:
+def _entry() -> int:
     old_int = signal.signal(signal.SIGINT, _hold)
     old_term = signal.signal(signal.SIGTERM, _hold)
     try:
@@ -54,6 +54,30 @@ def entry() -> int:
         return main()
     except KeyboardInterrupt:          # outside the command (parsing its arguments, say)
         return _stopped(signal.SIGINT)
+
+
+def entry() -> int:
+    """The command (`vtl` and `python -m vtl`); after Ctrl-C or SIGTERM it does not return
+    (see _exit)."""
+    status = _entry()
+    if status in (130, 143):
+        _exit(status)
+    return status
+
+
+def _exit(status: int) -> None:
+    """Exit with `status`.  After Ctrl-C or SIGTERM the process ends at once (os._exit, the
+    output flushed): CPython marks a KeyboardInterrupt that left a code object it ran through
+    PyRun_* (as some C extensions' start-up does) as unhandled even when a caller caught it,
+    and then kills itself with SIGINT at exit (status -2) instead of returning ours (130);
+    every `with` has unwound by now, so only interpreter finalisation is skipped."""
+    import os
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 if __name__ == "__main__":
